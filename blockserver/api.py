@@ -1,0 +1,391 @@
+"""The block server's HTTP API (contract: docs/blockserver-api.md).
+
+`Api` turns requests into store calls and store errors into statuses. Checks happen in
+the cheapest order: route and identifiers, then the size limit, then the signature over
+the headers; only then is a body read, so unauthenticated or oversized requests never
+cost the server their body.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from . import __version__, protocol
+from .http11 import HttpError, Request, Response
+from .metrics import Metrics
+from .store import (MAX_REGISTER_SIZE, BlockStore, ChecksumMismatch, Conflict, Corrupt,
+                    NotFound, StaleGeneration, StoreError, StoreFull)
+
+log = logging.getLogger("blockserver.api")
+
+# store error -> (status, code). One table, used for single and batched operations.
+_STORE_ERRORS = {
+    NotFound: (404, "not_found"),
+    Corrupt: (410, "corrupt"),
+    Conflict: (409, "conflict"),
+    ChecksumMismatch: (422, "checksum_mismatch"),
+    StoreFull: (507, "full"),
+    StaleGeneration: (409, "stale_generation"),
+}
+_LOGGED_CLIENT_ERRORS = {400, 401, 405, 411, 413, 414, 422, 431, 501, 505}
+_FIXED_ROUTES = {"/v1/status", "/metrics", "/v1/blocks", "/v1/batch/put", "/v1/batch/get",
+                 "/v1/batch/check", "/v1/batch/delete"}
+MAX_BATCH_ITEMS = 10000
+MAX_LIST_LIMIT = 10000
+
+
+def _store_status(error: StoreError) -> tuple[int, str]:
+    return _STORE_ERRORS[type(error)]
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    max_block_size: int = 16 << 20
+    max_batch_bytes: int = 64 << 20
+    secret: bytes | None = None
+    public_metrics: bool = False
+    access_log: bool = False
+
+
+class Api:
+    def __init__(self, store: BlockStore, config: ApiConfig, metrics: Metrics):
+        self.store = store
+        self.config = config
+        self.metrics = metrics
+        self.started = time.time()
+        self.open_connections = lambda: 0  # set by the composition root once serving
+        self._nonces: OrderedDict[str, float] = OrderedDict()  # guarded by _nonce_lock
+        self._nonce_lock = threading.Lock()
+        self._routes = {
+            ("GET", "status"): self._status,
+            ("GET", "metrics"): self._metrics,
+            ("GET", "blocks"): self._list,
+            ("POST", "batch/put"): self._batch_put,
+            ("POST", "batch/get"): self._batch_get,
+            ("POST", "batch/check"): self._batch_check,
+            ("POST", "batch/delete"): self._batch_delete,
+        }
+        self._block_methods = {"GET": self._get, "HEAD": self._head, "PUT": self._put,
+                               "DELETE": self._delete}
+
+    # -- entry points used by http11.Server ---------------------------------------------
+
+    def handle(self, req: Request) -> Response:
+        try:
+            return self._dispatch(req)
+        except HttpError as e:
+            return self.error_response(e)
+        except StoreError as e:
+            status, code = _store_status(e)
+            return self.error_response(HttpError(status, code, str(e)))
+        except OSError as e:
+            log.error("%s %s failed on the data directory: %s", req.method, req.path, e)
+            return self.error_response(HttpError(500, "io_error", f"storage error: {e}"))
+
+    def error_response(self, e: HttpError) -> Response:
+        body = json.dumps({"error": e.code, "message": e.message, **e.extra}).encode()
+        headers = {"Content-Type": "application/json"}
+        if e.status == 401:
+            headers["WWW-Authenticate"] = protocol.AUTH_SCHEME
+        if "current" in e.extra:
+            headers[protocol.H_GENERATION] = str(e.extra["current"])
+        return Response(e.status, [body], headers)
+
+    def record(self, method: str, path: str, response: Response, bytes_in: int,
+               bytes_out: int, started: float) -> None:
+        elapsed = time.monotonic() - started
+        route = _route_label(path)
+        self.metrics.observe(method, route, response.status, bytes_in, bytes_out, elapsed)
+        if response.status in _LOGGED_CLIENT_ERRORS:
+            log.warning("refused %s %s: %d %s", method, path[:100], response.status,
+                        _message_of(response))
+        elif self.config.access_log:
+            log.info("%s %s %d in=%d out=%d %.1fms", method, path[:100], response.status,
+                     bytes_in, bytes_out, elapsed * 1000)
+
+    # -- routing ----------------------------------------------------------------------------
+
+    def _dispatch(self, req: Request) -> Response:
+        if req.path == "/metrics" and req.method == "GET":
+            if not self.config.public_metrics:
+                self._authenticate(req)
+            return self._metrics(req)
+        if not req.path.startswith(protocol.API_PREFIX + "/"):
+            raise HttpError(404, "no_route", f"no such endpoint {req.path[:100]!r}")
+        rest = req.path[len(protocol.API_PREFIX) + 1:]
+        kind, _, name = rest.partition("/")
+        if kind == "blocks" and name:
+            handler = self._block_methods.get(req.method)
+            if handler is None:
+                raise HttpError(405, "bad_method", f"{req.method} is not allowed on a block")
+            if not protocol.is_block_id(name):
+                raise HttpError(400, "bad_id", "a block id is 32 lowercase hexadecimal digits")
+            self._authenticate(req)
+            return handler(req, name)
+        if kind == "registers" and name:
+            if not protocol.is_register_name(name):
+                raise HttpError(400, "bad_name", "a register name is [a-z0-9][a-z0-9._-]{0,63}")
+            if req.method not in ("GET", "PUT"):
+                raise HttpError(405, "bad_method", f"{req.method} is not allowed on a register")
+            self._authenticate(req)
+            return self._register_get(req, name) if req.method == "GET" else \
+                self._register_put(req, name)
+        handler = self._routes.get((req.method, rest))
+        if handler is None:
+            raise HttpError(404, "no_route", f"no such endpoint {req.method} {req.path[:100]!r}")
+        self._authenticate(req)
+        return handler(req)
+
+    # -- authentication ---------------------------------------------------------------------
+
+    def _authenticate(self, req: Request) -> None:
+        """Check the signature over the head; the body hash is checked when it is read."""
+        secret = self.config.secret
+        if secret is None:
+            return
+        h = req.headers
+        scheme, _, sig = h.get("authorization", "").partition(" ")
+        date, nonce, content_hash = (h.get(protocol.H_DATE.lower(), ""),
+                                     h.get(protocol.H_NONCE.lower(), ""),
+                                     h.get(protocol.H_CONTENT_HASH.lower(), ""))
+        if scheme != protocol.AUTH_SCHEME or not (date and nonce and content_hash):
+            raise HttpError(401, "unauthenticated", "request is not signed; this server "
+                            "needs the cluster secret (--secret-file)")
+        if not date.isdigit() or abs(time.time() - int(date)) > protocol.SIGNATURE_MAX_SKEW:
+            raise HttpError(401, "stale_signature", "signature date is more than "
+                            f"{protocol.SIGNATURE_MAX_SKEW}s from the server's clock; "
+                            "check both clocks")
+        expected = protocol.signature(secret, req.method, req.target, date, nonce, content_hash)
+        if not hmac.compare_digest(sig, expected):
+            raise HttpError(401, "bad_signature",
+                            "signature does not match: the client uses a different secret")
+        self._remember_nonce(nonce)
+        req.signed_hash = content_hash
+
+    def _remember_nonce(self, nonce: str) -> None:
+        now = time.monotonic()
+        with self._nonce_lock:
+            if nonce in self._nonces:
+                raise HttpError(401, "replayed", "this signed request was already used")
+            self._nonces[nonce] = now + 2 * protocol.SIGNATURE_MAX_SKEW
+            while self._nonces:
+                first = next(iter(self._nonces))
+                if self._nonces[first] > now:
+                    break
+                del self._nonces[first]
+
+    def _body(self, req: Request, limit: int) -> bytearray:
+        if req.content_length > limit:
+            raise HttpError(413, "too_large",
+                            f"body of {req.content_length} bytes exceeds the limit of {limit}")
+        body = req.read_body()
+        if req.signed_hash is not None and protocol.checksum(body) != req.signed_hash:
+            raise HttpError(401, "bad_signature", "body does not match the signed content hash")
+        return body
+
+    # -- blocks -----------------------------------------------------------------------------
+
+    def _put(self, req: Request, block_id: str) -> Response:
+        expected = req.headers.get(protocol.H_CHECKSUM.lower(), "")
+        if not protocol.is_checksum(expected):
+            raise HttpError(400, "bad_checksum",
+                            f"{protocol.H_CHECKSUM} must be the block's xxh3-128 as 32 hex digits")
+        body = self._body(req, self.config.max_block_size)
+        created = self.store.put(block_id, body, expected)
+        return Response(201 if created else 200, headers={protocol.H_CHECKSUM: expected})
+
+    def _get(self, req: Request, block_id: str) -> Response:
+        data, digest = self.store.get(block_id)
+        return Response(200, [data], {protocol.H_CHECKSUM: digest,
+                                      "Content-Type": "application/octet-stream"})
+
+    def _head(self, req: Request, block_id: str) -> Response:
+        size, digest = self.store.head(block_id)
+        return Response(200, headers={protocol.H_CHECKSUM: digest}, length=size)
+
+    def _delete(self, req: Request, block_id: str) -> Response:
+        self.store.delete(block_id)
+        return Response(204)
+
+    def _list(self, req: Request) -> Response:
+        after = _one(req, "after", "")
+        if after and not protocol.is_block_id(after):
+            raise HttpError(400, "bad_id", "`after` must be a block id")
+        limit = _one(req, "limit", "1000")
+        if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST_LIMIT:
+            raise HttpError(400, "bad_limit", f"`limit` must be 1..{MAX_LIST_LIMIT}")
+        blocks, next_after = self.store.list(after, int(limit))
+        return _json(200, {"blocks": blocks, "next": next_after})
+
+    # -- batches ----------------------------------------------------------------------------
+
+    def _manifest(self, req: Request, key: str) -> tuple[list, memoryview, dict]:
+        body = self._body(req, self.config.max_batch_bytes)
+        try:
+            manifest, payload = protocol.decode_batch(body)
+        except protocol.BatchFormatError as e:
+            raise HttpError(400, "bad_batch", str(e)) from None
+        items = manifest.get(key)
+        if not isinstance(items, list) or len(items) > MAX_BATCH_ITEMS:
+            raise HttpError(400, "bad_batch",
+                            f"manifest needs a list `{key}` of at most {MAX_BATCH_ITEMS} entries")
+        return items, payload, manifest
+
+    def _batch_ids(self, req: Request) -> tuple[list[str], dict]:
+        ids, _, manifest = self._manifest(req, "ids")
+        if not all(isinstance(i, str) and protocol.is_block_id(i) for i in ids):
+            raise HttpError(400, "bad_id", "every id must be 32 lowercase hexadecimal digits")
+        return ids, manifest
+
+    def _batch_put(self, req: Request) -> Response:
+        blocks, payload, _ = self._manifest(req, "blocks")
+        items, offset = [], 0
+        for b in blocks:
+            ok = (isinstance(b, dict) and isinstance(b.get("id"), str)
+                  and protocol.is_block_id(b["id"]) and isinstance(b.get("checksum"), str)
+                  and protocol.is_checksum(b["checksum"]) and isinstance(b.get("size"), int)
+                  and 0 <= b["size"] <= self.config.max_block_size)
+            if not ok:
+                raise HttpError(400, "bad_batch", "each block needs `id`, `checksum` and "
+                                f"`size` (0..{self.config.max_block_size})")
+            items.append((b["id"], payload[offset:offset + b["size"]], b["checksum"]))
+            offset += b["size"]
+        if offset != len(payload):
+            raise HttpError(400, "bad_batch", f"manifest sizes add up to {offset} bytes but "
+                            f"{len(payload)} bytes of blocks follow")
+        results = []
+        for (block_id, _, _), outcome in zip(items, self.store.put_many(items)):
+            if outcome.error is None:
+                results.append({"id": block_id, "status": 201 if outcome.value else 200})
+            else:
+                status, code = _store_status(outcome.error)
+                results.append({"id": block_id, "status": status, "error": code})
+        return _json(200, {"results": results})
+
+    def _batch_get(self, req: Request) -> Response:
+        ids, _ = self._batch_ids(req)
+        entries, payloads, total = [], [], 0
+        for block_id in ids:
+            try:
+                data, digest = self.store.get(block_id)
+            except (NotFound, Corrupt) as e:
+                status, code = _store_status(e)
+                entries.append({"id": block_id, "status": status, "error": code})
+                continue
+            if total + len(data) > self.config.max_batch_bytes:
+                entries.append({"id": block_id, "status": 413, "error": "batch_full"})
+                continue
+            total += len(data)
+            entries.append({"id": block_id, "status": 200, "size": len(data),
+                            "checksum": digest})
+            payloads.append(data)
+        return Response(200, protocol.encode_batch({"blocks": entries}, payloads),
+                        {"Content-Type": "application/x-fusefs-batch"})
+
+    def _batch_check(self, req: Request) -> Response:
+        ids, manifest = self._batch_ids(req)
+        verify = manifest.get("verify") is True
+        entries = []
+        for block_id in ids:
+            try:
+                size, digest = self.store.check(block_id, verify)
+            except (NotFound, Corrupt) as e:
+                status, code = _store_status(e)
+                entries.append({"id": block_id, "status": status, "error": code})
+                continue
+            entries.append({"id": block_id, "status": 200, "size": size, "checksum": digest})
+        return _json(200, {"blocks": entries})
+
+    def _batch_delete(self, req: Request) -> Response:
+        ids, _ = self._batch_ids(req)
+        deleted = sum(1 for block_id in ids if self.store.delete(block_id))
+        return _json(200, {"deleted": deleted})
+
+    # -- registers --------------------------------------------------------------------------
+
+    def _register_get(self, req: Request, name: str) -> Response:
+        generation, value = self.store.register_get(name)
+        return Response(200, [value], {protocol.H_GENERATION: str(generation),
+                                       "Content-Type": "application/octet-stream"})
+
+    def _register_put(self, req: Request, name: str) -> Response:
+        generation = req.headers.get(protocol.H_GENERATION.lower(), "")
+        expect = req.headers.get("x-fusefs-expect-generation")
+        if not generation.isdigit() or int(generation) < 1 or (
+                expect is not None and not expect.isdigit()):
+            raise HttpError(400, "bad_generation",
+                            f"{protocol.H_GENERATION} must be a whole number >= 1")
+        value = bytes(self._body(req, MAX_REGISTER_SIZE))
+        try:
+            self.store.register_put(name, int(generation), value,
+                                    None if expect is None else int(expect))
+        except StaleGeneration as e:
+            raise HttpError(409, "stale_generation", f"register {name} is at generation "
+                            f"{e.current}; read it and write a newer one", current=e.current)
+        return Response(204)
+
+    # -- status -----------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        s = self.store
+        return {
+            "server_id": s.server_id,
+            "version": __version__,
+            "capacity_bytes": s.capacity_bytes(),
+            "used_bytes": s.used_bytes,
+            "free_bytes": max(0, s.free_bytes() - s.reserve_bytes),
+            "block_count": s.block_count,
+            "corrupt_blocks_found": s.corrupt_found,
+            "uptime_seconds": round(time.time() - self.started, 3),
+            "max_block_size": self.config.max_block_size,
+            "max_batch_bytes": self.config.max_batch_bytes,
+            "authentication": self.config.secret is not None,
+        }
+
+    def _status(self, req: Request) -> Response:
+        return _json(200, self.status())
+
+    def _metrics(self, req: Request) -> Response:
+        s = self.store
+        text = self.metrics.render({
+            "blockserver_blocks": ("Blocks stored.", s.block_count),
+            "blockserver_block_bytes": ("Bytes of block data stored.", s.used_bytes),
+            "blockserver_free_bytes": ("Free bytes on the data disk.", s.free_bytes()),
+            "blockserver_corrupt_blocks_found_total":
+                ("Stored copies that failed verification and were quarantined.",
+                 s.corrupt_found),
+            "blockserver_open_connections": ("Connections open now.", self.open_connections()),
+        })
+        return Response(200, [text.encode()], {"Content-Type": "text/plain; version=0.0.4"})
+
+
+def _json(status: int, obj) -> Response:
+    return Response(status, [json.dumps(obj, separators=(",", ":")).encode()],
+                    {"Content-Type": "application/json"})
+
+
+def _one(req: Request, key: str, default: str) -> str:
+    values = req.query.get(key)
+    return values[-1] if values else default
+
+
+def _route_label(path: str) -> str:
+    """A bounded label for metrics: ids and names replaced by placeholders."""
+    if path.startswith("/v1/blocks/"):
+        return "/v1/blocks/{id}"
+    if path.startswith("/v1/registers/"):
+        return "/v1/registers/{name}"
+    return path if path in _FIXED_ROUTES else "other"
+
+
+def _message_of(response: Response) -> str:
+    try:
+        return json.loads(b"".join(response.body)).get("message", "")
+    except ValueError:
+        return ""

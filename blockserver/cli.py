@@ -1,0 +1,166 @@
+"""`blockserver` command line, and the one place a server is assembled and torn down."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import ssl
+import sys
+import threading
+
+from . import __version__, protocol
+from .api import Api, ApiConfig
+from .http11 import Limits, Server
+from .metrics import Metrics
+from .store import BlockStore
+from .units import parse_size
+
+log = logging.getLogger("blockserver")
+
+DESCRIPTION = """\
+Serve immutable, checksummed blocks over HTTP/1.1 for fusefs clients.
+
+Every block is verified against its xxh3-128 checksum when it arrives and every time it is
+read; a stored copy that fails is moved to DATA/quarantine/ and never served. A block is
+acknowledged only once it is durable on disk. See docs/blockserver-api.md for the protocol.
+"""
+
+EPILOG = """\
+examples:
+  blockserver serve --data /srv/blocks
+  blockserver serve --data /srv/blocks --listen 0.0.0.0:7001 --secret-file /etc/fusefs/secret
+  blockserver serve --data /tmp/b --listen 127.0.0.1:0     # pick a free port; the URL is printed
+
+The server prints `serving URL` on standard output once it accepts requests, logs one line
+per problem on standard error, and stops cleanly on SIGTERM or Ctrl-C.
+"""
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:7001)")
+    return host.strip("[]"), int(port)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blockserver", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"blockserver {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="store and serve blocks from a data directory",
+                           description=DESCRIPTION, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--data", required=True, metavar="DIR",
+                       help="data directory (created if missing)")
+    serve.add_argument("--listen", type=_listen_address, default=("127.0.0.1", 7001),
+                       metavar="HOST:PORT", help="address to listen on (default 127.0.0.1:7001; "
+                       "port 0 picks a free one)")
+    serve.add_argument("--secret-file", metavar="F", help="shared cluster secret: every request "
+                       "must then be signed with it (HMAC-SHA256)")
+    serve.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate")
+    serve.add_argument("--tls-key", metavar="PEM", help="private key for --tls-cert")
+    serve.add_argument("--max-block-size", type=_size, default="16MiB", metavar="SIZE",
+                       help="largest block accepted (default 16MiB; larger: 413)")
+    serve.add_argument("--max-batch-size", type=_size, default="64MiB", metavar="SIZE",
+                       help="largest batch request or response body (default 64MiB)")
+    serve.add_argument("--reserve", type=_size, default="0", metavar="SIZE",
+                       help="free space to keep on the disk; writes beyond it get 507")
+    serve.add_argument("--max-connections", type=int, default=256, metavar="N",
+                       help="connections served at once (default 256; more get 503)")
+    serve.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                       help="seconds a client has to send a request head (default 10)")
+    serve.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                       help="seconds allowed for a body, plus size / --min-rate (default 30)")
+    serve.add_argument("--min-rate", type=_size, default="1MiB", metavar="SIZE",
+                       help="slowest transfer rate tolerated per second (default 1MiB)")
+    serve.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
+                       help="seconds an idle keep-alive connection stays open (default 60)")
+    serve.add_argument("--public-metrics", action="store_true",
+                       help="serve /metrics without a signature (for Prometheus)")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def _tls_context(args) -> ssl.SSLContext | None:
+    if not args.tls_cert and not args.tls_key:
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise SystemExit("blockserver: --tls-cert and --tls-key go together")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise SystemExit(f"blockserver: cannot load TLS certificate/key: {e}") from None
+    return context
+
+
+def serve(args) -> int:
+    secret = None
+    if args.secret_file:
+        try:
+            secret = protocol.load_secret(args.secret_file)
+        except protocol.SecretError as e:
+            raise SystemExit(f"blockserver: {e}") from None
+    tls = _tls_context(args)
+    try:
+        store = BlockStore(args.data, reserve_bytes=args.reserve)
+    except OSError as e:
+        raise SystemExit(f"blockserver: cannot use data directory {args.data}: {e}") from None
+    metrics = Metrics()
+    api = Api(store, ApiConfig(max_block_size=args.max_block_size,
+                               max_batch_bytes=args.max_batch_size, secret=secret,
+                               public_metrics=args.public_metrics,
+                               access_log=args.access_log), metrics)
+    limits = Limits(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
+                    body_timeout=args.body_timeout, min_rate=max(1, args.min_rate),
+                    max_connections=args.max_connections)
+    try:
+        server = Server(args.listen, api, limits, ssl_context=tls,
+                        on_cut=metrics.connection_closed,
+                        response_headers={protocol.H_SERVER_ID: store.server_id,
+                                          "Server": f"fusefs-blockserver/{__version__}"})
+    except OSError as e:
+        raise SystemExit(f"blockserver: cannot listen on {args.listen[0]}:{args.listen[1]}: "
+                         f"{e.strerror} (is another server using that port?)") from None
+    api.open_connections = lambda: server.open_connections
+
+    def on_signal(signum, frame):
+        log.info("received %s: finishing requests in flight, then stopping",
+                 signal.Signals(signum).name)
+        server.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    host, port = server.address
+    shown = f"[{host}]" if ":" in host else host
+    scheme = "https" if tls else "http"
+    print(f"serving {scheme}://{shown}:{port}", flush=True)
+    log.info("blockserver %s serving %s://%s:%d from %s (server id %s, auth %s)", __version__,
+             scheme, shown, port, store.root, store.server_id, "on" if secret else "off")
+    server.serve_forever()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    threading.current_thread().name = "main"
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

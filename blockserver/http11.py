@@ -1,0 +1,391 @@
+"""A small, strict HTTP/1.1 server: keep-alive, bounded connections, total deadlines.
+
+Why not `http.server`: it gives every connection a thread with no bound, and only a
+per-recv timeout, so a client dripping one byte a second holds a worker forever. Here:
+
+- at most `max_connections` connections; one more is answered 503 and closed at once;
+- every phase of a connection has a *total* deadline enforced by one supervisor thread,
+  which shuts the socket down when it passes (new connection: `header_timeout` for the
+  request head; body and response: `body_timeout` plus size / `min_rate`; between
+  keep-alive requests: `idle_timeout`);
+- request heads are bounded (line length, header count and bytes: 414 / 431), bodies need
+  a Content-Length (411; chunked request bodies are refused with 501), and anything
+  malformed is a 400 and the connection is closed;
+- responses leave in one write (TCP_NODELAY; no Nagle stalls on keep-alive);
+- stop() stops accepting, closes idle connections, lets requests in flight finish (up to
+  `shutdown_grace`), then cuts what is left.
+
+States of a connection: idle (waiting for a request) → head → body → handling → sending →
+idle ... → closed. Only the supervisor cuts sockets; a cut shows up in the connection's
+thread as end-of-file or an OSError and ends that thread.
+
+Locks: `Server._lock` guards the connection set and is never held across I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from urllib.parse import parse_qs, unquote, urlsplit
+
+log = logging.getLogger("blockserver.http")
+
+MAX_REQUEST_LINE = 8192
+REASONS = {
+    100: "Continue", 200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request",
+    401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+    410: "Gone", 411: "Length Required", 413: "Content Too Large", 414: "URI Too Long",
+    422: "Unprocessable Content", 431: "Request Header Fields Too Large",
+    500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
+    505: "HTTP Version Not Supported", 507: "Insufficient Storage",
+}
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+                         "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+class HttpError(Exception):
+    """An error answer: status, a short machine code, and a sentence for a person."""
+
+    def __init__(self, status: int, code: str, message: str, **extra):
+        super().__init__(message)
+        self.status, self.code, self.message, self.extra = status, code, message, extra
+
+
+@dataclass(frozen=True)
+class Limits:
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    body_timeout: float = 30.0
+    min_rate: int = 1 << 20  # bytes/s a body or response must at least move at
+    max_header_bytes: int = 16384
+    max_headers: int = 64
+    max_connections: int = 256
+    shutdown_grace: float = 30.0
+
+
+@dataclass
+class Request:
+    method: str
+    target: str  # path and query exactly as sent (what a signature covers)
+    path: str
+    query: dict
+    headers: dict  # lower-case names
+    content_length: int
+    conn: "Connection" = field(repr=False)
+    close: bool = False  # the client asked to close after this request
+    body_read: bool = False
+    signed_hash: str | None = None  # the body hash a valid signature vouches for
+
+    def read_body(self) -> bytearray:
+        self.body_read = True
+        return self.conn.read_body(self.content_length, self.headers)
+
+
+@dataclass
+class Response:
+    status: int
+    body: list = field(default_factory=list)  # bytes-like parts, sent in order
+    headers: dict = field(default_factory=dict)
+    length: int | None = None  # for HEAD: the Content-Length without a body
+
+    @property
+    def body_size(self) -> int:
+        return sum(len(p) for p in self.body)
+
+
+class Connection:
+    def __init__(self, sock: socket.socket, peer: str, server: "Server"):
+        self.sock = sock
+        self.peer = peer
+        self.server = server
+        self.limits = server.limits
+        self.rfile = None
+        self.state = "new"
+        self.deadline = time.monotonic() + self.limits.header_timeout
+        self.cut_reason: str | None = None
+
+    def _phase(self, state: str, seconds: float) -> None:
+        self.state, self.deadline = state, time.monotonic() + seconds
+
+    def cut(self, reason: str) -> None:
+        """Shut the socket down from another thread; the reader sees end-of-file."""
+        if self.cut_reason is None:
+            self.cut_reason = reason
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def wait_for_request(self, first: bool) -> bool:
+        if not first:
+            self._phase("idle", self.limits.idle_timeout)
+        if self.server.stopping:
+            return False
+        if not self.rfile.peek(1):
+            return False
+        if not first:
+            self._phase("head", self.limits.header_timeout)
+        else:
+            self.state = "head"
+        return True
+
+    def read_head(self) -> Request:
+        line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+        if len(line) > MAX_REQUEST_LINE:
+            raise HttpError(414, "uri_too_long", "request line too long")
+        if not line.endswith(b"\n"):
+            raise ConnectionAbortedError("connection closed inside the request line")
+        try:
+            method, target, version = line.decode("ascii").rstrip("\r\n").split(" ")
+        except (UnicodeDecodeError, ValueError):
+            raise HttpError(400, "bad_request", "malformed request line") from None
+        if version not in ("HTTP/1.1", "HTTP/1.0"):
+            raise HttpError(505, "bad_version", f"unsupported HTTP version {version[:16]!r}")
+        if not method or not set(method) <= _TOKEN_CHARS or not target.startswith("/"):
+            raise HttpError(400, "bad_request", "malformed request line")
+        headers = self._read_headers()
+        keep = headers.get("connection", "").lower()
+        close = keep == "close" or (version == "HTTP/1.0" and keep != "keep-alive")
+        if "transfer-encoding" in headers:
+            raise HttpError(501, "chunked_unsupported",
+                            "chunked request bodies are not supported; send Content-Length")
+        raw_length = headers.get("content-length", "")
+        if raw_length and not raw_length.isdigit():
+            raise HttpError(400, "bad_length", "Content-Length must be one decimal number")
+        parts = urlsplit(target)
+        if method in ("PUT", "POST") and not raw_length:
+            raise HttpError(411, "length_required", f"{method} needs a Content-Length header")
+        return Request(method=method, target=target, path=unquote(parts.path),
+                       query=parse_qs(parts.query, keep_blank_values=True), headers=headers,
+                       content_length=int(raw_length or 0), conn=self, close=close)
+
+    def _read_headers(self) -> dict:
+        headers: dict[str, str] = {}
+        total = 0
+        while True:
+            line = self.rfile.readline(self.limits.max_header_bytes + 1)
+            total += len(line)
+            if total > self.limits.max_header_bytes:
+                raise HttpError(431, "headers_too_large",
+                                f"request head exceeds {self.limits.max_header_bytes} bytes")
+            if not line.endswith(b"\n"):
+                raise ConnectionAbortedError("connection closed inside the request head")
+            if line in (b"\r\n", b"\n"):
+                return headers
+            if len(headers) >= self.limits.max_headers:
+                raise HttpError(431, "too_many_headers",
+                                f"more than {self.limits.max_headers} header fields")
+            try:
+                text = line.decode("latin-1")
+                name, value = text.split(":", 1)
+            except ValueError:
+                raise HttpError(400, "bad_header", "malformed header line") from None
+            if not name or not set(name) <= _TOKEN_CHARS:  # also refuses obs-fold lines
+                raise HttpError(400, "bad_header", "malformed header name")
+            name, value = name.lower(), value.strip()
+            if name in headers:
+                if name == "content-length" and headers[name] != value:
+                    raise HttpError(400, "bad_length", "conflicting Content-Length headers")
+                value = f"{headers[name]}, {value}" if name != "content-length" else value
+            headers[name] = value
+
+    def read_body(self, length: int, headers: dict) -> bytearray:
+        if headers.get("expect", "").lower() == "100-continue":
+            self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._phase("body", self.limits.body_timeout + length / self.limits.min_rate)
+        body = bytearray(length)
+        view = memoryview(body)
+        got = 0
+        while got < length:
+            n = self.rfile.readinto(view[got:])
+            if not n:
+                raise ConnectionAbortedError(
+                    f"body truncated: {got} of {length} bytes, then end of stream")
+            got += n
+        self.state = "handling"
+        return body
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def send(self, response: Response, close: bool, method: str) -> int:
+        size = response.body_size if response.length is None else response.length
+        lines = [f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Unknown')}"]
+        headers = {**self.server.response_headers, **response.headers}
+        if response.status != 204:
+            headers["Content-Length"] = str(size)
+        if close:
+            headers["Connection"] = "close"
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        body = [] if method == "HEAD" else response.body
+        sent = sum(len(p) for p in body)
+        self._phase("sending", self.limits.body_timeout + sent / self.limits.min_rate)
+        if sent <= 262144:
+            self.sock.sendall(b"".join([head, *body]))
+        else:
+            self.sock.sendall(head)
+            for part in body:
+                self.sock.sendall(part)
+        return sent
+
+
+class Server:
+    """Accepts connections and has `app` answer each request.
+
+    `app.handle(request) -> Response` answers a well-formed request (it reads the body
+    itself, after its own checks); `app.error_response(HttpError) -> Response` renders an
+    error; `app.record(method, target, response, bytes_in, bytes_out, started)` sees every
+    answer sent, for metrics and logs.
+    """
+
+    def __init__(self, listen: tuple[str, int], app, limits: Limits, *,
+                 ssl_context: ssl.SSLContext | None = None, on_cut=None,
+                 response_headers: dict | None = None):
+        self.app = app
+        self.limits = limits
+        self.ssl_context = ssl_context
+        self.on_cut = on_cut or (lambda reason: None)
+        self.response_headers = response_headers or {}
+        self.stopping = False
+        self._lock = threading.Lock()
+        self._connections: set[Connection] = set()  # guarded by _lock
+        self._threads: set[threading.Thread] = set()  # guarded by _lock
+        self._stopped = threading.Event()
+        family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(listen)
+        self._listener.listen(128)
+        self.address = self._listener.getsockname()[:2]
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._connections)
+
+    def serve_forever(self) -> None:
+        supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+        supervisor.start()
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._listener, selectors.EVENT_READ)
+            while not self.stopping:
+                if not sel.select(timeout=0.2):
+                    continue
+                try:
+                    sock, addr = self._listener.accept()
+                except OSError:
+                    continue
+                self._admit(sock, f"{addr[0]}:{addr[1]}")
+        self._listener.close()
+        self._drain()
+        self._stopped.set()
+
+    def stop(self) -> None:
+        """Ask serve_forever to finish in-flight requests and return. Safe from any thread."""
+        self.stopping = True
+
+    def _admit(self, sock: socket.socket, peer: str) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            full = len(self._connections) >= self.limits.max_connections
+            if not full:
+                conn = Connection(sock, peer, self)
+                self._connections.add(conn)
+                thread = threading.Thread(target=self._run, args=(conn,), daemon=True,
+                                          name=f"conn-{peer}")
+                self._threads.add(thread)
+        if full:
+            self.on_cut("too_many_connections")
+            log.warning("refused a connection from %s: %d connections already open "
+                        "(raise --max-connections if this is real load)",
+                        peer, self.limits.max_connections)
+            try:
+                sock.setblocking(False)
+                sock.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                          b"Connection: close\r\nRetry-After: 1\r\n\r\n")
+            except OSError:
+                pass
+            sock.close()
+            return
+        thread.start()
+
+    def _run(self, conn: Connection) -> None:
+        try:
+            if self.ssl_context is not None:
+                conn.sock = self.ssl_context.wrap_socket(
+                    conn.sock, server_side=True, do_handshake_on_connect=False)
+                conn.sock.do_handshake()
+            conn.rfile = conn.sock.makefile("rb", buffering=65536)
+            first = True
+            while conn.wait_for_request(first):
+                first = False
+                if not self._one_request(conn):
+                    break
+        except (OSError, ConnectionError, ssl.SSLError, ValueError) as e:
+            if conn.cut_reason is None and not isinstance(e, (ConnectionResetError,
+                                                              BrokenPipeError)):
+                log.warning("connection from %s ended: %s", conn.peer, e)
+        finally:
+            if conn.cut_reason is not None:
+                self.on_cut(conn.cut_reason)
+                if conn.cut_reason != "shutdown":
+                    log.warning("closed connection from %s: %s", conn.peer, conn.cut_reason)
+            try:
+                conn.sock.close()
+            except OSError:
+                pass
+            with self._lock:
+                self._connections.discard(conn)
+                self._threads.discard(threading.current_thread())
+
+    def _one_request(self, conn: Connection) -> bool:
+        """Read, handle and answer one request. False when the connection must close."""
+        started = time.monotonic()
+        try:
+            request = conn.read_head()
+        except HttpError as e:
+            response = self.app.error_response(e)
+            sent = conn.send(response, True, "")
+            self.app.record("-", "-", response, 0, sent, started)
+            return False
+        conn.state = "handling"
+        response = self.app.handle(request)
+        close = request.close or self.stopping or (
+            not request.body_read and request.content_length > 0) or response.status >= 500
+        sent = conn.send(response, close, request.method)
+        conn.state = "handling"
+        self.app.record(request.method, request.path, response,
+                        request.content_length if request.body_read else 0, sent, started)
+        return not close
+
+    def _supervise(self) -> None:
+        while not self._stopped.is_set():
+            now = time.monotonic()
+            with self._lock:
+                conns = list(self._connections)
+            for conn in conns:
+                if self.stopping and conn.state in ("new", "idle"):
+                    conn.cut("shutdown")
+                elif now > conn.deadline and conn.state != "handling":
+                    conn.cut(f"no progress: {conn.state} deadline passed")
+            self._stopped.wait(0.1)
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.limits.shutdown_grace
+        while time.monotonic() < deadline:
+            with self._lock:
+                threads = list(self._threads)
+            if not threads:
+                return
+            threads[0].join(timeout=0.1)
+        with self._lock:
+            conns = list(self._connections)
+        for conn in conns:
+            conn.cut("shutdown")

@@ -1,0 +1,434 @@
+"""The on-disk store of one block server: immutable checksummed blocks and CAS registers.
+
+Layout under the data directory (see docs/blockserver-store.md for states and crashes):
+
+    server-id              this server's stable id, written once on first start
+    blocks/XX/<id>         one file per block; XX is the first two hex digits of the id
+    tmp/                   files being written; whatever is here at start is debris and removed
+    quarantine/<id>.<ns>   copies that failed verification, kept for a person to inspect
+    registers/<name>       named registers
+
+A block file is a 32-byte header followed by the block's bytes. The header is MAGIC (8 bytes),
+the xxh3-128 checksum (16 raw bytes) and the length (u64, little-endian).
+
+Promises: a block becomes visible only complete and durable (written to tmp/, fsynced, then
+hard-linked into place, which also refuses to replace an existing block); a copy whose bytes
+no longer match its checksum is never returned; nothing is ever created outside the data
+directory, because every name comes from a validated id or register name.
+
+Threads: the store is used from many request threads. Block operations need no lock (link()
+is the atomic create-if-absent); `_counter_lock` guards the counters and `_register_lock`
+serialises register compare-and-swap. Neither is held while another is taken.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import struct
+import threading
+import time
+import uuid
+
+import xxhash
+
+from . import protocol
+
+log = logging.getLogger("blockserver.store")
+
+MAGIC = b"FFSBLK1\n"
+_HEADER = struct.Struct("<8s16sQ")
+HEADER_SIZE = _HEADER.size
+_REGISTER_HEADER = struct.Struct("<8sQ")
+_REGISTER_MAGIC = b"FFSREG1\n"
+MAX_REGISTER_SIZE = 1 << 20
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class StoreError(Exception):
+    """Base of the store's errors. The server maps each subclass to one HTTP status.
+
+    StoreError
+    ├── NotFound           no such block or register
+    ├── Corrupt            the stored copy failed verification and was quarantined
+    ├── Conflict           the id exists with a different checksum (blocks are immutable)
+    ├── ChecksumMismatch   the bytes received do not match the checksum sent with them
+    ├── StoreFull          not enough free space (after the configured reserve)
+    └── StaleGeneration    a register write that does not advance the generation
+    """
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Corrupt(StoreError):
+    pass
+
+
+class Conflict(StoreError):
+    pass
+
+
+class ChecksumMismatch(StoreError):
+    pass
+
+
+class StoreFull(StoreError):
+    pass
+
+
+class StaleGeneration(StoreError):
+    def __init__(self, current: int):
+        super().__init__(f"register is at generation {current}")
+        self.current = current
+
+
+def _sync_filesystem_fn():
+    """syncfs(2) when libc has it: one call makes every file written so far durable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    return fn
+
+
+class BlockStore:
+    def __init__(self, root: str, *, reserve_bytes: int = 0):
+        self.root = os.path.abspath(root)
+        self.reserve_bytes = reserve_bytes
+        self._blocks = os.path.join(self.root, "blocks")
+        self._tmp = os.path.join(self.root, "tmp")
+        self._quarantine = os.path.join(self.root, "quarantine")
+        self._registers = os.path.join(self.root, "registers")
+        self._counter_lock = threading.Lock()
+        self._register_lock = threading.Lock()
+        self._syncfs = _sync_filesystem_fn()
+        self.block_count = 0  # guarded by _counter_lock
+        self.used_bytes = 0  # guarded by _counter_lock
+        self.corrupt_found = 0  # guarded by _counter_lock
+        self._prepare()
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        for d in (self.root, self._blocks, self._tmp, self._quarantine, self._registers):
+            os.makedirs(d, exist_ok=True)
+        for i in range(256):
+            os.makedirs(os.path.join(self._blocks, f"{i:02x}"), exist_ok=True)
+        self.server_id = self._load_server_id()
+        debris = os.listdir(self._tmp)
+        for name in debris:
+            os.unlink(os.path.join(self._tmp, name))
+        if debris:
+            log.info("removed %d unfinished writes left by an earlier stop", len(debris))
+        self._fsync_dir(self.root)
+        started = time.monotonic()
+        count = used = 0
+        for i in range(256):
+            with os.scandir(os.path.join(self._blocks, f"{i:02x}")) as it:
+                for entry in it:
+                    if protocol.is_block_id(entry.name):
+                        count += 1
+                        used += max(0, entry.stat().st_size - HEADER_SIZE)
+        self.block_count, self.used_bytes = count, used
+        log.info("data directory %s: %d blocks, %d bytes (scanned in %.2fs)",
+                 self.root, count, used, time.monotonic() - started)
+
+    def _load_server_id(self) -> str:
+        path = os.path.join(self.root, "server-id")
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+            if value:
+                return value
+        except FileNotFoundError:
+            pass
+        value = uuid.uuid4().hex
+        self._write_atomic(path, value.encode() + b"\n")
+        return value
+
+    # -- paths and durability ---------------------------------------------------------------
+
+    def _block_path(self, block_id: str) -> str:
+        # Callers validated block_id with protocol.is_block_id: 32 lowercase hex, no separators.
+        return os.path.join(self._blocks, block_id[:2], block_id)
+
+    @staticmethod
+    def _fsync_dir(path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _sync_all(self, paths: list[str]) -> None:
+        """Make the given files durable: one fsync each for a few, one syncfs for many."""
+        if len(paths) > 2 and self._syncfs is not None:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                if self._syncfs(fd) == 0:
+                    return
+            finally:
+                os.close(fd)
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        tmp = os.path.join(self._tmp, f"{os.path.basename(path)}.{uuid.uuid4().hex}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(fd, (data,))
+            os.fsync(fd)
+        except OSError as e:
+            os.close(fd)
+            os.unlink(tmp)
+            raise StoreFull(str(e)) if e.errno in _FULL_ERRNOS else e
+        os.close(fd)
+        os.replace(tmp, path)
+        self._fsync_dir(os.path.dirname(path))
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def capacity_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_blocks * st.f_frsize
+
+    def _check_space(self, size: int) -> None:
+        if self.free_bytes() - size - HEADER_SIZE < self.reserve_bytes:
+            raise StoreFull("not enough free space on the data directory's disk")
+
+    # -- blocks -----------------------------------------------------------------------------
+
+    def put(self, block_id: str, data, expected: str) -> bool:
+        """Store a block durably. True if created, False if it was already there (harmless)."""
+        return self.put_many([(block_id, data, expected)])[0].result()
+
+    def put_many(self, items) -> list["Outcome"]:
+        """Store many blocks sharing two filesystem syncs. One Outcome per (id, data, checksum).
+
+        Data is made durable before any block is linked into place, and the links are made
+        durable before this returns, so an acknowledged block survives a crash and an
+        unacknowledged one is either absent or complete.
+        """
+        outcomes = [Outcome() for _ in items]
+        staged = []  # (index, block_id, tmp path, size, checksum)
+        try:
+            for i, (block_id, data, expected) in enumerate(items):
+                if protocol.checksum(data) != expected:
+                    outcomes[i].error = ChecksumMismatch(
+                        f"block {block_id}: body does not match checksum {expected}")
+                    continue
+                try:
+                    self._check_space(len(data))
+                    staged.append((i, block_id, self._write_tmp(block_id, data, expected),
+                                   len(data), expected))
+                except StoreError as e:
+                    outcomes[i].error = e
+            if not staged:
+                return outcomes
+            self._sync_all([s[2] for s in staged])
+            dirs = set()
+            for i, block_id, tmp, size, expected in staged:
+                try:
+                    outcomes[i].value = self._publish(block_id, tmp, size, expected)
+                    dirs.add(os.path.dirname(self._block_path(block_id)))
+                except StoreError as e:
+                    outcomes[i].error = e
+            self._sync_all(sorted(dirs))
+            return outcomes
+        finally:
+            for s in staged:
+                _unlink_quietly(s[2])
+
+    def _write_tmp(self, block_id: str, data, expected: str) -> str:
+        tmp = os.path.join(self._tmp, f"{block_id}.{uuid.uuid4().hex}")
+        header = _HEADER.pack(MAGIC, bytes.fromhex(expected), len(data))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(fd, (header, data))
+        except OSError as e:
+            os.close(fd)
+            _unlink_quietly(tmp)
+            if e.errno in _FULL_ERRNOS:
+                raise StoreFull("the data directory's disk is full") from None
+            raise
+        os.close(fd)
+        return tmp
+
+    def _publish(self, block_id: str, tmp: str, size: int, expected: str) -> bool:
+        path = self._block_path(block_id)
+        for _ in range(3):
+            try:
+                os.link(tmp, path)  # atomic, and never replaces an existing block
+            except FileExistsError:
+                try:
+                    existing = self._read_verified(block_id)[1]
+                except Corrupt:
+                    continue  # quarantined: our good copy takes its place
+                except NotFound:
+                    continue  # deleted meanwhile
+                if existing != expected:
+                    raise Conflict(f"block {block_id} exists with checksum {existing}")
+                return False
+            except OSError as e:
+                if e.errno in _FULL_ERRNOS:
+                    raise StoreFull("the data directory's disk is full") from None
+                raise
+            with self._counter_lock:
+                self.block_count += 1
+                self.used_bytes += size
+            return True
+        raise Conflict(f"block {block_id} is being changed concurrently; retry")
+
+    def get(self, block_id: str) -> tuple[memoryview, str]:
+        """The block's bytes and checksum, verified. Raises NotFound or Corrupt."""
+        return self._read_verified(block_id)
+
+    def _read_verified(self, block_id: str) -> tuple[memoryview, str]:
+        path = self._block_path(block_id)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                raw = f.readall()
+        except FileNotFoundError:
+            raise NotFound(block_id) from None
+        if len(raw) >= HEADER_SIZE:
+            magic, digest, length = _HEADER.unpack_from(raw)
+            body = memoryview(raw)[HEADER_SIZE:]
+            if magic == MAGIC and length == len(body) and xxhash.xxh3_128_digest(body) == digest:
+                return body, digest.hex()
+        self._quarantine_file(block_id, path)
+        raise Corrupt(f"stored copy of block {block_id} failed verification")
+
+    def _quarantine_file(self, block_id: str, path: str) -> None:
+        try:
+            size = os.stat(path).st_size
+            os.rename(path, os.path.join(self._quarantine, f"{block_id}.{time.time_ns()}"))
+        except FileNotFoundError:
+            return  # another request quarantined it first
+        with self._counter_lock:
+            self.block_count -= 1
+            self.used_bytes -= max(0, size - HEADER_SIZE)
+            self.corrupt_found += 1
+        log.warning("block %s failed verification; moved to quarantine/ (a client will "
+                    "re-replicate it from another server)", block_id)
+
+    def head(self, block_id: str) -> tuple[int, str]:
+        """(size, checksum) from the header alone; the bytes are not read or verified."""
+        try:
+            with open(self._block_path(block_id), "rb", buffering=0) as f:
+                raw = f.read(HEADER_SIZE)
+                size = os.fstat(f.fileno()).st_size - HEADER_SIZE
+        except FileNotFoundError:
+            raise NotFound(block_id) from None
+        if len(raw) == HEADER_SIZE:
+            magic, digest, length = _HEADER.unpack(raw)
+            if magic == MAGIC and length == size:
+                return length, digest.hex()
+        self._read_verified(block_id)  # a damaged header: quarantines and raises Corrupt
+        raise Corrupt(block_id)  # not reached unless the file was replaced meanwhile
+
+    def check(self, block_id: str, verify: bool) -> tuple[int, str]:
+        if verify:
+            body, digest = self._read_verified(block_id)
+            return len(body), digest
+        return self.head(block_id)
+
+    def delete(self, block_id: str) -> bool:
+        """Remove a block; True if it existed. Deleting a missing block is not an error."""
+        path = self._block_path(block_id)
+        try:
+            size = os.stat(path).st_size
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        with self._counter_lock:
+            self.block_count -= 1
+            self.used_bytes -= max(0, size - HEADER_SIZE)
+        return True
+
+    def list(self, after: str = "", limit: int = 1000) -> tuple[list[dict], str | None]:
+        """Blocks with ids greater than `after`, in id order: ([{id, size, checksum}], next)."""
+        entries: list[dict] = []
+        start = int(after[:2], 16) if after else 0
+        for i in range(start, 256):
+            names = sorted(n for n in os.listdir(os.path.join(self._blocks, f"{i:02x}"))
+                           if n > after and protocol.is_block_id(n))
+            for name in names:
+                try:
+                    size, digest = self.head(name)
+                except (NotFound, Corrupt):
+                    continue
+                entries.append({"id": name, "size": size, "checksum": digest})
+                if len(entries) >= limit:
+                    return entries, name
+        return entries, None
+
+    # -- registers --------------------------------------------------------------------------
+
+    def register_get(self, name: str) -> tuple[int, bytes]:
+        try:
+            with open(os.path.join(self._registers, name), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise NotFound(name) from None
+        magic, generation = _REGISTER_HEADER.unpack_from(raw)
+        if magic != _REGISTER_MAGIC:
+            raise Corrupt(f"register {name} is damaged")
+        return generation, raw[_REGISTER_HEADER.size:]
+
+    def register_put(self, name: str, generation: int, value: bytes,
+                     expect: int | None = None) -> None:
+        """Write a register if `generation` is newer than the stored one (compare-and-swap).
+
+        With `expect`, the stored generation must also equal it (0 meaning absent).
+        """
+        with self._register_lock:
+            try:
+                current = self.register_get(name)[0]
+            except NotFound:
+                current = 0
+            if generation <= current or (expect is not None and expect != current):
+                raise StaleGeneration(current)
+            self._write_atomic(os.path.join(self._registers, name),
+                               _REGISTER_HEADER.pack(_REGISTER_MAGIC, generation) + value)
+
+
+class Outcome:
+    """The result of one item of a batch: a value, or the StoreError that item met."""
+
+    __slots__ = ("value", "error")
+
+    def __init__(self):
+        self.value = None
+        self.error: StoreError | None = None
+
+    def result(self):
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _write_all(fd: int, parts) -> None:
+    for part in parts:
+        view = memoryview(part)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

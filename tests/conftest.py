@@ -1,0 +1,213 @@
+"""Shared test harness: real block-server processes on loopback ports.
+
+`blockservers(n, **options)` starts n `blockserver serve` processes, each with its own data
+directory under the test's tmp_path and its own log file, on ports the kernel picks. It
+waits until each answers, and at teardown always stops every one (SIGTERM, then SIGKILL),
+even when the test failed. Teardown then fails the test if any server logged an ERROR or a
+traceback that the test did not declare with `servers.allow(regex)`. When a test fails,
+each server's log tail is attached to the report.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+from blockserver import protocol
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PROBLEM = re.compile(r"^\S+ \S+ (ERROR|CRITICAL) |^Traceback ", re.M)
+
+
+class BlockServer:
+    """One real `blockserver serve` process, restartable on the same port and data."""
+
+    def __init__(self, data_dir: str, log_path: str, args: list[str], secret: bytes | None):
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.args = args
+        self.secret = secret
+        self.port = 0
+        self.url = None
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20.0) -> "BlockServer":
+        cmd = [sys.executable, "-m", "blockserver", "serve", "--data", self.data_dir,
+               "--listen", f"127.0.0.1:{self.port}", *self.args]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, cwd=REPO)
+        line = _read_line(self.proc.stdout, timeout)
+        if not line.startswith("serving "):
+            self.stop()
+            raise RuntimeError(f"blockserver did not start: {line!r}\n{self.log_tail()}")
+        self.url = line.split()[1]
+        self.port = int(self.url.rsplit(":", 1)[1])
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                status = requests.get(self.url + "/v1/status", timeout=2,
+                                      verify=False).status_code
+                if status in (200, 401):
+                    return self
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"blockserver at {self.url} never answered\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, wait, then SIGKILL. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGCONT)  # a paused server cannot hear SIGTERM
+                self.proc.terminate()
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """kill -9: no chance to clean up."""
+        self.proc.kill()
+        self.proc.wait(5)
+
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def restart(self) -> "BlockServer":
+        self.stop()
+        return self.start()
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def session(self) -> requests.Session:
+        """A requests session that signs every request when the server has a secret."""
+        s = requests.Session()
+        if self.secret is not None:
+            s.auth = SigningAuth(self.secret)
+        return s
+
+
+class SigningAuth(requests.auth.AuthBase):
+    """Signs requests the way fusefs.transport does, for raw protocol tests."""
+
+    def __init__(self, secret: bytes):
+        self.secret = secret
+
+    def __call__(self, r):
+        body = r.body or b""
+        if isinstance(body, str):
+            body = body.encode()
+        target = r.path_url
+        r.headers.update(protocol.sign_request(self.secret, r.method, target,
+                                               protocol.checksum(body)))
+        return r
+
+
+def _read_line(stream, timeout: float) -> str:
+    result: list[bytes] = []
+    reader = threading.Thread(target=lambda: result.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return result[0].decode(errors="replace").strip() if result else ""
+
+
+class ServerSet(list):
+    """The servers one test started, and the log problems it expects."""
+
+    def __init__(self):
+        super().__init__()
+        self.allowed: list[re.Pattern] = []
+
+    def allow(self, pattern: str) -> None:
+        """Declare an expected ERROR/traceback line (regex) so teardown does not fail on it."""
+        self.allowed.append(re.compile(pattern))
+
+    def unexpected_problems(self) -> list[str]:
+        found = []
+        for server in self:
+            text = server.log_text()
+            for match in _PROBLEM.finditer(text):
+                line = text[match.start():text.find("\n", match.start())]
+                if not any(p.search(line) for p in self.allowed):
+                    found.append(f"{server.url}: {line}")
+        return found
+
+
+@pytest.fixture
+def blockservers(tmp_path, request):
+    """Factory: `blockservers(n, secret=None, args=[...])` -> list of running BlockServer."""
+    started = ServerSet()
+    request.node.stash[_SERVERS] = started
+
+    def start(n: int = 1, *, secret: bytes | None = None, args=()) -> list[BlockServer]:
+        extra = list(args)
+        if secret is not None:
+            secret_file = tmp_path / "secret"
+            secret_file.write_bytes(secret)
+            extra += ["--secret-file", str(secret_file)]
+        new = []
+        for _ in range(n):
+            i = len(started)
+            server = BlockServer(str(tmp_path / f"server{i}"), str(tmp_path / f"server{i}.log"),
+                                 extra, secret)
+            started.append(server)
+            new.append(server.start())
+        return new
+
+    start.servers = started
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+    problems = started.unexpected_problems()
+    if problems:
+        pytest.fail("block server logged unexpected errors:\n" + "\n".join(problems[:20]))
+
+
+@pytest.fixture
+def server(blockservers) -> BlockServer:
+    """One running block server without authentication."""
+    return blockservers(1)[0]
+
+
+_SERVERS = pytest.StashKey[ServerSet]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    servers = item.stash.get(_SERVERS, None)
+    if report.failed and servers:
+        for server in servers:
+            report.sections.append((f"log of block server {server.url}", server.log_tail(60)))
+    return report

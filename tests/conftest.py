@@ -211,3 +211,41 @@ def pytest_runtest_makereport(item, call):
         for server in servers:
             report.sections.append((f"log of block server {server.url}", server.log_tail(60)))
     return report
+
+
+def members_of(servers) -> list:
+    """The cluster membership (stable id + URL) of running BlockServer objects."""
+    from fusefs.transport import Member
+
+    ids = []
+    for server in servers:
+        s = server.session()
+        ids.append(s.get(server.url + "/v1/status", timeout=5).json()["server_id"])
+    return [Member(i, s.url) for i, s in zip(ids, servers)]
+
+
+@pytest.fixture
+def make_cluster():
+    """Factory: `make_cluster(servers, secret=None, **ClusterConfig fields)` -> a started
+    ReplicatedStore over those servers; every store made is closed at teardown."""
+    from fusefs.cluster import ClusterConfig, ReplicatedStore
+    from fusefs.transport import Transport, TransportConfig
+
+    stores = []
+
+    def make(servers, *, secret=None, members=None, read_timeout=10.0, **config):
+        transport = Transport(TransportConfig(secret=secret, read_timeout=read_timeout,
+                                              connect_timeout=2.0))
+        config.setdefault("probe_min", 0.1)
+        config.setdefault("probe_max", 0.5)
+        store = ReplicatedStore(members or members_of(servers), transport,
+                                ClusterConfig(**config))
+        stores.append(store)
+        store.start()
+        return store
+
+    try:
+        yield make
+    finally:
+        for store in stores:
+            store.close()

@@ -27,3 +27,56 @@ def test_blockserver_uses_no_http_client_library():
     offenders = [f"{p.relative_to(REPO)} imports {m}" for p, m in imported_modules("blockserver")
                  if m.split(".")[0] in ("requests", "fuse")]
     assert offenders == []
+
+
+# fusefs modules from the top of the data path to the bottom (DESIGN.md section 3). A module
+# may import modules of its own layer or of layers below it, never above. A new module must
+# be placed here, so the map stays the truth.
+FUSEFS_LAYERS = [
+    {"cli"},
+    {"fuse_ops"},
+    {"filesystem"},
+    {"metadata", "cache", "flusher", "journal"},
+    {"cluster", "memstore", "health", "placement", "blocks"},
+    {"transport"},
+    {"errors", "__init__"},
+]
+
+
+def layer_of(module: str) -> int:
+    for depth, names in enumerate(FUSEFS_LAYERS):
+        if module in names:
+            return depth
+    raise AssertionError(f"fusefs.{module} is in no layer of FUSEFS_LAYERS; place it there")
+
+
+def fusefs_imports():
+    for path in sorted((REPO / "fusefs").glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fusefs."):
+                names = [node.module.split(".")[1]]
+            elif isinstance(node, ast.Import):
+                names = [a.name.split(".")[1] for a in node.names
+                         if a.name.startswith("fusefs.")]
+            else:
+                continue
+            for name in names:
+                yield path.stem, name.split(".")[0]
+
+
+def test_fusefs_imports_point_down():
+    upward = [f"fusefs.{src} imports fusefs.{dst}" for src, dst in fusefs_imports()
+              if layer_of(dst) < layer_of(src)]
+    assert upward == []
+
+
+def test_only_transport_uses_requests_and_only_fuse_ops_uses_fuse():
+    for path, module in imported_modules("fusefs"):
+        top = module.split(".")[0]
+        if top in ("requests", "urllib3"):
+            assert path.stem == "transport", f"{path.name} imports {module}"
+        if top == "fuse":
+            assert path.stem in ("fuse_ops", "cli"), f"{path.name} imports {module}"

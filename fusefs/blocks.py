@@ -1,0 +1,49 @@
+"""The block store interface the filesystem writes through.
+
+Blocks are immutable and named by random ids; every call is idempotent: putting a block
+that is already stored succeeds, deleting a missing block succeeds. Implementations:
+`fusefs.cluster.ReplicatedStore` (block servers) and `fusefs.memstore.MemoryBlockStore`
+(in memory, for tests of the layers above).
+"""
+
+from __future__ import annotations
+
+import abc
+
+
+class BlockStore(abc.ABC):
+    @abc.abstractmethod
+    def put(self, block_id: str, data: bytes, checksum: str) -> None:
+        """Store a block durably (on W servers) or raise a StorageError; nothing in between."""
+
+    def put_many(self, items: list[tuple[str, bytes, str]]) -> None:
+        """Store several (id, data, checksum) blocks; raises if any could not be stored."""
+        for block_id, data, checksum in items:
+            self.put(block_id, data, checksum)
+
+    @abc.abstractmethod
+    def get(self, block_id: str, checksum: str) -> bytes:
+        """The block's bytes, verified against `checksum`, or a StorageError."""
+
+    def get_many(self, items: list[tuple[str, str]]) -> dict[str, bytes]:
+        """id -> bytes for (id, checksum) pairs; raises if any block cannot be read."""
+        return {block_id: self.get(block_id, checksum) for block_id, checksum in items}
+
+    def has(self, block_id: str) -> bool:
+        """True if at least one copy of the block exists."""
+        return self.has_many([block_id])[block_id]
+
+    @abc.abstractmethod
+    def has_many(self, block_ids: list[str]) -> dict[str, bool]:
+        """id -> whether at least one copy exists."""
+
+    def delete(self, block_id: str) -> None:
+        """Remove every copy it can reach; a missing block is not an error."""
+        self.delete_many([block_id])
+
+    @abc.abstractmethod
+    def delete_many(self, block_ids: list[str]) -> None:
+        """Remove every copy it can reach of several blocks."""
+
+    def close(self) -> None:
+        """Stop background work. The store is not used afterwards."""

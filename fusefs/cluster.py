@@ -1,0 +1,471 @@
+"""The replicated block store: R copies of every block on the cluster's block servers.
+
+What it promises (DESIGN.md P3, P4):
+- put returns once W servers acknowledged the block durable. Copies go to the block's R
+  homes (its first R servers by rendezvous ranking); a home that is down or fails is
+  replaced by the next server in the ranking, so R copies exist whenever R servers are up,
+  and the home's missing copy is remembered for repair.
+- get asks the best-ranked healthy replica, races a second after `hedge_delay` if the first
+  is slow, falls over down the ranking on any error, verifies the xxh3-128 checksum of what
+  it receives, and re-puts the block on any home found missing it or holding a bad copy.
+- A server that fails is skipped until a background probe finds it answering again; then
+  the copies it missed are repaired. Nothing waits on a dead server longer than the
+  request timeout.
+
+Pending repairs live in memory (`_missing`), so a client restart forgets them; a scrub
+(`fusefs scrub`, a later issue) finds what was forgotten.
+
+Threads: calls come from many threads. `_io` runs single requests only (hedged reads and
+replica writes in parallel) and never waits for anything else; `_fanout` runs whole
+put/get fall-backs of batch calls, and `_repairs` runs repair jobs; both wait on `_io`
+tasks only, so no pool ever waits on itself. `_lock` guards `_missing` and is never held
+across a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+from blockserver import protocol
+
+from . import errors
+from .blocks import BlockStore
+from .health import Health
+from .placement import rank
+from .transport import Member, Transport, wrong_server
+
+log = logging.getLogger("fusefs.cluster")
+
+# Failures that say something about the server rather than about one block.
+_SERVER_FAILURES = (errors.Unavailable, errors.WrongServer, errors.AuthenticationFailed)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    replicas: int = 3
+    write_quorum: int = 2
+    hedge_delay: float = 0.05  # seconds before a slow read is raced by a second replica
+    io_threads: int = 32
+    batch_bytes: int = 8 << 20  # at most this much data in one batch request
+    batch_items: int = 1024
+    probe_min: float = 0.5
+    probe_max: float = 30.0
+
+
+class ReplicatedStore(BlockStore):
+    def __init__(self, members: Sequence[Member], transport: Transport, config: ClusterConfig):
+        if not 1 <= config.write_quorum <= config.replicas:
+            raise ValueError("need 1 <= write quorum <= replicas")
+        if config.replicas > len(members):
+            raise ValueError(f"{config.replicas} replicas need at least {config.replicas} "
+                             f"servers; the cluster has {len(members)}")
+        self.members = list(members)
+        self.transport = transport
+        self.config = config
+        self.health = Health([m.id for m in members], config.probe_min, config.probe_max)
+        self._by_id = {m.id: m for m in members}
+        self._io = ThreadPoolExecutor(config.io_threads, thread_name_prefix="cluster-io")
+        self._fanout = ThreadPoolExecutor(8, thread_name_prefix="cluster-fanout")
+        self._repairs = ThreadPoolExecutor(2, thread_name_prefix="cluster-repair")
+        self._lock = threading.Lock()
+        self._missing: dict[str, dict[str, str]] = {m.id: {} for m in members}  # guarded
+        self._stopping = threading.Event()
+        self._prober: threading.Thread | None = None
+        self.health.on_up(self._server_back)
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Check every member's identity, then start probing servers that are down.
+
+        Raises AuthenticationFailed or WrongServer when a reachable server refuses us or is
+        not the member recorded for this filesystem; unreachable servers are only marked
+        down (the cluster works without them and repairs them when they return).
+        """
+        futures = {self._io.submit(self.transport.status, m): m for m in self.members}
+        for future, member in futures.items():
+            try:
+                self._check_identity(member, future.result())
+            except (errors.AuthenticationFailed, errors.WrongServer):
+                raise
+            except errors.StorageError as e:
+                log.warning("block server %s is not reachable yet: %s", member.url, e)
+                self.health.failed(member.id, e)
+        self._prober = threading.Thread(target=self._probe_loop, name="cluster-prober",
+                                        daemon=True)
+        self._prober.start()
+
+    @staticmethod
+    def _check_identity(member: Member, status: dict) -> None:
+        if status.get("server_id") != member.id:
+            raise wrong_server(member.url, status.get("server_id"), member.id)
+
+    def close(self) -> None:
+        self._stopping.set()
+        if self._prober is not None:
+            self._prober.join(timeout=5)
+        self._repairs.shutdown(wait=True, cancel_futures=True)
+        self._fanout.shutdown(wait=True, cancel_futures=True)
+        self._io.shutdown(wait=True, cancel_futures=True)
+
+    def _probe_loop(self) -> None:
+        while not self._stopping.wait(0.2):
+            for member_id in self.health.due_probes():
+                member = self._by_id[member_id]
+                try:
+                    status = self.transport.status(member, timeout=2.0)
+                    self._check_identity(member, status)
+                except errors.StorageError as e:
+                    self.health.failed(member_id, e)
+                    continue
+                log.info("block server %s answers again", member.url)
+                self.health.succeeded(member_id)
+
+    # -- calls to one server, with health bookkeeping ---------------------------------------
+
+    def _call(self, member: Member, fn, *args, **kwargs):
+        try:
+            result = fn(member, *args, **kwargs)
+        except _SERVER_FAILURES as e:
+            if self.health.usable(member.id):
+                log.warning("block server %s marked down: %s", member.url, e)
+            self.health.failed(member.id, e)
+            raise
+        if not self.health.usable(member.id):
+            self.health.succeeded(member.id)
+        return result
+
+    def ranking(self, block_id: str) -> list[Member]:
+        return rank(block_id, self.members)
+
+    def _by_preference(self, members: Iterable[Member], skip=()) -> list[Member]:
+        """Usable servers first (in the given order), then the rest, then `skip`."""
+        members = list(members)
+        usable = [m for m in members if m not in skip and self.health.usable(m.id)]
+        down = [m for m in members if m not in skip and m not in usable]
+        return usable + down + [m for m in members if m in skip]
+
+    # -- put --------------------------------------------------------------------------------
+
+    def put(self, block_id: str, data: bytes, checksum: str) -> None:
+        ranking = self.ranking(block_id)
+        homes = ranking[:self.config.replicas]
+        candidates = iter(self._by_preference(homes) + self._by_preference(
+            ranking[self.config.replicas:]))
+        acked: list[Member] = []
+        failures: dict[str, errors.StorageError] = {}
+        pending: dict[Future, Member] = {}
+
+        def launch() -> None:
+            while len(acked) + len(pending) < self.config.replicas:
+                member = next(candidates, None)
+                if member is None:
+                    return
+                future = self._io.submit(self._call, member, self.transport.put_block,
+                                         block_id, data, checksum)
+                pending[future] = member
+
+        launch()
+        while pending and len(acked) < self.config.write_quorum:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                member = pending.pop(future)
+                try:
+                    future.result()
+                    acked.append(member)
+                except errors.StorageError as e:
+                    failures[member.url] = e
+            launch()
+        if len(acked) < self.config.write_quorum:
+            raise self._quorum_error(f"block {block_id} was stored on {len(acked)} of the "
+                                     f"{self.config.write_quorum} servers required", failures)
+        for member in homes:
+            if member not in acked and member not in pending.values():
+                self._remember_missing(member, block_id, checksum)
+        for future, member in pending.items():  # the rest finish in the background
+            future.add_done_callback(
+                lambda f, m=member: self._background_put_done(f, m, block_id, checksum))
+
+    def _background_put_done(self, future: Future, member: Member, block_id: str,
+                             checksum: str) -> None:
+        if future.exception() is not None and member in self.ranking(block_id)[
+                :self.config.replicas]:
+            self._remember_missing(member, block_id, checksum)
+
+    @staticmethod
+    def _quorum_error(what: str, failures: dict[str, errors.StorageError]) -> errors.StorageError:
+        reasons = "; ".join(str(e) for e in failures.values()) or "no server was reachable"
+        if failures and all(isinstance(e, errors.AuthenticationFailed)
+                            for e in failures.values()):
+            return errors.AuthenticationFailed(f"{what}: {reasons}")
+        if failures and all(isinstance(e, errors.StorageFull) for e in failures.values()):
+            return errors.StorageFull(f"{what}: every server is full ({reasons})")
+        return errors.QuorumNotReached(f"{what}: {reasons}")
+
+    def put_many(self, items: list[tuple[str, bytes, str]]) -> None:
+        """Store many blocks with one batch request per server and batch of items."""
+        if len(items) <= 1:
+            for item in items:
+                self.put(*item)
+            return
+        plans = {}  # server id -> list of item indexes
+        homes_of = []
+        for index, (block_id, _, _) in enumerate(items):
+            ranking = self.ranking(block_id)
+            homes_of.append(ranking[:self.config.replicas])
+            for member in self._by_preference(ranking)[:self.config.replicas]:
+                plans.setdefault(member.id, []).append(index)
+        acks: list[set[str]] = [set() for _ in items]
+        pending = {}
+        for member_id, indexes in plans.items():
+            for chunk in self._chunks(indexes, items):
+                future = self._io.submit(self._call, self._by_id[member_id],
+                                         self.transport.batch_put, [items[i] for i in chunk])
+                pending[future] = (member_id, chunk)
+        while pending and any(len(a) < self.config.write_quorum for a in acks):
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                member_id, chunk = pending.pop(future)
+                if future.exception() is None:
+                    for index, status in zip(chunk, future.result()):
+                        if status in (200, 201):
+                            acks[index].add(member_id)
+        for future, (member_id, chunk) in pending.items():
+            future.add_done_callback(lambda f, m=member_id, c=chunk: self._background_batch_done(
+                f, self._by_id[m], [items[i] for i in c]))
+        short = [i for i, a in enumerate(acks) if len(a) < self.config.write_quorum]
+        if short:  # the slow path does fail-over block by block
+            for future in [self._fanout.submit(self.put, *items[i]) for i in short]:
+                future.result()
+        in_flight = {m: set(c) for m, c in pending.values()}
+        for index, (block_id, _, checksum) in enumerate(items):
+            for member in homes_of[index]:
+                if member.id not in acks[index] and index not in in_flight.get(member.id, ()):
+                    self._remember_missing(member, block_id, checksum)
+
+    def _background_batch_done(self, future: Future, member: Member, items) -> None:
+        statuses = future.result() if future.exception() is None else [0] * len(items)
+        for (block_id, _, checksum), status in zip(items, statuses):
+            if status not in (200, 201):
+                self._remember_missing(member, block_id, checksum)
+
+    def _chunks(self, indexes: list[int], items) -> Iterable[list[int]]:
+        chunk, size = [], 0
+        for index in indexes:
+            length = len(items[index][1])
+            if chunk and (size + length > self.config.batch_bytes
+                          or len(chunk) >= self.config.batch_items):
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(index)
+            size += length
+        if chunk:
+            yield chunk
+
+    # -- get --------------------------------------------------------------------------------
+
+    def get(self, block_id: str, checksum: str, skip=()) -> bytes:
+        ranking = self.ranking(block_id)
+        homes = ranking[:self.config.replicas]
+        candidates = iter(self._by_preference(homes, skip) + self._by_preference(
+            ranking[self.config.replicas:], skip))
+        pending: dict[Future, Member] = {}
+        bad: list[Member] = []  # replicas that lacked the block or held a bad copy
+        failures: dict[str, errors.StorageError] = {}
+
+        def launch() -> bool:
+            member = next(candidates, None)
+            if member is None:
+                return False
+            pending[self._io.submit(self._call, member, self.transport.get_block,
+                                    block_id)] = member
+            return True
+
+        launch()
+        while pending:
+            done, _ = wait(pending, timeout=self.config.hedge_delay, return_when=FIRST_COMPLETED)
+            if not done:
+                launch()  # hedge: race the slow replica with the next one
+                continue
+            for future in done:
+                member = pending.pop(future)
+                try:
+                    data = future.result()
+                except (errors.BlockMissing, errors.BlockCorrupt) as e:
+                    bad.append(member)
+                    failures[member.url] = e
+                except errors.StorageError as e:
+                    failures[member.url] = e
+                else:
+                    if protocol.checksum(data) == checksum:
+                        self._read_repair(block_id, data, checksum,
+                                          [m for m in bad if m in homes])
+                        return data
+                    bad.append(member)
+                    failures[member.url] = errors.BlockCorrupt(
+                        f"{member.url}: block {block_id} arrived with the wrong checksum")
+                    log.warning("block %s from %s failed verification; trying another replica",
+                                block_id, member.url)
+                if not pending:
+                    launch()
+        raise self._read_error(block_id, failures)
+
+    @staticmethod
+    def _read_error(block_id: str, failures: dict[str, errors.StorageError]):
+        reasons = "; ".join(str(e) for e in failures.values()) or "no server was reachable"
+        what = f"no replica of block {block_id} could be read"
+        values = list(failures.values())
+        if values and all(isinstance(e, errors.BlockMissing) for e in values):
+            return errors.BlockMissing(f"block {block_id} is on no server")
+        if values and all(isinstance(e, (errors.BlockMissing, errors.BlockCorrupt))
+                          for e in values):
+            return errors.BlockCorrupt(f"{what}: {reasons}")
+        if values and all(isinstance(e, errors.AuthenticationFailed) for e in values):
+            return errors.AuthenticationFailed(f"{what}: {reasons}")
+        return errors.Unavailable(f"{what}: {reasons}")
+
+    def get_many(self, items: list[tuple[str, str]]) -> dict[str, bytes]:
+        """Fetch many blocks with one batch request per server; fail-over block by block."""
+        if len(items) <= 1:
+            return {b: self.get(b, c) for b, c in items}
+        expected = dict(items)
+        plans: dict[str, list[str]] = {}
+        for block_id, _ in items:
+            first = self._by_preference(self.ranking(block_id)[:self.config.replicas])[0]
+            plans.setdefault(first.id, []).append(block_id)
+        pending = {}
+        for member_id, ids in plans.items():
+            for start in range(0, len(ids), self.config.batch_items):
+                chunk = ids[start:start + self.config.batch_items]
+                future = self._io.submit(self._call, self._by_id[member_id],
+                                         self.transport.batch_get, chunk)
+                pending[future] = (member_id, chunk)
+        found: dict[str, bytes] = {}
+        slow: list[tuple[str, str]] = []  # (block id, server to try last)
+        done, not_done = wait(pending, timeout=max(0.25, 4 * self.config.hedge_delay))
+        for future in not_done:  # a hanging server: fetch its blocks elsewhere
+            member_id, chunk = pending[future]
+            slow += [(b, member_id) for b in chunk]
+        for future in done:
+            member_id, chunk = pending[future]
+            answer = future.result() if future.exception() is None else {}
+            for block_id in chunk:
+                data = answer.get(block_id)
+                if isinstance(data, bytes) and protocol.checksum(data) == expected[block_id]:
+                    found[block_id] = data
+                else:
+                    slow.append((block_id, member_id))
+        fallbacks = {self._fanout.submit(self.get, b, expected[b], (self._by_id[m],)): b
+                     for b, m in slow}
+        for future, block_id in fallbacks.items():
+            found[block_id] = future.result()
+        return found
+
+    # -- has / delete -----------------------------------------------------------------------
+
+    def has_many(self, block_ids: list[str]) -> dict[str, bool]:
+        answer = {b: False for b in block_ids}
+        by_server: dict[str, list[str]] = {}
+        for block_id in block_ids:
+            for member in self._by_preference(self.ranking(block_id)[:self.config.replicas]):
+                by_server.setdefault(member.id, []).append(block_id)
+        futures = [self._io.submit(self._call, self._by_id[m], self.transport.batch_check, ids)
+                   for m, ids in by_server.items()]
+        reached = 0
+        for future in futures:
+            try:
+                entries = future.result()
+            except errors.StorageError:
+                continue
+            reached += 1
+            for entry in entries:
+                if entry["status"] == 200:
+                    answer[entry["id"]] = True
+        if not reached and block_ids:
+            raise errors.Unavailable("no block server could be asked")
+        return answer
+
+    def delete_many(self, block_ids: list[str]) -> None:
+        """Delete on every reachable server (handed-off copies may sit outside the homes)."""
+        futures = []
+        for member in self.members:
+            if self.health.usable(member.id):
+                for start in range(0, len(block_ids), self.config.batch_items):
+                    futures.append(self._io.submit(self._call, member, self.transport.batch_delete,
+                                                   block_ids[start:start + self.config.batch_items]))
+        for future in futures:
+            try:
+                future.result()
+            except errors.StorageError as e:
+                log.info("delete skipped on a server (garbage is collected later): %s", e)
+        with self._lock:
+            for missing in self._missing.values():
+                for block_id in block_ids:
+                    missing.pop(block_id, None)
+
+    # -- repair -----------------------------------------------------------------------------
+
+    def _remember_missing(self, member: Member, block_id: str, checksum: str) -> None:
+        with self._lock:
+            self._missing[member.id][block_id] = checksum
+
+    def _read_repair(self, block_id: str, data: bytes, checksum: str, members) -> None:
+        for member in members:
+            log.info("repairing block %s on %s", block_id, member.url)
+            future = self._repairs.submit(self._call, member, self.transport.put_block,
+                                          block_id, data, checksum)
+            future.add_done_callback(lambda f, m=member: f.exception() is not None and
+                                     self._remember_missing(m, block_id, checksum))
+
+    def _server_back(self, member_id: str) -> None:
+        if self._missing[member_id] and not self._stopping.is_set():
+            try:
+                self._repairs.submit(self.repair_server, member_id)
+            except RuntimeError:
+                pass  # shutting down
+
+    def repair_backlog(self) -> int:
+        with self._lock:
+            return sum(len(m) for m in self._missing.values())
+
+    def repair(self) -> int:
+        """Copy every remembered missing block to its home now; returns how many were copied."""
+        return sum(self.repair_server(m.id) for m in self.members if self.health.usable(m.id))
+
+    def repair_server(self, member_id: str) -> int:
+        member = self._by_id[member_id]
+        with self._lock:
+            todo = list(self._missing[member_id].items())
+        if not todo:
+            return 0
+        log.info("repairing %d block copies on %s", len(todo), member.url)
+        repaired = 0
+        for start in range(0, len(todo), 64):
+            chunk = todo[start:start + 64]
+            try:
+                blocks = self.get_many(chunk)
+                statuses = self._call(member, self.transport.batch_put,
+                                      [(b, blocks[b], c) for b, c in chunk])
+            except errors.StorageError as e:
+                log.warning("repair of %s paused: %s (will retry when it answers)", member.url, e)
+                return repaired
+            with self._lock:
+                for (block_id, checksum), status in zip(chunk, statuses):
+                    if status in (200, 201) and self._missing[member_id].get(block_id) == checksum:
+                        del self._missing[member_id][block_id]
+                        repaired += 1
+        log.info("repaired %d block copies on %s", repaired, member.url)
+        return repaired
+
+    def stats(self) -> dict:
+        states = self.health.snapshot()
+        with self._lock:
+            missing = {m: len(v) for m, v in self._missing.items()}
+        return {"servers": [{"id": m.id, "url": m.url, "up": states[m.id].up,
+                             "last_error": states[m.id].last_error,
+                             "missing_copies": missing[m.id]} for m in self.members],
+                "repair_backlog": sum(missing.values())}

@@ -1,0 +1,75 @@
+"""The exceptions of fusefs. Each carries the errno the FUSE adapter will answer with.
+
+    FusefsError (EIO)
+    └── StorageError (EIO)                 talking to block servers went wrong
+        ├── Unavailable (EIO)              connection refused, reset, or server 5xx
+        │   └── Timeout (EIO)              no answer within the configured timeout
+        ├── AuthenticationFailed (EACCES)  the server refused our signature (401)
+        ├── WrongServer (EIO)              the server's stable id is not the expected one
+        ├── BlockMissing (EIO)             the server has no such block (404)
+        ├── BlockCorrupt (EIO)             a copy failed verification (410, or bad bytes)
+        ├── Conflict (EIO)                 the id exists with other bytes (409)
+        ├── Rejected (EIO)                 the server refused the request as malformed (4xx)
+        ├── StorageFull (ENOSPC)           no space left on the server (507)
+        └── QuorumNotReached (EIO)         fewer than W servers stored a block, or no
+                                           replica could return it
+
+Library exceptions (requests, urllib3, OSError) are translated into these by a table in
+`fusefs.transport` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class FusefsError(Exception):
+    errno = errno.EIO
+
+
+class StorageError(FusefsError):
+    """Something went wrong between us and one or more block servers."""
+
+    def __init__(self, message: str, *, server: str | None = None):
+        super().__init__(message)
+        self.server = server
+
+
+class Unavailable(StorageError):
+    pass
+
+
+class Timeout(Unavailable):
+    pass
+
+
+class AuthenticationFailed(StorageError):
+    errno = errno.EACCES
+
+
+class WrongServer(StorageError):
+    pass
+
+
+class BlockMissing(StorageError):
+    pass
+
+
+class BlockCorrupt(StorageError):
+    pass
+
+
+class Conflict(StorageError):
+    pass
+
+
+class Rejected(StorageError):
+    pass
+
+
+class StorageFull(StorageError):
+    errno = errno.ENOSPC
+
+
+class QuorumNotReached(StorageError):
+    pass

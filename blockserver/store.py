@@ -16,9 +16,12 @@ hard-linked into place, which also refuses to replace an existing block); a copy
 no longer match its checksum is never returned; nothing is ever created outside the data
 directory, because every name comes from a validated id or register name.
 
-Threads: the store is used from many request threads. Block operations need no lock (link()
-is the atomic create-if-absent); `_counter_lock` guards the counters and `_register_lock`
-serialises register compare-and-swap. Neither is held while another is taken.
+Threads: the store is used from many request threads. link() is the atomic
+create-if-absent, so writers of one id need no lock. The counters are kept per prefix
+directory: `_prefix_locks[p]` guards `_counts[p]` and `_used[p]` and is held across the
+link/unlink/rename that changes that directory, so a recount of one directory (after a
+quarantine) never races an update. `_register_lock` serialises register compare-and-swap.
+No thread holds two of these locks at once.
 """
 
 from __future__ import annotations
@@ -105,13 +108,25 @@ class BlockStore:
         self._tmp = os.path.join(self.root, "tmp")
         self._quarantine = os.path.join(self.root, "quarantine")
         self._registers = os.path.join(self.root, "registers")
-        self._counter_lock = threading.Lock()
+        self._prefix_locks = [threading.Lock() for _ in range(256)]
+        self._counts = [0] * 256  # blocks per prefix directory, guarded by _prefix_locks
+        self._used = [0] * 256  # block bytes per prefix directory, guarded by _prefix_locks
         self._register_lock = threading.Lock()
         self._syncfs = _sync_filesystem_fn()
-        self.block_count = 0  # guarded by _counter_lock
-        self.used_bytes = 0  # guarded by _counter_lock
-        self.corrupt_found = 0  # guarded by _counter_lock
+        self._corrupt = [0] * 256  # copies quarantined per prefix, guarded by _prefix_locks
         self._prepare()
+
+    @property
+    def block_count(self) -> int:
+        return sum(self._counts)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._used)
+
+    @property
+    def corrupt_found(self) -> int:
+        return sum(self._corrupt)
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -128,16 +143,21 @@ class BlockStore:
             log.info("removed %d unfinished writes left by an earlier stop", len(debris))
         self._fsync_dir(self.root)
         started = time.monotonic()
-        count = used = 0
-        for i in range(256):
-            with os.scandir(os.path.join(self._blocks, f"{i:02x}")) as it:
-                for entry in it:
-                    if protocol.is_block_id(entry.name):
-                        count += 1
-                        used += max(0, entry.stat().st_size - HEADER_SIZE)
-        self.block_count, self.used_bytes = count, used
+        for prefix in range(256):
+            self._recount(prefix)
         log.info("data directory %s: %d blocks, %d bytes (scanned in %.2fs)",
-                 self.root, count, used, time.monotonic() - started)
+                 self.root, self.block_count, self.used_bytes, time.monotonic() - started)
+
+    def _recount(self, prefix: int) -> None:
+        """Count one prefix directory from disk. Expects `_prefix_locks[prefix]` held
+        (or no other thread yet)."""
+        count = used = 0
+        with os.scandir(os.path.join(self._blocks, f"{prefix:02x}")) as it:
+            for entry in it:
+                if protocol.is_block_id(entry.name):
+                    count += 1
+                    used += max(0, entry.stat().st_size - HEADER_SIZE)
+        self._counts[prefix], self._used[prefix] = count, used
 
     def _load_server_id(self) -> str:
         path = os.path.join(self.root, "server-id")
@@ -182,18 +202,31 @@ class BlockStore:
             finally:
                 os.close(fd)
 
-    def _write_atomic(self, path: str, data: bytes) -> None:
-        tmp = os.path.join(self._tmp, f"{os.path.basename(path)}.{uuid.uuid4().hex}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    def _write_new_tmp(self, name: str, parts, sync: bool) -> str:
+        """Write `parts` to a new file in tmp/; StoreFull when the disk (or inodes) ran out."""
+        tmp = os.path.join(self._tmp, f"{name}.{uuid.uuid4().hex}")
         try:
-            _write_all(fd, (data,))
-            os.fsync(fd)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as e:
+            raise _full_or(e) from None
+        try:
+            _write_all(fd, parts)
+            if sync:
+                os.fsync(fd)
         except OSError as e:
             os.close(fd)
-            os.unlink(tmp)
-            raise StoreFull(str(e)) if e.errno in _FULL_ERRNOS else e
+            _unlink_quietly(tmp)
+            raise _full_or(e) from None
         os.close(fd)
-        os.replace(tmp, path)
+        return tmp
+
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        tmp = self._write_new_tmp(os.path.basename(path), (data,), sync=True)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            _unlink_quietly(tmp)
+            raise _full_or(e) from None
         self._fsync_dir(os.path.dirname(path))
 
     def free_bytes(self) -> int:
@@ -252,25 +285,19 @@ class BlockStore:
                 _unlink_quietly(s[2])
 
     def _write_tmp(self, block_id: str, data, expected: str) -> str:
-        tmp = os.path.join(self._tmp, f"{block_id}.{uuid.uuid4().hex}")
         header = _HEADER.pack(MAGIC, bytes.fromhex(expected), len(data))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            _write_all(fd, (header, data))
-        except OSError as e:
-            os.close(fd)
-            _unlink_quietly(tmp)
-            if e.errno in _FULL_ERRNOS:
-                raise StoreFull("the data directory's disk is full") from None
-            raise
-        os.close(fd)
-        return tmp
+        return self._write_new_tmp(block_id, (header, data), sync=False)
 
     def _publish(self, block_id: str, tmp: str, size: int, expected: str) -> bool:
         path = self._block_path(block_id)
+        prefix = int(block_id[:2], 16)
         for _ in range(3):
             try:
-                os.link(tmp, path)  # atomic, and never replaces an existing block
+                with self._prefix_locks[prefix]:
+                    os.link(tmp, path)  # atomic, and never replaces an existing block
+                    self._counts[prefix] += 1
+                    self._used[prefix] += size
+                return True
             except FileExistsError:
                 try:
                     existing = self._read_verified(block_id)[1]
@@ -282,13 +309,7 @@ class BlockStore:
                     raise Conflict(f"block {block_id} exists with checksum {existing}")
                 return False
             except OSError as e:
-                if e.errno in _FULL_ERRNOS:
-                    raise StoreFull("the data directory's disk is full") from None
-                raise
-            with self._counter_lock:
-                self.block_count += 1
-                self.used_bytes += size
-            return True
+                raise _full_or(e) from None
         raise Conflict(f"block {block_id} is being changed concurrently; retry")
 
     def get(self, block_id: str) -> tuple[memoryview, str]:
@@ -311,15 +332,16 @@ class BlockStore:
         raise Corrupt(f"stored copy of block {block_id} failed verification")
 
     def _quarantine_file(self, block_id: str, path: str) -> None:
-        try:
-            size = os.stat(path).st_size
-            os.rename(path, os.path.join(self._quarantine, f"{block_id}.{time.time_ns()}"))
-        except FileNotFoundError:
-            return  # another request quarantined it first
-        with self._counter_lock:
-            self.block_count -= 1
-            self.used_bytes -= max(0, size - HEADER_SIZE)
-            self.corrupt_found += 1
+        prefix = int(block_id[:2], 16)
+        with self._prefix_locks[prefix]:
+            try:
+                os.rename(path, os.path.join(self._quarantine, f"{block_id}.{time.time_ns()}"))
+            except FileNotFoundError:
+                return  # another request quarantined it first
+            # Damage may have resized the file, so the size once counted for it is unknown:
+            # count this one directory again (1/256 of the store; corruption is rare).
+            self._recount(prefix)
+            self._corrupt[prefix] += 1
         log.warning("block %s failed verification; moved to quarantine/ (a client will "
                     "re-replicate it from another server)", block_id)
 
@@ -347,14 +369,15 @@ class BlockStore:
     def delete(self, block_id: str) -> bool:
         """Remove a block; True if it existed. Deleting a missing block is not an error."""
         path = self._block_path(block_id)
-        try:
-            size = os.stat(path).st_size
-            os.unlink(path)
-        except FileNotFoundError:
-            return False
-        with self._counter_lock:
-            self.block_count -= 1
-            self.used_bytes -= max(0, size - HEADER_SIZE)
+        prefix = int(block_id[:2], 16)
+        with self._prefix_locks[prefix]:
+            try:
+                size = os.stat(path).st_size
+                os.unlink(path)
+            except FileNotFoundError:
+                return False
+            self._counts[prefix] -= 1
+            self._used[prefix] -= max(0, size - HEADER_SIZE)
         return True
 
     def list(self, after: str = "", limit: int = 1000) -> tuple[list[dict], str | None]:
@@ -382,9 +405,9 @@ class BlockStore:
                 raw = f.read()
         except FileNotFoundError:
             raise NotFound(name) from None
-        magic, generation = _REGISTER_HEADER.unpack_from(raw)
-        if magic != _REGISTER_MAGIC:
+        if len(raw) < _REGISTER_HEADER.size or raw[:8] != _REGISTER_MAGIC:
             raise Corrupt(f"register {name} is damaged")
+        generation = _REGISTER_HEADER.unpack_from(raw)[1]
         return generation, raw[_REGISTER_HEADER.size:]
 
     def register_put(self, name: str, generation: int, value: bytes,
@@ -425,6 +448,13 @@ def _write_all(fd: int, parts) -> None:
         while view:
             n = os.write(fd, view)
             view = view[n:]
+
+
+def _full_or(error: OSError) -> Exception:
+    """StoreFull for out-of-space (or out-of-inodes) errors, the error itself otherwise."""
+    if error.errno in _FULL_ERRNOS:
+        return StoreFull("the data directory's disk is full")
+    return error
 
 
 def _unlink_quietly(path: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -84,6 +85,8 @@ class Api:
         except StoreError as e:
             status, code = _store_status(e)
             return self.error_response(HttpError(status, code, str(e)))
+        except (ConnectionError, ssl.SSLError):
+            raise  # the client's connection failed (e.g. mid-body): not a storage error
         except OSError as e:
             log.error("%s %s failed on the data directory: %s", req.method, req.path, e)
             return self.error_response(HttpError(500, "io_error", f"storage error: {e}"))
@@ -157,12 +160,12 @@ class Api:
         if scheme != protocol.AUTH_SCHEME or not (date and nonce and content_hash):
             raise HttpError(401, "unauthenticated", "request is not signed; this server "
                             "needs the cluster secret (--secret-file)")
-        if not date.isdigit() or abs(time.time() - int(date)) > protocol.SIGNATURE_MAX_SKEW:
+        if not _digits(date) or abs(time.time() - int(date)) > protocol.SIGNATURE_MAX_SKEW:
             raise HttpError(401, "stale_signature", "signature date is more than "
                             f"{protocol.SIGNATURE_MAX_SKEW}s from the server's clock; "
                             "check both clocks")
         expected = protocol.signature(secret, req.method, req.target, date, nonce, content_hash)
-        if not hmac.compare_digest(sig, expected):
+        if not hmac.compare_digest(sig.encode("latin-1"), expected.encode()):
             raise HttpError(401, "bad_signature",
                             "signature does not match: the client uses a different secret")
         self._remember_nonce(nonce)
@@ -218,7 +221,7 @@ class Api:
         if after and not protocol.is_block_id(after):
             raise HttpError(400, "bad_id", "`after` must be a block id")
         limit = _one(req, "limit", "1000")
-        if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST_LIMIT:
+        if not _digits(limit) or not 1 <= int(limit) <= MAX_LIST_LIMIT:
             raise HttpError(400, "bad_limit", f"`limit` must be 1..{MAX_LIST_LIMIT}")
         blocks, next_after = self.store.list(after, int(limit))
         return _json(200, {"blocks": blocks, "next": next_after})
@@ -231,6 +234,8 @@ class Api:
             manifest, payload = protocol.decode_batch(body)
         except protocol.BatchFormatError as e:
             raise HttpError(400, "bad_batch", str(e)) from None
+        except RecursionError:
+            raise HttpError(400, "bad_batch", "batch manifest is nested too deeply") from None
         items = manifest.get(key)
         if not isinstance(items, list) or len(items) > MAX_BATCH_ITEMS:
             raise HttpError(400, "bad_batch",
@@ -317,8 +322,8 @@ class Api:
     def _register_put(self, req: Request, name: str) -> Response:
         generation = req.headers.get(protocol.H_GENERATION.lower(), "")
         expect = req.headers.get("x-fusefs-expect-generation")
-        if not generation.isdigit() or int(generation) < 1 or (
-                expect is not None and not expect.isdigit()):
+        if not _digits(generation) or int(generation) < 1 or (
+                expect is not None and not _digits(expect)):
             raise HttpError(400, "bad_generation",
                             f"{protocol.H_GENERATION} must be a whole number >= 1")
         value = bytes(self._body(req, MAX_REGISTER_SIZE))
@@ -368,6 +373,11 @@ class Api:
 def _json(status: int, obj) -> Response:
     return Response(status, [json.dumps(obj, separators=(",", ":")).encode()],
                     {"Content-Type": "application/json"})
+
+
+def _digits(text: str) -> bool:
+    """ASCII decimal digits only: str.isdigit() also accepts superscripts, which int() refuses."""
+    return text.isascii() and text.isdigit()
 
 
 def _one(req: Request, key: str, default: str) -> str:

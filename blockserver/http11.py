@@ -157,9 +157,12 @@ class Connection:
             raise HttpError(501, "chunked_unsupported",
                             "chunked request bodies are not supported; send Content-Length")
         raw_length = headers.get("content-length", "")
-        if raw_length and not raw_length.isdigit():
+        if raw_length and not (raw_length.isascii() and raw_length.isdigit()):
             raise HttpError(400, "bad_length", "Content-Length must be one decimal number")
-        parts = urlsplit(target)
+        try:
+            parts = urlsplit(target)
+        except ValueError:  # e.g. "//[" : an authority that is not one
+            raise HttpError(400, "bad_request", "malformed request target") from None
         if method in ("PUT", "POST") and not raw_length:
             raise HttpError(411, "length_required", f"{method} needs a Content-Length header")
         return Request(method=method, target=target, path=unquote(parts.path),
@@ -338,6 +341,8 @@ class Server:
                 if conn.cut_reason != "shutdown":
                     log.warning("closed connection from %s: %s", conn.peer, conn.cut_reason)
             try:
+                if conn.rfile is not None:
+                    conn.rfile.close()  # else the fd stays open while anything holds conn
                 conn.sock.close()
             except OSError:
                 pass

@@ -33,11 +33,11 @@ def test_blockserver_uses_no_http_client_library():
 # may import modules of its own layer or of layers below it, never above. A new module must
 # be placed here, so the map stays the truth.
 FUSEFS_LAYERS = [
-    {"cli"},
+    {"cli", "daemon", "local"},
     {"fuse_ops"},
     {"filesystem"},
     {"metadata", "cache", "flusher", "journal"},
-    {"cluster", "memstore", "health", "placement", "blocks"},
+    {"cluster", "memstore", "health", "placement", "blocks", "superblock"},
     {"transport"},
     {"errors", "__init__"},
 ]
@@ -64,7 +64,9 @@ def fusefs_imports():
             else:
                 continue
             for name in names:
-                yield path.stem, name.split(".")[0]
+                name = name.split(".")[0]
+                # `from . import __version__` names something of the package, not a module
+                yield path.stem, name if (REPO / "fusefs" / f"{name}.py").exists() else "__init__"
 
 
 def test_fusefs_imports_point_down():
@@ -79,4 +81,4 @@ def test_only_transport_uses_requests_and_only_fuse_ops_uses_fuse():
         if top in ("requests", "urllib3"):
             assert path.stem == "transport", f"{path.name} imports {module}"
         if top == "fuse":
-            assert path.stem in ("fuse_ops", "cli"), f"{path.name} imports {module}"
+            assert path.stem in ("fuse_ops", "daemon"), f"{path.name} imports {module}"

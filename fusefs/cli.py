@@ -1,9 +1,394 @@
-"""`fusefs` command line (filled in as the filesystem issues land)."""
+"""`fusefs` command line: mkfs, mount, umount, status, and the embedded default up/down."""
 
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
 import sys
+import time
+
+from blockserver import protocol
+from blockserver.units import format_size, parse_size
+
+from . import __version__, errors, superblock
+from .transport import Member, Transport, TransportConfig
+
+DESCRIPTION = """\
+fusefs mounts a directory whose files live on a set of block servers. Every block is
+checksummed and stored on R servers (default 3), so a server can die without anyone
+noticing. Start with `fusefs up` for a local three-server setup in one command."""
+
+EPILOG = """\
+commands, in the order you meet them:
+  fusefs up [DIR]                       local servers + mkfs + mount at DIR/mnt, one command
+  fusefs down [DIR]                     unmount (uploading everything) and stop the servers
+  fusefs mkfs --servers URL,URL,URL     format a filesystem on running block servers
+  fusefs mount --servers URL,... MNT    mount it (returns once mounted)
+  fusefs status [MNT]                   servers, health, dirty bytes, upload backlog, errors
+  fusefs umount MNT                     upload everything dirty, then unmount
+
+environment: FUSEFS_SERVERS, FUSEFS_SECRET_FILE and FUSEFS_CACHE_DIR stand in for
+--servers, --secret-file and --cache-dir. Sizes take units: 4KiB, 1MiB, 2GiB."""
 
 
-def main(argv=None) -> int:
-    print("fusefs: the filesystem commands arrive with the filesystem issue; "
-          "run `blockserver serve --help` for the block server", file=sys.stderr)
-    return 2
+class CliError(Exception):
+    """A failure to report in one line, without a traceback (exit status 1)."""
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _servers(text: str) -> list[str]:
+    urls = [u.strip().rstrip("/") for u in text.split(",") if u.strip()]
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise argparse.ArgumentTypeError(f"{url!r} is not a server URL "
+                                             "(e.g. http://10.0.0.5:7001)")
+    if not urls:
+        raise argparse.ArgumentTypeError("give at least one server URL")
+    return urls
+
+
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--servers", type=_servers, default=os.environ.get("FUSEFS_SERVERS"),
+                   metavar="URL[,URL...]", help="block server URLs (env FUSEFS_SERVERS)")
+    p.add_argument("--secret-file", default=os.environ.get("FUSEFS_SECRET_FILE"), metavar="F",
+                   help="the cluster's shared secret (env FUSEFS_SECRET_FILE)")
+    p.add_argument("--tls-ca", metavar="PEM", help="CA bundle to verify https servers with")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusefs", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fusefs {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("mkfs", help="format a filesystem on a set of block servers")
+    _add_cluster_args(p)
+    p.add_argument("--replicas", type=int, default=3, metavar="R",
+                   help="copies of every block (default 3)")
+    p.add_argument("--write-quorum", type=int, default=2, metavar="W",
+                   help="copies a write waits for (default 2)")
+    p.add_argument("--block-size", type=_size, default="1MiB", metavar="SIZE",
+                   help="size of the blocks files are cut into (default 1MiB)")
+    p.add_argument("--force", action="store_true",
+                   help="format even where a filesystem exists (its data becomes unreachable)")
+
+    p = sub.add_parser("mount", help="mount a filesystem (returns once it is mounted)")
+    _add_cluster_args(p)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("--cache-dir", default=os.environ.get("FUSEFS_CACHE_DIR"), metavar="DIR",
+                   help="metadata, block cache and log (default ~/.cache/fusefs)")
+    p.add_argument("--cache-size", type=_size, default="2GiB", metavar="SIZE",
+                   help="disk block cache bound (default 2GiB)")
+    p.add_argument("--memory-cache", type=_size, default="256MiB", metavar="SIZE",
+                   help="memory block cache bound (default 256MiB)")
+    p.add_argument("--dirty-limit", type=_size, default="256MiB", metavar="SIZE",
+                   help="unsaved data held in memory before writers wait (default 256MiB)")
+    p.add_argument("--read-only", action="store_true", help="mount read-only")
+    p.add_argument("-o", dest="options", default="", metavar="OPT[,OPT...]",
+                   help="extra FUSE mount options, e.g. -o allow_other,attr_timeout=5")
+
+    p = sub.add_parser("umount", help="upload everything dirty, then unmount")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+    p = sub.add_parser("status", help="show what a mount is doing")
+    p.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("up", help="the embedded default: local servers, mkfs, mount DIR/mnt")
+    p.add_argument("dir", nargs="?", default="fusefs-data", metavar="DIR")
+    p = sub.add_parser("down", help="unmount and stop what `fusefs up DIR` started")
+    p.add_argument("dir", nargs="?", default="fusefs-data", metavar="DIR")
+    return parser
+
+
+# -- shared helpers ---------------------------------------------------------------------------
+
+def _transport(args) -> Transport:
+    secret = None
+    if args.secret_file:
+        try:
+            secret = protocol.load_secret(args.secret_file)
+        except protocol.SecretError as e:
+            raise CliError(str(e)) from None
+    return Transport(TransportConfig(secret=secret, tls_verify=args.tls_ca or True,
+                                     connect_timeout=3.0, read_timeout=15.0))
+
+
+def _need_servers(args) -> list[str]:
+    if not args.servers:
+        raise CliError("say which block servers to use: --servers URL[,URL...] "
+                       "(or set FUSEFS_SERVERS)")
+    return args.servers
+
+
+def _explain(e: errors.StorageError) -> str:
+    if isinstance(e, errors.AuthenticationFailed):
+        return f"{e}"
+    if isinstance(e, errors.Unavailable):
+        return f"{e}; is the block server running there?"
+    return str(e)
+
+
+# -- mkfs -------------------------------------------------------------------------------------
+
+def cmd_mkfs(args) -> int:
+    urls = _need_servers(args)
+    if not 1 <= args.write_quorum <= args.replicas:
+        raise CliError("--write-quorum must be between 1 and --replicas")
+    if args.replicas > len(urls):
+        raise CliError(f"{args.replicas} replicas need at least {args.replicas} servers; "
+                       f"{len(urls)} given (or pass --replicas {len(urls)})")
+    if args.block_size < 4096 or args.block_size > (16 << 20):
+        raise CliError("--block-size must be between 4KiB and 16MiB")
+    transport = _transport(args)
+    members = []
+    for url, status in superblock.probe(transport, urls).items():
+        if isinstance(status, errors.StorageError):
+            raise CliError(f"cannot format: {_explain(status)}")
+        members.append(Member(status["server_id"], url))
+    if len({m.id for m in members}) != len(members):
+        raise CliError("two of the URLs reach the same server; list each server once")
+    existing = superblock.read(transport, urls)
+    if existing is not None and not args.force:
+        raise CliError(f"these servers already hold filesystem {existing.fs_id}; "
+                       "refusing to format over it (add --force to destroy it)")
+    sb = superblock.new(members, args.block_size, args.replicas, args.write_quorum)
+    generation = (existing.generation + 1) if existing else 1
+    try:
+        superblock.write(transport, sb, generation)
+    except errors.StorageError as e:
+        raise CliError(f"formatting failed: {_explain(e)}") from None
+    print(f"formatted filesystem {sb.fs_id} on {len(members)} servers "
+          f"(R={args.replicas}, W={args.write_quorum}, blocks of "
+          f"{format_size(args.block_size)})")
+    return 0
+
+
+# -- mount ------------------------------------------------------------------------------------
+
+def _is_mounted(path: str) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            if line.split()[4].encode().decode("unicode_escape") == target:
+                return True
+    return False
+
+
+def _parse_options(text: str) -> dict:
+    options = {}
+    for item in filter(None, (o.strip() for o in text.split(","))):
+        key, sep, value = item.partition("=")
+        options[key] = value if sep else True
+    return options
+
+
+def _mount_config(args):
+    from .daemon import MountConfig
+
+    urls = _need_servers(args)
+    transport = _transport(args)
+    try:
+        sb = superblock.read(transport, urls)
+    except errors.StorageError as e:
+        raise CliError(f"cannot mount: {_explain(e)}") from None
+    if sb is None:
+        raise CliError("no filesystem on these servers; create one with "
+                       "`fusefs mkfs --servers ...`")
+    # URLs given now win over the recorded ones for the same server id (servers may move).
+    given = {s["server_id"]: url for url, s in superblock.probe(transport, urls).items()
+             if isinstance(s, dict)}
+    members = tuple(Member(m.id, given.get(m.id, m.url)) for m in sb.members)
+    cache_root = args.cache_dir or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fusefs")
+    return MountConfig(
+        mountpoint=os.path.abspath(args.mountpoint), superblock=sb, members=members,
+        state_dir=os.path.join(os.path.abspath(cache_root), sb.fs_id),
+        secret=transport.config.secret, tls_verify=transport.config.tls_verify,
+        memory_cache=args.memory_cache, disk_cache=args.cache_size,
+        dirty_limit=args.dirty_limit, read_only=args.read_only,
+        fuse_options=_parse_options(args.options))
+
+
+def _check_mountpoint(path: str) -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise CliError("no /dev/fuse on this machine: load the module (`modprobe fuse`) "
+                       "or give the container the device (--device /dev/fuse)")
+    if not os.path.isdir(path):
+        raise CliError(f"mountpoint {path} is not a directory; create it first")
+    if _is_mounted(path):
+        raise CliError(f"mountpoint {path} is busy: something is mounted there already "
+                       f"(`fusefs umount {path}`)")
+
+
+def cmd_mount(args) -> int:
+    _check_mountpoint(args.mountpoint)
+    config = _mount_config(args)
+    if args.foreground:
+        from .daemon import run
+
+        _log_to(os.path.join(config.state_dir, "fusefs.log"), args.verbose, also_stderr=True)
+        run(config)
+        return 0
+    os.makedirs(config.state_dir, exist_ok=True)
+    log_path = os.path.join(config.state_dir, "fusefs.log")
+    argv = [sys.executable, "-m", "fusefs", *(["-v"] if args.verbose else []),
+            "mount", "--foreground", *sys.argv[sys.argv.index("mount") + 1:]]
+    with open(log_path, "ab") as log_file:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    while not _is_mounted(args.mountpoint):
+        if child.poll() is not None:
+            raise CliError(f"mount failed:\n{_tail(log_path)}\n(full log: {log_path})")
+        time.sleep(0.05)
+    print(f"mounted at {config.mountpoint} (log: {log_path})")
+    return 0
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:]).rstrip()
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def _log_to(path: str, verbose: bool, also_stderr: bool = False) -> None:
+    handlers = [logging.FileHandler(path)]
+    if also_stderr and sys.stderr.isatty():
+        handlers.append(logging.StreamHandler())
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+# -- umount and status ------------------------------------------------------------------------
+
+def cmd_umount(args) -> int:
+    from .daemon import read_registry
+
+    path = os.path.abspath(args.mountpoint)
+    record = read_registry(path)
+    if record is None or not _alive(record["pid"]):
+        if not _is_mounted(path):
+            raise CliError(f"nothing is mounted at {path}")
+        _run_unmount(path)
+        print(f"unmounted {path} (no fusefs daemon was running for it)")
+        return 0
+    os.kill(record["pid"], signal.SIGTERM)  # the daemon uploads everything, then unmounts
+    shown = 0.0
+    while _alive(record["pid"]):
+        if time.monotonic() - shown > 2:
+            status = _read_status(record)
+            if status and status.get("dirty_bytes"):
+                print(f"uploading {format_size(status['dirty_bytes'])} before unmounting...",
+                      file=sys.stderr)
+            shown = time.monotonic()
+        time.sleep(0.1)
+    if _is_mounted(path):
+        _run_unmount(path)
+    print(f"unmounted {path}")
+    return 0
+
+
+def _run_unmount(path: str) -> None:
+    for cmd in (["fusermount", "-u", path], ["fusermount3", "-u", path], ["umount", path]):
+        try:
+            if subprocess.run(cmd, capture_output=True).returncode == 0:
+                return
+        except FileNotFoundError:
+            continue
+    raise CliError(f"could not unmount {path}; is it busy? (`lsof +D {path}`)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _read_status(record: dict) -> dict | None:
+    try:
+        with open(record["status"]) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
+def cmd_status(args) -> int:
+    from .daemon import read_registry, runtime_dir
+
+    if args.mountpoint:
+        records = [read_registry(args.mountpoint)]
+        if records[0] is None:
+            raise CliError(f"no fusefs mount is running at {args.mountpoint}")
+    else:
+        records = []
+        for name in sorted(os.listdir(runtime_dir())):
+            with open(os.path.join(runtime_dir(), name)) as f:
+                records.append(json.load(f))
+    states = [s for s in (_read_status(r) for r in records if _alive(r["pid"])) if s]
+    if args.json:
+        print(json.dumps(states, indent=1))
+        return 0
+    if not states:
+        print("no fusefs mounts are running")
+    for s in states:
+        print(f"{s['mountpoint']}: filesystem {s['fs_id']}, pid {s['pid']}")
+        print(f"  dirty: {format_size(s['dirty_bytes'])}, repair backlog: "
+              f"{s['cluster']['repair_backlog']} copies")
+        for server in s["cluster"]["servers"]:
+            state = "up" if server["up"] else f"DOWN ({server['last_error']})"
+            print(f"  server {server['url']}: {state}")
+        for line in s.get("upload_errors", []):
+            print(f"  upload error: {line}")
+    return 0
+
+
+def cmd_up(args) -> int:
+    from .local import up
+
+    return up(args.dir)
+
+
+def cmd_down(args) -> int:
+    from .local import down
+
+    return down(args.dir)
+
+
+COMMANDS = {"mkfs": cmd_mkfs, "mount": cmd_mount, "umount": cmd_umount,
+            "status": cmd_status, "up": cmd_up, "down": cmd_down}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "mount" or not args.foreground:
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except CliError as e:
+        print(f"fusefs {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

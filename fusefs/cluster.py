@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -75,6 +76,8 @@ class ReplicatedStore(BlockStore):
         self._missing: dict[str, dict[str, str]] = {m.id: {} for m in members}  # guarded
         self._stopping = threading.Event()
         self._prober: threading.Thread | None = None
+        self._space: dict[str, tuple[int, int]] = {}  # server id -> (capacity, free), guarded
+        self._space_checked = 0.0
         self.health.on_up(self._server_back)
 
     # -- life cycle -------------------------------------------------------------------------
@@ -90,6 +93,7 @@ class ReplicatedStore(BlockStore):
         for future, member in futures.items():
             try:
                 self._check_identity(member, future.result())
+                self._note_space(member, future.result())
             except (errors.AuthenticationFailed, errors.WrongServer):
                 raise
             except errors.StorageError as e:
@@ -112,8 +116,31 @@ class ReplicatedStore(BlockStore):
         self._fanout.shutdown(wait=True, cancel_futures=True)
         self._io.shutdown(wait=True, cancel_futures=True)
 
+    def _note_space(self, member: Member, status: dict) -> None:
+        with self._lock:
+            self._space[member.id] = (status["capacity_bytes"], status["free_bytes"])
+
+    def capacity(self) -> tuple[int, int]:
+        """(total, free) bytes of file data the cluster can hold: raw space / R. Cached."""
+        with self._lock:
+            values = list(self._space.values())
+        r = self.config.replicas
+        return sum(v[0] for v in values) // r, sum(v[1] for v in values) // r
+
+    def _refresh_space(self) -> None:
+        for member in self.members:
+            if self.health.usable(member.id):
+                try:
+                    self._note_space(member, self._call(member, self.transport.status,
+                                                        timeout=2.0))
+                except errors.StorageError:
+                    pass
+
     def _probe_loop(self) -> None:
         while not self._stopping.wait(0.2):
+            if time.monotonic() - self._space_checked > 10:
+                self._space_checked = time.monotonic()
+                self._refresh_space()
             for member_id in self.health.due_probes():
                 member = self._by_id[member_id]
                 try:

@@ -1,6 +1,8 @@
 """The exceptions of fusefs. Each carries the errno the FUSE adapter will answer with.
 
     FusefsError (EIO)
+    ├── FsError (its own errno)           a POSIX failure of a filesystem call: ENOENT,
+    │                                      EEXIST, ENOTEMPTY, EISDIR, ENOTDIR, ENAMETOOLONG...
     └── StorageError (EIO)                 talking to block servers went wrong
         ├── Unavailable (EIO)              connection refused, reset, or server 5xx
         │   └── Timeout (EIO)              no answer within the configured timeout
@@ -25,6 +27,14 @@ import errno
 
 class FusefsError(Exception):
     errno = errno.EIO
+
+
+class FsError(FusefsError):
+    """A filesystem call that fails with a specific errno, e.g. FsError(errno.ENOENT, ...)."""
+
+    def __init__(self, code: int, message: str = ""):
+        super().__init__(message or errno.errorcode.get(code, str(code)))
+        self.errno = code
 
 
 class StorageError(FusefsError):

@@ -1,0 +1,167 @@
+"""A running mount: the one place the layers are built, and torn down in reverse.
+
+`run(config)` builds transport → cluster → metadata → cache → flusher → filesystem →
+FUSE adapter from one frozen `MountConfig`, serves the mount until it is unmounted (or
+SIGTERM/SIGINT, which libfuse turns into an unmount), uploads everything dirty, and closes
+each layer in the reverse order of building it. While it runs it keeps a small JSON status
+file (`status.json` in its state directory) for `fusefs status` and `fusefs umount`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from fuse import FUSE
+
+from . import superblock as sb_mod
+from .cache import BlockCache
+from .cluster import ClusterConfig, ReplicatedStore
+from .filesystem import Filesystem
+from .flusher import Flusher
+from .fuse_ops import FuseOps, mount_options
+from .metadata import Metadata
+from .transport import Member, Transport, TransportConfig
+
+log = logging.getLogger("fusefs.daemon")
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    mountpoint: str
+    superblock: sb_mod.Superblock
+    members: tuple[Member, ...]
+    state_dir: str  # metadata database, disk cache, log and status for this filesystem
+    secret: bytes | None = None
+    tls_verify: bool | str = True
+    memory_cache: int = 256 << 20
+    disk_cache: int = 2 << 30
+    dirty_limit: int = 256 << 20
+    flush_age: float = 5.0
+    read_only: bool = False
+    fuse_options: dict = field(default_factory=dict)
+
+
+def runtime_dir() -> str:
+    """Where running mounts register themselves (one JSON file per mountpoint)."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/fusefs-{os.getuid()}"
+    path = os.path.join(base, "fusefs")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def registry_path(mountpoint: str) -> str:
+    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    return os.path.join(runtime_dir(), f"{key}.json")
+
+
+def read_registry(mountpoint: str) -> dict | None:
+    try:
+        with open(registry_path(mountpoint)) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _write_json(path: str, value: dict) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def run(config: MountConfig) -> None:
+    """Serve the mount in this process until it is unmounted."""
+    sb = config.superblock
+    os.makedirs(config.state_dir, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        transport = Transport(TransportConfig(secret=config.secret, tls_verify=config.tls_verify))
+        store = ReplicatedStore(config.members, transport,
+                                ClusterConfig(replicas=sb.replicas, write_quorum=sb.write_quorum))
+        store.start()
+        stack.callback(store.close)
+        db_path = os.path.join(config.state_dir, "metadata.db")
+        fresh = not os.path.exists(db_path)
+        metadata = Metadata(db_path)
+        stack.callback(metadata.close)
+        if fresh:
+            metadata.format(uid=os.getuid(), gid=os.getgid())
+            metadata.set_settings({"fs_id": sb.fs_id})
+        elif metadata.setting("fs_id") != sb.fs_id:
+            raise SystemExit(f"fusefs: {db_path} belongs to another filesystem "
+                             f"({metadata.setting('fs_id')}); use another --cache-dir")
+        cache = BlockCache(store, memory_bytes=config.memory_cache,
+                           disk_dir=os.path.join(config.state_dir, "blocks"),
+                           disk_bytes=config.disk_cache)
+        stack.callback(cache.close)
+        flusher = Flusher(store, cache, metadata, dirty_limit=config.dirty_limit,
+                          max_age=config.flush_age)
+        stack.callback(flusher.close)
+        fs = Filesystem(metadata, cache, flusher, sb.block_size, capacity=store.capacity)
+        fs.start()
+        status_path = os.path.join(config.state_dir, "status.json")
+        reporter = _StatusReporter(status_path, config, store, flusher, cache)
+        reporter.start()
+        stack.callback(reporter.stop)
+        _write_json(registry_path(config.mountpoint),
+                    {"pid": os.getpid(), "mountpoint": os.path.realpath(config.mountpoint),
+                     "state_dir": config.state_dir, "status": status_path,
+                     "log": os.path.join(config.state_dir, "fusefs.log")})
+        stack.callback(_unlink_quietly, registry_path(config.mountpoint))
+
+        def finish():
+            log.info("unmounting: uploading %d dirty bytes", flusher.dirty_bytes)
+            fs.shutdown(progress=lambda dirty, files: log.warning(
+                "still waiting to upload %d bytes of %d files", dirty, files))
+            log.info("all data uploaded")
+
+        ops = FuseOps(fs, on_destroy=finish)
+        options = mount_options(config.read_only, config.fuse_options)
+        log.info("mounting filesystem %s at %s (%d servers, R=%d, W=%d)", sb.fs_id,
+                 config.mountpoint, len(config.members), sb.replicas, sb.write_quorum)
+        mountpoint = os.fsencode(os.path.abspath(config.mountpoint)).decode("latin-1")
+        FUSE(ops, mountpoint, raw_fi=True, foreground=True, encoding="latin-1", **options)
+        log.info("unmounted %s", config.mountpoint)
+
+
+class _StatusReporter:
+    """Writes status.json every second: servers, dirty bytes, repair backlog, errors."""
+
+    def __init__(self, path: str, config: MountConfig, store, flusher, cache):
+        self.path, self.config = path, config
+        self.store, self.flusher, self.cache = store, flusher, cache
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="status", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        _unlink_quietly(self.path)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                _write_json(self.path, {
+                    "pid": os.getpid(), "mountpoint": self.config.mountpoint,
+                    "fs_id": self.config.superblock.fs_id, "time": time.time(),
+                    "dirty_bytes": self.flusher.dirty_bytes,
+                    "upload_errors": self.flusher.recent_errors(),
+                    "cluster": self.store.stats(), "cache": self.cache.stats()})
+            except Exception:  # noqa: BLE001 - status is best effort, never fatal
+                log.exception("could not write %s", self.path)
+            if self._stop.wait(1.0):
+                return
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -1,0 +1,508 @@
+"""POSIX semantics on inode numbers: no FUSE, no HTTP.
+
+`Filesystem` answers every call the FUSE adapter makes, raising `FsError(errno)` for
+POSIX failures and `StorageError` when block servers fail. Names are bytes. Metadata calls
+go to the local SQLite database only; file data goes through the live `FileData` of the
+flusher (dirty blocks in memory) and the block cache (clean blocks).
+
+A file's bytes: block i covers [i*B, (i+1)*B). A block is dirty (in memory), clean (a
+BlockRef in the block map), or absent (a hole: zeros). A clean block may be shorter than
+B; whatever lies between its end and the file's size reads as zeros. Truncating into a
+block cuts that block, so bytes beyond the size never come back when the file grows.
+
+Locks, in order: `_ns` (namespace changes: check and change as one step), then a file's
+`FileData.lock`, then the flusher's and the metadata's own locks. Block fetches (network)
+happen with none of them held: a writer that must merge into a clean block fetches it
+first, then re-checks under the file lock that the block is still the one it fetched.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from dataclasses import dataclass, replace
+
+from . import errors
+from .errors import FsError
+from .flusher import DirtyBlock, FileData, Flusher
+from .metadata import ROOT_INO, BlockRef, Inode, Metadata, now_ns
+
+NAME_MAX = 255
+XATTR_MAX = 65536
+XATTR_CREATE, XATTR_REPLACE = 1, 2
+
+
+@dataclass
+class Handle:
+    ino: int
+    fd: FileData
+    flags: int
+
+
+class Filesystem:
+    def __init__(self, metadata: Metadata, cache, flusher: Flusher, block_size: int,
+                 capacity=None, readahead_blocks: int = 4):
+        self.metadata = metadata
+        self.cache = cache
+        self.flusher = flusher
+        self.block_size = block_size
+        self.capacity = capacity or (lambda: (1 << 50, 1 << 50))  # (total, free) bytes
+        self.readahead_blocks = readahead_blocks
+        self._ns = threading.Lock()
+        self._handles: dict[int, Handle] = {}  # guarded by _handles_lock
+        self._handles_lock = threading.Lock()
+        self._next_fh = 1
+
+    def start(self) -> None:
+        """Finish what a previous run could not: inodes unlinked while open are removed."""
+        for ino in self.metadata.orphans():
+            self.metadata.remove_inode(ino)
+
+    def shutdown(self, progress=None) -> None:
+        self.flusher.flush_all(progress)
+        self.metadata.sync()
+
+    # -- attributes -------------------------------------------------------------------------
+
+    def _inode(self, ino: int) -> Inode:
+        inode = self.metadata.inode(ino)
+        if inode is None:
+            raise FsError(errno.ENOENT, f"inode {ino} does not exist")
+        fd = self.flusher.live(ino)
+        if fd is not None:
+            with fd.lock:
+                inode = replace(inode, size=fd.size, mtime_ns=fd.mtime_ns, ctime_ns=fd.ctime_ns)
+        return inode
+
+    def getattr(self, ino: int) -> Inode:
+        return self._inode(ino)
+
+    def lookup(self, parent: int, name: bytes) -> Inode:
+        ino = self.metadata.lookup(parent, name)
+        if ino is None:
+            self._dir(parent)  # ENOTDIR beats ENOENT
+            raise FsError(errno.ENAMETOOLONG if len(name) > NAME_MAX else errno.ENOENT)
+        return self._inode(ino)
+
+    def _dir(self, ino: int) -> Inode:
+        inode = self._inode(ino)
+        if not inode.is_dir:
+            raise FsError(errno.ENOTDIR)
+        return inode
+
+    def setattr(self, ino: int, *, mode=None, uid=None, gid=None, size=None,
+                atime_ns=None, mtime_ns=None) -> Inode:
+        inode = self._inode(ino)
+        t = now_ns()
+        if size is not None:
+            if inode.is_dir:
+                raise FsError(errno.EISDIR)
+            if size < 0:
+                raise FsError(errno.EINVAL)
+            self._truncate(ino, size)
+        fields = {}
+        if mode is not None:
+            fields["mode"] = (inode.mode & ~0o7777) | (mode & 0o7777)
+        if uid is not None and uid != -1:
+            fields["uid"] = uid
+        if gid is not None and gid != -1:
+            fields["gid"] = gid
+        if atime_ns is not None:
+            fields["atime_ns"] = atime_ns
+        if mtime_ns is not None:
+            fields["mtime_ns"] = mtime_ns
+        if fields or size is not None:
+            fields["ctime_ns"] = t
+            fd = self.flusher.live(ino)
+            if fd is not None:
+                with fd.lock:
+                    fd.ctime_ns = t
+                    if mtime_ns is not None:
+                        fd.mtime_ns = mtime_ns
+                    self.metadata.set_attrs(ino, **fields)
+            else:
+                self.metadata.set_attrs(ino, **fields)
+        return self._inode(ino)
+
+    # -- namespace --------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        if not name or b"/" in name or name in (b".", b".."):
+            raise FsError(errno.EINVAL)
+
+    def _new(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+             target: bytes | None = None) -> Inode:
+        self._check_name(name)
+        with self._ns:
+            directory = self._dir(parent)
+            if self.metadata.lookup(parent, name) is not None:
+                raise FsError(errno.EEXIST)
+            if directory.mode & stat.S_ISGID:  # BSD group semantics of a setgid directory
+                gid = directory.gid
+                if stat.S_ISDIR(mode):
+                    mode |= stat.S_ISGID
+            return self.metadata.create(parent, name, mode, uid, gid, rdev, target)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+        return self._new(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int,
+              gid: int) -> Inode:
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+        return self._new(parent, name, mode, uid, gid, rdev)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
+        if len(target) > 4095:
+            raise FsError(errno.ENAMETOOLONG)
+        return self._new(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+
+    def readlink(self, ino: int) -> bytes:
+        inode = self._inode(ino)
+        if not stat.S_ISLNK(inode.mode):
+            raise FsError(errno.EINVAL)
+        return inode.target or b""
+
+    def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        self._check_name(name)
+        with self._ns:
+            if self._inode(ino).is_dir:
+                raise FsError(errno.EPERM, "hard links to directories are not allowed")
+            self._dir(parent)
+            if self.metadata.lookup(parent, name) is not None:
+                raise FsError(errno.EEXIST)
+            self.metadata.link(ino, parent, name)
+        return self._inode(ino)
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        with self._ns:
+            ino = self.metadata.lookup(parent, name)
+            if ino is None:
+                self._dir(parent)
+                raise FsError(errno.ENOENT)
+            if self._inode(ino).is_dir:
+                raise FsError(errno.EISDIR)
+            left = self.metadata.unlink(parent, name, ino, False)
+        if left == 0:
+            self._release_inode(ino)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        if name == b".":
+            raise FsError(errno.EINVAL)
+        with self._ns:
+            ino = self.metadata.lookup(parent, name)
+            if ino is None:
+                self._dir(parent)
+                raise FsError(errno.ENOENT)
+            if not self._inode(ino).is_dir:
+                raise FsError(errno.ENOTDIR)
+            if self.metadata.has_children(ino):
+                raise FsError(errno.ENOTEMPTY)
+            self.metadata.unlink(parent, name, ino, True)
+        self._release_inode(ino)
+
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int,
+               new_name: bytes) -> None:
+        self._check_name(new_name)
+        with self._ns:
+            ino = self.metadata.lookup(old_parent, old_name)
+            if ino is None:
+                self._dir(old_parent)
+                raise FsError(errno.ENOENT)
+            self._dir(new_parent)
+            source = self._inode(ino)
+            existing = self.metadata.lookup(new_parent, new_name)
+            if existing == ino:
+                return  # two names of one inode: POSIX says do nothing
+            if source.is_dir and self.metadata.is_ancestor(ino, new_parent):
+                raise FsError(errno.EINVAL, "cannot move a directory into itself")
+            replaced_is_dir = False
+            if existing is not None:
+                target = self._inode(existing)
+                replaced_is_dir = target.is_dir
+                if source.is_dir and not target.is_dir:
+                    raise FsError(errno.ENOTDIR)
+                if not source.is_dir and target.is_dir:
+                    raise FsError(errno.EISDIR)
+                if target.is_dir and self.metadata.has_children(existing):
+                    raise FsError(errno.ENOTEMPTY)
+            left = self.metadata.rename(old_parent, old_name, new_parent, new_name, ino,
+                                        source.is_dir, existing, replaced_is_dir)
+        if existing is not None and left == 0:
+            self._release_inode(existing)
+
+    def _release_inode(self, ino: int) -> None:
+        """The inode lost its last name: remove it now, or at the last close if open."""
+        fd = self.flusher.live(ino)
+        if fd is not None:
+            with fd.lock:
+                if fd.open_count > 0:
+                    return  # still readable through open descriptors; removed at release
+        if fd is not None:
+            self.flusher.drop(fd)
+        self.metadata.remove_inode(ino)
+
+    def readdir(self, ino: int) -> list[tuple[bytes, int, int]]:
+        """(name, ino, mode) of each entry, without "." and ".."."""
+        self._dir(ino)
+        return self.metadata.children(ino)
+
+    # -- open files -------------------------------------------------------------------------
+
+    def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
+               gid: int) -> tuple[Inode, int]:
+        ino = self.metadata.lookup(parent, name)
+        if ino is None:
+            try:
+                ino = self._new(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid).ino
+            except FsError as e:  # EEXIST: created by someone else since the lookup
+                if e.errno != errno.EEXIST or flags & os.O_EXCL:
+                    raise
+                ino = self.lookup(parent, name).ino
+        elif flags & os.O_EXCL:
+            raise FsError(errno.EEXIST)
+        fh = self.open(ino, flags)
+        return self._inode(ino), fh
+
+    def open(self, ino: int, flags: int) -> int:
+        inode = self._inode(ino)
+        if inode.is_dir and flags & os.O_ACCMODE != os.O_RDONLY:
+            raise FsError(errno.EISDIR)
+        fd = self.flusher.file(ino)
+        with fd.lock:
+            fd.open_count += 1
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY and inode.size:
+            self._truncate(ino, 0)
+        with self._handles_lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = Handle(ino, fd, flags)
+        return fh
+
+    def handle_ino(self, fh: int) -> int:
+        return self._handle(fh).ino
+
+    now_ns = staticmethod(now_ns)
+
+    def _handle(self, fh: int) -> Handle:
+        with self._handles_lock:
+            handle = self._handles.get(fh)
+        if handle is None:
+            raise FsError(errno.EBADF)
+        return handle
+
+    def flush(self, fh: int) -> None:
+        """close(2) of one descriptor: start the upload; report an earlier upload failure."""
+        fd = self._handle(fh).fd
+        self.flusher.request(fd)
+        with fd.lock:
+            failed = fd.error if fd.dirty else None
+        if failed is not None:
+            raise failed
+
+    def release(self, fh: int) -> None:
+        with self._handles_lock:
+            handle = self._handles.pop(fh, None)
+        if handle is None:
+            return
+        fd = handle.fd
+        with fd.lock:
+            fd.open_count -= 1
+            last = fd.open_count == 0
+        if not last:
+            return
+        inode = self.metadata.inode(handle.ino)
+        if inode is None or inode.nlink <= 0:
+            self.flusher.drop(fd)
+            if inode is not None:
+                self.metadata.remove_inode(handle.ino)
+            return
+        self.flusher.request(fd)
+        self.flusher.forget_if_idle(fd)
+
+    def fsync(self, fh: int, datasync: bool = False) -> None:
+        """Return only when the file's data is on W servers and its metadata is durable."""
+        self.flusher.flush(self._handle(fh).fd)
+        self.metadata.sync()
+
+    # -- data -------------------------------------------------------------------------------
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        fd = self._handle(fh).fd
+        bs = self.block_size
+        pieces: list = []  # bytes, or (BlockRef, start, end) to fetch, or an int of zeros
+        with fd.lock:
+            end = min(offset + size, fd.size)
+            pos = offset
+            while pos < end:
+                idx, within = divmod(pos, bs)
+                n = min(bs - within, end - pos)
+                blk = fd.dirty.get(idx)
+                if blk is not None:
+                    piece = bytes(blk.data[within:within + n])
+                    pieces.append(piece + bytes(n - len(piece)))
+                elif idx in fd.refs:
+                    pieces.append((fd.refs[idx], within, n))
+                else:
+                    pieces.append(n)
+                pos += n
+            sequential = offset == fd.last_read_end
+            fd.last_read_end = end
+            ahead = self._readahead(fd, end) if sequential else []
+        if ahead:
+            self.cache.prefetch(ahead)
+        out = []
+        for piece in pieces:
+            if isinstance(piece, int):
+                out.append(bytes(piece))
+            elif isinstance(piece, tuple):
+                ref, within, n = piece
+                data = self.cache.get(ref.block_id, ref.checksum)[within:within + n]
+                out.append(data + bytes(n - len(data)))
+            else:
+                out.append(piece)
+        return b"".join(out)
+
+    def _readahead(self, fd: FileData, end: int) -> list[tuple[str, str]]:
+        """Expects fd.lock held: the clean blocks just after `end`."""
+        first = end // self.block_size + 1
+        refs = (fd.refs.get(i) for i in range(first, first + self.readahead_blocks))
+        return [(r.block_id, r.checksum) for r in refs if r is not None]
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        fd = self._handle(fh).fd
+        self.flusher.wait_for_room()
+        bs = self.block_size
+        view = memoryview(data)
+        pos = 0
+        while pos < len(data):
+            idx, within = divmod(offset + pos, bs)
+            n = min(bs - within, len(data) - pos)
+            self._write_block(fd, idx, within, view[pos:pos + n])
+            pos += n
+        return len(data)
+
+    def _write_block(self, fd: FileData, idx: int, within: int, chunk) -> None:
+        whole = within == 0 and len(chunk) == self.block_size
+        while True:
+            with fd.lock:
+                if idx in fd.dirty or whole or idx not in fd.refs:
+                    self._apply(fd, idx, within, chunk, None)
+                    return
+                ref = fd.refs[idx]
+            base = bytearray(self.cache.get(ref.block_id, ref.checksum))  # no lock held
+            with fd.lock:
+                if idx in fd.dirty or fd.refs.get(idx) == ref:
+                    self._apply(fd, idx, within, chunk, base)
+                    return
+
+    def _apply(self, fd: FileData, idx: int, within: int, chunk, base) -> None:
+        """Expects fd.lock held: put `chunk` into dirty block idx at `within`."""
+        blk = fd.dirty.get(idx)
+        if blk is None:
+            blk = fd.dirty[idx] = DirtyBlock(base if base is not None else bytearray())
+            grown = len(blk.data)
+        else:
+            grown = 0
+            blk.version += 1
+        before = len(blk.data)
+        if before < within:
+            blk.data.extend(bytes(within - before))
+        blk.data[within:within + len(chunk)] = chunk
+        grown += len(blk.data) - before
+        blk.ready = within + len(chunk) == self.block_size
+        fd.size = max(fd.size, idx * self.block_size + within + len(chunk))
+        fd.mtime_ns = fd.ctime_ns = now_ns()
+        if grown:
+            self.flusher.account(grown)
+
+    def _truncate(self, ino: int, size: int) -> None:
+        fd = self.flusher.file(ino)
+        bs = self.block_size
+        idx, within = divmod(size, bs)
+        while True:
+            with fd.lock:
+                ref = fd.refs.get(idx) if within and idx not in fd.dirty else None
+                if ref is None or ref.length <= within:
+                    self._cut(fd, size)
+                    break
+            base = bytearray(self.cache.get(ref.block_id, ref.checksum)[:within])
+            with fd.lock:
+                if fd.refs.get(idx) == ref and idx not in fd.dirty:
+                    fd.dirty[idx] = DirtyBlock(base)
+                    self.flusher.account(len(base))
+                    self._cut(fd, size)
+                    break
+        self.flusher.forget_if_idle(fd)
+
+    def _cut(self, fd: FileData, size: int) -> None:
+        """Expects fd.lock held: set the size, dropping and cutting blocks beyond it."""
+        bs = self.block_size
+        keep = -(-size // bs)  # blocks that still hold bytes below `size`
+        freed = 0
+        for idx in [i for i in fd.dirty if i >= keep]:
+            freed += len(fd.dirty.pop(idx).data)
+        last = fd.dirty.get(size // bs)
+        if last is not None and len(last.data) > size % bs:
+            freed += len(last.data) - size % bs
+            del last.data[size % bs:]
+            last.version += 1
+        for idx in [i for i in fd.refs if i >= keep]:
+            del fd.refs[idx]
+        fd.size = size
+        fd.mtime_ns = fd.ctime_ns = now_ns()
+        self.metadata.truncate_blocks(fd.ino, keep, size, fd.mtime_ns)
+        if freed:
+            self.flusher.account(-freed)
+
+    # -- extended attributes ----------------------------------------------------------------
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        self._inode(ino)
+        value = self.metadata.xattr(ino, name)
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        self._inode(ino)
+        return self.metadata.xattr_names(ino)
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        self._inode(ino)
+        if name.startswith(b"system."):
+            # POSIX ACLs and other kernel-defined attributes would need the kernel to act on
+            # them; refusing makes tools (cp -a, tar, rsync -A) fall back to chmod.
+            raise FsError(errno.EOPNOTSUPP)
+        if not name or len(name) > NAME_MAX:
+            raise FsError(errno.ERANGE)
+        if len(value) > XATTR_MAX:
+            raise FsError(errno.E2BIG)
+        with self._ns:
+            exists = self.metadata.xattr(ino, name) is not None
+            if flags & XATTR_CREATE and exists:
+                raise FsError(errno.EEXIST)
+            if flags & XATTR_REPLACE and not exists:
+                raise FsError(errno.ENODATA)
+            self.metadata.set_xattr(ino, name, value)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        self._inode(ino)
+        if not self.metadata.remove_xattr(ino, name):
+            raise FsError(errno.ENODATA)
+
+    # -- the whole filesystem ---------------------------------------------------------------
+
+    def statfs(self) -> dict:
+        total, free = self.capacity()
+        files, _ = self.metadata.statistics()
+        bs = 4096
+        return {"f_bsize": bs, "f_frsize": bs, "f_blocks": total // bs, "f_bfree": free // bs,
+                "f_bavail": free // bs, "f_files": files + (1 << 32), "f_ffree": 1 << 32,
+                "f_favail": 1 << 32, "f_namemax": NAME_MAX}
+

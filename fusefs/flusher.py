@@ -1,0 +1,338 @@
+"""Dirty file data in memory, and the background work that makes it durable.
+
+`FileData` is the live state of one inode that is open or has unsaved data: its size and
+times as applications see them, its block map (loaded once), and its dirty blocks. The
+`Flusher` uploads dirty blocks through the block store, each as a new block with a new id
+(blocks are immutable), and switches the block map in the metadata only once the new
+block is durable; the block it replaces becomes garbage, which a background thread
+deletes after the metadata that stopped referencing it is synced.
+
+Triggers for an upload: a block is full and the writer moved past it; a block has been
+dirty for `max_age` seconds; dirty memory is above half its bound (oldest first); or a
+flush/fsync/unmount asks for it. A failed upload keeps its data, is retried with back-off,
+and the error is kept on the file (`error`, `error_seq`) for the next fsync/close to report.
+Nothing dirty is ever dropped to make room: writers wait instead (`wait_for_room`).
+
+States of a dirty block: dirty → uploading → (committed: gone from `dirty`) or back to
+dirty when it changed during the upload (its version moved) or the upload failed.
+
+Locks, in the order they may be taken: `FileData.lock` (one per inode; guards everything
+in that FileData), then `Flusher._lock` (the registry, the dirty-byte count and the work
+signal). Neither is held across network I/O: uploads copy the bytes under the file lock,
+upload without it, and re-check the version under it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from blockserver import protocol
+
+from . import errors
+from .metadata import BlockRef, Metadata
+
+log = logging.getLogger("fusefs.flusher")
+
+SMALL_BLOCK = 256 << 10  # blocks below this size are uploaded in batches
+
+
+class DirtyBlock:
+    __slots__ = ("data", "version", "since", "uploading", "retry_at", "ready")
+
+    def __init__(self, data: bytearray):
+        self.data = data
+        self.version = 0
+        self.since = time.monotonic()
+        self.uploading = False
+        self.retry_at = 0.0
+        self.ready = False  # full, and the writer moved on: upload without waiting for age
+
+
+class FileData:
+    """Live state of one inode. Every field is guarded by `lock`."""
+
+    def __init__(self, ino: int, size: int, mtime_ns: int, ctime_ns: int,
+                 refs: dict[int, BlockRef]):
+        self.ino = ino
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)  # blocks committed or an upload failed
+        self.size = size
+        self.mtime_ns = mtime_ns
+        self.ctime_ns = ctime_ns
+        self.refs = refs  # index -> BlockRef of the clean blocks
+        self.dirty: dict[int, DirtyBlock] = {}
+        self.open_count = 0
+        self.flush_wanted = False
+        self.error: errors.StorageError | None = None
+        self.error_seq = 0
+        self.removed = False  # the inode is gone: drop everything, commit nothing
+        self.last_read_end = -1  # for read-ahead
+
+
+class Flusher:
+    def __init__(self, store, cache, metadata: Metadata, *, dirty_limit: int,
+                 max_age: float = 5.0, threads: int = 4):
+        self.store = store
+        self.cache = cache
+        self.metadata = metadata
+        self.dirty_limit = dirty_limit
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # new work, or room freed
+        self._files: dict[int, FileData] = {}  # guarded by _lock
+        self._dirty_bytes = 0  # guarded by _lock
+        self._errors: collections.deque[str] = collections.deque(maxlen=10)  # guarded by _lock
+        self._stopping = False
+        self._uploads = ThreadPoolExecutor(threads, thread_name_prefix="flusher-upload")
+        self._threads = [threading.Thread(target=self._run, name="flusher", daemon=True),
+                         threading.Thread(target=self._collect_garbage, name="gc", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    # -- the registry of live files ---------------------------------------------------------
+
+    def file(self, ino: int) -> FileData:
+        """The live state of `ino`, loaded from the metadata on first use."""
+        with self._lock:
+            fd = self._files.get(ino)
+        if fd is not None:
+            return fd
+        inode = self.metadata.inode(ino)
+        refs = self.metadata.block_refs(ino, 0, 2**62) if inode else {}
+        fd = FileData(ino, inode.size if inode else 0, inode.mtime_ns if inode else 0,
+                      inode.ctime_ns if inode else 0, refs)
+        with self._lock:
+            return self._files.setdefault(ino, fd)
+
+    def live(self, ino: int) -> FileData | None:
+        with self._lock:
+            return self._files.get(ino)
+
+    def forget_if_idle(self, fd: FileData) -> None:
+        """Drop a file's live state when it is closed and has nothing left to upload."""
+        with fd.lock:
+            idle = fd.open_count == 0 and not fd.dirty
+        if idle:
+            with self._lock:
+                if self._files.get(fd.ino) is fd:
+                    del self._files[fd.ino]
+
+    # -- dirty memory -----------------------------------------------------------------------
+
+    def account(self, delta: int) -> None:
+        with self._lock:
+            self._dirty_bytes += delta
+            if delta < 0:
+                self._work.notify_all()
+            elif self._dirty_bytes > self.dirty_limit // 2:
+                self._work.notify_all()
+
+    def wait_for_room(self) -> None:
+        """Back-pressure: block the writer while dirty memory is over its bound."""
+        with self._lock:
+            while self._dirty_bytes > self.dirty_limit and not self._stopping:
+                self._work.notify_all()
+                self._work.wait(1.0)
+
+    @property
+    def dirty_bytes(self) -> int:
+        with self._lock:
+            return self._dirty_bytes
+
+    def drop(self, fd: FileData) -> None:
+        """The inode is gone: discard its dirty data (nothing can read it any more)."""
+        with fd.lock:
+            fd.removed = True
+            freed = sum(len(b.data) for b in fd.dirty.values())
+            fd.dirty.clear()
+            fd.changed.notify_all()
+        self.account(-freed)
+        with self._lock:
+            if self._files.get(fd.ino) is fd:
+                del self._files[fd.ino]
+
+    # -- flushing on request ----------------------------------------------------------------
+
+    def request(self, fd: FileData) -> None:
+        with fd.lock:
+            fd.flush_wanted = bool(fd.dirty)
+        with self._lock:
+            self._work.notify_all()
+
+    def flush(self, fd: FileData, timeout: float | None = None) -> None:
+        """Upload every block dirty now and wait; raise the upload error if one fails."""
+        with fd.lock:
+            targets = set(fd.dirty)
+            seq = fd.error_seq
+            fd.flush_wanted = bool(targets)
+            for idx in targets:
+                fd.dirty[idx].retry_at = 0.0  # an explicit flush retries at once
+        with self._lock:
+            self._work.notify_all()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with fd.lock:
+            while targets & fd.dirty.keys():
+                if fd.error_seq != seq:
+                    raise fd.error
+                if deadline is not None and time.monotonic() > deadline:
+                    raise errors.Timeout(f"inode {fd.ino}: upload did not finish in time")
+                fd.changed.wait(0.5)
+
+    def flush_all(self, progress=None) -> None:
+        """Upload everything dirty, retrying until it is done (unmount). Never drops data."""
+        while True:
+            with self._lock:
+                files = [f for f in self._files.values() if f.dirty]
+            if not files:
+                return
+            pending = 0
+            for fd in files:
+                try:
+                    self.flush(fd, timeout=10)
+                except errors.StorageError as e:
+                    pending += 1
+                    log.warning("unsaved data of inode %d waits for the servers: %s", fd.ino, e)
+            if progress and pending:
+                progress(self.dirty_bytes, pending)
+
+    # -- the upload loop --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                self._work.wait(0.2)
+                files = list(self._files.values())
+                pressure = self._dirty_bytes > self.dirty_limit // 2
+            jobs = self._choose(files, pressure)
+            small = [j for j in jobs if len(j[2]) < SMALL_BLOCK]
+            for start in range(0, len(small), 64):
+                self._uploads.submit(self._upload, small[start:start + 64])
+            for job in jobs:
+                if len(job[2]) >= SMALL_BLOCK:
+                    self._uploads.submit(self._upload, [job])
+
+    def _choose(self, files: list[FileData], pressure: bool):
+        """Mark eligible blocks uploading; return (fd, idx, bytes, version) jobs."""
+        now = time.monotonic()
+        jobs = []
+        for fd in files:
+            with fd.lock:
+                for idx, blk in fd.dirty.items():
+                    if blk.uploading or blk.retry_at > now:
+                        continue
+                    if fd.flush_wanted or blk.ready or pressure or now - blk.since >= self.max_age:
+                        blk.uploading = True
+                        jobs.append((fd, idx, bytes(blk.data), blk.version))
+        return jobs
+
+    def _upload(self, jobs) -> None:
+        refs = []
+        for fd, idx, data, version in jobs:
+            refs.append(BlockRef(protocol.new_block_id(), protocol.checksum(data), len(data)))
+        try:
+            items = [(r.block_id, data, r.checksum) for r, (_, _, data, _) in zip(refs, jobs)]
+            if len(items) == 1:
+                self.store.put(*items[0])
+            else:
+                self.store.put_many(items)
+        except errors.StorageError as e:
+            self._failed(jobs, e)
+            return
+        except Exception as e:  # noqa: BLE001 - a bug must not kill the flusher
+            log.exception("unexpected error while uploading")
+            self._failed(jobs, errors.StorageError(f"unexpected upload error: {e}"))
+            return
+        for ref, (_, _, data, _) in zip(refs, jobs):
+            self.cache.insert(ref.block_id, ref.checksum, data)
+        by_file: dict[int, list] = {}
+        for ref, job in zip(refs, jobs):
+            by_file.setdefault(id(job[0]), []).append((ref, job))
+        for entries in by_file.values():
+            self._commit(entries)
+
+    def _commit(self, entries) -> None:
+        fd = entries[0][1][0]
+        stale, freed = [], 0
+        with fd.lock:
+            done = {}
+            for ref, (_, idx, data, version) in entries:
+                blk = fd.dirty.get(idx)
+                if fd.removed or blk is None or blk.version != version:
+                    stale.append(ref.block_id)  # changed or dropped meanwhile: not referenced
+                    if blk is not None:
+                        blk.uploading = False
+                    continue
+                del fd.dirty[idx]
+                freed += len(blk.data)
+                fd.refs[idx] = ref
+                done[idx] = ref
+            if done:
+                self.metadata.commit_blocks(fd.ino, done, fd.size, fd.mtime_ns, fd.ctime_ns)
+            if not fd.dirty:
+                fd.flush_wanted = False
+            fd.changed.notify_all()
+        if stale:
+            self.metadata.add_garbage(stale)
+        self.account(-freed)
+        self.forget_if_idle(fd)
+
+    def recent_errors(self) -> list[str]:
+        """The last few upload failures, newest last, for `fusefs status`."""
+        with self._lock:
+            return list(self._errors)
+
+    def _failed(self, jobs, error: errors.StorageError) -> None:
+        log.warning("upload of %d block(s) failed, will retry (data kept in memory): %s",
+                    len(jobs), error)
+        with self._lock:
+            self._errors.append(f"{time.strftime('%H:%M:%S')} {error}")
+        for fd, idx, _, version in jobs:
+            with fd.lock:
+                blk = fd.dirty.get(idx)
+                if blk is not None:
+                    blk.uploading = False
+                    blk.retry_at = time.monotonic() + 1.0
+                fd.error = error
+                fd.error_seq += 1
+                fd.changed.notify_all()
+
+    # -- garbage ----------------------------------------------------------------------------
+
+    def _collect_garbage(self) -> None:
+        while not self._stopping:
+            time.sleep(2.0)
+            try:
+                self.collect_garbage()
+            except errors.StorageError as e:
+                log.info("garbage collection postponed: %s", e)
+            except Exception:  # noqa: BLE001 - keep the thread alive, say what happened
+                log.exception("garbage collection failed")
+
+    def collect_garbage(self) -> int:
+        """Delete unreferenced blocks from the cluster. Returns how many were deleted."""
+        total = 0
+        while not self._stopping:
+            ids = self.metadata.garbage(500)
+            if not ids:
+                return total
+            self.metadata.sync()  # nothing may reference them again after a crash
+            self.store.delete_many(ids)
+            for block_id in ids:
+                self.cache.discard(block_id)
+            self.metadata.forget_garbage(ids)
+            total += len(ids)
+        return total
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._work.notify_all()
+        for t in self._threads:
+            t.join(timeout=10)
+        self._uploads.shutdown(wait=True)

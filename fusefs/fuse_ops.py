@@ -1,0 +1,332 @@
+"""The fusepy adapter: converts arguments, calls the filesystem core, converts results.
+
+This is the one place errors become errnos: `FsError` and `StorageError` carry theirs;
+anything else is a bug, logged with its traceback and answered EIO, so nothing ever
+escapes a callback (fusepy would turn it into EINVAL, or abort the mount on an OSError
+without an errno).
+
+fusepy's API is path based; the core works on inode numbers. `_paths` maps paths to
+inodes; every namespace change bumps `_generation`, and a lookup that raced a change does
+not store its answer, so a stale mapping is never kept. Paths are decoded as latin-1 so
+any byte sequence survives the round trip (names are bytes in the core).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import threading
+
+from fuse import FuseOSError, Operations, fuse_get_context
+
+from . import errors
+from .filesystem import Filesystem
+from .metadata import ROOT_INO, Inode
+
+log = logging.getLogger("fusefs.fuse")
+
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+MAX_CACHED_PATHS = 200_000
+
+
+def _b(text: str) -> bytes:
+    return text.encode("latin-1")
+
+
+def _s(raw: bytes) -> str:
+    return raw.decode("latin-1")
+
+
+def _op(fn):
+    """Run a callback; turn every failure into an errno (EIO for the unexpected)."""
+
+    @functools.wraps(fn)
+    def callback(self, *args):
+        try:
+            return fn(self, *args)
+        except errors.FsError as e:
+            raise FuseOSError(e.errno) from None
+        except errors.StorageError as e:
+            log.warning("%s %s failed: %s", fn.__name__, args[0] if args else "", e)
+            raise FuseOSError(e.errno) from None
+        except FuseOSError:
+            raise
+        except Exception:  # noqa: BLE001 - the contract: log it, answer EIO, keep running
+            log.exception("unexpected error in %s%r; answered EIO", fn.__name__, args[:2])
+            raise FuseOSError(errno.EIO) from None
+
+    return callback
+
+
+class FuseOps(Operations):
+    use_ns = True  # times as integer nanoseconds
+    flag_utime_omit_ok = 1  # receive UTIME_OMIT/UTIME_NOW: touch -m, tar x keep mtimes
+    flag_nullpath_ok = 1  # calls on open-but-unlinked files arrive without a path
+
+    def __init__(self, fs: Filesystem, on_destroy=None):
+        self.fs = fs
+        self.on_destroy = on_destroy
+        self._paths: dict[str, int] = {}
+        self._generation = 0
+        self._lock = threading.Lock()  # guards _paths and _generation
+        self._seen: dict[int, tuple[int, int]] = {}  # ino -> (mtime, size) at last open
+
+    # -- paths ------------------------------------------------------------------------------
+
+    def _resolve(self, path: str) -> int:
+        if path == "/":
+            return ROOT_INO
+        with self._lock:
+            ino = self._paths.get(path)
+            generation = self._generation
+        if ino is not None:
+            return ino
+        parent, _, name = path.rpartition("/")
+        ino = self.fs.lookup(self._resolve(parent or "/"), _b(name)).ino
+        with self._lock:
+            if generation == self._generation:
+                if len(self._paths) >= MAX_CACHED_PATHS:
+                    self._paths.clear()
+                self._paths[path] = ino
+        return ino
+
+    def _parent(self, path: str) -> tuple[int, bytes]:
+        parent, _, name = path.rpartition("/")
+        return self._resolve(parent or "/"), _b(name)
+
+    def _changed(self, *paths: str, subtree: bool = False) -> None:
+        with self._lock:
+            self._generation += 1
+            if subtree:
+                self._paths.clear()
+            for p in paths:
+                self._paths.pop(p, None)
+
+    # -- attributes -------------------------------------------------------------------------
+
+    @staticmethod
+    def _stat(inode: Inode) -> dict:
+        return {
+            "st_ino": inode.ino, "st_mode": inode.mode, "st_nlink": inode.nlink,
+            "st_uid": inode.uid, "st_gid": inode.gid, "st_size": inode.size,
+            "st_atime": inode.atime_ns, "st_mtime": inode.mtime_ns, "st_ctime": inode.ctime_ns,
+            "st_blocks": (inode.size + 511) // 512, "st_blksize": 131072,
+            "st_rdev": inode.rdev,
+        }
+
+    @_op
+    def getattr(self, path, fh=None):
+        if fh is not None and not isinstance(fh, int):
+            fh = fh.fh
+        ino = self.fs.handle_ino(fh) if fh else self._resolve(path)
+        return self._stat(self.fs.getattr(ino))
+
+    @_op
+    def access(self, path, amode):
+        self._resolve(path)  # permissions are the kernel's (default_permissions)
+        return 0
+
+    @_op
+    def chmod(self, path, mode):
+        self.fs.setattr(self._resolve(path), mode=mode)
+        return 0
+
+    @_op
+    def chown(self, path, uid, gid):
+        self.fs.setattr(self._resolve(path), uid=uid, gid=gid)
+        return 0
+
+    @_op
+    def truncate(self, path, length, fh=None):
+        ino = self.fs.handle_ino(fh.fh) if fh is not None else self._resolve(path)
+        self.fs.setattr(ino, size=length)
+        return 0
+
+    @_op
+    def utimens(self, path, times=None):
+        now = self.fs.now_ns()
+        atime, mtime = times if times is not None else (UTIME_NOW, UTIME_NOW)
+        pick = {UTIME_NOW: now, UTIME_OMIT: None}
+        self.fs.setattr(self._resolve(path), atime_ns=pick.get(atime, atime),
+                        mtime_ns=pick.get(mtime, mtime))
+        return 0
+
+    # -- namespace --------------------------------------------------------------------------
+
+    @_op
+    def mkdir(self, path, mode):
+        uid, gid, _ = fuse_get_context()
+        parent, name = self._parent(path)
+        self.fs.mkdir(parent, name, mode, uid, gid)
+        self._changed(path)
+        return 0
+
+    @_op
+    def mknod(self, path, mode, dev):
+        uid, gid, _ = fuse_get_context()
+        parent, name = self._parent(path)
+        self.fs.mknod(parent, name, mode, dev, uid, gid)
+        self._changed(path)
+        return 0
+
+    @_op
+    def symlink(self, target, source):  # fusepy: target is the new link, source its text
+        uid, gid, _ = fuse_get_context()
+        parent, name = self._parent(target)
+        self.fs.symlink(parent, name, _b(source), uid, gid)
+        self._changed(target)
+        return 0
+
+    @_op
+    def readlink(self, path):
+        return _s(self.fs.readlink(self._resolve(path)))
+
+    @_op
+    def link(self, target, source):  # fusepy: target is the new name, source the existing
+        parent, name = self._parent(target)
+        self.fs.link(self._resolve(source), parent, name)
+        self._changed(target)
+        return 0
+
+    @_op
+    def unlink(self, path):
+        parent, name = self._parent(path)
+        self.fs.unlink(parent, name)
+        self._changed(path)
+        return 0
+
+    @_op
+    def rmdir(self, path):
+        parent, name = self._parent(path)
+        self.fs.rmdir(parent, name)
+        self._changed(path, subtree=True)
+        return 0
+
+    @_op
+    def rename(self, old, new):
+        is_dir = stat.S_ISDIR(self.fs.getattr(self._resolve(old)).mode)
+        old_parent, old_name = self._parent(old)
+        new_parent, new_name = self._parent(new)
+        self.fs.rename(old_parent, old_name, new_parent, new_name)
+        self._changed(old, new, subtree=is_dir)
+        return 0
+
+    @_op
+    def opendir(self, path):
+        self._resolve(path)
+        return 0
+
+    @_op
+    def readdir(self, path, fh):
+        ino = self._resolve(path)
+        return [".", ".."] + [_s(name) for name, _, _ in self.fs.readdir(ino)]
+
+    # -- files ------------------------------------------------------------------------------
+
+    def _keep_cache(self, ino: int) -> bool:
+        """Keep the kernel's cached pages if the file did not change since its last open."""
+        inode = self.fs.getattr(ino)
+        now = (inode.mtime_ns, inode.size)
+        with self._lock:
+            keep = self._seen.get(ino) == now
+            if len(self._seen) >= MAX_CACHED_PATHS:
+                self._seen.clear()
+            self._seen[ino] = now
+        # libfuse gives each name its own kernel inode, so pages cached through another
+        # name of a hard-linked file may be stale: keep them only for single-name files.
+        return keep and inode.nlink == 1
+
+    @_op
+    def create(self, path, mode, fi):
+        uid, gid, _ = fuse_get_context()
+        parent, name = self._parent(path)
+        inode, fi.fh = self.fs.create(parent, name, mode, fi.flags, uid, gid)
+        self._changed(path)
+        return 0
+
+    @_op
+    def open(self, path, fi):
+        ino = self._resolve(path)
+        fi.fh = self.fs.open(ino, fi.flags)
+        fi.keep_cache = 1 if self._keep_cache(ino) else 0
+        return 0
+
+    @_op
+    def read(self, path, size, offset, fi):
+        return self.fs.read(fi.fh, offset, size)
+
+    @_op
+    def write(self, path, data, offset, fi):
+        return self.fs.write(fi.fh, offset, data)
+
+    @_op
+    def flush(self, path, fi):
+        self.fs.flush(fi.fh)
+        return 0
+
+    @_op
+    def release(self, path, fi):
+        ino = self.fs.handle_ino(fi.fh)
+        self.fs.release(fi.fh)
+        try:
+            self._keep_cache(ino)  # remember how the file looked when it was closed
+        except errors.FsError:
+            pass  # it was removed
+        return 0
+
+    @_op
+    def fsync(self, path, datasync, fi):
+        self.fs.fsync(fi.fh, bool(datasync))
+        return 0
+
+    # -- extended attributes ----------------------------------------------------------------
+
+    @_op
+    def getxattr(self, path, name, position=0):
+        return self.fs.getxattr(self._resolve(path), _b(name))
+
+    @_op
+    def listxattr(self, path):
+        return [_s(n) for n in self.fs.listxattr(self._resolve(path))]
+
+    @_op
+    def setxattr(self, path, name, value, options, position=0):
+        self.fs.setxattr(self._resolve(path), _b(name), bytes(value), options)
+        return 0
+
+    @_op
+    def removexattr(self, path, name):
+        self.fs.removexattr(self._resolve(path), _b(name))
+        return 0
+
+    # -- the whole filesystem ---------------------------------------------------------------
+
+    @_op
+    def statfs(self, path):
+        return self.fs.statfs()
+
+    def destroy(self, path):
+        try:
+            if self.on_destroy is not None:
+                self.on_destroy()
+        except Exception:  # noqa: BLE001 - unmounting must not crash the daemon
+            log.exception("error while finishing at unmount")
+
+
+def mount_options(read_only: bool = False, extra: dict | None = None) -> dict:
+    """The FUSE options that matter (see PERF-NOTES.md and FUSEPY-NOTES.md)."""
+    options = {
+        "fsname": "fusefs", "subtype": "fusefs", "use_ino": True, "default_permissions": True,
+        "allow_other": os.geteuid() == 0, "hard_remove": True,
+        "big_writes": True, "max_write": 131072, "max_read": 131072,
+        # Attributes are not cached: libfuse gives each name of a hard-linked file its own
+        # kernel inode, so a cached link count or ctime would go stale through the others.
+        "attr_timeout": 0.0, "entry_timeout": 1.0, "negative_timeout": 0.0,
+        "ro": read_only,
+    }
+    options.update(extra or {})
+    return options

@@ -1,0 +1,139 @@
+"""The embedded default: three local block servers, formatted once, mounted at DIR/mnt.
+
+Layout of DIR (all created on first use):
+
+    secret            the cluster secret (random, mode 600)
+    cluster.json      ports, URLs and process ids of the servers
+    servers/sN/       data directory of server N, and servers/sN.log its log
+    cache/            the mount's metadata, block cache and log
+    mnt/              the mountpoint
+
+`up` is idempotent: servers already running are kept, a formatted filesystem is reused,
+a mounted one is left mounted. `down` unmounts first (which uploads everything dirty),
+then stops the servers with SIGTERM, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+SERVERS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+
+
+def _fusefs(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fusefs", *args], text=True,
+                          capture_output=True)
+
+
+def _load(root: str) -> dict:
+    try:
+        with open(os.path.join(root, "cluster.json")) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {"servers": [{"port": _free_port()} for _ in range(SERVERS)]}
+
+
+def _save(root: str, cluster: dict) -> None:
+    with open(os.path.join(root, "cluster.json"), "w") as f:
+        json.dump(cluster, f, indent=1)
+
+
+def _secret(root: str) -> str:
+    path = os.path.join(root, "secret")
+    if not os.path.exists(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+    return path
+
+
+def _start_server(root: str, index: int, server: dict, secret: str) -> None:
+    data = os.path.join(root, "servers", f"s{index}")
+    log = open(os.path.join(root, "servers", f"s{index}.log"), "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blockserver", "serve", "--data", data,
+         "--listen", f"127.0.0.1:{server['port']}", "--secret-file", secret],
+        stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    line = proc.stdout.readline().decode().strip()
+    if not line.startswith("serving "):
+        raise SystemExit(f"fusefs up: block server {index} did not start; see "
+                         f"{log.name}")
+    server.update(pid=proc.pid, url=line.split()[1])
+
+
+def up(directory: str) -> int:
+    root = os.path.abspath(directory)
+    for sub in ("servers", "cache", "mnt"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    secret = _secret(root)
+    cluster = _load(root)
+    for index, server in enumerate(cluster["servers"]):
+        if not _alive(server.get("pid")):
+            print(f"starting block server {index + 1}/{SERVERS} on port {server['port']}",
+                  file=sys.stderr)
+            _start_server(root, index, server, secret)
+    _save(root, cluster)
+    urls = ",".join(s["url"] for s in cluster["servers"])
+    common = ["--servers", urls, "--secret-file", secret]
+    mkfs = _fusefs("mkfs", *common)
+    if mkfs.returncode == 0:
+        print(mkfs.stdout.strip(), file=sys.stderr)
+    elif "already hold" not in mkfs.stderr:
+        sys.stderr.write(mkfs.stderr)
+        return 1
+    mnt = os.path.join(root, "mnt")
+    mount = _fusefs("mount", *common, "--cache-dir", os.path.join(root, "cache"), mnt)
+    if mount.returncode != 0 and "busy" not in mount.stderr:
+        sys.stderr.write(mount.stderr)
+        return 1
+    print(f"""fusefs is up: a filesystem on {SERVERS} local block servers, mounted at
+  {mnt}
+Use it like any directory (cp, tar, git, sqlite...). Every block is stored on 3 servers.
+  fusefs status {mnt}     what it is doing
+  fusefs down {directory}   upload everything, unmount, stop the servers""")
+    return 0
+
+
+def down(directory: str) -> int:
+    root = os.path.abspath(directory)
+    mnt = os.path.join(root, "mnt")
+    result = _fusefs("umount", mnt)
+    if result.returncode != 0 and "nothing is mounted" not in result.stderr:
+        sys.stderr.write(result.stderr)
+        return 1
+    cluster = _load(root)
+    for server in cluster["servers"]:
+        if _alive(server.get("pid")):
+            os.kill(server["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while any(_alive(s.get("pid")) for s in cluster["servers"]):
+        if time.monotonic() > deadline:
+            print("fusefs down: a block server did not stop within 60 s", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    print(f"fusefs is down; the data stays in {root} (`fusefs up {directory}` brings it back)")
+    return 0

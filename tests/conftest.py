@@ -249,3 +249,111 @@ def make_cluster():
     finally:
         for store in stores:
             store.close()
+
+
+class Mount:
+    """A real `fusefs mount` of a filesystem on real block servers (see `fusefs_mount`)."""
+
+    def __init__(self, servers, path: str, cache_dir: str, secret_file: str | None):
+        self.servers = servers
+        self.path = path
+        self.cache_dir = cache_dir
+        self.secret_file = secret_file
+
+    @property
+    def urls(self) -> str:
+        return ",".join(s.url for s in self.servers)
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 120):
+        """Run `fusefs ARGS` (with this mount's servers and secret where they apply)."""
+        result = subprocess.run([sys.executable, "-m", "fusefs", *args], capture_output=True,
+                                text=True, timeout=timeout, cwd=REPO)
+        if check and result.returncode != 0:
+            raise AssertionError(f"fusefs {' '.join(args)} failed:\n{result.stderr}")
+        return result
+
+    def cluster_args(self) -> list[str]:
+        args = ["--servers", self.urls]
+        return args + (["--secret-file", self.secret_file] if self.secret_file else [])
+
+    def mount(self, *extra: str, cache_dir: str | None = None) -> None:
+        os.makedirs(self.path, exist_ok=True)
+        self.cli("mount", *self.cluster_args(), "--cache-dir", cache_dir or self.cache_dir,
+                 *extra, self.path)
+
+    def umount(self) -> None:
+        self.cli("umount", self.path)
+
+    @property
+    def mounted(self) -> bool:
+        with open("/proc/self/mountinfo") as f:
+            return any(line.split()[4] == os.path.realpath(self.path) for line in f)
+
+    def daemon_pid(self) -> int | None:
+        from fusefs.daemon import read_registry
+
+        record = read_registry(self.path)
+        return record["pid"] if record else None
+
+    def force_unmount(self) -> None:
+        """Last resort at teardown: lazy unmount, then kill the daemon."""
+        pid = self.daemon_pid()
+        subprocess.run(["fusermount", "-u", "-z", self.path], capture_output=True)
+        subprocess.run(["umount", "-l", self.path], capture_output=True)
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def logs(self) -> str:
+        out = []
+        for root, _, files in os.walk(self.cache_dir):
+            for name in files:
+                if name == "fusefs.log":
+                    with open(os.path.join(root, name), errors="replace") as f:
+                        out.append(f.read())
+        return "\n".join(out)
+
+
+@pytest.fixture
+def fusefs_mount(blockservers, tmp_path, request):
+    """Factory: `fusefs_mount(servers=3, secret=None, mkfs=[...], mount=[...])` -> Mount.
+
+    Starts the block servers, formats, mounts at tmp_path/mnt and returns once mounted.
+    Teardown always unmounts (umount, then lazy unmount and SIGKILL), and fails the test
+    if the daemon logged an ERROR or a traceback the test did not allow with
+    `blockservers.servers.allow(regex)`.
+    """
+    mounts: list[Mount] = []
+
+    def make(servers: int = 3, *, secret: bytes | None = None, mkfs=(), mount=()) -> Mount:
+        started = blockservers(servers, secret=secret)
+        m = Mount(started, str(tmp_path / f"mnt{len(mounts)}"),
+                  str(tmp_path / f"cache{len(mounts)}"),
+                  str(tmp_path / "secret") if secret else None)
+        mounts.append(m)
+        m.cli("mkfs", *m.cluster_args(), *mkfs)
+        m.mount(*mount)
+        return m
+
+    try:
+        yield make
+    finally:
+        for m in mounts:
+            if m.mounted:
+                try:
+                    m.cli("umount", m.path, check=False, timeout=120)
+                except subprocess.TimeoutExpired:
+                    pass
+            if m.mounted or m.daemon_pid():
+                m.force_unmount()
+    problems = []
+    for m in mounts:
+        for match in _PROBLEM.finditer(m.logs()):
+            text = m.logs()
+            line = text[match.start():text.find("\n", match.start())]
+            if not any(p.search(line) for p in blockservers.servers.allowed):
+                problems.append(line)
+    if problems:
+        pytest.fail("fusefs daemon logged unexpected errors:\n" + "\n".join(problems[:20]))

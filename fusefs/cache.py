@@ -1,0 +1,374 @@
+"""The block cache: verified immutable blocks in memory, then on local disk, then the store.
+
+What it owns and promises (DESIGN.md section 3, read path; P4):
+- get() returns only bytes whose xxh3-128 is the checksum the caller asked for. Bytes enter
+  memory verified (the store verifies what it returns, a disk file is verified on every
+  read, insert() takes blocks the store has just verified on put), and a memory entry is
+  returned only for the checksum it entered with.
+- Memory holds at most `memory_bytes` of block data, the disk directory at most `disk_bytes`
+  (sum of file lengths); the least recently used block goes first. Blocks are immutable,
+  so nothing cached is ever stale; discard() is the only invalidation.
+- Concurrent misses of one block make one store fetch (single flight).
+- The disk directory is disposable: see docs/cache.md for its states and crashes.
+
+Caveats: one BlockCache per disk directory at a time (not enforced: two would each keep
+their own bound and delete each other's temporary files at start). A block discarded while
+a fetch of it is in flight may be cached again; it is only wasted space until evicted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+
+from blockserver import protocol
+
+from .blocks import BlockStore
+
+log = logging.getLogger("fusefs.cache")
+
+PREFETCH_QUEUE = 256  # read-ahead requests waiting for a thread; more are dropped
+_HEX = frozenset("0123456789abcdef")
+
+
+class _Lru:
+    """Keys in least-recently-used order with a byte total bounded by `limit`.
+
+    Not thread-safe: BlockCache calls it with its lock held.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.total = 0
+        self.entries: OrderedDict[str, tuple[object, int]] = OrderedDict()  # key -> (value, size)
+
+    def fits(self, size: int) -> bool:
+        return size <= self.limit
+
+    def get(self, key: str):
+        """The entry's value (marking it recently used), or None."""
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        self.entries.move_to_end(key)
+        return entry[0]
+
+    def touch(self, key: str) -> bool:
+        """Mark `key` recently used; False if it is not here."""
+        if key not in self.entries:
+            return False
+        self.entries.move_to_end(key)
+        return True
+
+    def add(self, key: str, value, size: int) -> list[str]:
+        """Insert (or touch) `key`; returns the keys evicted to stay within the limit."""
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return []
+        if not self.fits(size):
+            return []
+        self.entries[key] = (value, size)
+        self.total += size
+        evicted = []
+        while self.total > self.limit:
+            old, (_, old_size) = self.entries.popitem(last=False)
+            self.total -= old_size
+            evicted.append(old)
+        return evicted
+
+    def pop(self, key: str) -> bool:
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            self.total -= entry[1]
+        return entry is not None
+
+
+class _Flight:
+    """One store fetch (or disk read) that concurrent get() calls of a block wait for."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.data: bytes | None = None
+        self.source = "misses"
+        self.error: BaseException | None = None
+
+    def result(self) -> tuple[bytes, str]:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.data, self.source
+
+
+class BlockCache:
+    """Verified immutable blocks: a memory LRU, then a disk LRU, then the block store.
+
+    Threads: get/insert/discard/prefetch come from many fusepy and flusher threads;
+    read-ahead runs on `prefetch_threads` daemon threads fed by a bounded queue.
+
+    `_lock` guards `_memory`, `_disk` (the index of the disk files), `_flights`, `_queued`
+    and `_counts`. It is a leaf lock (nothing else is taken while it is held) and is never
+    held across disk or store I/O: decisions are made under it, files are read, written and
+    unlinked after it is released. The disk index and the files may therefore disagree for
+    a moment; "index before file" keeps that harmless: a file is unlinked only after its
+    entry left the index, and an entry is added only after its file was renamed into place.
+    So the index may name a missing file (read as a miss), but a file outlives its entry
+    only while it is being written.
+    """
+
+    def __init__(self, store: BlockStore, *, memory_bytes: int, disk_dir: str | None,
+                 disk_bytes: int, prefetch_threads: int = 4):
+        self.store = store
+        self._lock = threading.Lock()
+        self._dir = disk_dir if disk_dir and disk_bytes > 0 else None
+        self._memory = _Lru(memory_bytes)  # id -> (bytes, checksum)
+        self._disk = _Lru(disk_bytes if self._dir else 0)  # id -> None; file _dir/<id[:2]>/<id>
+        self._flights: dict[tuple[str, str], _Flight] = {}  # (id, checksum) -> fetch under way
+        self._queued: set[tuple[str, str]] = set()  # read-ahead requests not yet started
+        self._counts = dict.fromkeys(
+            ("hits_memory", "hits_disk", "misses", "fetches", "evictions"), 0)
+        if self._dir:
+            self._open_disk()
+        self._stopping = threading.Event()
+        self._queue: queue.Queue = queue.Queue(PREFETCH_QUEUE)
+        self._threads = [threading.Thread(target=self._prefetch_loop, daemon=True,
+                                          name=f"cache-prefetch-{i}")
+                         for i in range(prefetch_threads)]
+        for thread in self._threads:
+            thread.start()
+
+    # -- the interface ----------------------------------------------------------------------
+
+    def get(self, block_id: str, checksum: str) -> bytes:
+        """The block's verified bytes, from memory, disk or the store (StorageError if none)."""
+        _check_id(block_id)
+        source = "misses"  # what a failed fetch counts as
+        try:
+            data, source = self._obtain(block_id, checksum)
+            return data
+        finally:
+            with self._lock:
+                self._counts[source] += 1
+
+    def prefetch(self, items: list[tuple[str, str]]) -> None:
+        """Read (id, checksum) pairs ahead in the background; drops what does not fit."""
+        if self._stopping.is_set() or not self._threads:
+            return
+        for done, key in enumerate(items):
+            _check_id(key[0])
+            with self._lock:
+                if self._is_cached_or_coming(key):
+                    continue
+                self._queued.add(key)
+            try:
+                self._queue.put_nowait(key)
+            except queue.Full:
+                with self._lock:
+                    self._queued.discard(key)
+                log.debug("read-ahead queue full; dropped %d requests", len(items) - done)
+                return
+
+    def insert(self, block_id: str, checksum: str, data: bytes) -> None:
+        """Cache a block the caller has just stored (put verified it against `checksum`)."""
+        _check_id(block_id)
+        data = bytes(data)
+        with self._lock:
+            self._add_memory(block_id, checksum, data)
+        self._write_disk(block_id, data)
+
+    def discard(self, block_id: str) -> None:
+        """The block was deleted: forget it in memory and on disk."""
+        _check_id(block_id)
+        with self._lock:
+            self._memory.pop(block_id)
+            self._disk.pop(block_id)
+        if self._dir:
+            self._unlink(block_id)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return dict(self._counts, memory_bytes=self._memory.total,
+                        disk_bytes=self._disk.total)
+
+    def close(self) -> None:
+        """Stop read-ahead, dropping what is queued; waits at most about two seconds."""
+        self._stopping.set()  # a thread checks it before each request it takes
+        for _ in self._threads:
+            try:
+                self._queue.put_nowait(None)  # wakes a thread waiting on an empty queue
+            except queue.Full:
+                break  # then no thread is waiting
+        deadline = time.monotonic() + 2.0
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    # -- the read path ----------------------------------------------------------------------
+
+    def _obtain(self, block_id: str, checksum: str) -> tuple[bytes, str]:
+        key = (block_id, checksum)
+        with self._lock:
+            entry = self._memory.get(block_id)
+            if entry is not None and entry[1] == checksum:
+                return entry[0], "hits_memory"
+            flight = self._flights.get(key)
+            leader = flight is None
+            if leader:
+                flight = self._flights[key] = _Flight()
+        if not leader:
+            return flight.result()
+        try:
+            data = self._read_disk(block_id, checksum)
+            if data is not None:
+                flight.source = "hits_disk"
+            else:
+                data = self._fetch(block_id, checksum)
+        except BaseException as e:
+            flight.error = e
+            self._land(key, flight)
+            raise
+        flight.data = data
+        self._land(key, flight)
+        if flight.source == "misses":
+            self._write_disk(block_id, data)
+        return data, flight.source
+
+    def _fetch(self, block_id: str, checksum: str) -> bytes:
+        with self._lock:
+            self._counts["fetches"] += 1
+        return self.store.get(block_id, checksum)
+
+    def _land(self, key: tuple[str, str], flight: _Flight) -> None:
+        """End a flight: cache its bytes, then wake its waiters."""
+        with self._lock:
+            if flight.data is not None:
+                self._add_memory(key[0], key[1], flight.data)
+            del self._flights[key]
+        flight.done.set()
+
+    def _add_memory(self, block_id: str, checksum: str, data: bytes) -> None:
+        """Caller holds _lock."""
+        self._memory.pop(block_id)  # a different checksum must not linger
+        self._counts["evictions"] += len(self._memory.add(block_id, (data, checksum), len(data)))
+
+    def _is_cached_or_coming(self, key: tuple[str, str]) -> bool:
+        """Caller holds _lock."""
+        entry = self._memory.entries.get(key[0])
+        return ((entry is not None and entry[0][1] == key[1]) or key[0] in self._disk.entries
+                or key in self._flights or key in self._queued)
+
+    def _prefetch_loop(self) -> None:
+        while True:
+            key = self._queue.get()
+            if key is None or self._stopping.is_set():
+                return
+            with self._lock:
+                self._queued.discard(key)
+            try:
+                self._obtain(*key)
+            except Exception as e:  # noqa: BLE001 - read-ahead is a hint; get() will report
+                log.debug("read-ahead of block %s failed: %s", key[0], e)
+
+    # -- the disk level ---------------------------------------------------------------------
+
+    def _path(self, block_id: str) -> str:
+        return os.path.join(self._dir, block_id[:2], block_id)
+
+    def _open_disk(self) -> None:
+        """Delete write debris, then index the files present, oldest first, within bound."""
+        tmp = os.path.join(self._dir, "tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp, exist_ok=True)
+        found = []
+        for sub in os.scandir(self._dir):
+            if len(sub.name) != 2 or not _HEX.issuperset(sub.name) \
+                    or not sub.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(sub.path):
+                if protocol.is_block_id(entry.name) and entry.name.startswith(sub.name) \
+                        and entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    found.append((st.st_mtime_ns, entry.name, st.st_size))
+        doomed = []
+        for _, block_id, size in sorted(found):
+            doomed += self._disk.add(block_id, None, size) if self._disk.fits(size) \
+                else [block_id]
+        for block_id in doomed:
+            self._unlink(block_id)
+        log.debug("disk cache %s: %d blocks, %d bytes (%d removed to fit)", self._dir,
+                  len(self._disk.entries), self._disk.total, len(doomed))
+
+    def _read_disk(self, block_id: str, checksum: str) -> bytes | None:
+        """The verified bytes of the block's file, or None (a bad file is deleted)."""
+        with self._lock:
+            if not self._disk.touch(block_id):
+                return None
+        path = self._path(block_id)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            data = None
+        except OSError as e:
+            log.warning("cannot read disk cache file %s: %s; fetching the block", path, e)
+            data = None
+        if data is not None and protocol.checksum(data) == checksum:
+            try:
+                os.utime(path)  # the LRU order survives a restart
+            except OSError:
+                pass
+            return data
+        if data is not None:
+            log.warning("disk cache file %s failed verification; deleted", path)
+        with self._lock:
+            self._disk.pop(block_id)
+        self._unlink(block_id)
+        return None
+
+    def _write_disk(self, block_id: str, data: bytes) -> None:
+        if not self._dir or not self._disk.fits(len(data)):
+            return
+        with self._lock:
+            if self._disk.touch(block_id):
+                return
+        path = self._path(block_id)
+        try:
+            fd, tmp = tempfile.mkstemp(dir=os.path.join(self._dir, "tmp"))
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                os.replace(tmp, path)  # no fsync: a torn file fails verification later
+            except BaseException:
+                _remove(tmp)
+                raise
+        except OSError as e:
+            log.warning("cannot write block %s to the disk cache: %s", block_id, e)
+            return
+        with self._lock:
+            evicted = self._disk.add(block_id, None, len(data))
+            self._counts["evictions"] += len(evicted)
+        for old in evicted:
+            self._unlink(old)
+
+    def _unlink(self, block_id: str) -> None:
+        _remove(self._path(block_id))
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("cannot remove disk cache file %s: %s", path, e)
+
+
+def _check_id(block_id: str) -> None:
+    # Ids name files in the disk cache: anything else could write outside it.
+    if not protocol.is_block_id(block_id):
+        raise ValueError(f"not a block id: {block_id!r}")

@@ -1,0 +1,514 @@
+"""The block cache (fusefs/cache.py) over an in-memory block store: levels, bounds, single
+flight, read-ahead, corruption of the disk level."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+
+import pytest
+
+from blockserver import protocol
+from fusefs import errors
+from fusefs.cache import PREFETCH_QUEUE, BlockCache
+from fusefs.memstore import MemoryBlockStore
+
+
+class CountingStore(MemoryBlockStore):
+    """Counts get() calls; get() can be held at a gate to widen race windows."""
+
+    def __init__(self):
+        super().__init__()
+        self.gets = 0
+        self.gate = threading.Event()
+        self.gate.set()
+        self._count_lock = threading.Lock()
+
+    def get(self, block_id, checksum):
+        with self._count_lock:
+            self.gets += 1
+        self.gate.wait(30)
+        return super().get(block_id, checksum)
+
+
+def new_block(size: int = 1000, rng=random):
+    data = rng.randbytes(size)
+    return protocol.new_block_id(), data, protocol.checksum(data)
+
+
+def stored(store, size=1000):
+    block_id, data, checksum = new_block(size)
+    store.put(block_id, data, checksum)
+    return block_id, data, checksum
+
+
+def wait_until(condition, what: str, guard: float = 30.0):
+    """Poll until true; the guard only stops a hang, it asserts no timing."""
+    deadline = time.monotonic() + guard
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting: {what}")
+        time.sleep(0.01)
+
+
+def cache_file(disk_dir, block_id) -> str:
+    return os.path.join(disk_dir, block_id[:2], block_id)
+
+
+def files_on_disk(disk_dir) -> dict[str, int]:
+    """id -> size of every block file under disk_dir (tmp/ excluded)."""
+    found = {}
+    for sub in os.listdir(disk_dir):
+        if sub != "tmp" and os.path.isdir(os.path.join(disk_dir, sub)):
+            for name in os.listdir(os.path.join(disk_dir, sub)):
+                found[name] = os.path.getsize(os.path.join(disk_dir, sub, name))
+    return found
+
+
+@pytest.fixture
+def store():
+    return CountingStore()
+
+
+@pytest.fixture
+def make_cache(store):
+    """Factory for caches over `store`; every cache made is closed at teardown."""
+    caches = []
+
+    def make(**kw):
+        kw.setdefault("memory_bytes", 1 << 20)
+        kw.setdefault("disk_dir", None)
+        kw.setdefault("disk_bytes", 0)
+        cache = BlockCache(kw.pop("store", store), **kw)
+        caches.append(cache)
+        return cache
+
+    try:
+        yield make
+    finally:
+        store.gate.set()
+        for cache in caches:
+            cache.close()
+
+
+# -- memory level -------------------------------------------------------------------------
+
+def test_miss_then_memory_hit(store, make_cache):
+    cache = make_cache()
+    block_id, data, checksum = stored(store)
+    assert cache.get(block_id, checksum) == data
+    assert cache.get(block_id, checksum) == data
+    assert store.gets == 1
+    s = cache.stats()
+    assert (s["misses"], s["hits_memory"], s["fetches"], s["memory_bytes"]) == (1, 1, 1, 1000)
+
+
+def test_memory_evicts_least_recently_used(store, make_cache):
+    cache = make_cache(memory_bytes=3000)
+    a, b, c, d = (stored(store) for _ in range(4))
+    for block_id, _, checksum in (a, b, c, a, d):  # a is used again, so b is the oldest
+        cache.get(block_id, checksum)
+    assert store.gets == 4
+    for block_id, data, checksum in (a, c, d):
+        assert cache.get(block_id, checksum) == data
+    assert store.gets == 4
+    assert cache.get(b[0], b[2]) == b[1]
+    assert store.gets == 5
+    assert cache.stats()["evictions"] == 2  # b for d, then a (least recent) for b
+
+
+def test_block_larger_than_memory_bound_is_not_cached(store, make_cache):
+    cache = make_cache(memory_bytes=500)
+    block_id, data, checksum = stored(store, 1000)
+    assert cache.get(block_id, checksum) == data
+    assert cache.get(block_id, checksum) == data
+    assert store.gets == 2
+    assert cache.stats()["memory_bytes"] == 0
+
+
+def test_memory_bound_holds_after_many_inserts(store, make_cache):
+    bound = 50_000
+    cache = make_cache(memory_bytes=bound)
+    rng = random.Random(1)
+    blocks = [new_block(rng.randrange(0, 8000), rng) for _ in range(300)]
+    for block_id, data, checksum in blocks:
+        cache.insert(block_id, checksum, data)
+        assert cache.stats()["memory_bytes"] <= bound
+    # the most recent blocks that fit are the ones kept
+    assert cache.stats()["memory_bytes"] > bound - 8000
+    block_id, data, checksum = blocks[-1]
+    assert cache.get(block_id, checksum) == data
+    assert store.gets == 0
+
+
+def test_memory_entry_is_not_returned_for_another_checksum(store, make_cache):
+    cache = make_cache()
+    block_id, data, checksum = stored(store)
+    assert cache.get(block_id, checksum) == data
+    with pytest.raises(errors.BlockCorrupt):
+        cache.get(block_id, protocol.checksum(b"other bytes"))
+
+
+def test_wrong_checksum_from_the_store_surfaces_its_exception(store, make_cache, tmp_path):
+    cache = make_cache(disk_dir=str(tmp_path), disk_bytes=1 << 20)
+    block_id, data, _ = stored(store)
+    with pytest.raises(errors.BlockCorrupt):
+        cache.get(block_id, protocol.checksum(b"not these bytes"))
+    assert cache.stats()["memory_bytes"] == 0
+    assert files_on_disk(tmp_path) == {}
+
+
+def test_missing_block_surfaces_block_missing(make_cache):
+    cache = make_cache()
+    block_id, _, checksum = new_block()
+    with pytest.raises(errors.BlockMissing):
+        cache.get(block_id, checksum)
+    assert cache.stats()["misses"] == 1
+
+
+def test_ids_that_are_not_block_ids_are_refused(make_cache, tmp_path):
+    cache = make_cache(disk_dir=str(tmp_path / "cache"), disk_bytes=1 << 20)
+    with pytest.raises(ValueError):
+        cache.insert("../../escape" + "0" * 20, protocol.checksum(b"x"), b"x")
+    with pytest.raises(ValueError):
+        cache.get("ABCDEF" * 5 + "00", protocol.checksum(b"x"))
+    assert sorted(os.listdir(tmp_path)) == ["cache"]
+    assert files_on_disk(tmp_path / "cache") == {}
+
+
+# -- disk level ---------------------------------------------------------------------------
+
+def test_disk_level_survives_a_new_instance(store, make_cache, tmp_path):
+    first = make_cache(disk_dir=str(tmp_path), disk_bytes=1 << 20)
+    block_id, data, checksum = stored(store)
+    first.get(block_id, checksum)
+    first.close()
+    assert files_on_disk(tmp_path) == {block_id: 1000}
+    store.fail_with = errors.Unavailable("the cluster is gone")
+    second = make_cache(disk_dir=str(tmp_path), disk_bytes=1 << 20)
+    assert second.stats()["disk_bytes"] == 1000
+    assert second.get(block_id, checksum) == data
+    assert second.get(block_id, checksum) == data
+    s = second.stats()
+    assert (s["hits_disk"], s["hits_memory"], s["fetches"]) == (1, 1, 0)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
+def test_corrupt_disk_file_is_deleted_and_refetched(store, make_cache, tmp_path, caplog, damage):
+    first = make_cache(disk_dir=str(tmp_path), disk_bytes=1 << 20)
+    block_id, data, checksum = stored(store)
+    first.get(block_id, checksum)
+    first.close()
+    path = cache_file(tmp_path, block_id)
+    bad = {"flip": data[:500] + bytes([data[500] ^ 1]) + data[501:],
+           "truncate": data[:999], "empty": b""}[damage]
+    with open(path, "wb") as f:
+        f.write(bad)
+    second = make_cache(disk_dir=str(tmp_path), disk_bytes=1 << 20)
+    with caplog.at_level(logging.WARNING, logger="fusefs.cache"):
+        assert second.get(block_id, checksum) == data
+    assert "failed verification" in caplog.text
+    assert store.gets == 2
+    s = second.stats()
+    assert (s["hits_disk"], s["misses"], s["fetches"]) == (0, 1, 1)
+    with open(path, "rb") as f:
+        assert f.read() == data  # the refetched block replaced the bad file
+
+
+def test_file_deleted_behind_the_cache_is_a_miss(store, make_cache, tmp_path):
+    cache = make_cache(memory_bytes=0, disk_dir=str(tmp_path), disk_bytes=1 << 20)
+    block_id, data, checksum = stored(store)
+    cache.get(block_id, checksum)
+    os.unlink(cache_file(tmp_path, block_id))
+    assert cache.get(block_id, checksum) == data
+    assert store.gets == 2
+    assert cache.get(block_id, checksum) == data
+    assert store.gets == 2 and cache.stats()["hits_disk"] == 1
+
+
+def test_disk_bound_holds_and_evicts_least_recently_used(store, make_cache, tmp_path):
+    bound = 20_000
+    cache = make_cache(memory_bytes=0, disk_dir=str(tmp_path), disk_bytes=bound)
+    rng = random.Random(2)
+    blocks = [new_block(rng.randrange(1, 3000), rng) for _ in range(200)]
+    for block_id, data, checksum in blocks:
+        cache.insert(block_id, checksum, data)
+        assert cache.stats()["disk_bytes"] <= bound
+        assert sum(files_on_disk(tmp_path).values()) <= bound
+    on_disk = files_on_disk(tmp_path)
+    assert cache.stats()["disk_bytes"] == sum(on_disk.values())
+    kept = [b for b, _, _ in blocks if b in on_disk]
+    assert kept == [b for b, _, _ in blocks[-len(kept):]]  # the newest survive
+    assert cache.stats()["evictions"] == 200 - len(kept)
+
+
+def test_restart_with_a_smaller_bound_keeps_the_most_recent_files(store, make_cache, tmp_path):
+    first = make_cache(memory_bytes=0, disk_dir=str(tmp_path), disk_bytes=1 << 20)
+    blocks = [new_block(1000) for _ in range(10)]
+    for block_id, data, checksum in blocks:
+        first.insert(block_id, checksum, data)
+    first.close()
+    for age, (block_id, _, _) in enumerate(reversed(blocks)):  # blocks[-1] newest
+        stamp = 1_700_000_000 - age * 60
+        os.utime(cache_file(tmp_path, block_id), (stamp, stamp))
+    second = make_cache(memory_bytes=0, disk_dir=str(tmp_path), disk_bytes=3500)
+    assert set(files_on_disk(tmp_path)) == {b for b, _, _ in blocks[-3:]}
+    assert second.stats()["disk_bytes"] == 3000
+
+
+def test_disk_hit_refreshes_the_order_kept_across_restarts(store, make_cache, tmp_path):
+    first = make_cache(memory_bytes=0, disk_dir=str(tmp_path), disk_bytes=1 << 20)
+    a, b = new_block(), new_block()
+    for block_id, data, checksum in (a, b):
+        first.insert(block_id, checksum, data)
+        os.utime(cache_file(tmp_path, block_id), (1_600_000_000, 1_600_000_000))
+    os.utime(cache_file(tmp_path, a[0]), (1_500_000_000, 1_500_000_000))  # a is older
+    assert first.get(a[0], a[2]) == a[1]  # ... until it is read
+    first.close()
+    make_cache(memory_bytes=0, disk_dir=str(tmp_path), disk_bytes=1500)
+    assert set(files_on_disk(tmp_path)) == {a[0]}
+
+
+def test_start_removes_write_debris_and_ignores_foreign_files(make_cache, tmp_path):
+    os.makedirs(tmp_path / "tmp")
+    (tmp_path / "tmp" / "tmpabc123").write_bytes(b"half a block")
+    (tmp_path / "notes.txt").write_bytes(b"x" * 100)
+    os.makedirs(tmp_path / "ab")
+    (tmp_path / "ab" / "not-an-id").write_bytes(b"y" * 100)
+    (tmp_path / "ab" / ("cd" + "0" * 30)).write_bytes(b"z" * 100)  # an id in the wrong folder
+    cache = make_cache(disk_dir=str(tmp_path), disk_bytes=1 << 20)
+    assert os.listdir(tmp_path / "tmp") == []
+    assert (tmp_path / "notes.txt").exists() and (tmp_path / "ab" / "not-an-id").exists()
+    assert cache.stats()["disk_bytes"] == 0
+
+
+@pytest.mark.parametrize("disk", [(None, 1 << 20), ("dir", 0)])
+def test_no_disk_level(store, make_cache, tmp_path, disk):
+    disk_dir = None if disk[0] is None else str(tmp_path / "cache")
+    cache = make_cache(memory_bytes=0, disk_dir=disk_dir, disk_bytes=disk[1])
+    block_id, data, checksum = stored(store)
+    assert cache.get(block_id, checksum) == data
+    assert cache.get(block_id, checksum) == data
+    assert store.gets == 2
+    assert cache.stats()["disk_bytes"] == 0
+    assert not os.path.exists(tmp_path / "cache") or files_on_disk(tmp_path / "cache") == {}
+
+
+# -- insert / discard ---------------------------------------------------------------------
+
+def test_insert_is_read_back_without_a_fetch(store, make_cache, tmp_path):
+    cache = make_cache(disk_dir=str(tmp_path), disk_bytes=1 << 20)
+    block_id, data, checksum = new_block()  # not in the store: a fetch would fail
+    cache.insert(block_id, checksum, bytearray(data))
+    assert cache.get(block_id, checksum) == data
+    assert store.gets == 0
+    with open(cache_file(tmp_path, block_id), "rb") as f:
+        assert f.read() == data
+
+
+def test_discard_drops_memory_and_disk(store, make_cache, tmp_path):
+    cache = make_cache(disk_dir=str(tmp_path), disk_bytes=1 << 20)
+    block_id, data, checksum = stored(store)
+    cache.get(block_id, checksum)
+    cache.discard(block_id)
+    assert not os.path.exists(cache_file(tmp_path, block_id))
+    s = cache.stats()
+    assert (s["memory_bytes"], s["disk_bytes"]) == (0, 0)
+    store.delete(block_id)
+    with pytest.raises(errors.BlockMissing):
+        cache.get(block_id, checksum)
+    cache.discard(block_id)  # discarding what is not cached is harmless
+
+
+# -- single flight ------------------------------------------------------------------------
+
+def run_threads(n, target):
+    results, threads = [None] * n, []
+    barrier = threading.Barrier(n)
+
+    def run(i):
+        barrier.wait()
+        try:
+            results[i] = ("ok", target())
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            results[i] = ("error", e)
+
+    for i in range(n):
+        threads.append(threading.Thread(target=run, args=(i,)))
+        threads[-1].start()
+    return threads, results
+
+
+def join_all(threads):
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive()
+
+
+def test_concurrent_misses_make_one_fetch(store, make_cache, tmp_path):
+    cache = make_cache(disk_dir=str(tmp_path), disk_bytes=1 << 20)
+    block_id, data, checksum = stored(store)
+    store.gate.clear()  # the first fetch waits here while the others pile up
+    threads, results = run_threads(16, lambda: cache.get(block_id, checksum))
+    wait_until(lambda: store.gets >= 1, "the first fetch")
+    time.sleep(0.2)  # widen the window in which a second fetch would start
+    store.gate.set()
+    join_all(threads)
+    assert store.gets == 1
+    assert all(r == ("ok", data) for r in results)
+    s = cache.stats()
+    assert s["fetches"] == 1 and s["misses"] + s["hits_memory"] == 16
+
+
+def test_single_flight_shares_the_error_and_a_later_get_retries(store, make_cache):
+    cache = make_cache()
+    block_id, data, checksum = stored(store)
+    store.fail_with = errors.Unavailable("no server answers")
+    store.gate.clear()
+    threads, results = run_threads(16, lambda: cache.get(block_id, checksum))
+    wait_until(lambda: store.gets >= 1, "the first fetch")
+    time.sleep(0.2)
+    store.gate.set()
+    join_all(threads)
+    assert store.gets == 1
+    failures = [r[1] for r in results if r[0] == "error"]
+    assert len(failures) == 16 and all(e is failures[0] for e in failures)
+    assert isinstance(failures[0], errors.Unavailable)
+    store.fail_with = None
+    assert cache.get(block_id, checksum) == data
+    assert store.gets == 2
+
+
+def test_many_threads_many_blocks_small_bounds(store, make_cache, tmp_path):
+    mem_bound, disk_bound = 6000, 15_000
+    cache = make_cache(memory_bytes=mem_bound, disk_dir=str(tmp_path), disk_bytes=disk_bound)
+    blocks = [stored(store, 1000 + i) for i in range(40)]
+    errors_seen = []
+
+    def reader(seed):
+        rng = random.Random(seed)
+        for _ in range(300):
+            block_id, data, checksum = rng.choice(blocks)
+            if cache.get(block_id, checksum) != data:
+                errors_seen.append(block_id)
+            if rng.random() < 0.05:
+                cache.discard(rng.choice(blocks)[0])
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    join_all(threads)
+    assert errors_seen == []
+    s = cache.stats()
+    assert s["memory_bytes"] <= mem_bound and s["disk_bytes"] <= disk_bound
+    assert sum(files_on_disk(tmp_path).values()) <= disk_bound
+    assert s["hits_memory"] + s["hits_disk"] + s["misses"] == 8 * 300
+
+
+# -- read-ahead ---------------------------------------------------------------------------
+
+def test_prefetch_fills_the_cache(store, make_cache):
+    cache = make_cache()
+    blocks = [stored(store) for _ in range(10)]
+    cache.prefetch([(b, c) for b, _, c in blocks])
+    wait_until(lambda: cache.stats()["memory_bytes"] == 10_000, "read-ahead")
+    for block_id, data, checksum in blocks:
+        assert cache.get(block_id, checksum) == data
+    assert store.gets == 10
+    assert cache.stats()["hits_memory"] == 10
+
+
+def test_prefetch_skips_blocks_already_cached(store, make_cache, tmp_path):
+    first = make_cache(memory_bytes=0, disk_dir=str(tmp_path), disk_bytes=1 << 20)
+    on_disk = stored(store)
+    first.get(on_disk[0], on_disk[2])
+    first.close()
+    cache = make_cache(disk_dir=str(tmp_path), disk_bytes=1 << 20, prefetch_threads=1)
+    in_memory, new = stored(store), stored(store)
+    cache.get(in_memory[0], in_memory[2])
+    gets_before = store.gets
+    store.gate.clear()
+    cache.prefetch([(b, c) for b, _, c in (on_disk, in_memory, new, new, new)])
+    wait_until(lambda: store.gets > gets_before, "the read-ahead fetch")
+    cache.prefetch([(new[0], new[2])])  # in flight now: skipped too
+    store.gate.set()
+    assert cache.get(new[0], new[2]) == new[1]  # joins the read-ahead or hits memory
+    assert store.gets == gets_before + 1
+    assert cache.stats()["fetches"] == 2  # in_memory by get, new by read-ahead: nothing else
+    # one thread works in order, so on_disk was handled before new: left on disk
+    assert cache.stats()["memory_bytes"] == 2000
+
+
+def test_a_get_joins_the_read_ahead_fetch(store, make_cache):
+    cache = make_cache(prefetch_threads=1)
+    block_id, data, checksum = stored(store)
+    store.gate.clear()
+    cache.prefetch([(block_id, checksum)])
+    wait_until(lambda: store.gets == 1, "the read-ahead fetch")
+    threads, results = run_threads(1, lambda: cache.get(block_id, checksum))
+    time.sleep(0.1)
+    store.gate.set()
+    join_all(threads)
+    assert results == [("ok", data)] and store.gets == 1
+
+
+def test_prefetch_never_blocks_and_drops_what_does_not_fit(store, make_cache):
+    cache = make_cache(memory_bytes=10 << 20, prefetch_threads=1)
+    blocks = [stored(store, 100) for _ in range(PREFETCH_QUEUE + 200)]
+    store.gate.clear()  # the one read-ahead thread is stuck: the queue fills up
+    caller = threading.Thread(target=cache.prefetch, args=([(b, c) for b, _, c in blocks],))
+    caller.start()
+    caller.join(30)
+    assert not caller.is_alive()
+    store.gate.set()
+    wait_until(lambda: cache.stats()["memory_bytes"] >= 100 * PREFETCH_QUEUE, "read-ahead")
+    assert store.gets <= PREFETCH_QUEUE + 1 < len(blocks)
+
+
+def test_prefetch_errors_are_only_logged(store, make_cache, caplog):
+    cache = make_cache(prefetch_threads=1)
+    missing = new_block()
+    present = stored(store)
+    with caplog.at_level(logging.DEBUG, logger="fusefs.cache"):
+        cache.prefetch([(missing[0], missing[2]), (present[0], present[2])])
+        wait_until(lambda: cache.stats()["memory_bytes"] == 1000, "read-ahead")
+    assert any(r.levelno == logging.DEBUG and missing[0] in r.getMessage()
+               for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_close_stops_read_ahead_threads(store, make_cache):
+    before = set(threading.enumerate())
+    cache = make_cache(prefetch_threads=2)
+    mine = set(threading.enumerate()) - before
+    assert len(mine) == 2
+    blocks = [stored(store) for _ in range(20)]
+    store.gate.clear()
+    cache.prefetch([(b, c) for b, _, c in blocks])
+    wait_until(lambda: store.gets == 2, "both threads fetching")
+    closer = threading.Thread(target=cache.close)
+    closer.start()
+    closer.join(30)
+    assert not closer.is_alive()
+    store.gate.set()
+    wait_until(lambda: not any(t.is_alive() for t in mine), "threads to end")
+    assert store.gets == 2  # the queued requests were dropped, not fetched
+    cache.prefetch([(b, c) for b, _, c in blocks])  # after close: nothing happens
+    assert store.gets == 2
+
+
+# -- stats --------------------------------------------------------------------------------
+
+def test_stats_count_every_level(store, make_cache, tmp_path):
+    cache = make_cache(memory_bytes=1500, disk_dir=str(tmp_path), disk_bytes=1 << 20)
+    a, b = stored(store), stored(store)
+    cache.get(a[0], a[2])  # miss, fetch
+    cache.get(a[0], a[2])  # memory
+    cache.get(b[0], b[2])  # miss, fetch; evicts a from memory
+    cache.get(a[0], a[2])  # disk; evicts b from memory
+    cache.insert(protocol.new_block_id(), protocol.EMPTY_CHECKSUM, b"")  # 0 bytes
+    assert cache.stats() == {"hits_memory": 1, "hits_disk": 1, "misses": 2, "fetches": 2,
+                             "evictions": 2, "memory_bytes": 1000, "disk_bytes": 2000}

@@ -96,6 +96,8 @@ class Api:
         headers = {"Content-Type": "application/json"}
         if e.status == 401:
             headers["WWW-Authenticate"] = protocol.AUTH_SCHEME
+        if e.status == 503:
+            headers["Retry-After"] = "1"
         if "current" in e.extra:
             headers[protocol.H_GENERATION] = str(e.extra["current"])
         return Response(e.status, [body], headers)

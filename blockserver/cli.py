@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="free space to keep on the disk; writes beyond it get 507")
     serve.add_argument("--max-connections", type=int, default=256, metavar="N",
                        help="connections served at once (default 256; more get 503)")
+    serve.add_argument("--max-body-memory", type=_size, default="1GiB", metavar="SIZE",
+                       help="request bodies held in memory at once, over all connections "
+                       "(default 1GiB; beyond it: 503)")
     serve.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
                        help="seconds a client has to send a request head (default 10)")
     serve.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
@@ -125,7 +128,8 @@ def serve(args) -> int:
                                access_log=args.access_log), metrics)
     limits = Limits(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
                     body_timeout=args.body_timeout, min_rate=max(1, args.min_rate),
-                    max_connections=args.max_connections)
+                    max_connections=args.max_connections,
+                    max_body_memory=args.max_body_memory)
     try:
         server = Server(args.listen, api, limits, ssl_context=tls,
                         on_cut=metrics.connection_closed,

@@ -65,6 +65,7 @@ class Limits:
     max_header_bytes: int = 16384
     max_headers: int = 64
     max_connections: int = 256
+    max_body_memory: int = 1 << 30  # bytes of request bodies held at once, all connections
     shutdown_grace: float = 30.0
 
 
@@ -82,8 +83,9 @@ class Request:
     signed_hash: str | None = None  # the body hash a valid signature vouches for
 
     def read_body(self) -> bytearray:
+        body = self.conn.read_body(self.content_length, self.headers)
         self.body_read = True
-        return self.conn.read_body(self.content_length, self.headers)
+        return body
 
 
 @dataclass
@@ -108,6 +110,7 @@ class Connection:
         self.state = "new"
         self.deadline = time.monotonic() + self.limits.header_timeout
         self.cut_reason: str | None = None
+        self.reserved = 0  # body bytes this connection holds against max_body_memory
 
     def _phase(self, state: str, seconds: float) -> None:
         self.state, self.deadline = state, time.monotonic() + seconds
@@ -200,6 +203,10 @@ class Connection:
             headers[name] = value
 
     def read_body(self, length: int, headers: dict) -> bytearray:
+        if not self.server.reserve_body(length):
+            raise HttpError(503, "busy", "too many large requests in progress; retry shortly",
+                            retry_after=1)
+        self.reserved = length
         if headers.get("expect", "").lower() == "100-continue":
             self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._phase("body", self.limits.body_timeout + length / self.limits.min_rate)
@@ -259,6 +266,7 @@ class Server:
         self.stopping = False
         self._lock = threading.Lock()
         self._connections: set[Connection] = set()  # guarded by _lock
+        self._body_bytes = 0  # guarded by _lock: bodies being read or handled
         self._threads: set[threading.Thread] = set()  # guarded by _lock
         self._stopped = threading.Event()
         family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
@@ -267,6 +275,19 @@ class Server:
         self._listener.bind(listen)
         self._listener.listen(128)
         self.address = self._listener.getsockname()[:2]
+
+    def reserve_body(self, length: int) -> bool:
+        """Admit a body of `length` bytes into memory if the budget allows (one at least)."""
+        with self._lock:
+            if self._body_bytes and self._body_bytes + length > self.limits.max_body_memory:
+                return False
+            self._body_bytes += length
+            return True
+
+    def _release_body(self, conn: Connection) -> None:
+        with self._lock:
+            self._body_bytes -= conn.reserved
+        conn.reserved = 0
 
     @property
     def open_connections(self) -> int:
@@ -361,7 +382,10 @@ class Server:
             self.app.record("-", "-", response, 0, sent, started)
             return False
         conn.state = "handling"
-        response = self.app.handle(request)
+        try:
+            response = self.app.handle(request)
+        finally:
+            self._release_body(conn)
         close = request.close or self.stopping or (
             not request.body_read and request.content_length > 0) or response.status >= 500
         sent = conn.send(response, close, request.method)

@@ -830,3 +830,28 @@ def test_concurrent_puts_and_gets_of_distinct_blocks(blockservers):
     assert status["block_count"] == len(blocks)
     assert status["used_bytes"] == sum(len(b) for b in blocks.values())
     assert os.listdir(os.path.join(server.data_dir, "tmp")) == []
+
+
+def test_request_bodies_held_in_memory_are_bounded(blockservers):
+    """Bodies being read count against --max-body-memory; beyond it the answer is 503."""
+    server = blockservers(1, args=["--max-body-memory", "1MiB"])[0]
+    big = os.urandom(900_000)
+    with connect(server) as slow:
+        send_quietly(slow, put_head(GOOD, len(big), protocol.checksum(big)) + big[:1000])
+        other = os.urandom(500_000)
+
+        def refused():
+            block_id = os.urandom(16).hex()
+            r = exchange(server, put_head(block_id, len(other), protocol.checksum(other))
+                         + other)
+            return r is not None and r.status == 503 and r
+
+        answer = eventually(refused, what="a 503 while the slow body holds the budget")
+        assert answer.headers.get("retry-after") == "1"
+        assert json.loads(answer.body)["error"] == "busy"
+        send_quietly(slow, big[1000:])
+        assert read_response(slow).status == 201
+    block_id = os.urandom(16).hex()
+    r = exchange(server, put_head(block_id, len(other), protocol.checksum(other)) + other)
+    assert r.status == 201
+    assert_serving(server)

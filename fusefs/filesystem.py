@@ -273,9 +273,12 @@ class Filesystem:
         inode = self._inode(ino)
         if inode.is_dir and flags & os.O_ACCMODE != os.O_RDONLY:
             raise FsError(errno.EISDIR)
-        fd = self.flusher.file(ino)
-        with fd.lock:
-            fd.open_count += 1
+        while True:
+            fd = self.flusher.file(ino)
+            with fd.lock:
+                if self.flusher.registered(fd):  # not forgotten since file() returned it
+                    fd.open_count += 1
+                    break
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY and inode.size:
             self._truncate(ino, 0)
         with self._handles_lock:
@@ -361,8 +364,9 @@ class Filesystem:
             if isinstance(piece, int):
                 out.append(bytes(piece))
             elif isinstance(piece, tuple):
-                ref, within, n = piece
-                data = self.cache.get(ref.block_id, ref.checksum)[within:within + n]
+                ref, within, n = piece  # bytes past ref.length were cut off: zeros
+                data = self.cache.get(ref.block_id, ref.checksum)[within:min(within + n,
+                                                                             ref.length)]
                 out.append(data + bytes(n - len(data)))
             else:
                 out.append(piece)
@@ -396,6 +400,7 @@ class Filesystem:
                     return
                 ref = fd.refs[idx]
             base = bytearray(self.cache.get(ref.block_id, ref.checksum))  # no lock held
+            del base[ref.length:]  # bytes a truncation cut off do not come back
             with fd.lock:
                 if idx in fd.dirty or fd.refs.get(idx) == ref:
                     self._apply(fd, idx, within, chunk, base)
@@ -422,18 +427,21 @@ class Filesystem:
             self.flusher.account(grown)
 
     def _truncate(self, ino: int, size: int) -> None:
-        fd = self.flusher.file(ino)
         bs = self.block_size
         idx, within = divmod(size, bs)
         while True:
+            fd = self.flusher.file(ino)
             with fd.lock:
+                if not self.flusher.registered(fd):
+                    continue  # forgotten since file() returned it
                 ref = fd.refs.get(idx) if within and idx not in fd.dirty else None
                 if ref is None or ref.length <= within:
                     self._cut(fd, size)
                     break
             base = bytearray(self.cache.get(ref.block_id, ref.checksum)[:within])
             with fd.lock:
-                if fd.refs.get(idx) == ref and idx not in fd.dirty:
+                if (self.flusher.registered(fd) and fd.refs.get(idx) == ref
+                        and idx not in fd.dirty):
                     fd.dirty[idx] = DirtyBlock(base)
                     self.flusher.account(len(base))
                     self._cut(fd, size)
@@ -456,7 +464,7 @@ class Filesystem:
             del fd.refs[idx]
         fd.size = size
         fd.mtime_ns = fd.ctime_ns = now_ns()
-        self.metadata.truncate_blocks(fd.ino, keep, size, fd.mtime_ns)
+        self.metadata.truncate_blocks(fd.ino, keep, size, fd.mtime_ns, size % bs or None)
         if freed:
             self.flusher.account(-freed)
 

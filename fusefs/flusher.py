@@ -87,6 +87,7 @@ class Flusher:
         self._dirty_bytes = 0  # guarded by _lock
         self._errors: collections.deque[str] = collections.deque(maxlen=10)  # guarded by _lock
         self._stopping = False
+        self._stopped = threading.Event()  # wakes the garbage thread at close
         self._uploads = ThreadPoolExecutor(threads, thread_name_prefix="flusher-upload")
         self._threads = [threading.Thread(target=self._run, name="flusher", daemon=True),
                          threading.Thread(target=self._collect_garbage, name="gc", daemon=True)]
@@ -112,14 +113,19 @@ class Flusher:
         with self._lock:
             return self._files.get(ino)
 
+    def registered(self, fd: FileData) -> bool:
+        """Expects fd.lock held: fd is (and, while the lock is held, stays) the live state
+        of its inode. Check before changing a FileData obtained from file()."""
+        with self._lock:
+            return self._files.get(fd.ino) is fd
+
     def forget_if_idle(self, fd: FileData) -> None:
         """Drop a file's live state when it is closed and has nothing left to upload."""
-        with fd.lock:
-            idle = fd.open_count == 0 and not fd.dirty
-        if idle:
-            with self._lock:
-                if self._files.get(fd.ino) is fd:
-                    del self._files[fd.ino]
+        with fd.lock:  # held throughout, so that no open slips in between check and drop
+            if fd.open_count == 0 and not fd.dirty:
+                with self._lock:
+                    if self._files.get(fd.ino) is fd:
+                        del self._files[fd.ino]
 
     # -- dirty memory -----------------------------------------------------------------------
 
@@ -158,10 +164,11 @@ class Flusher:
     # -- flushing on request ----------------------------------------------------------------
 
     def request(self, fd: FileData) -> None:
+        """Upload this file's dirty blocks soon (close). The flusher picks the request up at
+        its next tick (0.2 s) rather than at once, so the files closed meanwhile share
+        batches: untar of small files costs a few requests per server, not one per file."""
         with fd.lock:
             fd.flush_wanted = bool(fd.dirty)
-        with self._lock:
-            self._work.notify_all()
 
     def flush(self, fd: FileData, timeout: float | None = None) -> None:
         """Upload every block dirty now and wait; raise the upload error if one fails."""
@@ -176,7 +183,7 @@ class Flusher:
         deadline = None if timeout is None else time.monotonic() + timeout
         with fd.lock:
             while targets & fd.dirty.keys():
-                if fd.error_seq != seq:
+                if fd.error_seq != seq and fd.error is not None:
                     raise fd.error
                 if deadline is not None and time.monotonic() > deadline:
                     raise errors.Timeout(f"inode {fd.ino}: upload did not finish in time")
@@ -218,7 +225,11 @@ class Flusher:
                     self._uploads.submit(self._upload, [job])
 
     def _choose(self, files: list[FileData], pressure: bool):
-        """Mark eligible blocks uploading; return (fd, idx, bytes, version) jobs."""
+        """Mark eligible blocks uploading; return (fd, idx, bytes, (block, version)) jobs.
+
+        The block object is part of the job: a block dropped by a truncation and written
+        again is a new DirtyBlock whose version restarts, and must not be taken for it.
+        """
         now = time.monotonic()
         jobs = []
         for fd in files:
@@ -228,7 +239,7 @@ class Flusher:
                         continue
                     if fd.flush_wanted or blk.ready or pressure or now - blk.since >= self.max_age:
                         blk.uploading = True
-                        jobs.append((fd, idx, bytes(blk.data), blk.version))
+                        jobs.append((fd, idx, bytes(blk.data), (blk, blk.version)))
         return jobs
 
     def _upload(self, jobs) -> None:
@@ -261,11 +272,11 @@ class Flusher:
         stale, freed = [], 0
         with fd.lock:
             done = {}
-            for ref, (_, idx, data, version) in entries:
+            for ref, (_, idx, data, (uploaded, version)) in entries:
                 blk = fd.dirty.get(idx)
-                if fd.removed or blk is None or blk.version != version:
+                if fd.removed or blk is not uploaded or blk.version != version:
                     stale.append(ref.block_id)  # changed or dropped meanwhile: not referenced
-                    if blk is not None:
+                    if blk is uploaded:
                         blk.uploading = False
                     continue
                 del fd.dirty[idx]
@@ -276,6 +287,7 @@ class Flusher:
                 self.metadata.commit_blocks(fd.ino, done, fd.size, fd.mtime_ns, fd.ctime_ns)
             if not fd.dirty:
                 fd.flush_wanted = False
+                fd.error = None  # everything is durable: an earlier failure is moot
             fd.changed.notify_all()
         if stale:
             self.metadata.add_garbage(stale)
@@ -292,10 +304,10 @@ class Flusher:
                     len(jobs), error)
         with self._lock:
             self._errors.append(f"{time.strftime('%H:%M:%S')} {error}")
-        for fd, idx, _, version in jobs:
+        for fd, idx, _, (uploaded, _version) in jobs:
             with fd.lock:
                 blk = fd.dirty.get(idx)
-                if blk is not None:
+                if blk is uploaded:
                     blk.uploading = False
                     blk.retry_at = time.monotonic() + 1.0
                 fd.error = error
@@ -305,8 +317,7 @@ class Flusher:
     # -- garbage ----------------------------------------------------------------------------
 
     def _collect_garbage(self) -> None:
-        while not self._stopping:
-            time.sleep(2.0)
+        while not self._stopped.wait(2.0):
             try:
                 self.collect_garbage()
             except errors.StorageError as e:
@@ -333,6 +344,7 @@ class Flusher:
         with self._lock:
             self._stopping = True
             self._work.notify_all()
+        self._stopped.set()
         for t in self._threads:
             t.join(timeout=10)
         self._uploads.shutdown(wait=True)

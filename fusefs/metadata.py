@@ -301,12 +301,20 @@ class Metadata:
             db.execute("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE ino=?",
                        (size, mtime_ns, ctime_ns, ino))
 
-    def truncate_blocks(self, ino: int, keep_below: int, size: int, t: int) -> None:
-        """Drop blocks with index >= keep_below (they become garbage) and set the size."""
+    def truncate_blocks(self, ino: int, keep_below: int, size: int, t: int,
+                        last_length: int | None = None) -> None:
+        """Drop blocks with index >= keep_below (they become garbage) and set the size.
+
+        `last_length`: block keep_below-1 now ends inside; only its first `last_length`
+        bytes belong to the file (the rest must never come back, even after a crash).
+        """
         with self._txn() as db:
             db.execute("INSERT OR IGNORE INTO garbage SELECT block_id FROM blocks "
                        "WHERE ino=? AND idx>=?", (ino, keep_below))
             db.execute("DELETE FROM blocks WHERE ino=? AND idx>=?", (ino, keep_below))
+            if last_length is not None:
+                db.execute("UPDATE blocks SET length=MIN(length, ?) WHERE ino=? AND idx=?",
+                           (last_length, ino, keep_below - 1))
             db.execute("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE ino=?",
                        (size, t, t, ino))
 

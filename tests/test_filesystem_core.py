@@ -1,0 +1,1394 @@
+"""The POSIX core (fusefs/filesystem.py) with the flusher, the SQLite metadata, a block cache
+and an in-memory block store: namespace errors with exact errnos, link counts, rename,
+hard and symbolic links, unlinked-but-open files and orphans, file data across blocks,
+truncation, attributes, xattrs, durability of fsync (P1), outages (P7), back-pressure and
+garbage collection.
+
+No FUSE and no HTTP here: these are unit tests of the layers below `fuse_ops`.
+Nothing asserts wall-clock times; `wait_until` only guards against hangs.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import sqlite3
+import stat
+import threading
+import time
+
+import pytest
+
+from fusefs import errors
+from fusefs.errors import FsError
+from fusefs.filesystem import XATTR_CREATE, XATTR_REPLACE, Filesystem
+from fusefs.flusher import Flusher
+from fusefs.memstore import MemoryBlockStore
+from fusefs.metadata import ROOT_INO, Metadata
+
+try:  # written concurrently by someone else: fall back to a pass-through cache
+    from fusefs.cache import BlockCache
+except Exception:  # noqa: BLE001 - any import problem means "not usable yet"
+    BlockCache = None
+
+BS = 65536  # small blocks so that multi-block cases are cheap
+RW_CREATE = os.O_RDWR | os.O_CREAT
+GUARD = 30.0  # seconds; only against hangs, never a performance assertion
+
+
+class PassThroughCache:
+    """The cache interface with no caching at all: every get goes to the store."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def get(self, block_id, checksum):
+        return self.store.get(block_id, checksum)
+
+    def insert(self, block_id, checksum, data):
+        pass
+
+    def discard(self, block_id):
+        pass
+
+    def prefetch(self, items):
+        pass
+
+    def close(self):
+        pass
+
+
+def make_cache(store):
+    if BlockCache is not None:
+        try:
+            return BlockCache(store, memory_bytes=64 << 20, disk_dir=None, disk_bytes=0)
+        except Exception:  # noqa: BLE001 - an unfinished cache must not block these tests
+            pass
+    return PassThroughCache(store)
+
+
+class Core:
+    """Metadata + store + cache + flusher + Filesystem on one database file."""
+
+    def __init__(self, db_path, store=None, *, fresh=True, dirty_limit=32 << 20,
+                 max_age=0.2):
+        self.db_path = str(db_path)
+        self.md = Metadata(self.db_path)
+        if fresh:
+            self.md.format(uid=0, gid=0)
+        self.store = store if store is not None else MemoryBlockStore()
+        self.cache = make_cache(self.store)
+        self.flusher = Flusher(self.store, self.cache, self.md, dirty_limit=dirty_limit,
+                               max_age=max_age)
+        self.fs = Filesystem(self.md, self.cache, self.flusher, block_size=BS)
+        self.fs.start()
+        self.closed = False
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.store.fail_with = None  # let nothing hang on an injected outage
+        try:
+            self.flusher.close()
+            self.cache.close()
+        finally:
+            self.md.close()
+
+
+@pytest.fixture
+def make_core(tmp_path):
+    cores = []
+
+    def make(name="metadata.db", **kwargs):
+        core = Core(tmp_path / name, **kwargs)
+        cores.append(core)
+        return core
+
+    yield make
+    for core in reversed(cores):
+        core.close()
+
+
+@pytest.fixture
+def core(make_core):
+    return make_core()
+
+
+@pytest.fixture
+def fs(core):
+    return core.fs
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def wait_until(predicate, timeout=GUARD, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def expect_errno(code, fn, *args, **kwargs):
+    with pytest.raises(FsError) as info:
+        fn(*args, **kwargs)
+    assert info.value.errno == code, (
+        f"expected {errno.errorcode[code]}, got {errno.errorcode.get(info.value.errno)}")
+
+
+def new_file(fs, name, data=b"", parent=ROOT_INO, flags=RW_CREATE, mode=0o644):
+    """Create (or open) parent/name and write data at 0. Returns (ino, fh), still open."""
+    inode, fh = fs.create(parent, name, mode, flags, 0, 0)
+    if data:
+        assert fs.write(fh, 0, data) == len(data)
+    return inode.ino, fh
+
+
+def close(fs, fh):
+    fs.flush(fh)
+    fs.release(fh)
+
+
+def read_all(fs, fh, ino):
+    return fs.read(fh, 0, fs.getattr(ino).size + 10)
+
+
+def referenced(db_path):
+    """{(ino, idx): block_id} of every block map entry, through a separate connection."""
+    db = sqlite3.connect(db_path)
+    try:
+        return {(i, x): b for i, x, b in db.execute("SELECT ino, idx, block_id FROM blocks")}
+    finally:
+        db.close()
+
+
+def refs_of(core, ino):
+    return core.md.block_refs(ino, 0, 2**62)
+
+
+def forget_cached(core):
+    """Drop every cached copy so that the next read of a clean block goes to the store."""
+    for block_id in referenced(core.db_path).values():
+        core.cache.discard(block_id)
+
+
+def store_matches_metadata(core):
+    """After garbage collection: exactly the referenced blocks are stored."""
+    core.flusher.collect_garbage()
+    return core.store.block_ids() == set(referenced(core.db_path).values())
+
+
+def pattern(n, seed=0):
+    return random.Random(seed).randbytes(n)
+
+
+# -- lookup, create, names -------------------------------------------------------------------
+
+
+def test_lookup_and_getattr_of_missing_names_is_enoent(fs):
+    expect_errno(errno.ENOENT, fs.lookup, ROOT_INO, b"missing")
+    expect_errno(errno.ENOENT, fs.getattr, 987654)
+    d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    expect_errno(errno.ENOENT, fs.lookup, d.ino, b"missing")
+    expect_errno(errno.ENOENT, fs.unlink, ROOT_INO, b"missing")
+    expect_errno(errno.ENOENT, fs.rmdir, ROOT_INO, b"missing")
+    assert fs.lookup(ROOT_INO, b"d").ino == d.ino
+
+
+def test_lookup_under_a_file_is_enotdir(fs):
+    ino, fh = new_file(fs, b"f")
+    close(fs, fh)
+    expect_errno(errno.ENOTDIR, fs.lookup, ino, b"x")
+    expect_errno(errno.ENOTDIR, fs.mkdir, ino, b"x", 0o755, 0, 0)
+    expect_errno(errno.ENOTDIR, fs.create, ino, b"x", 0o644, RW_CREATE, 0, 0)
+    expect_errno(errno.ENOTDIR, fs.readdir, ino)
+
+
+def test_mkdir_of_an_existing_name_is_eexist(fs):
+    d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    expect_errno(errno.EEXIST, fs.mkdir, ROOT_INO, b"d", 0o755, 0, 0)
+    _, fh = new_file(fs, b"f")
+    close(fs, fh)
+    expect_errno(errno.EEXIST, fs.mkdir, ROOT_INO, b"f", 0o755, 0, 0)
+    expect_errno(errno.EEXIST, fs.symlink, ROOT_INO, b"d", b"target", 0, 0)
+    assert fs.lookup(ROOT_INO, b"d").ino == d.ino
+    assert stat.S_ISREG(fs.lookup(ROOT_INO, b"f").mode)
+
+
+def test_create_with_o_excl_on_existing_is_eexist_without_it_opens(fs):
+    ino, fh = new_file(fs, b"f", b"hello")
+    close(fs, fh)
+    expect_errno(errno.EEXIST, fs.create, ROOT_INO, b"f", 0o644, RW_CREATE | os.O_EXCL, 0, 0)
+    inode, fh = fs.create(ROOT_INO, b"f", 0o600, RW_CREATE, 0, 0)
+    assert inode.ino == ino
+    assert stat.S_IMODE(inode.mode) == 0o644  # an existing file keeps its mode
+    assert fs.read(fh, 0, 100) == b"hello"  # and its data (no O_TRUNC)
+    close(fs, fh)
+    assert [name for name, _, _ in fs.readdir(ROOT_INO)] == [b"f"]
+    fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    expect_errno(errno.EEXIST, fs.create, ROOT_INO, b"d", 0o644, RW_CREATE | os.O_EXCL, 0, 0)
+    expect_errno(errno.EISDIR, fs.create, ROOT_INO, b"d", 0o644, RW_CREATE, 0, 0)
+
+
+def test_names_longer_than_255_bytes_are_enametoolong(fs):
+    long = b"n" * 256
+    ok = b"n" * 255
+    ino, fh = new_file(fs, b"f")
+    close(fs, fh)
+    expect_errno(errno.ENAMETOOLONG, fs.mkdir, ROOT_INO, long, 0o755, 0, 0)
+    expect_errno(errno.ENAMETOOLONG, fs.create, ROOT_INO, long, 0o644, RW_CREATE, 0, 0)
+    expect_errno(errno.ENAMETOOLONG, fs.mknod, ROOT_INO, long, stat.S_IFREG | 0o644, 0, 0, 0)
+    expect_errno(errno.ENAMETOOLONG, fs.symlink, ROOT_INO, long, b"t", 0, 0)
+    expect_errno(errno.ENAMETOOLONG, fs.link, ino, ROOT_INO, long)
+    expect_errno(errno.ENAMETOOLONG, fs.rename, ROOT_INO, b"f", ROOT_INO, long)
+    expect_errno(errno.ENAMETOOLONG, fs.lookup, ROOT_INO, long)
+    assert fs.lookup(ROOT_INO, b"f").ino == ino  # the failed rename changed nothing
+    assert [n for n, _, _ in fs.readdir(ROOT_INO)] == [b"f"]
+    # 255 bytes is fine
+    assert fs.mkdir(ROOT_INO, ok, 0o755, 0, 0).ino == fs.lookup(ROOT_INO, ok).ino
+
+
+def test_non_utf8_byte_names_work(fs):
+    names = [b"caf\xe9", b"\xff\xfe\x80", b"latin1-\xe4\xf6\xfc", b"\xc3\x28"]
+    inos = {}
+    for i, name in enumerate(names):
+        if i % 2:
+            inos[name] = fs.mkdir(ROOT_INO, name, 0o755, 0, 0).ino
+        else:
+            ino, fh = new_file(fs, name, name * 3)
+            close(fs, fh)
+            inos[name] = ino
+    listed = {name: ino for name, ino, _ in fs.readdir(ROOT_INO)}
+    assert listed == inos
+    for name, ino in inos.items():
+        assert fs.lookup(ROOT_INO, name).ino == ino
+    fh = fs.open(inos[b"caf\xe9"], os.O_RDONLY)
+    assert fs.read(fh, 0, 100) == b"caf\xe9" * 3
+    close(fs, fh)
+    fs.rename(ROOT_INO, b"caf\xe9", ROOT_INO, b"\x01\xfe")
+    assert fs.lookup(ROOT_INO, b"\x01\xfe").ino == inos[b"caf\xe9"]
+    expect_errno(errno.ENOENT, fs.lookup, ROOT_INO, b"caf\xe9")
+    expect_errno(errno.ENOENT, fs.lookup, ROOT_INO, "café".encode())  # bytes, not text
+
+
+# -- unlink, rmdir, link counts --------------------------------------------------------------
+
+
+def test_unlink_of_a_directory_is_eisdir(fs):
+    d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    expect_errno(errno.EISDIR, fs.unlink, ROOT_INO, b"d")
+    assert fs.lookup(ROOT_INO, b"d").ino == d.ino
+
+
+def test_rmdir_of_a_file_is_enotdir(fs):
+    ino, fh = new_file(fs, b"f", b"x")
+    close(fs, fh)
+    expect_errno(errno.ENOTDIR, fs.rmdir, ROOT_INO, b"f")
+    assert fs.lookup(ROOT_INO, b"f").ino == ino
+
+
+def test_rmdir_of_a_non_empty_directory_is_enotempty(fs):
+    d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    _, fh = new_file(fs, b"f", parent=d.ino)
+    close(fs, fh)
+    expect_errno(errno.ENOTEMPTY, fs.rmdir, ROOT_INO, b"d")
+    e = fs.mkdir(ROOT_INO, b"e", 0o755, 0, 0)
+    fs.mkdir(e.ino, b"sub", 0o755, 0, 0)
+    expect_errno(errno.ENOTEMPTY, fs.rmdir, ROOT_INO, b"e")
+    fs.unlink(d.ino, b"f")
+    fs.rmdir(ROOT_INO, b"d")
+    expect_errno(errno.ENOENT, fs.lookup, ROOT_INO, b"d")
+    expect_errno(errno.ENOENT, fs.getattr, d.ino)
+
+
+def test_directory_link_counts_follow_mkdir_rmdir_and_rename(fs):
+    def nlink(ino):
+        return fs.getattr(ino).nlink
+
+    assert nlink(ROOT_INO) == 2
+    a = fs.mkdir(ROOT_INO, b"a", 0o755, 0, 0).ino
+    b = fs.mkdir(ROOT_INO, b"b", 0o755, 0, 0).ino
+    assert (nlink(ROOT_INO), nlink(a), nlink(b)) == (4, 2, 2)
+    x = fs.mkdir(a, b"x", 0o755, 0, 0).ino
+    fs.mkdir(a, b"y", 0o755, 0, 0)
+    _, fh = new_file(fs, b"file", parent=a)  # files do not count
+    close(fs, fh)
+    assert (nlink(a), nlink(x)) == (4, 2)
+    fs.rename(a, b"x", b, b"x2")  # a directory moves across
+    assert (nlink(a), nlink(b), nlink(x)) == (3, 3, 2)
+    fs.rename(b, b"x2", b, b"x3")  # within one directory: no change
+    assert (nlink(a), nlink(b)) == (3, 3)
+    fs.rename(a, b"file", b, b"file")  # a file moves across: no change
+    assert (nlink(a), nlink(b)) == (3, 3)
+    fs.rmdir(b, b"x3")
+    assert (nlink(a), nlink(b), nlink(ROOT_INO)) == (3, 2, 4)
+    fs.rmdir(a, b"y")
+    assert nlink(a) == 2
+    fs.unlink(b, b"file")
+    fs.rmdir(ROOT_INO, b"a")
+    fs.rmdir(ROOT_INO, b"b")
+    assert nlink(ROOT_INO) == 2
+
+
+# -- rename ----------------------------------------------------------------------------------
+
+
+def test_rename_file_over_file_replaces_atomically_and_frees_the_victim(core):
+    fs = core.fs
+    src, fh = new_file(fs, b"src", pattern(BS + 100, 1))
+    fs.fsync(fh)
+    close(fs, fh)
+    victim, fh = new_file(fs, b"dst", pattern(2 * BS, 2))
+    fs.fsync(fh)
+    close(fs, fh)
+    victim_blocks = {r.block_id for r in refs_of(core, victim).values()}
+    assert len(victim_blocks) == 2 and victim_blocks <= core.store.block_ids()
+
+    fs.rename(ROOT_INO, b"src", ROOT_INO, b"dst")
+
+    assert fs.lookup(ROOT_INO, b"dst").ino == src
+    expect_errno(errno.ENOENT, fs.lookup, ROOT_INO, b"src")
+    expect_errno(errno.ENOENT, fs.getattr, victim)
+    assert core.md.inode(victim) is None
+    assert refs_of(core, victim) == {}
+    gone_or_garbage = set(core.md.garbage(10000)) | (victim_blocks - core.store.block_ids())
+    assert victim_blocks <= gone_or_garbage
+    fh = fs.open(src, os.O_RDONLY)
+    assert read_all(fs, fh, src) == pattern(BS + 100, 1)
+    close(fs, fh)
+    core.flusher.collect_garbage()
+    assert not victim_blocks & core.store.block_ids()
+    assert [n for n, _, _ in fs.readdir(ROOT_INO)] == [b"dst"]
+
+
+def test_rename_over_an_open_file_keeps_it_readable_until_release(core):
+    fs = core.fs
+    victim, vfh = new_file(fs, b"dst", pattern(BS + 9, 12))
+    fs.fsync(vfh)
+    blocks = {r.block_id for r in refs_of(core, victim).values()}
+    src, fh = new_file(fs, b"src", b"replacement")
+    close(fs, fh)
+    fs.rename(ROOT_INO, b"src", ROOT_INO, b"dst")
+    assert fs.lookup(ROOT_INO, b"dst").ino == src
+    assert fs.getattr(victim).nlink == 0
+    assert fs.read(vfh, 0, 2 * BS) == pattern(BS + 9, 12)
+    close(fs, vfh)
+    expect_errno(errno.ENOENT, fs.getattr, victim)
+    assert core.md.inode(victim) is None
+    assert blocks <= set(core.md.garbage(10000)) | (blocks - core.store.block_ids())
+
+
+def test_rename_directory_over_empty_directory(fs):
+    a = fs.mkdir(ROOT_INO, b"a", 0o755, 0, 0).ino
+    b = fs.mkdir(ROOT_INO, b"b", 0o755, 0, 0).ino
+    x = fs.mkdir(a, b"x", 0o755, 0, 0).ino
+    _, fh = new_file(fs, b"inside", parent=x)
+    close(fs, fh)
+    y = fs.mkdir(b, b"y", 0o755, 0, 0).ino
+    fs.rename(a, b"x", b, b"y")
+    assert fs.lookup(b, b"y").ino == x
+    expect_errno(errno.ENOENT, fs.lookup, a, b"x")
+    expect_errno(errno.ENOENT, fs.getattr, y)
+    assert fs.getattr(a).nlink == 2
+    assert fs.getattr(b).nlink == 3
+    assert fs.getattr(ROOT_INO).nlink == 4
+    assert [n for n, _, _ in fs.readdir(x)] == [b"inside"]
+
+
+def test_rename_directory_over_non_empty_directory_is_enotempty(fs):
+    x = fs.mkdir(ROOT_INO, b"x", 0o755, 0, 0).ino
+    y = fs.mkdir(ROOT_INO, b"y", 0o755, 0, 0).ino
+    fs.mkdir(y, b"child", 0o755, 0, 0)
+    expect_errno(errno.ENOTEMPTY, fs.rename, ROOT_INO, b"x", ROOT_INO, b"y")
+    assert fs.lookup(ROOT_INO, b"x").ino == x
+    assert fs.lookup(ROOT_INO, b"y").ino == y
+    assert fs.getattr(ROOT_INO).nlink == 4
+
+
+def test_rename_file_over_directory_is_eisdir_and_directory_over_file_is_enotdir(fs):
+    d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).ino
+    f, fh = new_file(fs, b"f", b"data")
+    close(fs, fh)
+    expect_errno(errno.EISDIR, fs.rename, ROOT_INO, b"f", ROOT_INO, b"d")
+    expect_errno(errno.ENOTDIR, fs.rename, ROOT_INO, b"d", ROOT_INO, b"f")
+    assert fs.lookup(ROOT_INO, b"d").ino == d
+    assert fs.lookup(ROOT_INO, b"f").ino == f
+    assert fs.getattr(f).nlink == 1 and fs.getattr(d).nlink == 2
+
+
+def test_rename_directory_into_its_own_subdirectory_is_einval(fs):
+    a = fs.mkdir(ROOT_INO, b"a", 0o755, 0, 0).ino
+    b = fs.mkdir(a, b"b", 0o755, 0, 0).ino
+    c = fs.mkdir(b, b"c", 0o755, 0, 0).ino
+    expect_errno(errno.EINVAL, fs.rename, ROOT_INO, b"a", c, b"a")
+    expect_errno(errno.EINVAL, fs.rename, ROOT_INO, b"a", b, b"moved")
+    expect_errno(errno.EINVAL, fs.rename, ROOT_INO, b"a", a, b"self")
+    assert fs.lookup(ROOT_INO, b"a").ino == a
+    assert fs.lookup(a, b"b").ino == b
+    assert [n for n, _, _ in fs.readdir(c)] == []
+
+
+def test_rename_onto_another_hard_link_of_the_same_inode_does_nothing(fs):
+    ino, fh = new_file(fs, b"one", b"shared")
+    close(fs, fh)
+    fs.link(ino, ROOT_INO, b"two")
+    fs.rename(ROOT_INO, b"one", ROOT_INO, b"two")
+    assert fs.lookup(ROOT_INO, b"one").ino == ino
+    assert fs.lookup(ROOT_INO, b"two").ino == ino
+    assert fs.getattr(ino).nlink == 2
+    fh = fs.open(ino, os.O_RDONLY)
+    assert fs.read(fh, 0, 100) == b"shared"
+    close(fs, fh)
+
+
+def test_rename_of_a_missing_source_is_enoent(fs):
+    fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    expect_errno(errno.ENOENT, fs.rename, ROOT_INO, b"missing", ROOT_INO, b"new")
+    expect_errno(errno.ENOENT, fs.lookup, ROOT_INO, b"new")
+
+
+def test_rename_file_across_directories_keeps_inode_and_data(fs):
+    a = fs.mkdir(ROOT_INO, b"a", 0o755, 0, 0).ino
+    b = fs.mkdir(ROOT_INO, b"b", 0o755, 0, 0).ino
+    ino, fh = new_file(fs, b"f", pattern(3 * BS, 7), parent=a)  # still dirty
+    fs.rename(a, b"f", b, b"g")
+    assert fs.lookup(b, b"g").ino == ino
+    expect_errno(errno.ENOENT, fs.lookup, a, b"f")
+    fs.fsync(fh)
+    close(fs, fh)
+    fh = fs.open(fs.lookup(b, b"g").ino, os.O_RDONLY)
+    assert read_all(fs, fh, ino) == pattern(3 * BS, 7)
+    close(fs, fh)
+
+
+# -- hard and symbolic links -----------------------------------------------------------------
+
+
+def test_hard_links_share_inode_and_data(core):
+    fs = core.fs
+    d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).ino
+    ino, fh = new_file(fs, b"a", b"first")
+    close(fs, fh)
+    linked = fs.link(ino, d, b"b")
+    assert linked.ino == ino and linked.nlink == 2
+    assert fs.lookup(d, b"b").ino == ino
+    expect_errno(errno.EEXIST, fs.link, ino, ROOT_INO, b"a")
+    fs.link(ino, ROOT_INO, b"c")
+    assert fs.getattr(ino).nlink == 3
+
+    fh_a = fs.open(fs.lookup(ROOT_INO, b"a").ino, os.O_RDWR)
+    fh_b = fs.open(fs.lookup(d, b"b").ino, os.O_RDONLY)
+    fs.write(fh_a, 5, b" and more")
+    assert fs.read(fh_b, 0, 100) == b"first and more"
+    fs.fsync(fh_a)
+    close(fs, fh_a)
+    close(fs, fh_b)
+
+    fs.unlink(ROOT_INO, b"a")
+    assert fs.getattr(ino).nlink == 2
+    fs.unlink(ROOT_INO, b"c")
+    assert fs.getattr(ino).nlink == 1
+    forget_cached(core)
+    fh = fs.open(fs.lookup(d, b"b").ino, os.O_RDONLY)
+    assert fs.read(fh, 0, 100) == b"first and more"
+    close(fs, fh)
+    fs.unlink(d, b"b")
+    expect_errno(errno.ENOENT, fs.getattr, ino)
+
+
+def test_hard_link_to_a_directory_is_eperm(fs):
+    d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).ino
+    expect_errno(errno.EPERM, fs.link, d, ROOT_INO, b"d2")
+    expect_errno(errno.ENOENT, fs.lookup, ROOT_INO, b"d2")
+    assert fs.getattr(d).nlink == 2
+
+
+def test_symlink_and_readlink(fs):
+    target = b"../some/where/\xff-not-utf8"
+    s = fs.symlink(ROOT_INO, b"link", target, 0, 0)
+    assert stat.S_ISLNK(s.mode)
+    looked = fs.lookup(ROOT_INO, b"link")
+    assert looked.ino == s.ino and stat.S_ISLNK(looked.mode)
+    assert looked.size == len(target)
+    assert fs.readlink(s.ino) == target
+    fs.rename(ROOT_INO, b"link", ROOT_INO, b"moved")
+    assert fs.readlink(fs.lookup(ROOT_INO, b"moved").ino) == target
+    fs.unlink(ROOT_INO, b"moved")
+    expect_errno(errno.ENOENT, fs.getattr, s.ino)
+
+
+def test_readlink_of_a_non_symlink_is_einval(fs):
+    d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).ino
+    f, fh = new_file(fs, b"f", b"x")
+    close(fs, fh)
+    expect_errno(errno.EINVAL, fs.readlink, f)
+    expect_errno(errno.EINVAL, fs.readlink, d)
+    expect_errno(errno.EINVAL, fs.readlink, ROOT_INO)
+
+
+# -- unlinked while open, orphans ------------------------------------------------------------
+
+
+def test_unlinked_open_file_lives_until_release_then_its_blocks_are_garbage(core):
+    fs = core.fs
+    data = pattern(2 * BS + 10, 3)
+    ino, fh = new_file(fs, b"f", data)
+    fs.fsync(fh)
+    old_blocks = {r.block_id for r in refs_of(core, ino).values()}
+    assert len(old_blocks) == 3
+
+    fs.unlink(ROOT_INO, b"f")
+    expect_errno(errno.ENOENT, fs.lookup, ROOT_INO, b"f")
+    assert fs.readdir(ROOT_INO) == []
+    assert fs.getattr(ino).nlink == 0
+    assert core.md.inode(ino) is not None  # still there while open
+    assert fs.read(fh, 0, len(data) + 10) == data
+    fs.write(fh, 5, b"WRITTEN")  # still writable
+    expected = data[:5] + b"WRITTEN" + data[12:]
+    assert fs.read(fh, 0, len(data) + 10) == expected
+    fs.fsync(fh)  # an unlinked file can still be fsynced
+    all_blocks = old_blocks | {r.block_id for r in refs_of(core, ino).values()}
+    assert fs.read(fh, 0, len(data) + 10) == expected
+
+    close(fs, fh)
+    expect_errno(errno.ENOENT, fs.getattr, ino)
+    assert core.md.inode(ino) is None
+    assert refs_of(core, ino) == {}
+    garbage = set(core.md.garbage(10000))
+    assert all_blocks <= garbage | (all_blocks - core.store.block_ids())
+    wait_until(lambda: store_matches_metadata(core), what="garbage collected")
+    assert not all_blocks & core.store.block_ids()
+
+
+def test_unlinked_open_file_with_only_dirty_data_leaves_nothing_behind(core):
+    fs = core.fs
+    ino, fh = new_file(fs, b"f", pattern(3 * BS, 4))
+    fs.unlink(ROOT_INO, b"f")
+    assert fs.read(fh, BS, 10) == pattern(3 * BS, 4)[BS:BS + 10]
+    close(fs, fh)
+    expect_errno(errno.ENOENT, fs.getattr, ino)
+    assert core.md.inode(ino) is None
+    wait_until(lambda: core.flusher.dirty_bytes == 0, what="dirty bytes released")
+    wait_until(lambda: store_matches_metadata(core), what="no block leaked")
+
+
+def test_orphan_of_a_crash_is_removed_by_start(make_core):
+    first = make_core()
+    fs = first.fs
+    ino, fh = new_file(fs, b"f", pattern(BS + 1, 5))
+    fs.fsync(fh)
+    keep, kfh = new_file(fs, b"keep", b"kept")
+    fs.fsync(kfh)
+    close(fs, kfh)
+    blocks = {r.block_id for r in refs_of(first, ino).values()}
+    assert len(blocks) == 2 and blocks <= first.store.block_ids()
+    fs.unlink(ROOT_INO, b"f")  # the application still has it open ...
+    assert first.md.inode(ino).nlink == 0
+    first.close()  # ... when the process dies: no release ever comes
+
+    second = make_core(store=first.store, fresh=False)  # start() ran in the constructor
+    assert second.md.inode(ino) is None
+    expect_errno(errno.ENOENT, second.fs.getattr, ino)
+    assert refs_of(second, ino) == {}
+    assert blocks <= set(second.md.garbage(10000))
+    second.flusher.collect_garbage()
+    assert not blocks & second.store.block_ids()
+    fh = second.fs.open(second.fs.lookup(ROOT_INO, b"keep").ino, os.O_RDONLY)
+    assert second.fs.read(fh, 0, 100) == b"kept"
+    close(second.fs, fh)
+    assert store_matches_metadata(second)
+
+
+# -- file data -------------------------------------------------------------------------------
+
+
+def test_writes_and_reads_across_block_boundaries(core):
+    fs = core.fs
+    ino, fh = new_file(fs, b"f")
+    model = bytearray()
+
+    def write(offset, data):
+        fs.write(fh, offset, data)
+        if len(model) < offset + len(data):
+            model.extend(bytes(offset + len(data) - len(model)))
+        model[offset:offset + len(data)] = data
+
+    write(0, pattern(BS - 10, 1))
+    write(BS - 10, pattern(30, 2))  # straddles 0|1
+    write(2 * BS - 1, pattern(BS + 2, 3))  # touches 1, 2 and 3
+    write(BS, pattern(3 * BS, 4))  # whole blocks 1, 2, 3
+    assert fs.getattr(ino).size == len(model)
+    for off, n in [(0, len(model)), (BS - 5, 10), (2 * BS - 3, BS + 6), (4 * BS - 1, 100)]:
+        assert fs.read(fh, off, n) == bytes(model[off:off + n])
+    fs.fsync(fh)
+    forget_cached(core)
+    for off, n in [(0, len(model)), (BS - 5, 10), (2 * BS - 3, BS + 6), (4 * BS - 1, 100)]:
+        assert fs.read(fh, off, n) == bytes(model[off:off + n])
+    assert fs.read(fh, len(model), 10) == b""
+    assert fs.read(fh, len(model) + 1000, 10) == b""
+    refs = refs_of(core, ino)
+    assert sorted(refs) == [0, 1, 2, 3]
+    for idx, ref in refs.items():
+        assert core.store.get(ref.block_id, ref.checksum) == bytes(model[idx * BS:(idx + 1) * BS])
+    close(fs, fh)
+
+
+def test_partial_overwrite_of_a_clean_block_merges_with_stored_bytes(core):
+    fs = core.fs
+    data = bytearray(pattern(3 * BS, 11))
+    ino, fh = new_file(fs, b"f", bytes(data))
+    fs.fsync(fh)
+    close(fs, fh)
+    before = refs_of(core, ino)
+    forget_cached(core)  # the merge must fetch block 1 from the store
+
+    fh = fs.open(ino, os.O_RDWR)
+    fs.write(fh, BS + 100, b"PATCH")
+    data[BS + 100:BS + 105] = b"PATCH"
+    assert fs.read(fh, 0, 3 * BS) == bytes(data)  # while dirty
+    fs.fsync(fh)
+    after = refs_of(core, ino)
+    assert after[0] == before[0] and after[2] == before[2]
+    assert after[1].block_id != before[1].block_id  # a new immutable block
+    assert after[1].length == BS
+    assert core.store.get(after[1].block_id, after[1].checksum) == bytes(data[BS:2 * BS])
+    assert before[1].block_id in set(core.md.garbage(10000)) | (
+        {before[1].block_id} - core.store.block_ids())
+    forget_cached(core)
+    assert fs.read(fh, 0, 3 * BS) == bytes(data)
+    assert fs.getattr(ino).size == 3 * BS
+    close(fs, fh)
+
+
+def test_sparse_files_and_holes_read_as_zeros(core):
+    fs = core.fs
+    ino, fh = new_file(fs, b"sparse")
+    fs.write(fh, 10 * BS + 5, b"tail")
+    fs.write(fh, 3, b"head")
+    size = 10 * BS + 9
+    assert fs.getattr(ino).size == size
+    expected = bytes(3) + b"head" + bytes(10 * BS + 5 - 7) + b"tail"
+    assert fs.read(fh, 0, size + 100) == expected
+    fs.fsync(fh)
+    assert sorted(refs_of(core, ino)) == [0, 10]  # the holes take no blocks
+    forget_cached(core)
+    assert fs.read(fh, 0, size + 100) == expected
+    assert fs.read(fh, 4 * BS + 7, 1000) == bytes(1000)
+    close(fs, fh)
+
+
+@pytest.mark.parametrize("fsync_first", [False, True], ids=["dirty", "clean"])
+def test_truncate_into_a_block_then_extend_reads_zeros_not_old_bytes(core, fsync_first):
+    fs = core.fs
+    ino, fh = new_file(fs, b"f", b"\xaa" * (3 * BS))
+    if fsync_first:
+        fs.fsync(fh)
+        forget_cached(core)
+    cut = BS + 100
+    fs.setattr(ino, size=cut)
+    assert fs.getattr(ino).size == cut
+    assert fs.read(fh, 0, 3 * BS) == b"\xaa" * cut
+    fs.setattr(ino, size=2 * BS + 50)  # extend by truncate
+    fs.write(fh, 3 * BS, b"end")  # and by writing past the end
+    expected = b"\xaa" * cut + bytes(3 * BS - cut) + b"end"
+    assert fs.getattr(ino).size == len(expected)
+    assert fs.read(fh, 0, 4 * BS) == expected
+    fs.fsync(fh)
+    assert fs.read(fh, 0, 4 * BS) == expected
+    forget_cached(core)
+    assert fs.read(fh, 0, 4 * BS) == expected
+    assert core.md.inode(ino).size == len(expected)
+    close(fs, fh)
+    fh = fs.open(ino, os.O_RDONLY)
+    forget_cached(core)
+    assert fs.read(fh, 0, 4 * BS) == expected
+    close(fs, fh)
+
+
+def test_truncate_to_a_block_boundary_and_to_zero(core):
+    fs = core.fs
+    ino, fh = new_file(fs, b"f", pattern(3 * BS, 5))
+    fs.fsync(fh)
+    fs.setattr(ino, size=BS)
+    fs.fsync(fh)
+    assert sorted(refs_of(core, ino)) == [0]
+    fs.setattr(ino, size=2 * BS)
+    assert fs.read(fh, 0, 3 * BS) == pattern(3 * BS, 5)[:BS] + bytes(BS)
+    fs.setattr(ino, size=0)
+    assert fs.read(fh, 0, 100) == b""
+    fs.fsync(fh)
+    assert refs_of(core, ino) == {}
+    assert core.md.inode(ino).size == 0
+    close(fs, fh)
+
+
+def test_truncate_up_extends_with_zeros(core):
+    fs = core.fs
+    ino, fh = new_file(fs, b"f", b"0123456789")
+    fs.fsync(fh)
+    close(fs, fh)
+    fs.setattr(ino, size=3 * BS + 7)  # a closed file
+    assert fs.getattr(ino).size == 3 * BS + 7
+    fh = fs.open(ino, os.O_RDONLY)
+    expected = b"0123456789" + bytes(3 * BS - 3)
+    assert fs.read(fh, 0, 4 * BS) == expected
+    forget_cached(core)
+    assert fs.read(fh, 0, 4 * BS) == expected
+    close(fs, fh)
+    assert core.md.inode(ino).size == 3 * BS + 7
+
+
+def test_setattr_size_of_a_directory_is_eisdir(fs):
+    d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).ino
+    expect_errno(errno.EISDIR, fs.setattr, d, size=0)
+
+
+def test_open_with_o_trunc_empties_the_file(core):
+    fs = core.fs
+    ino, fh = new_file(fs, b"f", pattern(2 * BS, 6))
+    fs.fsync(fh)
+    close(fs, fh)
+    old = {r.block_id for r in refs_of(core, ino).values()}
+    fh = fs.open(ino, os.O_WRONLY | os.O_TRUNC)
+    assert fs.getattr(ino).size == 0
+    assert refs_of(core, ino) == {}
+    assert old <= set(core.md.garbage(10000)) | (old - core.store.block_ids())
+    fs.write(fh, 0, b"new")
+    fs.fsync(fh)
+    close(fs, fh)
+    fh = fs.open(ino, os.O_RDONLY)
+    forget_cached(core)
+    assert fs.read(fh, 0, 3 * BS) == b"new"
+    close(fs, fh)
+    # O_TRUNC through create on an existing name, too
+    inode, fh = fs.create(ROOT_INO, b"f", 0o644, RW_CREATE | os.O_TRUNC, 0, 0)
+    assert inode.ino == ino and inode.size == 0
+    assert fs.read(fh, 0, 10) == b""
+    close(fs, fh)
+    # O_RDONLY | O_TRUNC does not truncate
+    ino2, fh = new_file(fs, b"g", b"keep me")
+    close(fs, fh)
+    fh = fs.open(ino2, os.O_RDONLY | os.O_TRUNC)
+    assert fs.read(fh, 0, 100) == b"keep me"
+    close(fs, fh)
+
+
+def test_offsets_beyond_4_gib_work_sparsely(core):
+    fs = core.fs
+    ino, fh = new_file(fs, b"big")
+    off = 5 * (1 << 30) + 12345
+    fs.write(fh, off, b"far away")
+    fs.write(fh, (1 << 32) - 3, b"straddle")  # across the 4 GiB line
+    assert fs.getattr(ino).size == off + 8
+    assert fs.read(fh, off - 4, 100) == bytes(4) + b"far away"
+    assert fs.read(fh, (1 << 32) - 3, 8) == b"straddle"
+    assert fs.read(fh, 3 << 30, 16) == bytes(16)
+    fs.fsync(fh)
+    refs = refs_of(core, ino)
+    assert sorted(refs) == sorted({((1 << 32) - 3) // BS, ((1 << 32) + 4) // BS, off // BS})
+    assert core.md.inode(ino).size == off + 8
+    forget_cached(core)
+    assert fs.read(fh, off, 100) == b"far away"
+    assert fs.read(fh, (1 << 32) - 3, 8) == b"straddle"
+    fs.setattr(ino, size=(1 << 32) + 2)
+    assert fs.read(fh, (1 << 32) - 3, 100) == b"strad"
+    close(fs, fh)
+
+
+def test_size_and_mtime_are_visible_while_dirty(core):
+    fs = core.fs
+    ino, fh = new_file(fs, b"f", b"start")
+    fs.fsync(fh)
+    fs.setattr(ino, mtime_ns=1_000_000_007)
+    assert fs.getattr(ino).mtime_ns == 1_000_000_007
+    core.store.fail_with = errors.Unavailable("down")  # keep what follows dirty
+    fs.write(fh, 2 * BS, b"more")
+    fd = core.flusher.live(ino)
+    assert fd is not None and fd.dirty
+    attrs = fs.getattr(ino)
+    assert attrs.size == 2 * BS + 4
+    assert attrs.mtime_ns > 1_000_000_007
+    assert fs.lookup(ROOT_INO, b"f").size == 2 * BS + 4
+    assert core.md.inode(ino).size == 5  # not yet persisted: still dirty
+    core.store.fail_with = None
+    fs.fsync(fh)
+    assert core.md.inode(ino).size == 2 * BS + 4
+    assert core.md.inode(ino).mtime_ns == attrs.mtime_ns
+    close(fs, fh)
+
+
+def test_random_writes_truncates_and_fsyncs_match_a_bytearray_model(core):
+    fs = core.fs
+    rng = random.Random(20240611)
+    ino, fh = new_file(fs, b"model")
+    model = bytearray()
+    limit = 5 * BS
+    for step in range(400):
+        op = rng.random()
+        if op < 0.55:
+            offset = rng.randrange(0, limit)
+            n = rng.choice([1, 7, 100, BS // 2, BS - 1, BS, BS + 3, rng.randrange(1, 2 * BS)])
+            data = rng.randbytes(n)
+            assert fs.write(fh, offset, data) == n
+            if len(model) < offset + n:
+                model.extend(bytes(offset + n - len(model)))
+            model[offset:offset + n] = data
+        elif op < 0.75:
+            size = rng.choice([0, rng.randrange(0, limit), rng.randrange(0, 8) * BS,
+                               max(0, len(model) - rng.randrange(1, 200))])
+            fs.setattr(ino, size=size)
+            if size < len(model):
+                del model[size:]
+            else:
+                model.extend(bytes(size - len(model)))
+        elif op < 0.85:
+            fs.fsync(fh)
+        elif op < 0.90:
+            forget_cached(core)
+        elif op < 0.95:
+            close(fs, fh)
+            fh = fs.open(ino, os.O_RDWR)
+        else:
+            time.sleep(0.05)  # let background uploads overlap with what follows
+        assert fs.getattr(ino).size == len(model), f"step {step}"
+        if step % 5 == 0 or op >= 0.55:
+            assert fs.read(fh, 0, limit * 2) == bytes(model), f"step {step}"
+        else:
+            off = rng.randrange(0, limit)
+            assert fs.read(fh, off, 3000) == bytes(model[off:off + 3000]), f"step {step}"
+    fs.fsync(fh)
+    close(fs, fh)
+    wait_until(lambda: core.flusher.dirty_bytes == 0, what="uploads done")
+    forget_cached(core)
+    fh = fs.open(ino, os.O_RDONLY)
+    assert fs.read(fh, 0, limit * 2) == bytes(model)
+    close(fs, fh)
+    assert core.md.inode(ino).size == len(model)
+    wait_until(lambda: store_matches_metadata(core), what="no block leaked")
+
+
+# -- attributes ------------------------------------------------------------------------------
+
+
+def test_chmod_chown_utimens_with_nanoseconds_and_ctime(core):
+    fs = core.fs
+    ino, fh = new_file(fs, b"f", b"x")
+    close(fs, fh)
+    core.md.set_attrs(ino, ctime_ns=1)  # a known old ctime: any change must move it
+
+    attrs = fs.setattr(ino, mode=0o4751)
+    assert attrs.mode == stat.S_IFREG | 0o4751  # the type bits stay
+    assert attrs.ctime_ns > 1
+    core.md.set_attrs(ino, ctime_ns=1)
+    attrs = fs.setattr(ino, uid=1234, gid=5678)
+    assert (attrs.uid, attrs.gid) == (1234, 5678)
+    assert attrs.ctime_ns > 1
+    attrs = fs.setattr(ino, uid=-1, gid=-1)  # -1 means "leave as is"
+    assert (attrs.uid, attrs.gid) == (1234, 5678)
+    core.md.set_attrs(ino, ctime_ns=1)
+    attrs = fs.setattr(ino, atime_ns=1_234_567_890_123_456_789, mtime_ns=987_654_321_987_654_321)
+    assert attrs.atime_ns == 1_234_567_890_123_456_789
+    assert attrs.mtime_ns == 987_654_321_987_654_321
+    assert attrs.ctime_ns > 1
+    again = fs.getattr(ino)
+    assert (again.atime_ns, again.mtime_ns) == (1_234_567_890_123_456_789,
+                                                987_654_321_987_654_321)
+    stored = core.md.inode(ino)
+    assert (stored.mode, stored.uid, stored.gid) == (stat.S_IFREG | 0o4751, 1234, 5678)
+    assert stored.mtime_ns == 987_654_321_987_654_321
+
+    d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).ino
+    assert fs.setattr(d, mode=0o1777).mode == stat.S_IFDIR | 0o1777
+
+
+def test_utimens_on_an_open_dirty_file_survives_the_upload(core):
+    fs = core.fs
+    ino, fh = new_file(fs, b"f", pattern(BS + 5, 9))  # dirty
+    fs.setattr(ino, mtime_ns=111_222_333_444_555_666, atime_ns=5)
+    assert fs.getattr(ino).mtime_ns == 111_222_333_444_555_666
+    fs.fsync(fh)
+    assert fs.getattr(ino).mtime_ns == 111_222_333_444_555_666
+    assert core.md.inode(ino).mtime_ns == 111_222_333_444_555_666
+    assert core.md.inode(ino).atime_ns == 5
+    close(fs, fh)
+    assert fs.getattr(ino).mtime_ns == 111_222_333_444_555_666
+
+
+def test_setgid_directory_is_inherited(fs):
+    d = fs.mkdir(ROOT_INO, b"shared", 0o775, 0, 0).ino
+    fs.setattr(d, gid=500, mode=0o2775)
+    assert fs.getattr(d).mode & stat.S_ISGID
+    sub = fs.mkdir(d, b"sub", 0o755, 1000, 1000)
+    assert sub.gid == 500  # the directory's group, not the creator's
+    assert sub.mode & stat.S_ISGID  # and subdirectories stay setgid
+    ino, fh = new_file(fs, b"file", parent=sub.ino)
+    close(fs, fh)
+    f = fs.getattr(ino)
+    assert f.gid == 500 and not f.mode & stat.S_ISGID
+    # without setgid the creator's group is used
+    plain = fs.mkdir(ROOT_INO, b"plain", 0o755, 1000, 1001)
+    assert plain.gid == 1001 and not plain.mode & stat.S_ISGID
+    inner = fs.mkdir(plain.ino, b"inner", 0o755, 1000, 1002)
+    assert inner.gid == 1002
+
+
+# -- extended attributes ---------------------------------------------------------------------
+
+
+def test_xattrs_set_get_list_remove(core):
+    fs = core.fs
+    ino, fh = new_file(fs, b"f")
+    close(fs, fh)
+    assert fs.listxattr(ino) == []
+    core.md.set_attrs(ino, ctime_ns=1)
+    fs.setxattr(ino, b"user.b", b"\x00binary\xff")
+    assert fs.getattr(ino).ctime_ns > 1
+    fs.setxattr(ino, b"user.a", b"")
+    assert fs.getxattr(ino, b"user.b") == b"\x00binary\xff"
+    assert fs.getxattr(ino, b"user.a") == b""
+    assert sorted(fs.listxattr(ino)) == [b"user.a", b"user.b"]
+    fs.setxattr(ino, b"user.a", b"replaced")
+    assert fs.getxattr(ino, b"user.a") == b"replaced"
+    fs.removexattr(ino, b"user.b")
+    assert fs.listxattr(ino) == [b"user.a"]
+    expect_errno(errno.ENODATA, fs.getxattr, ino, b"user.b")
+    d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).ino
+    fs.setxattr(d, b"user.dir", b"v")
+    assert fs.getxattr(d, b"user.dir") == b"v"
+    assert fs.listxattr(ino) == [b"user.a"]  # per inode
+
+
+def test_xattr_flags_and_missing_names(fs):
+    ino, fh = new_file(fs, b"f")
+    close(fs, fh)
+    fs.setxattr(ino, b"user.k", b"v1", XATTR_CREATE)
+    expect_errno(errno.EEXIST, fs.setxattr, ino, b"user.k", b"v2", XATTR_CREATE)
+    assert fs.getxattr(ino, b"user.k") == b"v1"
+    expect_errno(errno.ENODATA, fs.setxattr, ino, b"user.none", b"v", XATTR_REPLACE)
+    expect_errno(errno.ENODATA, fs.getxattr, ino, b"user.none")
+    fs.setxattr(ino, b"user.k", b"v3", XATTR_REPLACE)
+    assert fs.getxattr(ino, b"user.k") == b"v3"
+    expect_errno(errno.ENODATA, fs.getxattr, ino, b"user.missing")
+    expect_errno(errno.ENODATA, fs.removexattr, ino, b"user.missing")
+    assert fs.listxattr(ino) == [b"user.k"]
+    expect_errno(errno.ENOENT, fs.getxattr, 424242, b"user.k")
+
+
+def test_xattrs_of_a_removed_inode_are_gone(core):
+    fs = core.fs
+    ino, fh = new_file(fs, b"f")
+    close(fs, fh)
+    fs.setxattr(ino, b"user.k", b"v")
+    fs.unlink(ROOT_INO, b"f")
+    assert core.md.xattr(ino, b"user.k") is None
+    ino2, fh = new_file(fs, b"g")
+    close(fs, fh)
+    assert fs.listxattr(ino2) == []
+
+
+# -- durability and failures (P1, P7) --------------------------------------------------------
+
+
+def test_fsync_returns_only_when_the_store_has_the_blocks(core):
+    fs = core.fs
+    data = pattern(3 * BS + 123, 21)
+    ino, fh = new_file(fs, b"f", data)
+    fs.fsync(fh)
+    refs = refs_of(core, ino)
+    assert sorted(refs) == [0, 1, 2, 3]
+    stored = core.store.block_ids()
+    assert {r.block_id for r in refs.values()} <= stored
+    for idx, ref in refs.items():
+        assert core.store.get(ref.block_id, ref.checksum) == data[idx * BS:(idx + 1) * BS]
+    assert core.md.inode(ino).size == len(data)
+    # the block map is committed: another connection sees it
+    assert {b for (i, _), b in referenced(core.db_path).items() if i == ino} == {
+        r.block_id for r in refs.values()}
+    # a second fsync with new data again waits for the new block
+    fs.write(fh, BS + 1, b"second")
+    fs.fsync(fh, datasync=True)
+    new = refs_of(core, ino)[1]
+    assert new.block_id != refs[1].block_id and new.block_id in core.store.block_ids()
+    assert core.store.get(new.block_id, new.checksum)[1:7] == b"second"
+    close(fs, fh)
+
+
+def test_close_starts_the_upload_without_waiting(make_core):
+    core = make_core(max_age=3600)  # only an explicit request uploads
+    fs = core.fs
+    ino, fh = new_file(fs, b"f", pattern(BS + 10, 8))
+    fs.flush(fh)
+    fs.release(fh)
+    wait_until(lambda: sorted(refs_of(core, ino)) == [0, 1], what="upload after close")
+    assert {r.block_id for r in refs_of(core, ino).values()} <= core.store.block_ids()
+    assert core.md.inode(ino).size == BS + 10
+
+
+def test_outage_fsync_and_close_report_the_error_and_nothing_is_lost(core):
+    fs = core.fs
+    first = pattern(2 * BS + 77, 31)
+    ino, fh = new_file(fs, b"f", first)
+    fs.fsync(fh)
+    before = core.store.block_ids()
+
+    core.store.fail_with = errors.Unavailable("down")
+    # writes that need no stored bytes: a whole block, and new blocks past the end
+    whole = pattern(BS, 32)
+    fs.write(fh, BS, whole)
+    fs.write(fh, 3 * BS + 5, b"appended during the outage")
+    expected = bytearray(first) + bytes(3 * BS + 5 - len(first)) + b"appended during the outage"
+    expected[BS:2 * BS] = whole
+    with pytest.raises(errors.Unavailable) as info:
+        fs.fsync(fh)
+    assert isinstance(info.value, errors.StorageError)
+    with pytest.raises(errors.StorageError):
+        fs.flush(fh)  # close(2) reports it too
+    assert fs.read(fh, BS, BS) == whole  # served from memory while the store is down
+    assert fs.read(fh, 3 * BS, 100) == bytes(expected[3 * BS:])
+    assert fs.getattr(ino).size == len(expected)
+    assert core.store.block_ids() == before  # nothing was stored meanwhile
+    with pytest.raises(errors.StorageError):
+        fs.fsync(fh)  # still failing: still reported
+
+    core.store.fail_with = None
+    fs.fsync(fh)
+    fs.flush(fh)  # no error left to report: the data is safe now
+    refs = refs_of(core, ino)
+    assert {r.block_id for r in refs.values()} <= core.store.block_ids()
+    fs.release(fh)
+    forget_cached(core)
+    fh = fs.open(ino, os.O_RDONLY)
+    assert fs.read(fh, 0, 4 * BS) == bytes(expected)
+    close(fs, fh)
+
+
+def test_no_stale_error_after_the_store_recovered(core):
+    fs = core.fs
+    ino, fh = new_file(fs, b"f", b"a")
+    core.store.fail_with = errors.Unavailable("down")
+    with pytest.raises(errors.Unavailable):
+        fs.fsync(fh)
+    core.store.fail_with = None
+    fs.fsync(fh)
+    fs.write(fh, 1, b"b")  # new dirty data, and no upload has failed since
+    fs.flush(fh)
+    fs.fsync(fh)
+    fs.release(fh)
+    fh = fs.open(ino, os.O_RDONLY)
+    assert fs.read(fh, 0, 10) == b"ab"
+    close(fs, fh)
+
+
+def test_background_upload_failure_is_reported_to_close(make_core):
+    core = make_core(max_age=0.05)
+    fs = core.fs
+    core.store.fail_with = errors.Unavailable("down")
+    ino, fh = new_file(fs, b"f", b"data")
+    fd = core.flusher.live(ino)
+    wait_until(lambda: fd.error is not None, what="a background upload to fail")
+    with pytest.raises(errors.Unavailable):
+        fs.flush(fh)
+    assert fs.read(fh, 0, 10) == b"data"
+    core.store.fail_with = None
+    fs.fsync(fh)
+    close(fs, fh)
+    assert core.md.inode(ino).size == 4
+
+
+def test_writers_block_on_back_pressure_and_finish_when_the_store_recovers(make_core):
+    limit = 1 << 20
+    core = make_core(dirty_limit=limit)
+    fs = core.fs
+    total = 4 * limit
+    data = pattern(total, 41)
+    ino, fh = new_file(fs, b"f")
+    core.store.fail_with = errors.Unavailable("down")
+    progress = []
+    failures = []
+
+    def writer():
+        try:
+            for off in range(0, total, BS):
+                fs.write(fh, off, data[off:off + BS])
+                progress.append(off)
+        except BaseException as e:  # noqa: BLE001 - reported by the test thread
+            failures.append(e)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    wait_until(lambda: core.flusher.dirty_bytes > limit or not thread.is_alive(),
+               what="dirty memory to reach its bound")
+    stuck_at = len(progress)
+    time.sleep(0.5)  # give a non-blocking writer every chance to run on
+    assert thread.is_alive(), f"the writer did not block (failures: {failures})"
+    assert not failures
+    assert len(progress) == stuck_at
+    assert len(progress) * BS < total
+    assert core.flusher.dirty_bytes <= limit + BS  # bounded, and nothing was dropped
+    assert fs.read(fh, 0, len(progress) * BS) == data[:len(progress) * BS]
+
+    core.store.fail_with = None
+    thread.join(GUARD)
+    assert not thread.is_alive(), "the writer never resumed"
+    assert not failures
+    assert len(progress) == total // BS
+    fs.fsync(fh)
+    close(fs, fh)
+    forget_cached(core)
+    fh = fs.open(ino, os.O_RDONLY)
+    assert fs.read(fh, 0, total + 10) == data
+    close(fs, fh)
+    assert len(refs_of(core, ino)) == total // BS
+
+
+# -- garbage ---------------------------------------------------------------------------------
+
+
+def test_overwritten_blocks_become_garbage_and_are_collected(core):
+    fs = core.fs
+    a, fh = new_file(fs, b"a", pattern(3 * BS, 51))
+    fs.fsync(fh)
+    old = {idx: r.block_id for idx, r in refs_of(core, a).items()}
+    fs.write(fh, 0, pattern(BS, 52))  # block 0 fully replaced
+    fs.write(fh, 2 * BS + 5, b"x")  # block 2 merged
+    fs.fsync(fh)
+    new = {idx: r.block_id for idx, r in refs_of(core, a).items()}
+    assert new[1] == old[1] and new[0] != old[0] and new[2] != old[2]
+    replaced = {old[0], old[2]}
+    assert replaced <= set(core.md.garbage(10000)) | (replaced - core.store.block_ids())
+    b, fh2 = new_file(fs, b"b", pattern(BS, 53))
+    fs.fsync(fh2)
+    close(fs, fh2)
+    fs.setattr(a, size=BS)  # blocks 1, 2 go
+    fs.fsync(fh)
+    close(fs, fh)
+    wait_until(lambda: core.flusher.dirty_bytes == 0, what="uploads done")
+
+    core.flusher.collect_garbage()
+    assert core.md.garbage(10000) == []
+    wanted = set(referenced(core.db_path).values())
+    assert wanted == {new[0]} | {r.block_id for r in refs_of(core, b).values()}
+    wait_until(lambda: store_matches_metadata(core), what="store == referenced blocks")
+    for ino in (a, b):
+        for ref in refs_of(core, ino).values():
+            assert len(core.store.get(ref.block_id, ref.checksum)) == ref.length
+    forget_cached(core)
+    fh = fs.open(a, os.O_RDONLY)
+    assert fs.read(fh, 0, 3 * BS) == pattern(BS, 52)
+    close(fs, fh)
+
+
+# -- the whole filesystem --------------------------------------------------------------------
+
+
+def test_statfs_returns_sane_fields(fs):
+    st = fs.statfs()
+    for key in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                "f_ffree", "f_favail", "f_namemax"):
+        assert isinstance(st[key], int) and st[key] >= 0, key
+    assert st["f_bsize"] > 0 and st["f_frsize"] > 0
+    assert st["f_bavail"] <= st["f_bfree"] <= st["f_blocks"]
+    assert st["f_favail"] <= st["f_ffree"] <= st["f_files"]
+    assert st["f_namemax"] == 255
+    used_inodes = st["f_files"] - st["f_ffree"]
+    assert used_inodes == 1  # the root
+    fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    _, fh = new_file(fs, b"f")
+    close(fs, fh)
+    st = fs.statfs()
+    assert st["f_files"] - st["f_ffree"] == 3
+
+
+def test_truncate_then_crash_then_extend_reads_zeros_not_old_bytes(make_core):
+    """The cut block is still dirty when the process dies: after restart, growing the file
+    must not bring back the bytes that were cut off."""
+    first = make_core(max_age=3600)  # nothing uploads unless asked
+    fs = first.fs
+    ino, fh = new_file(fs, b"f", b"\xaa" * (2 * BS))
+    fs.fsync(fh)
+    cut = BS + 100
+    fs.setattr(ino, size=cut)
+    assert first.flusher.live(ino).dirty  # the cut copy of block 1 is not uploaded yet
+    first.close()  # crash: no flush, no release
+
+    second = make_core(store=first.store, fresh=False)
+    fs = second.fs
+    assert fs.getattr(ino).size == cut
+    fh = fs.open(ino, os.O_RDWR)
+    assert fs.read(fh, 0, 2 * BS) == b"\xaa" * cut
+    fs.setattr(ino, size=2 * BS)
+    assert fs.read(fh, 0, 2 * BS) == b"\xaa" * cut + bytes(2 * BS - cut)
+    fs.write(fh, cut + 10, b"x")  # a merge into the block must not revive them either
+    expected = b"\xaa" * cut + bytes(10) + b"x" + bytes(2 * BS - cut - 11)
+    assert fs.read(fh, 0, 2 * BS) == expected
+    fs.fsync(fh)
+    forget_cached(second)
+    assert fs.read(fh, 0, 2 * BS) == expected
+    close(fs, fh)
+
+
+class GatedLock:
+    """Stands in for the flusher's registry lock: `thread` stops before its first
+    acquisition until `go` is set, which widens a race window deterministically."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.thread = None
+        self.reached = threading.Event()
+        self.go = threading.Event()
+
+    def __enter__(self):
+        if threading.current_thread() is self.thread and not self.go.is_set():
+            self.reached.set()
+            self.go.wait(GUARD)
+        self.inner.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.inner.release()
+
+
+def test_open_racing_with_forgetting_an_idle_file_loses_nothing(make_core):
+    """The flusher forgets the live state of a closed, clean file while an open of the
+    same inode is under way: the open must end up on the registered state, or its
+    writes would never be uploaded and a second open would not see them."""
+    core = make_core(max_age=3600)
+    fs, flusher = core.fs, core.flusher
+    ino, fh = new_file(fs, b"f", b"old")
+    fs.fsync(fh)
+    close(fs, fh)
+    idle = flusher.file(ino)  # registered, closed and clean: may be forgotten any time
+    gate = GatedLock(flusher._lock)
+    flusher._lock = gate
+    forgetter = threading.Thread(target=flusher.forget_if_idle, args=(idle,), daemon=True)
+    gate.thread = forgetter
+    forgetter.start()
+    assert gate.reached.wait(GUARD)
+    opened = []
+    opener = threading.Thread(target=lambda: opened.append(fs.open(ino, os.O_RDWR)),
+                              daemon=True)
+    opener.start()
+    opener.join(1.0)  # a racing open gets every chance to slip into the window
+    gate.go.set()
+    forgetter.join(GUARD)
+    opener.join(GUARD)
+    flusher._lock = gate.inner
+    assert opened, "open did not finish"
+    fh = opened[0]
+    fs.write(fh, 0, b"new")
+    fh2 = fs.open(ino, os.O_RDONLY)
+    assert fs.read(fh2, 0, 10) == b"new"  # one live state per inode
+    synced = threading.Thread(target=fs.fsync, args=(fh,), daemon=True)
+    synced.start()
+    synced.join(GUARD)
+    assert not synced.is_alive(), "fsync never finished: the dirty data is not uploaded"
+    assert core.md.inode(ino).size == 3
+    ref = refs_of(core, ino)[0]
+    assert core.store.get(ref.block_id, ref.checksum) == b"new"
+    close(fs, fh2)
+    close(fs, fh)
+
+
+class HeldStore(MemoryBlockStore):
+    """put() waits while `hold` is clear, so a test can act while an upload is in flight."""
+
+    def __init__(self):
+        super().__init__()
+        self.hold = threading.Event()
+        self.hold.set()
+        self.entered = threading.Event()
+
+    def put(self, block_id, data, checksum):
+        self.entered.set()
+        self.hold.wait(GUARD)
+        super().put(block_id, data, checksum)
+
+
+def test_block_rewritten_after_truncation_during_its_upload_keeps_the_new_data(make_core):
+    """Block 0 is uploading when a truncation drops it and a write creates it again: the
+    finished upload of the old bytes must not be committed over the new ones."""
+    store = HeldStore()
+    core = make_core(store=store, max_age=3600)
+    fs = core.fs
+    ino, fh = new_file(fs, b"f", b"A" * 100)
+    store.hold.clear()
+    fs.flush(fh)  # starts the upload of "A"*100, which now waits inside put()
+    assert store.entered.wait(GUARD)
+    fs.setattr(ino, size=0)
+    fs.write(fh, 0, b"B" * 100)
+    store.hold.set()
+    wait_until(lambda: store.puts >= 1, what="the old upload to finish")
+    assert fs.read(fh, 0, 200) == b"B" * 100
+    fs.fsync(fh)
+    assert fs.read(fh, 0, 200) == b"B" * 100
+    ref = refs_of(core, ino)[0]
+    assert core.store.get(ref.block_id, ref.checksum) == b"B" * 100
+    close(fs, fh)
+    wait_until(lambda: store_matches_metadata(core), what="the stale upload is garbage")
+
+
+@pytest.mark.parametrize("action", ["open", "truncate"])
+def test_state_forgotten_just_after_lookup_is_not_used(make_core, action):
+    """open/truncate take a file's live state from the flusher, which may forget it (the
+    file being closed and clean) before they lock it: they must notice and not put new
+    state into a FileData that nothing uploads any more."""
+    core = make_core(max_age=3600)
+    fs, flusher = core.fs, core.flusher
+    ino, fh = new_file(fs, b"f", b"old")
+    fs.fsync(fh)
+    close(fs, fh)
+    idle = flusher.file(ino)
+    original = flusher.file
+    paused, go = threading.Event(), threading.Event()
+    results = []
+
+    def file_then_pause(i):
+        fd = original(i)
+        if threading.current_thread() is worker and not go.is_set():
+            paused.set()
+            go.wait(GUARD)
+        return fd
+
+    def work():
+        if action == "open":
+            results.append(fs.open(ino, os.O_RDWR))
+        else:
+            fs.setattr(ino, size=1)  # cuts the clean block: a new dirty block
+            results.append(None)
+
+    flusher.file = file_then_pause
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    try:
+        assert paused.wait(GUARD)
+        flusher.forget_if_idle(idle)  # closed and clean: forgotten right now
+    finally:
+        go.set()
+        worker.join(GUARD)
+        del flusher.file
+    assert results, "the call did not finish"
+    if action == "open":
+        fh = results[0]
+        fs.write(fh, 0, b"new")
+        fh2 = fs.open(ino, os.O_RDONLY)
+        assert fs.read(fh2, 0, 10) == b"new"  # one live state per inode
+        close(fs, fh2)
+        synced = threading.Thread(target=fs.fsync, args=(fh,), daemon=True)
+        synced.start()
+        synced.join(GUARD)
+        assert not synced.is_alive(), "fsync never finished: the dirty data is not uploaded"
+        close(fs, fh)
+        expected = b"new"
+    else:
+        expected = b"o"
+        # the cut block is uploaded (in the background: no handle asks for it)
+        flusher.request(flusher.file(ino))
+        wait_until(lambda: flusher.dirty_bytes == 0, what="the cut block to be uploaded")
+    ref = refs_of(core, ino)[0]
+    assert core.store.get(ref.block_id, ref.checksum) == expected
+    assert core.md.inode(ino).size == len(expected)

@@ -177,6 +177,7 @@ class Filesystem:
             if self.metadata.lookup(parent, name) is not None:
                 raise FsError(errno.EEXIST)
             self.metadata.link(ino, parent, name)
+            self._ctime_changed(ino)
         return self._inode(ino)
 
     def unlink(self, parent: int, name: bytes) -> None:
@@ -188,6 +189,7 @@ class Filesystem:
             if self._inode(ino).is_dir:
                 raise FsError(errno.EISDIR)
             left = self.metadata.unlink(parent, name, ino, False)
+            self._ctime_changed(ino)
         if left == 0:
             self._release_inode(ino)
 
@@ -233,8 +235,19 @@ class Filesystem:
                     raise FsError(errno.ENOTEMPTY)
             left = self.metadata.rename(old_parent, old_name, new_parent, new_name, ino,
                                         source.is_dir, existing, replaced_is_dir)
+            self._ctime_changed(ino)
+            self._ctime_changed(existing)
         if existing is not None and left == 0:
             self._release_inode(existing)
+
+    def _ctime_changed(self, ino: int | None) -> None:
+        """The metadata moved an inode's ctime; an open file's live state must follow, or
+        getattr (and the next upload) would show the older one."""
+        fd = self.flusher.live(ino) if ino is not None else None
+        inode = self.metadata.inode(ino) if fd is not None else None
+        if inode is not None:
+            with fd.lock:
+                fd.ctime_ns = max(fd.ctime_ns, inode.ctime_ns)
 
     def _release_inode(self, ino: int) -> None:
         """The inode lost its last name: remove it now, or at the last close if open."""
@@ -498,11 +511,13 @@ class Filesystem:
             if flags & XATTR_REPLACE and not exists:
                 raise FsError(errno.ENODATA)
             self.metadata.set_xattr(ino, name, value)
+        self._ctime_changed(ino)
 
     def removexattr(self, ino: int, name: bytes) -> None:
         self._inode(ino)
         if not self.metadata.remove_xattr(ino, name):
             raise FsError(errno.ENODATA)
+        self._ctime_changed(ino)
 
     # -- the whole filesystem ---------------------------------------------------------------
 

@@ -72,8 +72,10 @@ class FuseOps(Operations):
         self.on_destroy = on_destroy
         self._paths: dict[str, int] = {}
         self._generation = 0
-        self._lock = threading.Lock()  # guards _paths and _generation
-        self._seen: dict[int, tuple[int, int]] = {}  # ino -> (mtime, size) at last open
+        self._lock = threading.Lock()  # guards _paths, _generation and _seen
+        # path -> (ino, mtime, ctime, size) when the file was last opened by that path
+        self._seen: dict[str, tuple[int, int, int, int]] = {}
+        self._append_locks = [threading.Lock() for _ in range(64)]  # striped by inode
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -103,8 +105,10 @@ class FuseOps(Operations):
             self._generation += 1
             if subtree:
                 self._paths.clear()
+                self._seen.clear()
             for p in paths:
                 self._paths.pop(p, None)
+                self._seen.pop(p, None)  # another kernel inode may now answer to that name
 
     # -- attributes -------------------------------------------------------------------------
 
@@ -227,17 +231,23 @@ class FuseOps(Operations):
 
     # -- files ------------------------------------------------------------------------------
 
-    def _keep_cache(self, ino: int) -> bool:
-        """Keep the kernel's cached pages if the file did not change since its last open."""
+    def _keep_cache(self, path: str, ino: int) -> bool:
+        """Keep the kernel's cached pages if the file did not change since it was last
+        opened by this same path.
+
+        libfuse 2 gives each name of a file its own kernel inode, with its own page cache,
+        so what was seen through another name says nothing about this one: records are
+        per path, taken at open only (a close may follow changes made through other names
+        meanwhile), and dropped when the name changes. Every data change moves ctime.
+        Hard-linked files never keep their pages.
+        """
         inode = self.fs.getattr(ino)
-        now = (inode.mtime_ns, inode.size)
+        now = (ino, inode.mtime_ns, inode.ctime_ns, inode.size)
         with self._lock:
-            keep = self._seen.get(ino) == now
+            keep = self._seen.get(path) == now
             if len(self._seen) >= MAX_CACHED_PATHS:
                 self._seen.clear()
-            self._seen[ino] = now
-        # libfuse gives each name its own kernel inode, so pages cached through another
-        # name of a hard-linked file may be stale: keep them only for single-name files.
+            self._seen[path] = now
         return keep and inode.nlink == 1
 
     @_op
@@ -252,7 +262,7 @@ class FuseOps(Operations):
     def open(self, path, fi):
         ino = self._resolve(path)
         fi.fh = self.fs.open(ino, fi.flags)
-        fi.keep_cache = 1 if self._keep_cache(ino) else 0
+        fi.keep_cache = 1 if self._keep_cache(path, ino) else 0
         return 0
 
     @_op
@@ -261,6 +271,14 @@ class FuseOps(Operations):
 
     @_op
     def write(self, path, data, offset, fi):
+        if fi.flags & os.O_APPEND and not fi.writepage:
+            # O_APPEND writes go at the end of the file. The kernel took `offset` from the
+            # size it caches for this name, which is stale when the file grew through
+            # another of its names (each name is its own kernel inode in libfuse 2):
+            # writing there would overwrite that data. mmap write-back keeps its offset.
+            ino = self.fs.handle_ino(fi.fh)
+            with self._append_locks[ino % len(self._append_locks)]:
+                return self.fs.write(fi.fh, self.fs.getattr(ino).size, data)
         return self.fs.write(fi.fh, offset, data)
 
     @_op
@@ -270,12 +288,7 @@ class FuseOps(Operations):
 
     @_op
     def release(self, path, fi):
-        ino = self.fs.handle_ino(fi.fh)
         self.fs.release(fi.fh)
-        try:
-            self._keep_cache(ino)  # remember how the file looked when it was closed
-        except errors.FsError:
-            pass  # it was removed
         return 0
 
     @_op

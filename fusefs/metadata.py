@@ -298,8 +298,9 @@ class Metadata:
                            "WHERE ino=? AND idx=? AND block_id<>?", (ino, idx, ref.block_id))
                 db.execute("INSERT OR REPLACE INTO blocks VALUES (?,?,?,?,?)",
                            (ino, idx, ref.block_id, ref.checksum, ref.length))
-            db.execute("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE ino=?",
-                       (size, mtime_ns, ctime_ns, ino))
+            # MAX: a namespace change may have moved ctime after the caller read it.
+            db.execute("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=MAX(ctime_ns, ?) "
+                       "WHERE ino=?", (size, mtime_ns, ctime_ns, ino))
 
     def truncate_blocks(self, ino: int, keep_below: int, size: int, t: int,
                         last_length: int | None = None) -> None:

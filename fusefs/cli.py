@@ -288,7 +288,7 @@ def cmd_umount(args) -> int:
         return 0
     os.kill(record["pid"], signal.SIGTERM)  # the daemon uploads everything, then unmounts
     shown = 0.0
-    while _alive(record["pid"]):
+    while _alive(record["pid"]) and not (read_registry(path) or {}).get("detached"):
         if time.monotonic() - shown > 2:
             status = _read_status(record)
             if status and status.get("dirty_bytes"):
@@ -303,13 +303,10 @@ def cmd_umount(args) -> int:
 
 
 def _run_unmount(path: str) -> None:
-    for cmd in (["fusermount", "-u", path], ["fusermount3", "-u", path], ["umount", path]):
-        try:
-            if subprocess.run(cmd, capture_output=True).returncode == 0:
-                return
-        except FileNotFoundError:
-            continue
-    raise CliError(f"could not unmount {path}; is it busy? (`lsof +D {path}`)")
+    from .daemon import unmount
+
+    if not unmount(path):
+        raise CliError(f"could not unmount {path}; is it busy? (`lsof +D {path}`)")
 
 
 def _alive(pid: int) -> bool:

@@ -1,19 +1,25 @@
 """A running mount: the one place the layers are built, and torn down in reverse.
 
 `run(config)` builds transport → cluster → metadata → cache → flusher → filesystem →
-FUSE adapter from one frozen `MountConfig`, serves the mount until it is unmounted (or
-SIGTERM/SIGINT, which libfuse turns into an unmount), uploads everything dirty, and closes
-each layer in the reverse order of building it. While it runs it keeps a small JSON status
+FUSE adapter from one frozen `MountConfig`, serves the mount until it is unmounted,
+uploads everything dirty, and closes each layer in the reverse order of building it.
+SIGTERM/SIGINT upload everything *first* and then unmount: libfuse's own handling would
+unmount at once and upload after, leaving a window in which the filesystem looks gone
+but its data is not on the servers yet. One daemon at a time may use a state directory
+(an flock on `lock`); a second one waits for the first to finish. While it runs it keeps a small JSON status
 file (`status.json` in its state directory) for `fusefs status` and `fusefs umount`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -76,11 +82,69 @@ def _write_json(path: str, value: dict) -> None:
     os.replace(tmp, path)
 
 
+def unmount(path: str, lazy: bool = False) -> bool:
+    """Ask the kernel to unmount a FUSE mount; True if one of the tools succeeded."""
+    flags = ["-u", "-z"] if lazy else ["-u"]
+    for cmd in (["fusermount3", *flags, path], ["fusermount", *flags, path],
+                ["umount", *(["-l"] if lazy else []), path]):
+        try:
+            if subprocess.run(cmd, capture_output=True).returncode == 0:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def _lock_state_dir(state_dir: str):
+    lock = open(os.path.join(state_dir, "lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.warning("another fusefs daemon is still finishing with %s; waiting for it",
+                    state_dir)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
+def _unregister(mountpoint: str) -> None:
+    record = read_registry(mountpoint)
+    if record is not None and record.get("pid") == os.getpid():
+        _unlink_quietly(registry_path(mountpoint))
+
+
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+def _stop_on_signal(mountpoint: str, finish) -> None:
+    """SIGTERM/SIGINT: upload everything, then unmount, which ends the FUSE loop.
+
+    `run` blocked the signals before starting any thread, so every thread inherits the
+    mask (libfuse's too) and only this waiting thread takes them.
+    """
+    def wait():
+        received = signal.sigwait(_STOP_SIGNALS)
+        log.info("received %s: uploading everything, then unmounting",
+                 signal.Signals(received).name)
+        finish()
+        if not unmount(mountpoint, lazy=True):
+            log.error("could not unmount %s; unmount it by hand", mountpoint)
+            return
+        # Everything is uploaded and the mount detached; descriptors still open on it are
+        # served until closed. `fusefs umount` returns on seeing this mark.
+        record = read_registry(mountpoint)
+        if record is not None and record.get("pid") == os.getpid():
+            _write_json(registry_path(mountpoint), {**record, "detached": True})
+
+    threading.Thread(target=wait, name="signals", daemon=True).start()
+
+
 def run(config: MountConfig) -> None:
     """Serve the mount in this process until it is unmounted."""
     sb = config.superblock
     os.makedirs(config.state_dir, exist_ok=True)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # before any thread starts
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_lock_state_dir(config.state_dir))
         transport = Transport(TransportConfig(secret=config.secret, tls_verify=config.tls_verify))
         store = ReplicatedStore(config.members, transport,
                                 ClusterConfig(replicas=sb.replicas, write_quorum=sb.write_quorum))
@@ -113,7 +177,7 @@ def run(config: MountConfig) -> None:
                     {"pid": os.getpid(), "mountpoint": os.path.realpath(config.mountpoint),
                      "state_dir": config.state_dir, "status": status_path,
                      "log": os.path.join(config.state_dir, "fusefs.log")})
-        stack.callback(_unlink_quietly, registry_path(config.mountpoint))
+        stack.callback(_unregister, config.mountpoint)
 
         def finish():
             log.info("unmounting: uploading %d dirty bytes", flusher.dirty_bytes)
@@ -122,6 +186,7 @@ def run(config: MountConfig) -> None:
             log.info("all data uploaded")
 
         ops = FuseOps(fs, on_destroy=finish)
+        _stop_on_signal(config.mountpoint, finish)
         options = mount_options(config.read_only, config.fuse_options)
         log.info("mounting filesystem %s at %s (%d servers, R=%d, W=%d)", sb.fs_id,
                  config.mountpoint, len(config.members), sb.replicas, sb.write_quorum)

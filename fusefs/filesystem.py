@@ -314,8 +314,11 @@ class Filesystem:
 
     def flush(self, fh: int) -> None:
         """close(2) of one descriptor: start the upload; report an earlier upload failure."""
-        fd = self._handle(fh).fd
+        handle = self._handle(fh)
+        fd = handle.fd
         self.flusher.request(fd)
+        if handle.flags & os.O_ACCMODE == os.O_RDONLY:
+            return  # a reader wrote nothing: a writer's failed upload is not its error
         with fd.lock:
             failed = fd.error if fd.dirty else None
         if failed is not None:

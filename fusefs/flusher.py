@@ -191,6 +191,7 @@ class Flusher:
 
     def flush_all(self, progress=None) -> None:
         """Upload everything dirty, retrying until it is done (unmount). Never drops data."""
+        delay = 0.5
         while True:
             with self._lock:
                 files = [f for f in self._files.values() if f.dirty]
@@ -203,8 +204,13 @@ class Flusher:
                 except errors.StorageError as e:
                     pending += 1
                     log.warning("unsaved data of inode %d waits for the servers: %s", fd.ino, e)
-            if progress and pending:
-                progress(self.dirty_bytes, pending)
+            if pending:  # the servers are failing: back off rather than spin
+                if progress:
+                    progress(self.dirty_bytes, pending)
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+            else:
+                delay = 0.5
 
     # -- the upload loop --------------------------------------------------------------------
 
@@ -265,7 +271,12 @@ class Flusher:
         for ref, job in zip(refs, jobs):
             by_file.setdefault(id(job[0]), []).append((ref, job))
         for entries in by_file.values():
-            self._commit(entries)
+            try:
+                self._commit(entries)
+            except Exception as e:  # noqa: BLE001 - e.g. the metadata disk is full
+                log.exception("could not record uploaded blocks in the metadata")
+                self._failed([job for _, job in entries],
+                             errors.StorageError(f"metadata commit failed: {e}"))
 
     def _commit(self, entries) -> None:
         fd = entries[0][1][0]
@@ -279,12 +290,12 @@ class Flusher:
                     if blk is uploaded:
                         blk.uploading = False
                     continue
-                del fd.dirty[idx]
-                freed += len(blk.data)
-                fd.refs[idx] = ref
                 done[idx] = ref
-            if done:
+            if done:  # metadata first: if it fails, the blocks stay dirty (see _upload)
                 self.metadata.commit_blocks(fd.ino, done, fd.size, fd.mtime_ns, fd.ctime_ns)
+            for idx, ref in done.items():
+                freed += len(fd.dirty.pop(idx).data)
+                fd.refs[idx] = ref
             if not fd.dirty:
                 fd.flush_wanted = False
                 fd.error = None  # everything is durable: an earlier failure is moot

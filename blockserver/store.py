@@ -237,10 +237,6 @@ class BlockStore:
         st = os.statvfs(self.root)
         return st.f_blocks * st.f_frsize
 
-    def _check_space(self, size: int) -> None:
-        if self.free_bytes() - size - HEADER_SIZE < self.reserve_bytes:
-            raise StoreFull("not enough free space on the data directory's disk")
-
     # -- blocks -----------------------------------------------------------------------------
 
     def put(self, block_id: str, data, expected: str) -> bool:
@@ -256,6 +252,7 @@ class BlockStore:
         """
         outcomes = [Outcome() for _ in items]
         staged = []  # (index, block_id, tmp path, size, checksum)
+        room = self.free_bytes() - self.reserve_bytes  # one statvfs for the whole batch
         try:
             for i, (block_id, data, expected) in enumerate(items):
                 if protocol.checksum(data) != expected:
@@ -263,7 +260,9 @@ class BlockStore:
                         f"block {block_id}: body does not match checksum {expected}")
                     continue
                 try:
-                    self._check_space(len(data))
+                    room -= len(data) + HEADER_SIZE
+                    if room < 0:
+                        raise StoreFull("not enough free space on the data directory's disk")
                     staged.append((i, block_id, self._write_tmp(block_id, data, expected),
                                    len(data), expected))
                 except StoreError as e:

@@ -1392,3 +1392,32 @@ def test_state_forgotten_just_after_lookup_is_not_used(make_core, action):
     ref = refs_of(core, ino)[0]
     assert core.store.get(ref.block_id, ref.checksum) == expected
     assert core.md.inode(ino).size == len(expected)
+
+
+def test_a_full_cluster_makes_fsync_fail_with_enospc_and_loses_nothing(core):
+    fs = core.fs
+    data = pattern(3 * BS + 10, 71)
+    ino, fh = new_file(fs, b"f", data)
+    core.store.fail_with = errors.StorageFull("every server is full")
+    with pytest.raises(errors.StorageError) as raised:
+        fs.fsync(fh)
+    assert raised.value.errno == errno.ENOSPC
+    assert fs.read(fh, 0, len(data)) == data  # still held in memory
+    core.store.fail_with = None
+    fs.fsync(fh)
+    assert fs.read(fh, 0, len(data)) == data
+
+
+def test_a_block_no_replica_can_return_reads_as_eio(core):
+    fs = core.fs
+    data = pattern(2 * BS, 72)
+    ino, fh = new_file(fs, b"f", data)
+    fs.fsync(fh)
+    for block_id in core.store.block_ids():
+        core.cache.discard(block_id)  # the next read must ask the store
+    core.store.fail_with = errors.Unavailable("no replica answered")
+    with pytest.raises(errors.StorageError) as raised:
+        fs.read(fh, 0, BS)
+    assert raised.value.errno == errno.EIO
+    core.store.fail_with = None
+    assert fs.read(fh, 0, len(data)) == data

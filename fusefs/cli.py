@@ -179,12 +179,9 @@ def cmd_mkfs(args) -> int:
 # -- mount ------------------------------------------------------------------------------------
 
 def _is_mounted(path: str) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            if line.split()[4].encode().decode("unicode_escape") == target:
-                return True
-    return False
+    from .daemon import is_mounted
+
+    return is_mounted(path)
 
 
 def _parse_options(text: str) -> dict:

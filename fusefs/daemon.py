@@ -82,6 +82,13 @@ def _write_json(path: str, value: dict) -> None:
     os.replace(tmp, path)
 
 
+def is_mounted(path: str) -> bool:
+    """True if something is mounted exactly at `path` (mountinfo escapes octal codes)."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4].encode().decode("unicode_escape") == target for line in f)
+
+
 def unmount(path: str, lazy: bool = False) -> bool:
     """Ask the kernel to unmount a FUSE mount; True if one of the tools succeeded."""
     flags = ["-u", "-z"] if lazy else ["-u"]

@@ -286,8 +286,9 @@ class Mount:
 
     @property
     def mounted(self) -> bool:
-        with open("/proc/self/mountinfo") as f:
-            return any(line.split()[4] == os.path.realpath(self.path) for line in f)
+        from fusefs.daemon import is_mounted
+
+        return is_mounted(self.path)
 
     def daemon_pid(self) -> int | None:
         from fusefs.daemon import read_registry

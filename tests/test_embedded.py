@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from fusefs.daemon import is_mounted as mounted
+
 from .conftest import REPO
 
 
@@ -15,9 +17,6 @@ def fusefs(*args, check=True):
     return result
 
 
-def mounted(path: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == os.path.realpath(path) for line in f)
 
 
 def test_up_down_up_keeps_the_data(tmp_path):

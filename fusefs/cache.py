@@ -174,12 +174,16 @@ class BlockCache:
                 return
 
     def insert(self, block_id: str, checksum: str, data: bytes) -> None:
-        """Cache a block the caller has just stored (put verified it against `checksum`)."""
+        """Cache a block the caller has just stored (put verified it against `checksum`).
+
+        Memory only: writing it to the disk level too would add a copy of every byte
+        written to a disk that already holds R server copies on a one-disk machine (a
+        third more disk writes, measured by benchmarks/fs_bench.py). Blocks reach the
+        disk level when they are fetched."""
         _check_id(block_id)
         data = bytes(data)
         with self._lock:
             self._add_memory(block_id, checksum, data)
-        self._write_disk(block_id, data)
 
     def discard(self, block_id: str) -> None:
         """The block was deleted: forget it in memory and on disk."""

@@ -38,6 +38,7 @@ from .metadata import BlockRef, Metadata
 log = logging.getLogger("fusefs.flusher")
 
 SMALL_BLOCK = 256 << 10  # blocks below this size are uploaded in batches
+MAX_IN_FLIGHT = 32 << 20  # bytes copied for upload at once: the copies count as memory too
 
 
 class DirtyBlock:
@@ -85,6 +86,7 @@ class Flusher:
         self._work = threading.Condition(self._lock)  # new work, or room freed
         self._files: dict[int, FileData] = {}  # guarded by _lock
         self._dirty_bytes = 0  # guarded by _lock
+        self._in_flight = 0  # bytes copied into upload jobs not finished yet, guarded by _lock
         self._errors: collections.deque[str] = collections.deque(maxlen=10)  # guarded by _lock
         self._stopping = False
         self._stopped = threading.Event()  # wakes the garbage thread at close
@@ -222,7 +224,11 @@ class Flusher:
                 self._work.wait(0.2)
                 files = list(self._files.values())
                 pressure = self._dirty_bytes > self.dirty_limit // 2
-            jobs = self._choose(files, pressure)
+            with self._lock:
+                budget = MAX_IN_FLIGHT - self._in_flight
+            jobs = self._choose(files, pressure, budget)
+            with self._lock:
+                self._in_flight += sum(len(j[2]) for j in jobs)
             small = [j for j in jobs if len(j[2]) < SMALL_BLOCK]
             for start in range(0, len(small), 64):
                 self._uploads.submit(self._upload, small[start:start + 64])
@@ -230,7 +236,7 @@ class Flusher:
                 if len(job[2]) >= SMALL_BLOCK:
                     self._uploads.submit(self._upload, [job])
 
-    def _choose(self, files: list[FileData], pressure: bool):
+    def _choose(self, files: list[FileData], pressure: bool, budget: int):
         """Mark eligible blocks uploading; return (fd, idx, bytes, (block, version)) jobs.
 
         The block object is part of the job: a block dropped by a truncation and written
@@ -241,14 +247,25 @@ class Flusher:
         for fd in files:
             with fd.lock:
                 for idx, blk in fd.dirty.items():
+                    if budget <= 0:
+                        return jobs  # the rest waits for uploads in flight to finish
                     if blk.uploading or blk.retry_at > now:
                         continue
                     if fd.flush_wanted or blk.ready or pressure or now - blk.since >= self.max_age:
                         blk.uploading = True
+                        budget -= len(blk.data)
                         jobs.append((fd, idx, bytes(blk.data), (blk, blk.version)))
         return jobs
 
     def _upload(self, jobs) -> None:
+        try:
+            self._upload_jobs(jobs)
+        finally:
+            with self._lock:
+                self._in_flight -= sum(len(j[2]) for j in jobs)
+                self._work.notify_all()
+
+    def _upload_jobs(self, jobs) -> None:
         refs = []
         for fd, idx, data, version in jobs:
             refs.append(BlockRef(protocol.new_block_id(), protocol.checksum(data), len(data)))

@@ -338,7 +338,9 @@ def mount_options(read_only: bool = False, extra: dict | None = None) -> dict:
         "big_writes": True, "max_write": 131072, "max_read": 131072,
         # Attributes are not cached: libfuse gives each name of a hard-linked file its own
         # kernel inode, so a cached link count or ctime would go stale through the others.
-        "attr_timeout": 0.0, "entry_timeout": 1.0, "negative_timeout": 0.0,
+        # Names may be cached: this mount is the filesystem's only writer and the kernel
+        # keeps its own name cache right for changes made through it.
+        "attr_timeout": 0.0, "entry_timeout": 10.0, "negative_timeout": 10.0,
         "ro": read_only,
     }
     options.update(extra or {})

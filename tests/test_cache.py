@@ -235,7 +235,7 @@ def test_disk_bound_holds_and_evicts_least_recently_used(store, make_cache, tmp_
     rng = random.Random(2)
     blocks = [new_block(rng.randrange(1, 3000), rng) for _ in range(200)]
     for block_id, data, checksum in blocks:
-        cache.insert(block_id, checksum, data)
+        fetch(store, cache, block_id, data, checksum)
         assert cache.stats()["disk_bytes"] <= bound
         assert sum(files_on_disk(tmp_path).values()) <= bound
     on_disk = files_on_disk(tmp_path)
@@ -249,7 +249,7 @@ def test_restart_with_a_smaller_bound_keeps_the_most_recent_files(store, make_ca
     first = make_cache(memory_bytes=0, disk_dir=str(tmp_path), disk_bytes=1 << 20)
     blocks = [new_block(1000) for _ in range(10)]
     for block_id, data, checksum in blocks:
-        first.insert(block_id, checksum, data)
+        fetch(store, first, block_id, data, checksum)
     first.close()
     for age, (block_id, _, _) in enumerate(reversed(blocks)):  # blocks[-1] newest
         stamp = 1_700_000_000 - age * 60
@@ -263,7 +263,7 @@ def test_disk_hit_refreshes_the_order_kept_across_restarts(store, make_cache, tm
     first = make_cache(memory_bytes=0, disk_dir=str(tmp_path), disk_bytes=1 << 20)
     a, b = new_block(), new_block()
     for block_id, data, checksum in (a, b):
-        first.insert(block_id, checksum, data)
+        fetch(store, first, block_id, data, checksum)
         os.utime(cache_file(tmp_path, block_id), (1_600_000_000, 1_600_000_000))
     os.utime(cache_file(tmp_path, a[0]), (1_500_000_000, 1_500_000_000))  # a is older
     assert first.get(a[0], a[2]) == a[1]  # ... until it is read
@@ -299,14 +299,20 @@ def test_no_disk_level(store, make_cache, tmp_path, disk):
 
 # -- insert / discard ---------------------------------------------------------------------
 
-def test_insert_is_read_back_without_a_fetch(store, make_cache, tmp_path):
+def fetch(store, cache, block_id, data, checksum):
+    """Put a block in the store and read it through the cache (which fills the disk)."""
+    store.put(block_id, data, checksum)
+    assert cache.get(block_id, checksum) == data
+
+
+def test_insert_is_read_back_without_a_fetch_and_stays_off_the_disk(store, make_cache,
+                                                                   tmp_path):
     cache = make_cache(disk_dir=str(tmp_path), disk_bytes=1 << 20)
     block_id, data, checksum = new_block()  # not in the store: a fetch would fail
     cache.insert(block_id, checksum, bytearray(data))
     assert cache.get(block_id, checksum) == data
     assert store.gets == 0
-    with open(cache_file(tmp_path, block_id), "rb") as f:
-        assert f.read() == data
+    assert not os.path.exists(cache_file(tmp_path, block_id))  # just written: memory only
 
 
 def test_discard_drops_memory_and_disk(store, make_cache, tmp_path):

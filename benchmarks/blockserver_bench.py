@@ -31,9 +31,7 @@ import argparse
 import ctypes
 import os
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,6 +46,7 @@ import requests  # noqa: E402
 import xxhash  # noqa: E402
 
 from blockserver import protocol  # noqa: E402
+from servers import BenchError, ServerProcess, process_cpu_seconds  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 MB = 1_000_000  # throughput is reported in decimal MB/s, like the perf notes
@@ -72,89 +71,6 @@ CASES = [
 ]
 CASE_LABELS = {"4k": "4 KiB", "4k-batch": "4 KiB batch", "64k": "64 KiB", "1m": "1 MiB",
                "4m": "4 MiB"}
-
-
-class BenchError(Exception):
-    """Something went wrong that makes the figures meaningless (a refused request, ...)."""
-
-
-# -- the block server under test -------------------------------------------------------------
-
-class LocalServer:
-    """A `blockserver serve` child process on a free loopback port."""
-
-    def __init__(self, data_dir: str, log_path: str):
-        self.data_dir = data_dir
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.url = ""
-
-    def start(self, timeout: float = 30.0) -> None:
-        cmd = [sys.executable, "-m", "blockserver", "serve", "--data", self.data_dir,
-               "--listen", "127.0.0.1:0", "--log-level", "warning"]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, cwd=REPO,
-                                         stdin=subprocess.DEVNULL)
-        line = _readline_with_timeout(self.proc.stdout, timeout)
-        if not line.startswith("serving "):
-            raise BenchError(f"block server did not start (first line {line!r}); "
-                             f"its log:\n{self.log_tail()}")
-        self.url = line.split()[1]
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if requests.get(self.url + "/v1/status", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise BenchError(f"block server at {self.url} never answered /v1/status; "
-                                 f"its log:\n{self.log_tail()}")
-            time.sleep(0.05)
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
-def _readline_with_timeout(stream, timeout: float) -> str:
-    result: list[bytes] = []
-    reader = threading.Thread(target=lambda: result.append(stream.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    return result[0].decode(errors="replace").strip() if result else ""
-
-
-def _process_cpu_seconds(pid: int | None) -> float | None:
-    """utime + stime of a process, from /proc (None if unknown)."""
-    if pid is None:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def _loadavg() -> str:
@@ -549,11 +465,11 @@ class Sample:
 
 
 def measure(worker, shares, setup=None, server_pid=None) -> Sample:
-    cpu_before = _process_cpu_seconds(server_pid)
+    cpu_before = process_cpu_seconds(server_pid)
     me_before = os.times()
     seconds = run_threads(worker, shares, setup)
     me_after = os.times()
-    cpu_after = _process_cpu_seconds(server_pid)
+    cpu_after = process_cpu_seconds(server_pid)
     n_blocks = sum(len(item) for share in shares for item in share)
     server_cpu = None
     if cpu_before is not None and cpu_after is not None:
@@ -772,7 +688,8 @@ def main(argv=None) -> int:
         if args.url:
             url, server_pid = args.url, None
         else:
-            server = LocalServer(os.path.join(work, "server"), os.path.join(work, "server.log"))
+            server = ServerProcess("server", os.path.join(work, "server"),
+                                   os.path.join(work, "server.log"))
             server.start()
             url, server_pid = server.url, server.pid
         client = Client(url, args.timeout)

@@ -30,19 +30,16 @@ Only the standard library and the project's own modules (fusefs, blockserver) ar
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +50,12 @@ from blockserver import protocol  # noqa: E402
 from fusefs import errors  # noqa: E402
 from fusefs.cluster import ClusterConfig, ReplicatedStore  # noqa: E402
 from fusefs.transport import Member, Transport, TransportConfig  # noqa: E402
+from servers import BenchError, ServerProcess  # noqa: E402
+
+
+def member_of(server: ServerProcess) -> Member:
+    return Member(server.server_id, server.url)
+
 
 MiB = 1 << 20
 MB = 1_000_000  # throughput in decimal MB/s, like docs and PERF-NOTES
@@ -60,91 +63,6 @@ BLOCK_SIZE = 1 * MiB
 DISTINCT_PAYLOADS = 64  # blocks are drawn from this many distinct random MiB (ids differ)
 PUT_TARGET = 0.40  # put R=3 >= 40% of R=1
 GET_TARGET = 0.90  # get R=3 >= 90% of R=1
-
-
-class BenchError(Exception):
-    """Something went wrong that makes the figures meaningless."""
-
-
-# -- block servers ---------------------------------------------------------------------------
-
-class ServerProcess:
-    """One `python -m blockserver serve` child on a free loopback port."""
-
-    def __init__(self, name: str, data_dir: str, log_path: str):
-        self.name = name
-        self.data_dir = data_dir
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.url = ""
-        self.server_id = ""
-
-    def launch(self) -> None:
-        cmd = [sys.executable, "-m", "blockserver", "serve", "--data", self.data_dir,
-               "--listen", "127.0.0.1:0", "--log-level", "warning"]
-        with open(self.log_path, "ab") as log_file:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=log_file)
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        """Read the `serving URL` line, then ask /v1/status for the server's id."""
-        assert self.proc is not None
-        got: list[bytes] = []
-        reader = threading.Thread(target=lambda: got.append(self.proc.stdout.readline()),
-                                  daemon=True)
-        reader.start()
-        reader.join(timeout)
-        line = got[0].decode(errors="replace").strip() if got else ""
-        if not line.startswith("serving "):
-            raise BenchError(f"server {self.name} did not start (stdout {line!r}); "
-                             f"log:\n{self.log_tail()}")
-        self.url = line.split()[1]
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(self.url + "/v1/status", timeout=2) as r:
-                    self.server_id = json.loads(r.read())["server_id"]
-                    return
-            except (OSError, ValueError, KeyError):
-                if time.monotonic() > deadline:
-                    raise BenchError(f"server {self.name} at {self.url} never answered "
-                                     f"/v1/status; log:\n{self.log_tail()}") from None
-                time.sleep(0.05)
-
-    @property
-    def member(self) -> Member:
-        return Member(self.server_id, self.url)
-
-    def cpu_seconds(self) -> float | None:
-        """utime + stime of the server process (all its threads), from /proc."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None
-        try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return None
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
 
 # -- the two configurations under test ----------------------------------------------------------
@@ -168,7 +86,7 @@ class Setup:
         total = 0
         for server in self.servers:
             for start in range(0, len(ids), 1000):
-                entries = self.store.transport.batch_check(server.member, ids[start:start + 1000])
+                entries = self.store.transport.batch_check(member_of(server), ids[start:start + 1000])
                 total += sum(1 for e in entries if e["status"] == 200)
         return total
 
@@ -437,7 +355,7 @@ def main(argv=None) -> int:
         for label, members, r, w in (("R=3", servers[:3], 3, 2), ("R=1", servers[3:], 1, 1)):
             config = ClusterConfig(replicas=r, write_quorum=w, hedge_delay=args.hedge_delay)
             transport = Transport(TransportConfig(read_timeout=args.timeout))  # own sessions
-            store = ReplicatedStore([s.member for s in members], transport, config)
+            store = ReplicatedStore([member_of(s) for s in members], transport, config)
             setups.append(Setup(label, store, members))
             store.start()
         r3, r1 = setups

@@ -24,10 +24,9 @@ import stat
 import threading
 from dataclasses import dataclass, replace
 
-from . import errors
 from .errors import FsError
 from .flusher import DirtyBlock, FileData, Flusher
-from .metadata import ROOT_INO, BlockRef, Inode, Metadata, now_ns
+from .metadata import Inode, Metadata, now_ns
 
 NAME_MAX = 255
 XATTR_MAX = 65536

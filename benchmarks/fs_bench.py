@@ -69,7 +69,8 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from blockserver.units import parse_size  # noqa: E402
-from fusefs.daemon import read_registry  # noqa: E402
+from fusefs.daemon import is_mounted, read_registry  # noqa: E402
+from servers import process_cpu_seconds as cpu_seconds  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 MB = 1_000_000  # throughput in decimal MB/s, like PERF-NOTES
@@ -130,15 +131,6 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def is_mounted(path: str) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            if line.split()[4].encode().decode("unicode_escape") == target:
-                return True
-    return False
-
-
 def filesystem_of(path: str) -> str:
     path, best = os.path.realpath(path), None
     with open("/proc/self/mounts") as f:
@@ -169,18 +161,6 @@ def alive(pid: int | None) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
-
-
-def cpu_seconds(pid: int | None) -> float | None:
-    """utime + stime of a process (all its threads), from /proc."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def proc_status_kib(pid: int, key: str) -> int | None:

@@ -208,7 +208,9 @@ class Filesystem:
         self._release_inode(ino)
 
     def rename(self, old_parent: int, old_name: bytes, new_parent: int,
-               new_name: bytes) -> None:
+               new_name: bytes) -> bool:
+        """Move a name; returns whether it named a directory (the adapter's path cache
+        must then forget the whole subtree)."""
         self._check_name(new_name)
         with self._ns:
             ino = self.metadata.lookup(old_parent, old_name)
@@ -219,7 +221,7 @@ class Filesystem:
             source = self._inode(ino)
             existing = self.metadata.lookup(new_parent, new_name)
             if existing == ino:
-                return  # two names of one inode: POSIX says do nothing
+                return source.is_dir  # two names of one inode: POSIX says do nothing
             if source.is_dir and self.metadata.is_ancestor(ino, new_parent):
                 raise FsError(errno.EINVAL, "cannot move a directory into itself")
             replaced_is_dir = False
@@ -238,6 +240,7 @@ class Filesystem:
             self._ctime_changed(existing)
         if existing is not None and left == 0:
             self._release_inode(existing)
+        return source.is_dir
 
     def _ctime_changed(self, ino: int | None) -> None:
         """The metadata moved an inode's ctime; an open file's live state must follow, or

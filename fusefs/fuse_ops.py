@@ -17,7 +17,6 @@ import errno
 import functools
 import logging
 import os
-import stat
 import threading
 
 from fuse import FuseOSError, Operations, fuse_get_context
@@ -212,10 +211,9 @@ class FuseOps(Operations):
 
     @_op
     def rename(self, old, new):
-        is_dir = stat.S_ISDIR(self.fs.getattr(self._resolve(old)).mode)
         old_parent, old_name = self._parent(old)
         new_parent, new_name = self._parent(new)
-        self.fs.rename(old_parent, old_name, new_parent, new_name)
+        is_dir = self.fs.rename(old_parent, old_name, new_parent, new_name)
         self._changed(old, new, subtree=is_dir)
         return 0
 

@@ -213,6 +213,20 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
+def wait_until(condition, what: str = "condition", timeout: float = 60.0,
+               interval: float = 0.02):
+    """Poll `condition` until it is true and return its value. The timeout only stops a
+    hang; no test asserts how long anything took."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what}")
+        time.sleep(interval)
+
+
 def members_of(servers) -> list:
     """The cluster membership (stable id + URL) of running BlockServer objects."""
     from fusefs.transport import Member

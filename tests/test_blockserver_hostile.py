@@ -24,6 +24,8 @@ import requests
 
 from blockserver import protocol
 
+from .conftest import wait_until
+
 GUARD = 10.0  # seconds: upper bound on anything that should happen "soon"
 SECRET = b"0123456789abcdef0123456789abcdef"  # 32 bytes
 
@@ -121,17 +123,6 @@ def request_bytes(method: str, target: str, headers: dict | None = None,
     lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def eventually(predicate, guard: float = GUARD, what: str = "condition"):
-    deadline = time.monotonic() + guard
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {guard}s")
-        time.sleep(0.05)
 
 
 def assert_serving(server) -> None:
@@ -359,7 +350,7 @@ def _drip_and_check(server, prefix: bytes, drip: bytes, cut_reason: str):
         dripper.stop.set()
         sock.close()
     counter = f'blockserver_connections_closed_total{{reason="{cut_reason}"}}'
-    assert eventually(lambda: metric(server, counter) >= 1, what=f"metric {counter}")
+    assert wait_until(lambda: metric(server, counter) >= 1, what=f"metric {counter}")
     assert_serving(server)
 
 
@@ -378,7 +369,7 @@ def test_slow_drip_body_is_cut_and_nothing_stored(blockservers):
     r = requests.get(f"{server.url}/v1/blocks/{block_id}", timeout=GUARD)
     assert r.status_code == 404
     tmp = os.path.join(server.data_dir, "tmp")
-    eventually(lambda: os.listdir(tmp) == [], what="tmp/ empty")
+    wait_until(lambda: os.listdir(tmp) == [], what="tmp/ empty")
 
 
 def test_slow_drip_after_keepalive_request_is_cut(blockservers):
@@ -416,7 +407,7 @@ def test_truncated_body_stores_nothing(blockservers):
         sock.sendall(request_bytes("POST", "/v1/batch/put", {"Content-Length": str(len(batch))})
                      + batch[:len(batch) // 2])
     tmp = os.path.join(server.data_dir, "tmp")
-    eventually(lambda: os.listdir(tmp) == [], what="tmp/ empty")
+    wait_until(lambda: os.listdir(tmp) == [], what="tmp/ empty")
     for bid in (block_id, batch_id):
         r = requests.get(f"{server.url}/v1/blocks/{bid}", timeout=GUARD)
         assert r.status_code == 404, r.text
@@ -612,7 +603,7 @@ def test_connection_limit_answers_503_then_recovers(blockservers):
         except requests.ConnectionError:
             return False
 
-    eventually(served, what="service after closing the held connections")
+    wait_until(served, what="service after closing the held connections")
     assert_serving(server)
     assert metric(server, 'blockserver_connections_closed_total{reason="too_many_connections"}') >= 3
 
@@ -846,7 +837,7 @@ def test_request_bodies_held_in_memory_are_bounded(blockservers):
                          + other)
             return r is not None and r.status == 503 and r
 
-        answer = eventually(refused, what="a 503 while the slow body holds the budget")
+        answer = wait_until(refused, what="a 503 while the slow body holds the budget")
         assert answer.headers.get("retry-after") == "1"
         assert json.loads(answer.body)["error"] == "busy"
         send_quietly(slow, big[1000:])

@@ -16,6 +16,8 @@ from fusefs import errors
 from fusefs.cache import PREFETCH_QUEUE, BlockCache
 from fusefs.memstore import MemoryBlockStore
 
+from .conftest import wait_until
+
 
 class CountingStore(MemoryBlockStore):
     """Counts get() calls; get() can be held at a gate to widen race windows."""
@@ -43,15 +45,6 @@ def stored(store, size=1000):
     block_id, data, checksum = new_block(size)
     store.put(block_id, data, checksum)
     return block_id, data, checksum
-
-
-def wait_until(condition, what: str, guard: float = 30.0):
-    """Poll until true; the guard only stops a hang, it asserts no timing."""
-    deadline = time.monotonic() + guard
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting: {what}")
-        time.sleep(0.01)
 
 
 def cache_file(disk_dir, block_id) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import threading
-import time
 
 import pytest
 
@@ -14,21 +13,12 @@ from fusefs import errors
 from fusefs.placement import rank
 from fusefs.transport import Member, Transport, TransportConfig
 
-from .conftest import members_of
+from .conftest import members_of, wait_until
 
 
 def random_block(size: int, rng=random):
     data = rng.randbytes(size)
     return protocol.new_block_id(), data, protocol.checksum(data)
-
-
-def wait_until(condition, what: str, guard: float = 30.0):
-    """Poll `condition` until true; the guard only stops a hang, it asserts no timing."""
-    deadline = time.monotonic() + guard
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting: {what}")
-        time.sleep(0.05)
 
 
 def block_path(server, block_id: str) -> str:

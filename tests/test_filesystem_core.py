@@ -27,6 +27,8 @@ from fusefs.flusher import Flusher
 from fusefs.memstore import MemoryBlockStore
 from fusefs.metadata import ROOT_INO, Metadata
 
+from .conftest import wait_until
+
 try:  # written concurrently by someone else: fall back to a pass-through cache
     from fusefs.cache import BlockCache
 except Exception:  # noqa: BLE001 - any import problem means "not usable yet"
@@ -122,16 +124,6 @@ def fs(core):
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def wait_until(predicate, timeout=GUARD, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def expect_errno(code, fn, *args, **kwargs):

@@ -30,7 +30,7 @@ import time
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, wait_until
 
 KiB, MiB = 1 << 10, 1 << 20
 GUARD = 120.0  # seconds a single guarded call may take before we call it a hang
@@ -81,13 +81,6 @@ def guarded(fn, *args, timeout: float = GUARD):
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("value")
-
-
-def wait_until(condition, what: str, timeout: float = GUARD, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(interval)
 
 
 def drop_block_cache(m) -> None:

@@ -28,6 +28,8 @@ import traceback
 
 import pytest
 
+from .conftest import wait_until
+
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
@@ -82,14 +84,6 @@ def inode_row_exists(m, ino: int) -> bool:
         return db.execute("SELECT 1 FROM inodes WHERE ino=?", (ino,)).fetchone() is not None
     finally:
         db.close()
-
-
-def wait_until(predicate, what: str) -> None:
-    deadline = time.monotonic() + GUARD
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting: {what}")
-        time.sleep(0.05)
 
 
 def as_user(fn, uid: int = NOBODY, gid: int = NOBODY):

@@ -14,7 +14,7 @@ from .api import Api, ApiConfig
 from .http11 import Limits, Server
 from .metrics import Metrics
 from .store import BlockStore
-from .units import parse_size
+from .units import size_argument
 
 log = logging.getLogger("blockserver")
 
@@ -44,13 +44,6 @@ def _listen_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blockserver", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,22 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "must then be signed with it (HMAC-SHA256)")
     serve.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate")
     serve.add_argument("--tls-key", metavar="PEM", help="private key for --tls-cert")
-    serve.add_argument("--max-block-size", type=_size, default="16MiB", metavar="SIZE",
+    serve.add_argument("--max-block-size", type=size_argument, default="16MiB", metavar="SIZE",
                        help="largest block accepted (default 16MiB; larger: 413)")
-    serve.add_argument("--max-batch-size", type=_size, default="64MiB", metavar="SIZE",
+    serve.add_argument("--max-batch-size", type=size_argument, default="64MiB", metavar="SIZE",
                        help="largest batch request or response body (default 64MiB)")
-    serve.add_argument("--reserve", type=_size, default="0", metavar="SIZE",
+    serve.add_argument("--reserve", type=size_argument, default="0", metavar="SIZE",
                        help="free space to keep on the disk; writes beyond it get 507")
     serve.add_argument("--max-connections", type=int, default=256, metavar="N",
                        help="connections served at once (default 256; more get 503)")
-    serve.add_argument("--max-body-memory", type=_size, default="1GiB", metavar="SIZE",
+    serve.add_argument("--max-body-memory", type=size_argument, default="1GiB", metavar="SIZE",
                        help="request bodies held in memory at once, over all connections "
                        "(default 1GiB; beyond it: 503)")
     serve.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
                        help="seconds a client has to send a request head (default 10)")
     serve.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
                        help="seconds allowed for a body, plus size / --min-rate (default 30)")
-    serve.add_argument("--min-rate", type=_size, default="1MiB", metavar="SIZE",
+    serve.add_argument("--min-rate", type=size_argument, default="1MiB", metavar="SIZE",
                        help="slowest transfer rate tolerated per second (default 1MiB)")
     serve.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
                        help="seconds an idle keep-alive connection stays open (default 60)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1 << 20, "mib": 1 << 20,
@@ -17,6 +18,14 @@ def parse_size(text: str) -> int:
     if match is None or unit not in _UNITS:
         raise ValueError(f"{text!r} is not a size; write e.g. 4096, 64KiB, 1MiB or 2GiB")
     return int(float(match.group(1)) * _UNITS[unit])
+
+
+def size_argument(text: str) -> int:
+    """`parse_size` as an argparse type: a bad size is a usage error, not a traceback."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def format_size(n: float) -> str:

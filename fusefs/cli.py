@@ -12,7 +12,7 @@ import sys
 import time
 
 from blockserver import protocol
-from blockserver.units import format_size, parse_size
+from blockserver.units import format_size, size_argument
 
 from . import __version__, errors, superblock
 from .transport import Member, Transport, TransportConfig
@@ -37,13 +37,6 @@ environment: FUSEFS_SERVERS, FUSEFS_SECRET_FILE and FUSEFS_CACHE_DIR stand in fo
 
 class CliError(Exception):
     """A failure to report in one line, without a traceback (exit status 1)."""
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _servers(text: str) -> list[str]:
@@ -78,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="copies of every block (default 3)")
     p.add_argument("--write-quorum", type=int, default=2, metavar="W",
                    help="copies a write waits for (default 2)")
-    p.add_argument("--block-size", type=_size, default="1MiB", metavar="SIZE",
+    p.add_argument("--block-size", type=size_argument, default="1MiB", metavar="SIZE",
                    help="size of the blocks files are cut into (default 1MiB)")
     p.add_argument("--force", action="store_true",
                    help="format even where a filesystem exists (its data becomes unreachable)")
@@ -89,11 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--cache-dir", default=os.environ.get("FUSEFS_CACHE_DIR"), metavar="DIR",
                    help="metadata, block cache and log (default ~/.cache/fusefs)")
-    p.add_argument("--cache-size", type=_size, default="2GiB", metavar="SIZE",
+    p.add_argument("--cache-size", type=size_argument, default="2GiB", metavar="SIZE",
                    help="disk block cache bound (default 2GiB)")
-    p.add_argument("--memory-cache", type=_size, default="256MiB", metavar="SIZE",
+    p.add_argument("--memory-cache", type=size_argument, default="256MiB", metavar="SIZE",
                    help="memory block cache bound (default 256MiB)")
-    p.add_argument("--dirty-limit", type=_size, default="256MiB", metavar="SIZE",
+    p.add_argument("--dirty-limit", type=size_argument, default="256MiB", metavar="SIZE",
                    help="unsaved data held in memory before writers wait (default 256MiB)")
     p.add_argument("--read-only", action="store_true", help="mount read-only")
     p.add_argument("-o", dest="options", default="", metavar="OPT[,OPT...]",
@@ -307,17 +300,9 @@ def _run_unmount(path: str) -> None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+    from .daemon import process_alive
+
+    return process_alive(pid)
 
 
 def _read_status(record: dict) -> dict | None:

@@ -82,6 +82,23 @@ def _write_json(path: str, value: dict) -> None:
     os.replace(tmp, path)
 
 
+def process_alive(pid: int | None) -> bool:
+    """True if `pid` names a running process (not a zombie waiting to be reaped)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
 def is_mounted(path: str) -> bool:
     """True if something is mounted exactly at `path` (mountinfo escapes octal codes)."""
     target = os.path.realpath(path)

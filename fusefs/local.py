@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from .daemon import process_alive as _alive
+
 SERVERS = 3
 
 
@@ -33,15 +35,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except (ProcessLookupError, FileNotFoundError):
-        return False
 
 
 def _fusefs(*args: str) -> subprocess.CompletedProcess:

@@ -98,17 +98,20 @@ class Metadata:
         return _Transaction(self._lock, self._db)
 
     def sync(self) -> None:
-        """Make every committed transaction durable (fsync of the write-ahead log)."""
-        with self._lock:
-            for suffix in ("-wal", ""):
-                try:
-                    fd = os.open(self.path + suffix, os.O_RDONLY)
-                except FileNotFoundError:
-                    continue
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+        """Make every committed transaction durable (fsync of the write-ahead log).
+
+        No lock: a committed transaction is already written to the log or, once
+        checkpointed, to the database file, so syncing both files covers it whatever
+        other threads do meanwhile, and lookups need not wait for the disk."""
+        for suffix in ("-wal", ""):
+            try:
+                fd = os.open(self.path + suffix, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     # -- settings ---------------------------------------------------------------------------
 
@@ -190,40 +193,30 @@ class Metadata:
             return db.execute("SELECT nlink FROM inodes WHERE ino=?", (ino,)).fetchone()[0]
 
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
-               ino: int, is_dir: bool, replaced: int | None, replaced_is_dir: bool,
-               exchange: bool = False) -> int | None:
+               ino: int, is_dir: bool, replaced: int | None,
+               replaced_is_dir: bool) -> int | None:
         """Move old_parent/old_name to new_parent/new_name in one transaction.
 
-        `replaced` is the inode that new_name pointed to (its link is dropped; returns its
-        remaining link count), or with `exchange` the two entries swap.
+        `replaced` is the inode that new_name pointed to: its link is dropped and its
+        remaining link count returned.
         """
         t = now_ns()
         left = None
         with self._txn() as db:
-            if exchange:
-                db.execute("UPDATE dentries SET ino=? WHERE parent=? AND name=?",
-                           (replaced, old_parent, old_name))
-                db.execute("UPDATE dentries SET ino=? WHERE parent=? AND name=?",
-                           (ino, new_parent, new_name))
-                if old_parent != new_parent and is_dir != replaced_is_dir:
-                    moved = 1 if is_dir else -1
-                    db.execute("UPDATE inodes SET nlink=nlink-? WHERE ino=?", (moved, old_parent))
-                    db.execute("UPDATE inodes SET nlink=nlink+? WHERE ino=?", (moved, new_parent))
-            else:
-                if replaced is not None:
-                    db.execute("DELETE FROM dentries WHERE parent=? AND name=?",
-                               (new_parent, new_name))
-                    db.execute("UPDATE inodes SET nlink=MAX(nlink-?, 0), ctime_ns=? WHERE ino=?",
-                               (2 if replaced_is_dir else 1, t, replaced))
-                    if replaced_is_dir:
-                        db.execute("UPDATE inodes SET nlink=nlink-1 WHERE ino=?", (new_parent,))
-                    left = db.execute("SELECT nlink FROM inodes WHERE ino=?",
-                                      (replaced,)).fetchone()[0]
-                db.execute("UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?",
-                           (new_parent, new_name, old_parent, old_name))
-                if is_dir and old_parent != new_parent:
-                    db.execute("UPDATE inodes SET nlink=nlink-1 WHERE ino=?", (old_parent,))
-                    db.execute("UPDATE inodes SET nlink=nlink+1 WHERE ino=?", (new_parent,))
+            if replaced is not None:
+                db.execute("DELETE FROM dentries WHERE parent=? AND name=?",
+                           (new_parent, new_name))
+                db.execute("UPDATE inodes SET nlink=MAX(nlink-?, 0), ctime_ns=? WHERE ino=?",
+                           (2 if replaced_is_dir else 1, t, replaced))
+                if replaced_is_dir:
+                    db.execute("UPDATE inodes SET nlink=nlink-1 WHERE ino=?", (new_parent,))
+                left = db.execute("SELECT nlink FROM inodes WHERE ino=?",
+                                  (replaced,)).fetchone()[0]
+            db.execute("UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?",
+                       (new_parent, new_name, old_parent, old_name))
+            if is_dir and old_parent != new_parent:
+                db.execute("UPDATE inodes SET nlink=nlink-1 WHERE ino=?", (old_parent,))
+                db.execute("UPDATE inodes SET nlink=nlink+1 WHERE ino=?", (new_parent,))
             db.execute("UPDATE inodes SET ctime_ns=? WHERE ino IN (?, ?)", (t, ino, replaced))
             db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE ino IN (?, ?)",
                        (t, t, old_parent, new_parent))

@@ -1,0 +1,70 @@
+"""P5 at the FUSE adapter: nothing escapes a callback; unknown failures become a logged EIO.
+
+A unit test of one layer: the filesystem core is replaced by a stub that raises.
+"""
+
+import errno
+import inspect
+import logging
+
+import pytest
+from fuse import FuseOSError, Operations
+
+from fusefs import errors
+from fusefs.fuse_ops import FuseOps
+
+
+class Raising:
+    """A core whose every call raises the exception it was given."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            raise self.exc
+        return call
+
+
+CASES = [
+    (errors.FsError(errno.ENOTEMPTY), errno.ENOTEMPTY),
+    (errors.Unavailable("no server answered"), errno.EIO),
+    (errors.StorageFull("cluster full"), errno.ENOSPC),
+    (errors.AuthenticationFailed("bad secret"), errno.EACCES),
+    (RuntimeError("a bug"), errno.EIO),
+    (OSError("what requests raises: no errno"), errno.EIO),  # fusepy would abort the mount
+    (KeyError("x"), errno.EIO),
+]
+
+
+@pytest.mark.parametrize("exc, code", CASES, ids=[type(c[0]).__name__ for c in CASES])
+def test_failures_become_the_right_errno(exc, code, caplog):
+    ops = FuseOps(Raising(exc))
+    with caplog.at_level(logging.WARNING, logger="fusefs.fuse"):
+        with pytest.raises(FuseOSError) as raised:
+            ops.mkdir("/new", 0o755)
+    assert raised.value.errno == code
+    unexpected = not isinstance(exc, errors.FusefsError)
+    logged = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert bool(logged) == unexpected  # a bug is logged as an error, with its traceback
+    if unexpected:
+        assert logged[0].exc_info is not None
+
+
+def test_every_callback_goes_through_the_error_wrapper():
+    callbacks = [name for name, _ in inspect.getmembers(Operations, inspect.isfunction)
+                 if name in vars(FuseOps) and name not in ("destroy", "init", "__call__",
+                                                           "__init__")]
+    assert len(callbacks) > 20
+    unwrapped = [n for n in callbacks if not hasattr(getattr(FuseOps, n), "__wrapped__")]
+    assert unwrapped == []
+
+
+def test_destroy_never_raises(caplog):
+    def broken():
+        raise RuntimeError("upload machinery broke")
+
+    ops = FuseOps(Raising(RuntimeError()), on_destroy=broken)
+    with caplog.at_level(logging.ERROR, logger="fusefs.fuse"):
+        ops.destroy("/")
+    assert any("unmount" in r.getMessage() for r in caplog.records)

@@ -9,6 +9,16 @@ that is already stored succeeds, deleting a missing block succeeds. Implementati
 from __future__ import annotations
 
 import abc
+import os
+
+# The first 8 hex digits of every block id this process creates: a mount's sweep for
+# leftover blocks (journal.Journal.sweep) never touches what its own process uploaded.
+PROCESS_TAG = os.urandom(4).hex()
+
+
+def new_block_id() -> str:
+    """A fresh random block id, tagged with this process."""
+    return PROCESS_TAG + os.urandom(12).hex()
 
 
 class BlockStore(abc.ABC):
@@ -28,6 +38,11 @@ class BlockStore(abc.ABC):
     def get_many(self, items: list[tuple[str, str]]) -> dict[str, bytes]:
         """id -> bytes for (id, checksum) pairs; raises if any block cannot be read."""
         return {block_id: self.get(block_id, checksum) for block_id, checksum in items}
+
+    @abc.abstractmethod
+    def find(self, block_id: str, verify) -> bytes | None:
+        """A block whose checksum is not known in advance: its bytes if a copy passes
+        `verify(data)`, None if it provably does not exist; raises when it cannot tell."""
 
     def has(self, block_id: str) -> bool:
         """True if at least one copy of the block exists."""

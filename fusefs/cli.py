@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +31,8 @@ commands, in the order you meet them:
   fusefs mount --servers URL,... MNT    mount it (returns once mounted)
   fusefs status [MNT]                   servers, health, dirty bytes, upload backlog, errors
   fusefs umount MNT                     upload everything dirty, then unmount
+  fusefs mount --read-only ... MNT      follow the writer from another machine
+  fusefs fsck --servers URL [--repair]  check (and repair) metadata against the blocks
 
 environment: FUSEFS_SERVERS, FUSEFS_SECRET_FILE and FUSEFS_CACHE_DIR stand in for
 --servers, --secret-file and --cache-dir. Sizes take units: 4KiB, 1MiB, 2GiB."""
@@ -88,9 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory block cache bound (default 256MiB)")
     p.add_argument("--dirty-limit", type=size_argument, default="256MiB", metavar="SIZE",
                    help="unsaved data held in memory before writers wait (default 256MiB)")
-    p.add_argument("--read-only", action="store_true", help="mount read-only")
+    p.add_argument("--read-only", action="store_true",
+                   help="mount read-only, beside the writer if there is one: shows its "
+                        "changes within a few seconds")
+    p.add_argument("--lease-seconds", type=float, default=30.0, metavar="S",
+                   help="how long the writer lease lasts unless renewed (default 30). If "
+                        "this machine dies, another can mount read-write after this long")
+    p.add_argument("--unsafe-no-journal", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-o", dest="options", default="", metavar="OPT[,OPT...]",
                    help="extra FUSE mount options, e.g. -o allow_other,attr_timeout=5")
+
+    p = sub.add_parser("fsck", help="check the filesystem's metadata against the blocks",
+                       description="Check the metadata the cluster holds (what a new mount "
+                       "would load): names, link counts, orphan inodes, and that every "
+                       "block has R intact copies. Works while the filesystem is mounted. "
+                       "Exit status: 0 consistent, 1 problems found, 2 could not check.")
+    _add_cluster_args(p)
+    p.add_argument("--repair", action="store_true",
+                   help="fix what can be fixed safely (needs the filesystem unmounted: "
+                        "fsck takes the writer lease while it repairs)")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
 
     p = sub.add_parser("umount", help="upload everything dirty, then unmount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -160,13 +180,37 @@ def cmd_mkfs(args) -> int:
     sb = superblock.new(members, args.block_size, args.replicas, args.write_quorum)
     generation = (existing.generation + 1) if existing else 1
     try:
-        superblock.write(transport, sb, generation)
+        sb = sb.with_changes(checkpoint=_first_checkpoint(transport, sb))
+        superblock.write_all(transport, sb, generation)
     except errors.StorageError as e:
         raise CliError(f"formatting failed: {_explain(e)}") from None
     print(f"formatted filesystem {sb.fs_id} on {len(members)} servers "
           f"(R={args.replicas}, W={args.write_quorum}, blocks of "
           f"{format_size(args.block_size)})")
     return 0
+
+
+def _first_checkpoint(transport, sb) -> dict:
+    """An empty filesystem (a root directory owned by the caller), stored as checkpoint 1."""
+    import tempfile
+
+    from .cluster import ClusterConfig, ReplicatedStore
+    from .journal import write_checkpoint
+    from .metadata import Metadata
+
+    store = ReplicatedStore(sb.members, transport,
+                            ClusterConfig(replicas=sb.replicas, write_quorum=sb.write_quorum))
+    try:
+        store.start()
+        with tempfile.TemporaryDirectory(prefix="fusefs-mkfs-") as tmp:
+            metadata = Metadata(os.path.join(tmp, "metadata.db"))
+            try:
+                metadata.format(uid=os.getuid(), gid=os.getgid())
+                return write_checkpoint(store, metadata, sb.fs_id, "mkfs", 1, tmp)
+            finally:
+                metadata.close()
+    finally:
+        store.close()
 
 
 # -- mount ------------------------------------------------------------------------------------
@@ -201,11 +245,22 @@ def _mount_config(args):
     given = {s["server_id"]: url for url, s in superblock.probe(transport, urls).items()
              if isinstance(s, dict)}
     members = tuple(Member(m.id, given.get(m.id, m.url)) for m in sb.members)
+    if not args.read_only and sb.lease:
+        from .journal import describe_lease, holder_gone
+
+        if sb.lease["expires"] > time.time() and not holder_gone(sb.lease):
+            raise CliError(f"filesystem {sb.fs_id} is mounted read-write by "
+                           f"{describe_lease(sb.lease)}. Only one read-write mount at a time: "
+                           "mount this one with --read-only, or unmount the other first")
     cache_root = args.cache_dir or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fusefs")
+    state = sb.fs_id
+    if args.read_only:  # its own metadata copy: a writer may use the same cache directory
+        state += "-ro-" + hashlib.sha256(os.path.abspath(args.mountpoint).encode()).hexdigest()[:8]
     return MountConfig(
         mountpoint=os.path.abspath(args.mountpoint), superblock=sb, members=members,
-        state_dir=os.path.join(os.path.abspath(cache_root), sb.fs_id),
+        state_dir=os.path.join(os.path.abspath(cache_root), state),
+        lease_seconds=args.lease_seconds, journal=not args.unsafe_no_journal,
         secret=transport.config.secret, tls_verify=transport.config.tls_verify,
         memory_cache=args.memory_cache, disk_cache=args.cache_size,
         dirty_limit=args.dirty_limit, read_only=args.read_only,
@@ -261,6 +316,47 @@ def _log_to(path: str, verbose: bool, also_stderr: bool = False) -> None:
         handlers.append(logging.StreamHandler())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+# -- fsck -------------------------------------------------------------------------------------
+
+def cmd_fsck(args) -> int:
+    from .cluster import ClusterConfig, ReplicatedStore
+    from .fsck import Fsck, format_report
+    from .journal import LeaseHeld
+
+    urls = _need_servers(args)
+    transport = _transport(args)
+    try:
+        found = superblock.read(transport, urls)
+        if found is None:
+            raise CliError("no filesystem on these servers")
+        given = {s["server_id"]: url for url, s in superblock.probe(transport, urls).items()
+                 if isinstance(s, dict)}
+        members = [Member(m.id, given.get(m.id, m.url)) for m in found.members]
+        sb = superblock.read_quorum(transport, members)
+        sb = sb.with_changes(members=tuple(members))
+    except errors.StorageError as e:
+        print(f"fusefs fsck: cannot read the superblock: {_explain(e)}", file=sys.stderr)
+        return 2
+    store = ReplicatedStore(members, transport, ClusterConfig(replicas=sb.replicas,
+                                                              write_quorum=sb.write_quorum))
+    try:
+        store.start()
+        report = Fsck(store, transport, sb, repair=args.repair,
+                      progress=lambda m: print(f"fsck: {m}", file=sys.stderr)).run()
+    except LeaseHeld as e:
+        print(f"fusefs fsck: cannot repair: {e}. Unmount it first; a check without "
+              "--repair works while it is mounted", file=sys.stderr)
+        return 2
+    except errors.StorageError as e:
+        print(f"fusefs fsck: could not finish: {_explain(e)}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    print(json.dumps(report.as_dict(), indent=1) if args.json
+          else format_report(report, args.repair))
+    return 0 if report.clean else 1
 
 
 # -- umount and status ------------------------------------------------------------------------
@@ -355,7 +451,7 @@ def cmd_down(args) -> int:
     return down(args.dir)
 
 
-COMMANDS = {"mkfs": cmd_mkfs, "mount": cmd_mount, "umount": cmd_umount,
+COMMANDS = {"fsck": cmd_fsck, "mkfs": cmd_mkfs, "mount": cmd_mount, "umount": cmd_umount,
             "status": cmd_status, "up": cmd_up, "down": cmd_down}
 
 

@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 
 from blockserver import protocol
@@ -367,6 +367,38 @@ class ReplicatedStore(BlockStore):
                 if not pending:
                     launch()
         raise self._read_error(block_id, failures)
+
+    def find(self, block_id: str, verify) -> bytes | None:
+        """A block whose checksum is not known in advance (journal segments), or None when
+        it provably does not exist.
+
+        Every member is asked; the first copy that `verify(data)` accepts wins. Absent
+        means so many servers answered "missing" that no W of them can hold it; when too
+        few answered to tell, this raises Unavailable rather than guess.
+        """
+        futures = {self._io.submit(self._call, m, self.transport.get_block, block_id): m
+                   for m in self._by_preference(self.members)}
+        missing, failures = 0, {}
+        for future in as_completed(futures):
+            member = futures[future]
+            try:
+                data = future.result()
+            except errors.BlockMissing as e:
+                missing += 1
+                failures[member.url] = e
+                continue
+            except errors.StorageError as e:
+                failures[member.url] = e
+                continue
+            if verify(data):
+                return data
+            failures[member.url] = errors.BlockCorrupt(f"{member.url}: block {block_id} "
+                                                       "failed verification")
+            log.warning("block %s from %s failed verification", block_id, member.url)
+        if len(self.members) - missing < self.config.write_quorum:
+            return None
+        reasons = "; ".join(str(e) for e in failures.values())
+        raise errors.Unavailable(f"cannot tell whether block {block_id} exists: {reasons}")
 
     @staticmethod
     def _read_error(block_id: str, failures: dict[str, errors.StorageError]):

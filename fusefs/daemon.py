@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 
 from fuse import FUSE
 
-from . import superblock as sb_mod
+from . import errors, journal, superblock
 from .cache import BlockCache
 from .cluster import ClusterConfig, ReplicatedStore
 from .filesystem import Filesystem
 from .flusher import Flusher
+from .journal import process_alive  # noqa: F401 - cli and local ask the daemon module
 from .fuse_ops import FuseOps, mount_options
-from .metadata import Metadata
 from .transport import Member, Transport, TransportConfig
 
 log = logging.getLogger("fusefs.daemon")
@@ -41,7 +41,7 @@ log = logging.getLogger("fusefs.daemon")
 @dataclass(frozen=True)
 class MountConfig:
     mountpoint: str
-    superblock: sb_mod.Superblock
+    superblock: superblock.Superblock
     members: tuple[Member, ...]
     state_dir: str  # metadata database, disk cache, log and status for this filesystem
     secret: bytes | None = None
@@ -52,6 +52,10 @@ class MountConfig:
     flush_age: float = 5.0
     read_only: bool = False
     fuse_options: dict = field(default_factory=dict)
+    lease_seconds: float = journal.LEASE_SECONDS
+    ship_delay: float = 1.0
+    checkpoint_records: int = 100_000
+    journal: bool = True  # False only to measure what the journal costs
 
 
 def runtime_dir() -> str:
@@ -80,23 +84,6 @@ def _write_json(path: str, value: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(value, f, indent=1)
     os.replace(tmp, path)
-
-
-def process_alive(pid: int | None) -> bool:
-    """True if `pid` names a running process (not a zombie waiting to be reaped)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 def is_mounted(path: str) -> bool:
@@ -175,26 +162,37 @@ def run(config: MountConfig) -> None:
         store.start()
         stack.callback(store.close)
         db_path = os.path.join(config.state_dir, "metadata.db")
-        fresh = not os.path.exists(db_path)
-        metadata = Metadata(db_path)
-        stack.callback(metadata.close)
-        if fresh:
-            metadata.format(uid=os.getuid(), gid=os.getgid())
-            metadata.set_settings({"fs_id": sb.fs_id})
-        elif metadata.setting("fs_id") != sb.fs_id:
-            raise SystemExit(f"fusefs: {db_path} belongs to another filesystem "
-                             f"({metadata.setting('fs_id')}); use another --cache-dir")
+        sb = superblock.read_quorum(transport, config.members)
+        if config.read_only:
+            metadata, _, segment = journal.open_metadata(store, sb, db_path, log.info)
+            stack.callback(metadata.close)
+            keeper = journal.Follower(store, transport, sb, metadata, config.state_dir,
+                                      next_segment=segment)
+        else:
+            keeper, metadata = _become_writer(config, transport, store, sb, db_path)
+            stack.callback(metadata.close)
         cache = BlockCache(store, memory_bytes=config.memory_cache,
                            disk_dir=os.path.join(config.state_dir, "blocks"),
                            disk_bytes=config.disk_cache)
         stack.callback(cache.close)
         flusher = Flusher(store, cache, metadata, dirty_limit=config.dirty_limit,
-                          max_age=config.flush_age)
+                          max_age=config.flush_age, collect_garbage=not config.read_only)
         stack.callback(flusher.close)
         fs = Filesystem(metadata, cache, flusher, sb.block_size, capacity=store.capacity)
-        fs.start()
+        if config.read_only:
+            fs.read_only = "mounted read-only"
+            keeper.on_change = fs.external_change
+            keeper.start()
+            stack.callback(keeper.close)
+        elif keeper is not None:
+            fs.durable = flusher.durable = keeper.wait_durable
+            keeper.on_lost = fs.lose_write_access
+            stack.callback(keeper.close)  # (a no-op after finish() closed it)
+            fs.start()
+        else:
+            fs.start()
         status_path = os.path.join(config.state_dir, "status.json")
-        reporter = _StatusReporter(status_path, config, store, flusher, cache)
+        reporter = _StatusReporter(status_path, config, store, flusher, cache, keeper)
         reporter.start()
         stack.callback(reporter.stop)
         _write_json(registry_path(config.mountpoint),
@@ -204,12 +202,17 @@ def run(config: MountConfig) -> None:
         stack.callback(_unregister, config.mountpoint)
 
         def finish():
+            if config.read_only:
+                return
             log.info("unmounting: uploading %d dirty bytes", flusher.dirty_bytes)
             fs.shutdown(progress=lambda dirty, files: log.warning(
                 "still waiting to upload %d bytes of %d files", dirty, files))
-            log.info("all data uploaded")
+            if keeper is not None:
+                keeper.close()
+            log.info("all data and metadata uploaded")
 
         ops = FuseOps(fs, on_destroy=finish)
+        fs.change_listeners.append(ops.forget_paths)  # a follower's changes
         _stop_on_signal(config.mountpoint, finish)
         options = mount_options(config.read_only, config.fuse_options)
         log.info("mounting filesystem %s at %s (%d servers, R=%d, W=%d)", sb.fs_id,
@@ -219,12 +222,41 @@ def run(config: MountConfig) -> None:
         log.info("unmounted %s", config.mountpoint)
 
 
+def _become_writer(config: MountConfig, transport, store, sb, db_path: str):
+    """Take the writer lease, load the metadata, and start this mount's journal chain.
+
+    Refusals (another writer holds the lease) end the daemon with the message; if
+    loading fails after the lease was taken, the lease is given back."""
+    lease = journal.new_lease(journal.new_mount_id(), config.lease_seconds, config.mountpoint)
+    unclean = sb.lease is not None  # the last writer never gave the lease back
+    try:
+        sb = journal.acquire(transport, sb, lease)
+    except journal.LeaseHeld as e:
+        raise SystemExit(f"fusefs: {e}") from None
+    try:
+        metadata, replayed, end = journal.open_metadata(store, sb, db_path, log.info)
+        if not config.journal:
+            log.warning("the journal is off (--unsafe-no-journal): changes of this mount stay "
+                        "on this machine and the cluster never learns of them")
+            return None, metadata
+        keeper = journal.Journal(store, transport, sb, metadata, config.state_dir,
+                                 ship_delay=config.ship_delay,
+                                 checkpoint_records=config.checkpoint_records)
+        keeper.start(replayed, end, sweep=unclean)
+    except BaseException:
+        with contextlib.suppress(errors.StorageError):
+            superblock.update(transport, sb.with_changes(lease=None))
+        raise
+    log.info("writer lease taken (%s); journal chain %s", lease["holder"], keeper.chain)
+    return keeper, metadata
+
+
 class _StatusReporter:
     """Writes status.json every second: servers, dirty bytes, repair backlog, errors."""
 
-    def __init__(self, path: str, config: MountConfig, store, flusher, cache):
+    def __init__(self, path: str, config: MountConfig, store, flusher, cache, keeper):
         self.path, self.config = path, config
-        self.store, self.flusher, self.cache = store, flusher, cache
+        self.store, self.flusher, self.cache, self.keeper = store, flusher, cache, keeper
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="status", daemon=True)
 
@@ -244,7 +276,8 @@ class _StatusReporter:
                     "fs_id": self.config.superblock.fs_id, "time": time.time(),
                     "dirty_bytes": self.flusher.dirty_bytes,
                     "upload_errors": self.flusher.recent_errors(),
-                    "cluster": self.store.stats(), "cache": self.cache.stats()})
+                    "cluster": self.store.stats(), "cache": self.cache.stats(),
+                    "journal": self.keeper.stats() if self.keeper else None})
             except Exception:  # noqa: BLE001 - status is best effort, never fatal
                 log.exception("could not write %s", self.path)
             if self._stop.wait(1.0):

@@ -49,6 +49,9 @@ class Filesystem:
         self.block_size = block_size
         self.capacity = capacity or (lambda: (1 << 50, 1 << 50))  # (total, free) bytes
         self.readahead_blocks = readahead_blocks
+        self.durable = metadata.sync  # fsync's last step; a mount sets the journal's wait
+        self.read_only: str | None = None  # why changes are refused, when they are
+        self.change_listeners: list = []  # called after external_change
         self._ns = threading.Lock()
         self._handles: dict[int, Handle] = {}  # guarded by _handles_lock
         self._handles_lock = threading.Lock()
@@ -93,6 +96,7 @@ class Filesystem:
 
     def setattr(self, ino: int, *, mode=None, uid=None, gid=None, size=None,
                 atime_ns=None, mtime_ns=None) -> Inode:
+        self._writable()
         inode = self._inode(ino)
         t = now_ns()
         if size is not None:
@@ -136,6 +140,7 @@ class Filesystem:
 
     def _new(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
              target: bytes | None = None) -> Inode:
+        self._writable()
         self._check_name(name)
         with self._ns:
             directory = self._dir(parent)
@@ -168,6 +173,7 @@ class Filesystem:
         return inode.target or b""
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        self._writable()
         self._check_name(name)
         with self._ns:
             if self._inode(ino).is_dir:
@@ -180,6 +186,7 @@ class Filesystem:
         return self._inode(ino)
 
     def unlink(self, parent: int, name: bytes) -> None:
+        self._writable()
         with self._ns:
             ino = self.metadata.lookup(parent, name)
             if ino is None:
@@ -193,6 +200,7 @@ class Filesystem:
             self._release_inode(ino)
 
     def rmdir(self, parent: int, name: bytes) -> None:
+        self._writable()
         if name == b".":
             raise FsError(errno.EINVAL)
         with self._ns:
@@ -211,6 +219,7 @@ class Filesystem:
                new_name: bytes) -> bool:
         """Move a name; returns whether it named a directory (the adapter's path cache
         must then forget the whole subtree)."""
+        self._writable()
         self._check_name(new_name)
         with self._ns:
             ino = self.metadata.lookup(old_parent, old_name)
@@ -271,6 +280,7 @@ class Filesystem:
 
     def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
                gid: int) -> tuple[Inode, int]:
+        self._writable()
         ino = self.metadata.lookup(parent, name)
         if ino is None:
             try:
@@ -285,6 +295,8 @@ class Filesystem:
         return self._inode(ino), fh
 
     def open(self, ino: int, flags: int) -> int:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            self._writable()
         inode = self._inode(ino)
         if inode.is_dir and flags & os.O_ACCMODE != os.O_RDONLY:
             raise FsError(errno.EISDIR)
@@ -349,7 +361,33 @@ class Filesystem:
     def fsync(self, fh: int, datasync: bool = False) -> None:
         """Return only when the file's data is on W servers and its metadata is durable."""
         self.flusher.flush(self._handle(fh).fd)
-        self.metadata.sync()
+        self.durable()
+
+    def fsyncdir(self) -> None:
+        """A directory's entries are metadata: make every change so far durable."""
+        self.durable()
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise FsError(errno.EROFS, self.read_only)
+
+    def lose_write_access(self, why: str) -> None:
+        """From now on every change fails with EROFS (the writer lease is gone)."""
+        self.read_only = why
+
+    def external_change(self) -> None:
+        """Another mount changed the metadata (a follower applied journal records): open
+        files take their new size and block map, and listeners forget cached paths."""
+        for fd in self.flusher.live_files():
+            inode = self.metadata.inode(fd.ino)
+            refs = self.metadata.block_refs(fd.ino, 0, 2**62) if inode else {}
+            with fd.lock:
+                if inode is not None and not fd.dirty:
+                    fd.size, fd.mtime_ns, fd.ctime_ns = inode.size, inode.mtime_ns, \
+                        inode.ctime_ns
+                    fd.refs = refs
+        for listener in self.change_listeners:
+            listener()
 
     # -- data -------------------------------------------------------------------------------
 
@@ -397,6 +435,7 @@ class Filesystem:
         return [(r.block_id, r.checksum) for r in refs if r is not None]
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
+        self._writable()
         fd = self._handle(fh).fd
         self.flusher.wait_for_room()
         bs = self.block_size
@@ -500,6 +539,7 @@ class Filesystem:
         return self.metadata.xattr_names(ino)
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        self._writable()
         self._inode(ino)
         if name.startswith(b"system."):
             # POSIX ACLs and other kernel-defined attributes would need the kernel to act on
@@ -519,6 +559,7 @@ class Filesystem:
         self._ctime_changed(ino)
 
     def removexattr(self, ino: int, name: bytes) -> None:
+        self._writable()
         self._inode(ino)
         if not self.metadata.remove_xattr(ino, name):
             raise FsError(errno.ENODATA)

@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from blockserver import protocol
 
 from . import errors
+from .blocks import new_block_id
 from .metadata import BlockRef, Metadata
 
 log = logging.getLogger("fusefs.flusher")
@@ -76,12 +77,15 @@ class FileData:
 
 class Flusher:
     def __init__(self, store, cache, metadata: Metadata, *, dirty_limit: int,
-                 max_age: float = 5.0, threads: int = 4):
+                 max_age: float = 5.0, threads: int = 4, collect_garbage: bool = True):
         self.store = store
         self.cache = cache
         self.metadata = metadata
         self.dirty_limit = dirty_limit
         self.max_age = max_age
+        # Called before garbage is deleted: returns once the records that dropped it are
+        # durable (the journal's wait on a mount; a local fsync without one).
+        self.durable = metadata.sync
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # new work, or room freed
         self._files: dict[int, FileData] = {}  # guarded by _lock
@@ -91,8 +95,10 @@ class Flusher:
         self._stopping = False
         self._stopped = threading.Event()  # wakes the garbage thread at close
         self._uploads = ThreadPoolExecutor(threads, thread_name_prefix="flusher-upload")
-        self._threads = [threading.Thread(target=self._run, name="flusher", daemon=True),
-                         threading.Thread(target=self._collect_garbage, name="gc", daemon=True)]
+        self._threads = [threading.Thread(target=self._run, name="flusher", daemon=True)]
+        if collect_garbage:  # never on a read-only mount: the writer owns the blocks
+            self._threads.append(threading.Thread(target=self._collect_garbage, name="gc",
+                                                  daemon=True))
         for t in self._threads:
             t.start()
 
@@ -110,6 +116,10 @@ class Flusher:
                       inode.ctime_ns if inode else 0, refs)
         with self._lock:
             return self._files.setdefault(ino, fd)
+
+    def live_files(self) -> list[FileData]:
+        with self._lock:
+            return list(self._files.values())
 
     def live(self, ino: int) -> FileData | None:
         with self._lock:
@@ -268,7 +278,7 @@ class Flusher:
     def _upload_jobs(self, jobs) -> None:
         refs = []
         for fd, idx, data, version in jobs:
-            refs.append(BlockRef(protocol.new_block_id(), protocol.checksum(data), len(data)))
+            refs.append(BlockRef(new_block_id(), protocol.checksum(data), len(data)))
         try:
             items = [(r.block_id, data, r.checksum) for r, (_, _, data, _) in zip(refs, jobs)]
             if len(items) == 1:
@@ -360,7 +370,7 @@ class Flusher:
             ids = self.metadata.garbage(500)
             if not ids:
                 return total
-            self.metadata.sync()  # nothing may reference them again after a crash
+            self.durable()  # nothing may reference them again after a crash
             self.store.delete_many(ids)
             for block_id in ids:
                 self.cache.discard(block_id)

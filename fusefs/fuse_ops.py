@@ -76,6 +76,12 @@ class FuseOps(Operations):
         self._seen: dict[str, tuple[int, int, int, int]] = {}
         self._append_locks = [threading.Lock() for _ in range(64)]  # striped by inode
 
+    def forget_paths(self) -> None:
+        """Another mount changed the namespace: no cached path may be trusted."""
+        with self._lock:
+            self._paths.clear()
+            self._generation += 1
+
     # -- paths ------------------------------------------------------------------------------
 
     def _resolve(self, path: str) -> int:
@@ -294,6 +300,11 @@ class FuseOps(Operations):
         self.fs.fsync(fi.fh, bool(datasync))
         return 0
 
+    @_op
+    def fsyncdir(self, path, datasync, fh):
+        self.fs.fsyncdir()
+        return 0
+
     # -- extended attributes ----------------------------------------------------------------
 
     @_op
@@ -336,9 +347,11 @@ def mount_options(read_only: bool = False, extra: dict | None = None) -> dict:
         "big_writes": True, "max_write": 131072, "max_read": 131072,
         # Attributes are not cached: libfuse gives each name of a hard-linked file its own
         # kernel inode, so a cached link count or ctime would go stale through the others.
-        # Names may be cached: this mount is the filesystem's only writer and the kernel
-        # keeps its own name cache right for changes made through it.
-        "attr_timeout": 0.0, "entry_timeout": 10.0, "negative_timeout": 10.0,
+        # Names may be cached: a writer is the filesystem's only one and the kernel keeps
+        # its own name cache right for changes made through it. A read-only mount follows
+        # another machine's changes, so it keeps names for one second only.
+        "attr_timeout": 0.0, "entry_timeout": 1.0 if read_only else 10.0,
+        "negative_timeout": 1.0 if read_only else 10.0,
         "ro": read_only,
     }
     options.update(extra or {})

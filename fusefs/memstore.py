@@ -46,6 +46,16 @@ class MemoryBlockStore(BlockStore):
             raise errors.BlockCorrupt(f"block {block_id} has checksum {found[1]}, not {checksum}")
         return found[0]
 
+    def find(self, block_id: str, verify) -> bytes | None:
+        self._maybe_fail()
+        with self._lock:
+            found = self._blocks.get(block_id)
+        if found is None:
+            return None
+        if not verify(found[0]):
+            raise errors.BlockCorrupt(f"block {block_id} failed verification")
+        return found[0]
+
     def has_many(self, block_ids: list[str]) -> dict[str, bool]:
         self._maybe_fail()
         with self._lock:

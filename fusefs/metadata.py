@@ -2,20 +2,27 @@
 
 Tables: `inodes` (attributes, symlink targets), `dentries` (parent, name) -> inode,
 `blocks` (inode, index) -> (block id, checksum, length), `xattrs`, `garbage` (block ids no
-longer referenced, deleted from the cluster in the background) and `settings`.
+longer referenced, deleted from the cluster in the background), `journal` (records not yet
+shipped to the cluster) and `settings` (local bookkeeping: `seq`, `shipped`, the chain
+position of a follower).
 
-Every method is one transaction, so the database moves from one consistent state to the
-next: a crash of the process (kill -9) loses at most the transactions not yet committed,
-never half of one. Commits are not fsynced (WAL, synchronous=NORMAL): `sync()` makes
-everything committed so far durable, which `fsync` calls. Names are bytes; the FUSE
-adapter passes them through unchanged.
+Every change is one transaction that also appends a journal record `[seq, op, args]`
+(sequence numbers have no gaps). A record holds all the change needs — the times, the
+new inode number — and the `_op_*` function that made the change is the one that replays
+it, so a database built from a checkpoint plus the records after it is the database the
+writer had (see docs/journal.md). A crash of the process loses at most the transactions
+not yet committed, never half of one. Commits are not fsynced locally (WAL,
+synchronous=NORMAL): durability is the cluster's copy of the journal.
 
 Threads: one connection, used under `_lock`. Callers never hold `_lock` (it is private);
-they may hold an inode lock while calling in. Nothing here touches the network.
+they may hold an inode lock while calling in. `on_record` is called with no lock held.
+Nothing here touches the network.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import sqlite3
 import stat
@@ -44,6 +51,7 @@ CREATE TABLE IF NOT EXISTS xattrs (
     ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
     PRIMARY KEY (ino, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS garbage (block_id TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY, record BLOB NOT NULL);
 """
 
 _INODE_COLUMNS = ("ino", "mode", "uid", "gid", "nlink", "size", "atime_ns", "mtime_ns",
@@ -84,10 +92,18 @@ class Metadata:
     def __init__(self, path: str):
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._db = self._connect()
+        self._seq = int(self.setting("seq", "0"))  # the last journal record, guarded by _lock
+        self._next_ino = self._db.execute(
+            "SELECT COALESCE(MAX(ino), 0) + 1 FROM inodes").fetchone()[0]
+        self.on_record = None  # called (no lock held) after each new record: wakes a shipper
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        return db
 
     def close(self) -> None:
         with self._lock:
@@ -113,6 +129,111 @@ class Metadata:
             finally:
                 os.close(fd)
 
+    # -- the journal ------------------------------------------------------------------------
+
+    def _record(self, op: str, *args):
+        """Apply one change and journal it, as one transaction; returns what the op returns.
+
+        The record holds everything the change needs (times, the new inode number), so
+        applying it again to the state before it gives the same state (see `replay`).
+        """
+        with self._lock:
+            seq = self._seq + 1
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = _OPS[op](self._db, *args)
+                self._db.execute("INSERT INTO journal VALUES (?, ?)",
+                                 (seq, encode_record(seq, op, args)))
+                self._db.execute("INSERT OR REPLACE INTO settings VALUES ('seq', ?)", (seq,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._seq = seq
+        if self.on_record is not None:
+            self.on_record(seq)
+        return result
+
+    @property
+    def seq(self) -> int:
+        """The number of the newest journal record (0 before the first)."""
+        with self._lock:
+            return self._seq
+
+    def unshipped(self, after: int, limit: int = 5000) -> list[tuple[int, bytes]]:
+        """(seq, encoded record) of journal records after `after`, in order."""
+        with self._lock:
+            return self._db.execute("SELECT seq, record FROM journal WHERE seq > ? "
+                                    "ORDER BY seq LIMIT ?", (after, limit)).fetchall()
+
+    def shipped(self, upto: int, position: dict[str, str]) -> None:
+        """Records up to `upto` are durable on the cluster: drop them, remember where."""
+        with self._txn() as db:
+            db.execute("DELETE FROM journal WHERE seq <= ?", (upto,))
+            db.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)",
+                           [("shipped", str(upto)), *position.items()])
+
+    def replay(self, records: list[tuple[int, str, list]], position: dict[str, str]) -> int:
+        """Apply records shipped by a writer, in one transaction; returns how many applied.
+
+        Records at or below the current sequence number are skipped (a checkpoint may
+        already hold them); a gap raises JournalGap and applies nothing.
+        """
+        applied = 0
+        with self._txn() as db:
+            seq = self._seq
+            for rec_seq, op, args in records:
+                if rec_seq <= seq:
+                    continue
+                if rec_seq != seq + 1:
+                    raise JournalGap(f"journal record {rec_seq} follows {seq}")
+                _OPS[op](db, *args)
+                seq = rec_seq
+                applied += 1
+            db.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)",
+                           [("seq", str(seq)), ("shipped", str(seq)), *position.items()])
+            self._seq = seq
+            self._next_ino = max(self._next_ino, db.execute(
+                "SELECT COALESCE(MAX(ino), 0) + 1 FROM inodes").fetchone()[0])
+        return applied
+
+    def snapshot(self, dest: str) -> int:
+        """Write a compact copy of the whole database to `dest`; returns its sequence number.
+
+        The copy holds no journal records (they are all in it already) and no local
+        settings but `seq`: it is what a checkpoint uploads.
+        """
+        with self._lock:
+            self._db.execute("VACUUM INTO ?", (dest,))
+            seq = self._seq
+        copy = sqlite3.connect(dest, isolation_level=None)
+        try:
+            copy.execute("DELETE FROM journal")
+            copy.execute("DELETE FROM settings")
+            copy.execute("INSERT INTO settings VALUES ('seq', ?)", (str(seq),))
+            copy.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            copy.close()
+        return seq
+
+    def replace_with(self, path: str, settings: dict[str, str]) -> None:
+        """Swap in another database file (a follower loading a newer checkpoint)."""
+        with self._lock:
+            self._db.close()
+            for suffix in ("-wal", "-shm"):
+                try:
+                    os.unlink(self.path + suffix)
+                except FileNotFoundError:
+                    pass
+            os.replace(path, self.path)
+            self._db = self._connect()
+            self._db.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)",
+                                 settings.items())
+            self._seq = int(self._db.execute(
+                "SELECT value FROM settings WHERE key='seq'").fetchone()[0])
+            self._next_ino = self._db.execute(
+                "SELECT COALESCE(MAX(ino), 0) + 1 FROM inodes").fetchone()[0]
+
     # -- settings ---------------------------------------------------------------------------
 
     def setting(self, key: str, default: str | None = None) -> str | None:
@@ -126,10 +247,9 @@ class Metadata:
 
     def format(self, uid: int, gid: int, mode: int = 0o755) -> None:
         """Create the root directory of an empty filesystem."""
-        t = now_ns()
-        with self._txn() as db:
-            db.execute("INSERT INTO inodes VALUES (?,?,?,?,?,?,?,?,?,0,NULL)",
-                       (ROOT_INO, stat.S_IFDIR | mode, uid, gid, 2, 0, t, t, t))
+        self._record("format", uid, gid, mode, now_ns())
+        with self._lock:
+            self._next_ino = max(self._next_ino, ROOT_INO + 1)
 
     # -- inodes and names -------------------------------------------------------------------
 
@@ -160,37 +280,19 @@ class Metadata:
                rdev: int = 0, target: bytes | None = None) -> Inode:
         """A new inode linked as parent/name; the parent's times (and link count) change."""
         t = now_ns()
-        is_dir = stat.S_ISDIR(mode)
-        with self._txn() as db:
-            cur = db.execute("INSERT INTO inodes (mode, uid, gid, nlink, size, atime_ns, "
-                             "mtime_ns, ctime_ns, rdev, target) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                             (mode, uid, gid, 2 if is_dir else 1,
-                              len(target) if target is not None else 0, t, t, t, rdev, target))
-            ino = cur.lastrowid
-            db.execute("INSERT INTO dentries VALUES (?,?,?)", (parent, name, ino))
-            db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=?, nlink=nlink+? WHERE ino=?",
-                       (t, t, 1 if is_dir else 0, parent))
-        return Inode(ino, mode, uid, gid, 2 if is_dir else 1,
+        with self._lock:
+            ino = self._next_ino
+            self._next_ino += 1
+        self._record("create", ino, parent, name, mode, uid, gid, rdev, target, t)
+        return Inode(ino, mode, uid, gid, 2 if stat.S_ISDIR(mode) else 1,
                      len(target) if target is not None else 0, t, t, t, rdev, target)
 
     def link(self, ino: int, parent: int, name: bytes) -> None:
-        t = now_ns()
-        with self._txn() as db:
-            db.execute("INSERT INTO dentries VALUES (?,?,?)", (parent, name, ino))
-            db.execute("UPDATE inodes SET nlink=nlink+1, ctime_ns=? WHERE ino=?", (t, ino))
-            db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE ino=?", (t, t, parent))
+        self._record("link", ino, parent, name, now_ns())
 
     def unlink(self, parent: int, name: bytes, ino: int, is_dir: bool) -> int:
         """Remove parent/name (-> ino). Returns the inode's remaining link count."""
-        t = now_ns()
-        with self._txn() as db:
-            db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
-            drop = 2 if is_dir else 1  # a directory also loses its "." link
-            db.execute("UPDATE inodes SET nlink=MAX(nlink-?, 0), ctime_ns=? WHERE ino=?",
-                       (drop, t, ino))
-            db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=?, nlink=nlink-? WHERE ino=?",
-                       (t, t, 1 if is_dir else 0, parent))
-            return db.execute("SELECT nlink FROM inodes WHERE ino=?", (ino,)).fetchone()[0]
+        return self._record("unlink", parent, name, ino, is_dir, now_ns())
 
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
                ino: int, is_dir: bool, replaced: int | None,
@@ -200,27 +302,8 @@ class Metadata:
         `replaced` is the inode that new_name pointed to: its link is dropped and its
         remaining link count returned.
         """
-        t = now_ns()
-        left = None
-        with self._txn() as db:
-            if replaced is not None:
-                db.execute("DELETE FROM dentries WHERE parent=? AND name=?",
-                           (new_parent, new_name))
-                db.execute("UPDATE inodes SET nlink=MAX(nlink-?, 0), ctime_ns=? WHERE ino=?",
-                           (2 if replaced_is_dir else 1, t, replaced))
-                if replaced_is_dir:
-                    db.execute("UPDATE inodes SET nlink=nlink-1 WHERE ino=?", (new_parent,))
-                left = db.execute("SELECT nlink FROM inodes WHERE ino=?",
-                                  (replaced,)).fetchone()[0]
-            db.execute("UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?",
-                       (new_parent, new_name, old_parent, old_name))
-            if is_dir and old_parent != new_parent:
-                db.execute("UPDATE inodes SET nlink=nlink-1 WHERE ino=?", (old_parent,))
-                db.execute("UPDATE inodes SET nlink=nlink+1 WHERE ino=?", (new_parent,))
-            db.execute("UPDATE inodes SET ctime_ns=? WHERE ino IN (?, ?)", (t, ino, replaced))
-            db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE ino IN (?, ?)",
-                       (t, t, old_parent, new_parent))
-        return left
+        return self._record("rename", old_parent, old_name, new_parent, new_name, ino,
+                            is_dir, replaced, replaced_is_dir, now_ns())
 
     def is_ancestor(self, ancestor: int, ino: int) -> bool:
         """True if `ancestor` is `ino` or one of the directories above it."""
@@ -241,17 +324,11 @@ class Metadata:
         if not fields:
             return
         assert set(fields) <= set(_INODE_COLUMNS[1:]), fields
-        columns = ", ".join(f"{k}=?" for k in fields)
-        with self._txn() as db:
-            db.execute(f"UPDATE inodes SET {columns} WHERE ino=?", (*fields.values(), ino))
+        self._record("set_attrs", ino, fields)
 
     def remove_inode(self, ino: int) -> None:
         """Delete an inode that has no names left; its blocks become garbage."""
-        with self._txn() as db:
-            db.execute("INSERT OR IGNORE INTO garbage SELECT block_id FROM blocks WHERE ino=?",
-                       (ino,))
-            for table in ("blocks", "xattrs", "inodes"):
-                db.execute(f"DELETE FROM {table} WHERE ino=?", (ino,))
+        self._record("remove_inode", ino)
 
     def orphans(self) -> list[int]:
         """Inodes with no names left (open when the last process died)."""
@@ -281,19 +358,9 @@ class Metadata:
 
         The blocks they replace become garbage in the same transaction.
         """
-        with self._txn() as db:
-            if db.execute("SELECT 1 FROM inodes WHERE ino=?", (ino,)).fetchone() is None:
-                db.executemany("INSERT OR IGNORE INTO garbage VALUES (?)",
-                               [(r.block_id,) for r in refs.values()])
-                return  # removed meanwhile: what was uploaded is garbage already
-            for idx, ref in refs.items():
-                db.execute("INSERT OR IGNORE INTO garbage SELECT block_id FROM blocks "
-                           "WHERE ino=? AND idx=? AND block_id<>?", (ino, idx, ref.block_id))
-                db.execute("INSERT OR REPLACE INTO blocks VALUES (?,?,?,?,?)",
-                           (ino, idx, ref.block_id, ref.checksum, ref.length))
-            # MAX: a namespace change may have moved ctime after the caller read it.
-            db.execute("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=MAX(ctime_ns, ?) "
-                       "WHERE ino=?", (size, mtime_ns, ctime_ns, ino))
+        self._record("commit_blocks", ino,
+                     [[i, r.block_id, r.checksum, r.length] for i, r in refs.items()],
+                     size, mtime_ns, ctime_ns)
 
     def truncate_blocks(self, ino: int, keep_below: int, size: int, t: int,
                         last_length: int | None = None) -> None:
@@ -302,17 +369,11 @@ class Metadata:
         `last_length`: block keep_below-1 now ends inside; only its first `last_length`
         bytes belong to the file (the rest must never come back, even after a crash).
         """
-        with self._txn() as db:
-            db.execute("INSERT OR IGNORE INTO garbage SELECT block_id FROM blocks "
-                       "WHERE ino=? AND idx>=?", (ino, keep_below))
-            db.execute("DELETE FROM blocks WHERE ino=? AND idx>=?", (ino, keep_below))
-            if last_length is not None:
-                db.execute("UPDATE blocks SET length=MIN(length, ?) WHERE ino=? AND idx=?",
-                           (last_length, ino, keep_below - 1))
-            db.execute("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE ino=?",
-                       (size, t, t, ino))
+        self._record("truncate_blocks", ino, keep_below, size, t, last_length)
 
     def add_garbage(self, block_ids: list[str]) -> None:
+        """Blocks that no record ever referenced (not journaled: if this is lost, the
+        blocks are unreferenced and `fusefs fsck --repair` finds them)."""
         with self._txn() as db:
             db.executemany("INSERT OR IGNORE INTO garbage VALUES (?)", [(b,) for b in block_ids])
 
@@ -339,16 +400,176 @@ class Metadata:
                 "SELECT name FROM xattrs WHERE ino=? ORDER BY name", (ino,))]
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
-        with self._txn() as db:
-            db.execute("INSERT OR REPLACE INTO xattrs VALUES (?,?,?)", (ino, name, value))
-            db.execute("UPDATE inodes SET ctime_ns=? WHERE ino=?", (now_ns(), ino))
+        self._record("set_xattr", ino, name, value, now_ns())
 
     def remove_xattr(self, ino: int, name: bytes) -> bool:
-        with self._txn() as db:
-            gone = db.execute("DELETE FROM xattrs WHERE ino=? AND name=?", (ino, name)).rowcount
-            if gone:
-                db.execute("UPDATE inodes SET ctime_ns=? WHERE ino=?", (now_ns(), ino))
-        return bool(gone)
+        if self.xattr(ino, name) is None:
+            return False
+        return self._record("remove_xattr", ino, name, now_ns())
+
+    # -- repairs (fsck) ---------------------------------------------------------------------
+
+    def set_nlink(self, ino: int, nlink: int) -> None:
+        self._record("set_nlink", ino, nlink)
+
+    def remove_dentry(self, parent: int, name: bytes) -> None:
+        """Drop a name whose inode is gone (fsck); nothing else changes."""
+        self._record("remove_dentry", parent, name)
+
+    def query(self, sql: str, args=()) -> list[tuple]:
+        """A read-only query over the whole database (fsck and tests)."""
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+
+# -- the changes a journal record can carry ---------------------------------------------------
+# Each takes the connection (inside the caller's transaction) and the record's arguments,
+# and depends on nothing else: replaying a record reproduces the change exactly.
+
+def _op_format(db, uid, gid, mode, t):
+    db.execute("INSERT INTO inodes VALUES (?,?,?,?,?,?,?,?,?,0,NULL)",
+               (ROOT_INO, stat.S_IFDIR | mode, uid, gid, 2, 0, t, t, t))
+
+
+def _op_create(db, ino, parent, name, mode, uid, gid, rdev, target, t):
+    is_dir = stat.S_ISDIR(mode)
+    db.execute("INSERT INTO inodes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+               (ino, mode, uid, gid, 2 if is_dir else 1,
+                len(target) if target is not None else 0, t, t, t, rdev, target))
+    db.execute("INSERT INTO dentries VALUES (?,?,?)", (parent, name, ino))
+    db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=?, nlink=nlink+? WHERE ino=?",
+               (t, t, 1 if is_dir else 0, parent))
+
+
+def _op_link(db, ino, parent, name, t):
+    db.execute("INSERT INTO dentries VALUES (?,?,?)", (parent, name, ino))
+    db.execute("UPDATE inodes SET nlink=nlink+1, ctime_ns=? WHERE ino=?", (t, ino))
+    db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE ino=?", (t, t, parent))
+
+
+def _op_unlink(db, parent, name, ino, is_dir, t):
+    db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+    drop = 2 if is_dir else 1  # a directory also loses its "." link
+    db.execute("UPDATE inodes SET nlink=MAX(nlink-?, 0), ctime_ns=? WHERE ino=?",
+               (drop, t, ino))
+    db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=?, nlink=nlink-? WHERE ino=?",
+               (t, t, 1 if is_dir else 0, parent))
+    return db.execute("SELECT nlink FROM inodes WHERE ino=?", (ino,)).fetchone()[0]
+
+
+def _op_rename(db, old_parent, old_name, new_parent, new_name, ino, is_dir, replaced,
+               replaced_is_dir, t):
+    left = None
+    if replaced is not None:
+        db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (new_parent, new_name))
+        db.execute("UPDATE inodes SET nlink=MAX(nlink-?, 0), ctime_ns=? WHERE ino=?",
+                   (2 if replaced_is_dir else 1, t, replaced))
+        if replaced_is_dir:
+            db.execute("UPDATE inodes SET nlink=nlink-1 WHERE ino=?", (new_parent,))
+        left = db.execute("SELECT nlink FROM inodes WHERE ino=?", (replaced,)).fetchone()[0]
+    db.execute("UPDATE dentries SET parent=?, name=? WHERE parent=? AND name=?",
+               (new_parent, new_name, old_parent, old_name))
+    if is_dir and old_parent != new_parent:
+        db.execute("UPDATE inodes SET nlink=nlink-1 WHERE ino=?", (old_parent,))
+        db.execute("UPDATE inodes SET nlink=nlink+1 WHERE ino=?", (new_parent,))
+    db.execute("UPDATE inodes SET ctime_ns=? WHERE ino IN (?, ?)", (t, ino, replaced))
+    db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE ino IN (?, ?)",
+               (t, t, old_parent, new_parent))
+    return left
+
+
+def _op_set_attrs(db, ino, fields):
+    if not set(fields) <= set(_INODE_COLUMNS[1:]):
+        raise ValueError(f"not inode attributes: {sorted(fields)}")
+    columns = ", ".join(f"{k}=?" for k in fields)
+    db.execute(f"UPDATE inodes SET {columns} WHERE ino=?", (*fields.values(), ino))
+
+
+def _op_remove_inode(db, ino):
+    db.execute("INSERT OR IGNORE INTO garbage SELECT block_id FROM blocks WHERE ino=?", (ino,))
+    for table in ("blocks", "xattrs", "inodes"):
+        db.execute(f"DELETE FROM {table} WHERE ino=?", (ino,))
+
+
+def _op_commit_blocks(db, ino, refs, size, mtime_ns, ctime_ns):
+    if db.execute("SELECT 1 FROM inodes WHERE ino=?", (ino,)).fetchone() is None:
+        db.executemany("INSERT OR IGNORE INTO garbage VALUES (?)", [(r[1],) for r in refs])
+        return  # removed meanwhile: what was uploaded is garbage already
+    for idx, block_id, checksum, length in refs:
+        db.execute("INSERT OR IGNORE INTO garbage SELECT block_id FROM blocks "
+                   "WHERE ino=? AND idx=? AND block_id<>?", (ino, idx, block_id))
+        db.execute("INSERT OR REPLACE INTO blocks VALUES (?,?,?,?,?)",
+                   (ino, idx, block_id, checksum, length))
+    # MAX: a namespace change may have moved ctime after the caller read it.
+    db.execute("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=MAX(ctime_ns, ?) WHERE ino=?",
+               (size, mtime_ns, ctime_ns, ino))
+
+
+def _op_truncate_blocks(db, ino, keep_below, size, t, last_length):
+    db.execute("INSERT OR IGNORE INTO garbage SELECT block_id FROM blocks "
+               "WHERE ino=? AND idx>=?", (ino, keep_below))
+    db.execute("DELETE FROM blocks WHERE ino=? AND idx>=?", (ino, keep_below))
+    if last_length is not None:
+        db.execute("UPDATE blocks SET length=MIN(length, ?) WHERE ino=? AND idx=?",
+                   (last_length, ino, keep_below - 1))
+    db.execute("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE ino=?",
+               (size, t, t, ino))
+
+
+def _op_set_xattr(db, ino, name, value, t):
+    db.execute("INSERT OR REPLACE INTO xattrs VALUES (?,?,?)", (ino, name, value))
+    db.execute("UPDATE inodes SET ctime_ns=? WHERE ino=?", (t, ino))
+
+
+def _op_remove_xattr(db, ino, name, t):
+    gone = db.execute("DELETE FROM xattrs WHERE ino=? AND name=?", (ino, name)).rowcount
+    if gone:
+        db.execute("UPDATE inodes SET ctime_ns=? WHERE ino=?", (t, ino))
+    return bool(gone)
+
+
+def _op_set_nlink(db, ino, nlink):
+    db.execute("UPDATE inodes SET nlink=? WHERE ino=?", (nlink, ino))
+
+
+def _op_remove_dentry(db, parent, name):
+    db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+
+
+_OPS = {name[4:]: fn for name, fn in globals().items() if name.startswith("_op_")}
+
+
+# -- the record format ------------------------------------------------------------------------
+# One record is a JSON array [seq, op, [args...]]; bytes travel as {"b": base64}.
+
+def _to_json(value):
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"b": base64.b64encode(value).decode()}
+    raise TypeError(f"cannot journal a {type(value).__name__}")
+
+
+def _from_json(obj: dict):
+    return base64.b64decode(obj["b"]) if obj.keys() == {"b"} else obj
+
+
+def encode_record(seq: int, op: str, args) -> bytes:
+    return json.dumps([seq, op, list(args)], separators=(",", ":"),
+                      default=_to_json).encode()
+
+
+def decode_record(raw: bytes | str) -> tuple[int, str, list]:
+    """Raises ValueError for anything that is not a well-formed record of a known op."""
+    try:
+        seq, op, args = json.loads(raw, object_hook=_from_json)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"malformed journal record: {e}") from None
+    if not isinstance(seq, int) or op not in _OPS or not isinstance(args, list):
+        raise ValueError(f"malformed journal record {str(raw)[:80]}")
+    return seq, op, args
+
+
+class JournalGap(Exception):
+    """Replay met a record that does not follow the last one applied."""
 
 
 class _Transaction:

@@ -211,8 +211,16 @@ class Transport:
 
     def register_put(self, member: Member, name: str, generation: int, value: bytes,
                      expect: int | None = None) -> None:
-        """Raises Conflict when the server holds this generation or a newer one."""
+        """Raises Conflict (with `.current`, the generation the server holds) when the
+        server holds this generation or a newer one, or not the expected one."""
         headers = {protocol.H_GENERATION: str(generation)}
         if expect is not None:
             headers["X-Fusefs-Expect-Generation"] = str(expect)
-        self.call(member, "PUT", f"/v1/registers/{name}", value, headers=headers, ok=(204,))
+        reply = self.call(member, "PUT", f"/v1/registers/{name}", value, headers=headers,
+                          ok=(204, 409))
+        if reply.status == 409:
+            conflict = errors.Conflict(f"{member.url}: register {name} is not at generation "
+                                       f"{expect if expect is not None else '< ' + str(generation)}",
+                                       server=member.url)
+            conflict.current = int(reply.headers.get(protocol.H_GENERATION, "0"))
+            raise conflict

@@ -1,0 +1,269 @@
+"""`fusefs fsck`: check the metadata the cluster holds against itself and against the blocks.
+
+What is checked, on the state a new mount would load (the latest checkpoint plus the
+journal after it):
+
+- names: every directory entry names an existing inode inside an existing directory;
+- link counts: a file's equals its names, a directory's is 2 plus its subdirectories;
+- orphans: inodes that no name reaches (an open-but-unlinked file of a running writer is
+  only noted: the writer removes it at the last close);
+- blocks: every referenced block has R intact copies (copies are read and verified by
+  the servers, which quarantine bad ones);
+- leftovers: blocks on the servers that nothing references (uploads a crashed client
+  never recorded, garbage not deleted yet). They are never read; `--repair` deletes them.
+
+`--repair` takes the writer lease (so no mount may be writing), fixes what can be fixed
+without guessing — link counts, names of missing inodes, orphan inodes, missing or bad
+copies of blocks that still have a good copy, leftovers — writes a checkpoint of the
+repaired metadata, and gives the lease back. A block with no intact copy anywhere cannot
+be repaired: the files that use it are listed.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from dataclasses import dataclass, field
+
+from . import errors, journal, superblock
+from .metadata import ROOT_INO, Metadata
+
+
+@dataclass
+class Report:
+    errors: list[str] = field(default_factory=list)  # inconsistencies
+    warnings: list[str] = field(default_factory=list)  # worth knowing, not wrong
+    repaired: list[str] = field(default_factory=list)
+    counts: dict = field(default_factory=dict)
+
+    @property
+    def clean(self) -> bool:
+        return not self.errors
+
+    def as_dict(self) -> dict:
+        return {"clean": self.clean, "errors": self.errors, "warnings": self.warnings,
+                "repaired": self.repaired, "counts": self.counts}
+
+
+class Fsck:
+    def __init__(self, store, transport, sb: superblock.Superblock, *, repair: bool = False,
+                 progress=lambda message: None):
+        self.store, self.transport, self.sb = store, transport, sb
+        self.repair = repair
+        self.progress = progress
+        self.report = Report()
+
+    def run(self) -> Report:
+        with tempfile.TemporaryDirectory(prefix="fusefs-fsck-") as work:
+            sb = self.sb
+            if self.repair:
+                lease = journal.new_lease(journal.new_mount_id(), 60.0)
+                lease["holder"] = f"fusefs fsck --repair ({lease['holder']})"
+                sb = self.sb = journal.acquire(self.transport, sb, lease)
+            try:
+                self.progress(f"loading metadata (checkpoint of record {sb.checkpoint['seq']})")
+                metadata, _, end = journal.open_metadata(self.store, sb,
+                                                         os.path.join(work, "metadata.db"))
+                try:
+                    self._check_names(metadata)
+                    referenced = self._check_blocks(metadata)
+                    self._check_leftovers(metadata, referenced, end)
+                    if self.repair:
+                        self._write_back(metadata, end, work)
+                finally:
+                    metadata.close()
+            finally:
+                if self.repair and self.sb.lease is not None:
+                    self.sb = superblock.update(self.transport,
+                                                self.sb.with_changes(lease=None))
+        return self.report
+
+    def _problem(self, text: str, fix=None) -> None:
+        """Report an inconsistency; with --repair, fix it and say so."""
+        if self.repair and fix is not None:
+            fix()
+            self.report.repaired.append(text)
+        else:
+            self.report.errors.append(text)
+
+    # -- the namespace ----------------------------------------------------------------------
+
+    def _check_names(self, md: Metadata) -> None:
+        self.progress("checking names and link counts")
+        inodes = {ino: (mode, nlink) for ino, mode, nlink in
+                  md.query("SELECT ino, mode, nlink FROM inodes")}
+        self.report.counts["inodes"] = len(inodes)
+        names: dict[int, int] = {}
+        subdirs: dict[int, int] = {}
+        for parent, name, ino in md.query("SELECT parent, name, ino FROM dentries"):
+            shown = name.decode(errors="replace")
+            if ino not in inodes:
+                self._problem(f"name {shown!r} in directory {parent} points to missing inode "
+                              f"{ino}", lambda p=parent, n=name: md.remove_dentry(p, n))
+                continue
+            if parent not in inodes or not stat.S_ISDIR(inodes[parent][0]):
+                self._problem(f"name {shown!r} (inode {ino}) lives in {parent}, which is not "
+                              "a directory", lambda p=parent, n=name: md.remove_dentry(p, n))
+                continue
+            names[ino] = names.get(ino, 0) + 1
+            if stat.S_ISDIR(inodes[ino][0]):
+                subdirs[parent] = subdirs.get(parent, 0) + 1
+        self.report.counts["names"] = sum(names.values())
+        lease_held = self.sb.lease is not None and not self.repair
+        for ino, (mode, nlink) in sorted(inodes.items()):
+            if ino != ROOT_INO and ino not in names:
+                if nlink == 0 and lease_held:
+                    self.report.warnings.append(f"inode {ino} is unlinked but open on the "
+                                                "writer; it goes at the last close")
+                else:
+                    self._problem(f"inode {ino} has no name (orphan)",
+                                  lambda i=ino: md.remove_inode(i))
+                continue
+            want = 2 + subdirs.get(ino, 0) if stat.S_ISDIR(mode) else names.get(ino, 0)
+            if nlink != want:
+                self._problem(f"inode {ino} has link count {nlink}, should be {want}",
+                              lambda i=ino, w=want: md.set_nlink(i, w))
+        for (ino,) in md.query("SELECT DISTINCT ino FROM blocks WHERE ino NOT IN "
+                               "(SELECT ino FROM inodes)"):
+            self._problem(f"blocks recorded for missing inode {ino}",
+                          lambda i=ino: md.remove_inode(i))
+
+    # -- blocks -----------------------------------------------------------------------------
+
+    def _check_blocks(self, md: Metadata) -> set[str]:
+        rows = md.query("SELECT ino, block_id, checksum FROM blocks")
+        wanted: dict[str, str] = {}
+        users: dict[str, int] = {}
+        for ino, block_id, checksum in rows:
+            wanted[block_id] = checksum
+            users[block_id] = ino
+        self.report.counts["blocks"] = len(wanted)
+        self.progress(f"verifying {len(wanted)} blocks on {len(self.sb.members)} servers")
+        good: dict[str, list] = {b: [] for b in wanted}
+        reachable = []
+        ids = sorted(wanted)
+        for member in self.sb.members:
+            try:
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start:start + 500]
+                    for entry in self.transport.batch_check(member, chunk, verify=True):
+                        if entry["status"] == 200 and \
+                                entry.get("checksum") == wanted[entry["id"]]:
+                            good[entry["id"]].append(member)
+                reachable.append(member)
+            except errors.StorageError as e:
+                self.report.warnings.append(f"server {member.url} could not be checked: {e}")
+        replicas = self.sb.replicas
+        under = 0
+        for block_id, holders in good.items():
+            if not holders:
+                if len(reachable) == len(self.sb.members):
+                    self.report.errors.append(
+                        f"block {block_id} of inode {users[block_id]} has no intact copy "
+                        "on any server: that file cannot be read in full")
+                else:
+                    self.report.warnings.append(f"block {block_id} of inode "
+                                                f"{users[block_id]} found on no reachable "
+                                                "server")
+            elif len(holders) < replicas:
+                under += 1
+                if self.repair:
+                    self._re_replicate(block_id, wanted[block_id], holders)
+        if under:
+            text = f"{under} blocks have fewer than {replicas} intact copies"
+            (self.report.repaired if self.repair else self.report.warnings).append(
+                text + (" (copied again)" if self.repair else
+                        "; `fusefs fsck --repair` copies them again"))
+        self.report.counts["under_replicated"] = under
+        return set(wanted)
+
+    def _re_replicate(self, block_id: str, checksum: str, holders: list) -> None:
+        data = self.store.get(block_id, checksum)
+        ranking = self.store.ranking(block_id)
+        for member in ranking:
+            if len(holders) >= self.sb.replicas:
+                return
+            if member in holders:
+                continue
+            try:
+                self.transport.put_block(member, block_id, data, checksum)
+                holders.append(member)
+            except errors.StorageError as e:
+                self.report.warnings.append(f"could not copy block {block_id} to "
+                                            f"{member.url}: {e}")
+
+    def _check_leftovers(self, md: Metadata, referenced: set[str], end: int) -> None:
+        """Blocks on the servers that nothing references."""
+        self.progress("listing the blocks on every server")
+        cp = self.sb.checkpoint
+        known = set(referenced)
+        known.update(journal.checkpoint_blocks(self.store, cp))
+        known.update(journal.segment_id(self.sb.fs_id, cp["chain"], n)
+                     for n in range(cp["segment"], end + 1))
+        garbage = {r[0] for r in md.query("SELECT block_id FROM garbage")}
+        leftovers: set[str] = set()
+        for member in self.sb.members:
+            after = ""
+            try:
+                while True:
+                    page, after = self.transport.list_blocks(member, after, 5000)
+                    leftovers.update(b["id"] for b in page if b["id"] not in known)
+                    if not after:
+                        break
+            except errors.StorageError as e:
+                self.report.warnings.append(f"server {member.url} could not be listed: {e}")
+        self.report.counts["unreferenced"] = len(leftovers)
+        if not leftovers:
+            return
+        if self.repair:
+            ids = sorted(leftovers)
+            self.store.delete_many(ids)
+            self.report.repaired.append(f"deleted {len(ids)} unreferenced blocks")
+            md.forget_garbage([b for b in ids if b in garbage])
+        else:
+            active = " (a writer is mounted: some may be uploads in progress)" \
+                if self.sb.lease else ""
+            self.report.warnings.append(
+                f"{len(leftovers)} blocks on the servers are referenced by nothing{active}; "
+                "they are never read, and `fusefs fsck --repair` deletes them")
+
+    # -- repair -----------------------------------------------------------------------------
+
+    def _write_back(self, md: Metadata, end: int, work: str) -> None:
+        """Make the repaired metadata the filesystem's: a checkpoint on our own chain."""
+        if not self.report.repaired and md.seq == self.sb.checkpoint["seq"]:
+            return
+        old = self.sb.checkpoint
+        self.progress("writing the repaired metadata as a new checkpoint")
+        cp = journal.write_checkpoint(self.store, md, self.sb.fs_id, self.sb.lease["mount"],
+                                      1, work)
+        self.sb = superblock.update(self.transport,
+                                    self.sb.with_changes(checkpoint=cp, lease=None))
+        obsolete = journal.checkpoint_blocks(self.store, old) + [
+            journal.segment_id(self.sb.fs_id, old["chain"], n)
+            for n in range(old["segment"], end)]
+        try:
+            self.store.delete_many(obsolete)
+        except errors.StorageError:
+            pass  # the next fsck --repair finds them
+
+
+def format_report(report: Report, repair: bool) -> str:
+    lines = []
+    counts = report.counts
+    lines.append(f"{counts.get('inodes', 0)} inodes, {counts.get('names', 0)} names, "
+                 f"{counts.get('blocks', 0)} blocks checked")
+    for text in report.repaired:
+        lines.append(f"repaired: {text}")
+    for text in report.errors:
+        lines.append(f"ERROR: {text}")
+    for text in report.warnings:
+        lines.append(f"note: {text}")
+    if report.clean:
+        lines.append("the filesystem is consistent" + (" (after repairs)" if report.repaired
+                                                        else ""))
+    else:
+        lines.append(f"{len(report.errors)} problems found" +
+                     ("" if repair else "; `fusefs fsck --repair` fixes what can be fixed"))
+    return "\n".join(lines)

@@ -436,7 +436,22 @@ def cmd_status(args) -> int:
             print(f"  server {server['url']}: {state}")
         for line in s.get("upload_errors", []):
             print(f"  upload error: {line}")
+        print(f"  {_journal_line(s.get('journal'))}")
     return 0
+
+
+def _journal_line(j: dict | None) -> str:
+    if j is None:
+        return "journal: off (changes stay on this machine)"
+    if "following" in j:
+        return f"read-only, following the writer: at record {j['seq']}"
+    if j.get("lost"):
+        return f"READ-ONLY: {j['lost']}"
+    behind = j["seq"] - j["shipped"]
+    line = f"writer: journal at record {j['seq']}, {behind} not yet on the servers"
+    if j.get("error"):
+        line += f"; shipping error: {j['error']}"
+    return line
 
 
 def cmd_up(args) -> int:

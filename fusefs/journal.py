@@ -87,6 +87,8 @@ def decode_segment(raw: bytes, fs_id: str, chain: str, number: int) -> list:
         raise ValueError("not a journal segment")
     head, _, body = raw[len(SEGMENT_MAGIC):].partition(b"\n")
     header = json.loads(head)
+    if not isinstance(header, dict):
+        raise ValueError("journal segment header is not an object")
     if (header.get("fs_id"), header.get("chain"), header.get("segment")) != (fs_id, chain,
                                                                            number):
         raise ValueError("a journal segment of another filesystem or chain")

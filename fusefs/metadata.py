@@ -549,7 +549,7 @@ def _to_json(value):
 
 
 def _from_json(obj: dict):
-    return base64.b64decode(obj["b"]) if obj.keys() == {"b"} else obj
+    return base64.b64decode(obj["b"], validate=True) if obj.keys() == {"b"} else obj
 
 
 def encode_record(seq: int, op: str, args) -> bytes:
@@ -563,7 +563,8 @@ def decode_record(raw: bytes | str) -> tuple[int, str, list]:
         seq, op, args = json.loads(raw, object_hook=_from_json)
     except (TypeError, ValueError) as e:
         raise ValueError(f"malformed journal record: {e}") from None
-    if not isinstance(seq, int) or op not in _OPS or not isinstance(args, list):
+    if type(seq) is not int or not isinstance(op, str) or op not in _OPS \
+            or not isinstance(args, list):
         raise ValueError(f"malformed journal record {str(raw)[:80]}")
     return seq, op, args
 

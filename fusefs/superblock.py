@@ -5,7 +5,8 @@ and URLs), the latest checkpoint of the metadata (which also names the journal c
 replay after it, and where that chain starts) and the writer's lease.
 
 Every change is a compare-and-swap of the register's generation on every member, and
-counts when a majority accepted it (`update`). Reading for a mount (`read_quorum`) needs
+counts when a majority accepted it (`update`); a server that is merely behind takes the
+new value without the comparison. Reading for a mount (`read_quorum`) needs
 answers from a majority of the members and takes the highest generation among them: any
 two majorities share a server, so the newest accepted change is always seen. Servers that
 missed a change are brought up to date by the next one. `read` (any server, highest
@@ -159,8 +160,17 @@ def update(transport: Transport, sb: Superblock) -> Superblock:
     majority = len(members) // 2 + 1
     expect, generation = sb.generation, sb.generation + 1
     raw = sb.encode()
-    answers = _ask_all(transport, members, lambda m: transport.register_put(
-        m, REGISTER, generation, raw, expect=expect))
+    def cas(member):
+        try:
+            transport.register_put(member, REGISTER, generation, raw, expect=expect)
+        except errors.Conflict as e:
+            if getattr(e, "current", generation) >= expect:
+                raise
+            # Merely behind (it missed earlier changes): no value of this generation can
+            # be there yet, and a server keeps one value per generation, so it may count.
+            transport.register_put(member, REGISTER, generation, raw)
+
+    answers = _ask_all(transport, members, cas)
     accepted = [m for m, a in answers.items() if a is None]
     conflicts = {m: a for m, a in answers.items() if isinstance(a, errors.Conflict)}
     if len(accepted) < majority:
@@ -170,11 +180,7 @@ def update(transport: Transport, sb: Superblock) -> Superblock:
         failures = "; ".join(str(a) for a in answers.values() if a is not None)
         raise errors.Unavailable(f"only {len(accepted)} of {len(members)} servers took the "
                                  f"superblock update: {failures}")
-    behind = [m for m, c in conflicts.items() if getattr(c, "current", 0) < generation]
     raced = [m for m, c in conflicts.items() if getattr(c, "current", 0) >= generation]
-    # Bring servers that missed earlier changes up to date (no expectation: they are older).
-    _ask_all(transport, behind,
-             lambda m: transport.register_put(m, REGISTER, generation, raw))
     done = replace(sb, generation=generation)
     if raced:  # a loser's value sits at our generation on a minority: overwrite it
         return update(transport, done)

@@ -5,15 +5,17 @@ journal after it):
 
 - names: every directory entry names an existing inode inside an existing directory;
 - link counts: a file's equals its names, a directory's is 2 plus its subdirectories;
-- orphans: inodes that no name reaches (an open-but-unlinked file of a running writer is
-  only noted: the writer removes it at the last close);
+- reachability: every inode is reached from the root, and a directory has one name
+  (an open-but-unlinked file of a running writer is only noted: the writer removes it
+  at the last close);
 - blocks: every referenced block has R intact copies (copies are read and verified by
   the servers, which quarantine bad ones);
 - leftovers: blocks on the servers that nothing references (uploads a crashed client
   never recorded, garbage not deleted yet). They are never read; `--repair` deletes them.
 
 `--repair` takes the writer lease (so no mount may be writing), fixes what can be fixed
-without guessing — link counts, names of missing inodes, orphan inodes, missing or bad
+without guessing — link counts, names of missing inodes, second names of directories,
+what the root cannot reach (moved into /lost+found, never deleted), missing or bad
 copies of blocks that still have a good copy, leftovers — writes a checkpoint of the
 repaired metadata, and gives the lease back. A block with no intact copy anywhere cannot
 be repaired: the files that use it are listed.
@@ -90,44 +92,92 @@ class Fsck:
     # -- the namespace ----------------------------------------------------------------------
 
     def _check_names(self, md: Metadata) -> None:
+        """Names, reachability from the root, link counts. With --repair, whatever the
+        root cannot reach is moved into /lost+found (never deleted, unless it was an
+        unlinked file whose last close never came)."""
         self.progress("checking names and link counts")
         inodes = {ino: (mode, nlink) for ino, mode, nlink in
                   md.query("SELECT ino, mode, nlink FROM inodes")}
         self.report.counts["inodes"] = len(inodes)
-        names: dict[int, int] = {}
-        subdirs: dict[int, int] = {}
         for parent, name, ino in md.query("SELECT parent, name, ino FROM dentries"):
             shown = name.decode(errors="replace")
             if ino not in inodes:
                 self._problem(f"name {shown!r} in directory {parent} points to missing inode "
                               f"{ino}", lambda p=parent, n=name: md.remove_dentry(p, n))
-                continue
-            if parent not in inodes or not stat.S_ISDIR(inodes[parent][0]):
+            elif parent not in inodes or not stat.S_ISDIR(inodes[parent][0]):
                 self._problem(f"name {shown!r} (inode {ino}) lives in {parent}, which is not "
                               "a directory", lambda p=parent, n=name: md.remove_dentry(p, n))
-                continue
-            names[ino] = names.get(ino, 0) + 1
-            if stat.S_ISDIR(inodes[ino][0]):
-                subdirs[parent] = subdirs.get(parent, 0) + 1
-        self.report.counts["names"] = sum(names.values())
-        lease_held = self.sb.lease is not None and not self.repair
+        reached, extra = _walk(md, inodes)
+        for parent, name, ino in extra:
+            self._problem(f"directory {ino} has a second name {name.decode(errors='replace')!r} "
+                          f"in {parent}", lambda p=parent, n=name: md.remove_dentry(p, n))
+        named = {r[0] for r in md.query("SELECT DISTINCT ino FROM dentries")}
+        writer_running = self.sb.lease is not None and not self.repair
+        lost = []
         for ino, (mode, nlink) in sorted(inodes.items()):
-            if ino != ROOT_INO and ino not in names:
-                if nlink == 0 and lease_held:
+            if ino in reached:
+                continue
+            if nlink == 0 and ino not in named:
+                if writer_running:
                     self.report.warnings.append(f"inode {ino} is unlinked but open on the "
                                                 "writer; it goes at the last close")
                 else:
-                    self._problem(f"inode {ino} has no name (orphan)",
+                    self._problem(f"inode {ino} was unlinked and never removed",
                                   lambda i=ino: md.remove_inode(i))
-                continue
-            want = 2 + subdirs.get(ino, 0) if stat.S_ISDIR(mode) else names.get(ino, 0)
-            if nlink != want:
-                self._problem(f"inode {ino} has link count {nlink}, should be {want}",
-                              lambda i=ino, w=want: md.set_nlink(i, w))
+            else:
+                lost.append(ino)  # moved in bulk below: a whole lost tree moves as one
+                self._problem(f"inode {ino} cannot be reached from the root", lambda: None)
+        if lost and self.repair:
+            moved = self._reattach(md, inodes)
+            self.report.repaired.append(f"moved {moved} lost trees or files into "
+                                        "/lost+found, named by inode number")
+        self._check_link_counts(md)
         for (ino,) in md.query("SELECT DISTINCT ino FROM blocks WHERE ino NOT IN "
                                "(SELECT ino FROM inodes)"):
             self._problem(f"blocks recorded for missing inode {ino}",
                           lambda i=ino: md.remove_inode(i))
+
+    def _reattach(self, md: Metadata, inodes: dict) -> int:
+        """Link the tops of unreachable parts into /lost+found until the root reaches all:
+        first inodes no name points to, then one directory of each remaining cycle."""
+        found = md.lookup(ROOT_INO, b"lost+found")
+        if found is None:
+            found = md.create(ROOT_INO, b"lost+found", stat.S_IFDIR | 0o700, 0, 0).ino
+        inodes[found] = (stat.S_IFDIR | 0o700, 2)
+        moved = 0
+        while True:
+            reached, _ = _walk(md, inodes)
+            unreached = sorted(i for i in inodes if i not in reached)
+            if not unreached:
+                return moved
+            named = {r[0] for r in md.query("SELECT DISTINCT ino FROM dentries")}
+            tops = [i for i in unreached if i not in named]
+            if not tops:  # only cycles are left: cut one open
+                top = next((i for i in unreached if stat.S_ISDIR(inodes[i][0])), unreached[0])
+                for parent, name in md.query("SELECT parent, name FROM dentries WHERE ino=?",
+                                             (top,)):
+                    md.remove_dentry(parent, name)
+                tops = [top]
+            for ino in tops:
+                md.link(ino, found, f"#{ino}".encode())
+                moved += 1
+
+    def _check_link_counts(self, md: Metadata) -> None:
+        names: dict[int, int] = {}
+        subdirs: dict[int, int] = {}
+        for parent, ino, mode in md.query("SELECT d.parent, d.ino, i.mode FROM dentries d "
+                                          "JOIN inodes i ON i.ino = d.ino"):
+            names[ino] = names.get(ino, 0) + 1
+            if stat.S_ISDIR(mode):
+                subdirs[parent] = subdirs.get(parent, 0) + 1
+        self.report.counts["names"] = sum(names.values())
+        for ino, mode, nlink in md.query("SELECT ino, mode, nlink FROM inodes"):
+            if ino != ROOT_INO and ino not in names:
+                continue  # reported above
+            want = 2 + subdirs.get(ino, 0) if stat.S_ISDIR(mode) else names.get(ino, 0)
+            if nlink != want:
+                self._problem(f"inode {ino} has link count {nlink}, should be {want}",
+                              lambda i=ino, w=want: md.set_nlink(i, w))
 
     # -- blocks -----------------------------------------------------------------------------
 
@@ -247,6 +297,28 @@ class Fsck:
             self.store.delete_many(obsolete)
         except errors.StorageError:
             pass  # the next fsck --repair finds them
+
+
+def _walk(md: Metadata, inodes: dict) -> tuple[set[int], list]:
+    """(inodes reachable from the root, names of directories reached a second time)."""
+    reached = {ROOT_INO}
+    extra = []
+    todo = [ROOT_INO]
+    while todo:
+        parent = todo.pop()
+        for name, ino in md.query("SELECT name, ino FROM dentries WHERE parent=? "
+                                  "ORDER BY name", (parent,)):
+            if ino not in inodes:
+                continue
+            is_dir = stat.S_ISDIR(inodes[ino][0])
+            if ino in reached:
+                if is_dir:
+                    extra.append((parent, name, ino))
+                continue
+            reached.add(ino)
+            if is_dir:
+                todo.append(ino)
+    return reached, extra
 
 
 def format_report(report: Report, repair: bool) -> str:

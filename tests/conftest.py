@@ -265,6 +265,18 @@ def make_cluster():
             store.close()
 
 
+def _is_fusefs_daemon(pid: int) -> bool:
+    """True while `pid` is a live fusefs mount daemon (not a reused pid, not a zombie)."""
+    from fusefs.daemon import process_alive
+
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return b"fusefs" in cmdline and b"mount" in cmdline and process_alive(pid)
+
+
 class Mount:
     """A real `fusefs mount` of a filesystem on real block servers (see `fusefs_mount`)."""
 
@@ -311,15 +323,19 @@ class Mount:
         return record["pid"] if record else None
 
     def force_unmount(self) -> None:
-        """Last resort at teardown: lazy unmount, then kill the daemon."""
+        """A crash of the client: SIGKILL the daemon, wait for it to die, then detach the
+        dead mount. (Detaching first would let a live daemon start a clean shutdown.)"""
         pid = self.daemon_pid()
-        subprocess.run(["fusermount", "-u", "-z", self.path], capture_output=True)
-        subprocess.run(["umount", "-l", self.path], capture_output=True)
-        if pid:
+        if pid and _is_fusefs_daemon(pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            deadline = time.monotonic() + 30
+            while _is_fusefs_daemon(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        subprocess.run(["fusermount", "-u", "-z", self.path], capture_output=True)
+        subprocess.run(["umount", "-l", self.path], capture_output=True)
 
     def logs(self) -> str:
         out = []

@@ -187,6 +187,7 @@ def run(config: MountConfig) -> None:
         elif keeper is not None:
             fs.durable = flusher.durable = keeper.wait_durable
             keeper.on_lost = fs.lose_write_access
+            fs.write_gate = keeper.check_writable
             stack.callback(keeper.close)  # (a no-op after finish() closed it)
             fs.start()
         else:

@@ -51,6 +51,7 @@ class Filesystem:
         self.readahead_blocks = readahead_blocks
         self.durable = metadata.sync  # fsync's last step; a mount sets the journal's wait
         self.read_only: str | None = None  # why changes are refused, when they are
+        self.write_gate = None  # called before each change: the journal's lease check
         self.change_listeners: list = []  # called after external_change
         self._ns = threading.Lock()
         self._handles: dict[int, Handle] = {}  # guarded by _handles_lock
@@ -370,6 +371,8 @@ class Filesystem:
     def _writable(self) -> None:
         if self.read_only:
             raise FsError(errno.EROFS, self.read_only)
+        if self.write_gate is not None:
+            self.write_gate()
 
     def lose_write_access(self, why: str) -> None:
         """From now on every change fails with EROFS (the writer lease is gone)."""

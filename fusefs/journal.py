@@ -415,9 +415,21 @@ class Journal:
                 raise Fenced(self._lost) from None
 
     def _renew_loop(self) -> None:
+        """Renew every third of the lease time (at once after a pause: the monotonic clock
+        ran on); a failed attempt is retried after 1 s."""
         period = self.lease_seconds / 3
-        while not self._wait_stopping(period):
+        due = time.monotonic() + period
+        while True:
+            with self._lock:
+                while not (self._stopping or self._lost):
+                    now = time.monotonic()
+                    if now >= due:  # (after a pause, the clock has run past it)
+                        break
+                    self._changed.wait(due - now)
+                if self._stopping or self._lost:
+                    return
             started = time.monotonic()
+            due = started + 1.0  # until this attempt succeeds
             lease = {**self._sb.lease, "expires": time.time() + self.lease_seconds}
             if started > self._valid_until:
                 # Paused (or cut off) past our own view of the lease: another mount may have
@@ -435,6 +447,26 @@ class Journal:
             with self._lock:
                 self._valid_until = started + 0.75 * self.lease_seconds
                 self._changed.notify_all()
+            due = started + period
+
+    def check_writable(self) -> None:
+        """Before a change: refuse (Fenced) once the lease is lost, and while it has lapsed
+        by our own clock (this process was paused, or the servers were out of reach)
+        wait for the renewal to tell whether it is still ours, rather than accept a
+        change nobody may ever see."""
+        with self._lock:
+            if self._lost:
+                raise Fenced(self._lost)
+            if time.monotonic() < self._valid_until:
+                return
+            deadline = time.monotonic() + self.lease_seconds
+            while not self._lost and time.monotonic() >= self._valid_until:
+                if time.monotonic() > deadline:
+                    raise errors.Unavailable("the writer lease could not be renewed (are "
+                                             "the block servers reachable?)")
+                self._changed.wait(0.5)
+            if self._lost:
+                raise Fenced(self._lost)
 
     def _lease_valid(self) -> bool:
         with self._lock:

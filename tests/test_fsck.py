@@ -622,3 +622,38 @@ def test_a_directory_cycle_cut_off_from_the_root_is_found(fusefs_mount, cluster,
     for top, dirs, files in os.walk(m.path):
         reachable.update(os.lstat(os.path.join(top, n)).st_ino for n in dirs + files)
     assert len(reachable) == report["counts"]["inodes"], (sorted(reachable), report)
+
+
+def test_next_writer_sweeps_what_a_killed_writer_left(fusefs_mount, cluster):
+    """Uploads a killed client never recorded are deleted by the next read-write mount
+    (no fsck needed); blocks the new mount uploads meanwhile are never touched."""
+    m = fusefs_mount(mkfs=MKFS)
+    expected = digests(make_tree(m.path, 4))
+    store = cluster(m)
+    uploads = {}
+    for i in range(3):
+        data = os.urandom(1000 + i)
+        uploads[protocol.new_block_id()] = (data, protocol.checksum(data))
+    for member in store.members:  # as the writer would before it records them
+        for block_id, (data, checksum) in uploads.items():
+            store.transport.put_block(member, block_id, data, checksum)
+    m.force_unmount()  # kill -9: the lease is never given back
+
+    m.mount()  # takes the dead writer's lease at once, and sweeps a few seconds later
+    during = {f"during/{i}": os.urandom(3000 + i) for i in range(20)}
+    os.mkdir(os.path.join(m.path, "during"))
+
+    def gone() -> bool:
+        for name, data in list(during.items())[:2]:  # keep uploading while it sweeps
+            write_file(os.path.join(m.path, name), data)
+        return not any(store.has_many(list(uploads)).values())
+
+    wait_until(gone, "the new writer to sweep the leftovers", timeout=90, interval=0.5)
+    for name, data in during.items():
+        write_file(os.path.join(m.path, name), data)
+    expected.update({name: hashlib.sha256(data).hexdigest() for name, data in during.items()})
+    m.umount()
+    status, report, _ = fsck(m)
+    assert status == 0 and report["errors"] == [], report
+    remount_from_servers(m)
+    check_files(m.path, expected)

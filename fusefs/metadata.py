@@ -93,7 +93,11 @@ class Metadata:
         self.path = path
         self._lock = threading.Lock()
         self._db = self._connect()
-        self._seq = int(self.setting("seq", "0"))  # the last journal record, guarded by _lock
+        # The last journal record, guarded by _lock: the newest unshipped one, or else what
+        # replay or shipping recorded (a change writes only its journal row, no setting).
+        self._seq = max(int(self.setting("seq", "0")), int(self.setting("shipped", "0")),
+                        self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM journal")
+                        .fetchone()[0])
         self._next_ino = self._db.execute(
             "SELECT COALESCE(MAX(ino), 0) + 1 FROM inodes").fetchone()[0]
         self.on_record = None  # called (no lock held) after each new record: wakes a shipper
@@ -144,7 +148,6 @@ class Metadata:
                 result = _OPS[op](self._db, *args)
                 self._db.execute("INSERT INTO journal VALUES (?, ?)",
                                  (seq, encode_record(seq, op, args)))
-                self._db.execute("INSERT OR REPLACE INTO settings VALUES ('seq', ?)", (seq,))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -229,7 +232,7 @@ class Metadata:
             self._db = self._connect()
             self._db.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)",
                                  settings.items())
-            self._seq = int(self._db.execute(
+            self._seq = int(dict(settings).get("seq") or self._db.execute(
                 "SELECT value FROM settings WHERE key='seq'").fetchone()[0])
             self._next_ino = self._db.execute(
                 "SELECT COALESCE(MAX(ino), 0) + 1 FROM inodes").fetchone()[0]

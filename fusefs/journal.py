@@ -201,7 +201,7 @@ def _reusable(metadata: Metadata, sb: superblock.Superblock) -> bool:
     cp = sb.checkpoint
     get = metadata.setting
     return (get("fs_id") == sb.fs_id and get("chain") == cp["chain"]
-            and int(get("seq", "0")) >= cp["seq"]
+            and metadata.seq >= cp["seq"]
             and int(get("segment", "0")) >= cp["segment"])
 
 

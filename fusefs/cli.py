@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fsck", help="check the filesystem's metadata against the blocks",
                        description="Check the metadata the cluster holds (what a new mount "
-                       "would load): names, link counts, orphan inodes, and that every "
-                       "block has R intact copies. Works while the filesystem is mounted. "
+                       "would load): names, that the root reaches every inode, link counts, "
+                       "that every block has R intact copies, and blocks nothing "
+                       "references. Works while the filesystem is mounted. "
                        "Exit status: 0 consistent, 1 problems found, 2 could not check.")
     _add_cluster_args(p)
     p.add_argument("--repair", action="store_true",

@@ -10,6 +10,7 @@ each server's log tail is attached to the report.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -263,6 +264,35 @@ def make_cluster():
     finally:
         for store in stores:
             store.close()
+
+
+def sha256_of(path: str) -> str:
+    """The file's digest, read through the daemon (the kernel's cached pages dropped)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_files(root: str, expected: dict[str, str]) -> None:
+    """Every relative path in `expected` exists under root with that sha256."""
+    bad = {}
+    for rel, want in expected.items():
+        path = os.path.join(root, rel)
+        if not os.path.exists(path):
+            bad[rel] = "missing"
+        elif sha256_of(path) != want:
+            bad[rel] = "differs"
+    assert not bad, f"{len(bad)} of {len(expected)} files wrong under {root}: {bad}"
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (stopped counts; a zombie does not)."""
+    from fusefs.daemon import process_alive
+
+    return process_alive(pid)
 
 
 def _is_fusefs_daemon(pid: int) -> bool:

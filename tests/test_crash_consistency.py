@@ -101,7 +101,7 @@ import traceback
 
 import pytest
 
-from .conftest import REPO, wait_until
+from .conftest import REPO, alive, wait_until
 
 KiB, MiB = 1 << 10, 1 << 20
 BS = 64 * KiB  # the block size the tests format with
@@ -476,12 +476,6 @@ def writer_main(argv: list[str]) -> int:
 _PROBLEM = re.compile(r"^\S+ \S+ (ERROR|CRITICAL) |^Traceback ", re.M)
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 class Writer:

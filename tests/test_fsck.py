@@ -29,7 +29,7 @@ from blockserver import protocol
 from fusefs import errors, journal, superblock
 from fusefs.metadata import ROOT_INO
 
-from .conftest import Mount, wait_until
+from .conftest import Mount, check_files, wait_until
 
 KiB, MiB = 1 << 10, 1 << 20
 BS = 64 * KiB  # the block size these filesystems are formatted with
@@ -39,13 +39,6 @@ HEADER = struct.Struct("<8s16sQ")  # a block file's header: magic, xxh3-128, len
 
 # -- helpers ------------------------------------------------------------------------------------
 
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        while chunk := f.read(MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_file(path: str, data: bytes) -> str:
@@ -56,15 +49,6 @@ def write_file(path: str, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def check_files(root: str, expected: dict[str, str]) -> None:
-    bad = {}
-    for rel, want in expected.items():
-        path = os.path.join(root, rel)
-        if not os.path.exists(path):
-            bad[rel] = "missing"
-        elif sha256_of(path) != want:
-            bad[rel] = "differs"
-    assert not bad, f"{len(bad)} of {len(expected)} files wrong: {bad}"
 
 
 def fsck(m: Mount, *args: str) -> tuple[int, dict, str]:
@@ -175,6 +159,19 @@ def make_tree(root: str, seed: int) -> dict[str, bytes]:
         contents[rel] = rng.randbytes(size)
         write_file(os.path.join(root, rel), contents[rel])
     return contents
+
+
+def plant_leftovers(store, count: int = 3) -> dict[str, tuple[bytes, str]]:
+    """Blocks on every server that nothing references, as a client killed between
+    uploading and recording them leaves: id -> (data, checksum)."""
+    uploads = {}
+    for i in range(count):
+        data = os.urandom(1000 + i)
+        uploads[protocol.new_block_id()] = (data, protocol.checksum(data))
+    for member in store.members:
+        for block_id, (data, checksum) in uploads.items():
+            store.transport.put_block(member, block_id, data, checksum)
+    return uploads
 
 
 def digests(contents: dict[str, bytes]) -> dict[str, str]:
@@ -375,13 +372,7 @@ def test_leftover_blocks_are_reported_and_deleted(fusefs_mount, cluster):
     assert baseline == 0, f"a clean unmount left {baseline} unreferenced blocks: {report}"
 
     store = cluster(m)
-    uploads = {}
-    for i in range(3):
-        data = os.urandom(1000 + i)
-        uploads[protocol.new_block_id()] = (data, protocol.checksum(data))
-    for member in store.members:  # as a client that crashed before recording them
-        for block_id, (data, checksum) in uploads.items():
-            store.transport.put_block(member, block_id, data, checksum)
+    uploads = plant_leftovers(store)
 
     status, report, _ = fsck(m)
     assert status == 0, report
@@ -630,13 +621,7 @@ def test_next_writer_sweeps_what_a_killed_writer_left(fusefs_mount, cluster):
     m = fusefs_mount(mkfs=MKFS)
     expected = digests(make_tree(m.path, 4))
     store = cluster(m)
-    uploads = {}
-    for i in range(3):
-        data = os.urandom(1000 + i)
-        uploads[protocol.new_block_id()] = (data, protocol.checksum(data))
-    for member in store.members:  # as the writer would before it records them
-        for block_id, (data, checksum) in uploads.items():
-            store.transport.put_block(member, block_id, data, checksum)
+    uploads = plant_leftovers(store)
     m.force_unmount()  # kill -9: the lease is never given back
 
     m.mount()  # takes the dead writer's lease at once, and sweeps a few seconds later

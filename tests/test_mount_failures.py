@@ -30,28 +30,14 @@ import time
 
 import pytest
 
-from .conftest import REPO, wait_until
+from .conftest import REPO, alive, sha256_of, wait_until
 
 KiB, MiB = 1 << 10, 1 << 20
 GUARD = 120.0  # seconds a single guarded call may take before we call it a hang
 
 
-def sha256_of(path: str) -> str:
-    """The file's digest, read through the daemon (the kernel's cached pages are dropped)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        while chunk := f.read(MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def write_file(path: str, data: bytes, fsync: bool = False) -> None:

@@ -26,7 +26,7 @@ import pytest
 from fusefs import superblock
 from fusefs.transport import Transport, TransportConfig
 
-from .conftest import Mount, members_of, wait_until
+from .conftest import Mount, alive, check_files, members_of, sha256_of, wait_until
 
 KiB, MiB = 1 << 10, 1 << 20
 FOLLOW = 20.0  # a reader shows a writer's change within this (the poll's hang guard)
@@ -36,14 +36,6 @@ PROBLEM = re.compile(r"^\S+ \S+ (ERROR|CRITICAL) |^Traceback ", re.M)
 
 # -- helpers ------------------------------------------------------------------------------------
 
-def sha256_of(path: str) -> str:
-    """The file's digest, read through the daemon (the kernel's cached pages dropped)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        while chunk := f.read(MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def digest(data: bytes) -> str:
@@ -61,12 +53,6 @@ def write_file(path: str, data: bytes, fsync: bool = True) -> str:
     return digest(data)
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def send(pid: int | None, sig: int) -> None:
@@ -89,16 +75,6 @@ def try_mount(m: Mount, *extra: str) -> subprocess.CompletedProcess:
                  check=False)
 
 
-def check_files(root: str, expected: dict[str, str]) -> None:
-    """Every relative path in `expected` exists under root with that sha256."""
-    bad = {}
-    for rel, want in expected.items():
-        path = os.path.join(root, rel)
-        if not os.path.exists(path):
-            bad[rel] = "missing"
-        elif sha256_of(path) != want:
-            bad[rel] = "differs"
-    assert not bad, f"{len(bad)} of {len(expected)} files wrong under {root}: {bad}"
 
 
 def matches(root: str, expected: dict[str, str], absent=()) -> bool:

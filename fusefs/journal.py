@@ -352,7 +352,10 @@ class Journal:
         self._lost: str | None = None  # why this mount may no longer write
         self._stopping = False
         self._closed = False
-        self._valid_until = time.monotonic() + 0.75 * self.lease_seconds
+        # The lease counts from when it was taken (loading may have taken a while since).
+        taken = float(sb.lease["expires"]) - self.lease_seconds
+        self._valid_until = time.monotonic() - max(0.0, time.time() - taken) + \
+            0.75 * self.lease_seconds
         self._last_checkpoint = (metadata.seq, time.monotonic())
         self._obsolete: list[str] = []  # blocks to delete once the next checkpoint is named
         self._threads: list[threading.Thread] = []

@@ -246,13 +246,12 @@ def _mount_config(args):
     given = {s["server_id"]: url for url, s in superblock.probe(transport, urls).items()
              if isinstance(s, dict)}
     members = tuple(Member(m.id, given.get(m.id, m.url)) for m in sb.members)
-    if not args.read_only and sb.lease:
-        from .journal import describe_lease, holder_gone
+    if not args.read_only:
+        from .journal import refusal
 
-        if sb.lease["expires"] > time.time() and not holder_gone(sb.lease):
-            raise CliError(f"filesystem {sb.fs_id} is mounted read-write by "
-                           f"{describe_lease(sb.lease)}. Only one read-write mount at a time: "
-                           "mount this one with --read-only, or unmount the other first")
+        why = refusal(sb)
+        if why:
+            raise CliError(why)
     cache_root = args.cache_dir or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fusefs")
     state = sb.fs_id
@@ -397,7 +396,7 @@ def _run_unmount(path: str) -> None:
 
 
 def _alive(pid: int) -> bool:
-    from .daemon import process_alive
+    from .journal import process_alive
 
     return process_alive(pid)
 

@@ -31,7 +31,6 @@ from .cache import BlockCache
 from .cluster import ClusterConfig, ReplicatedStore
 from .filesystem import Filesystem
 from .flusher import Flusher
-from .journal import process_alive  # noqa: F401 - cli and local ask the daemon module
 from .fuse_ops import FuseOps, mount_options
 from .transport import Member, Transport, TransportConfig
 

@@ -252,17 +252,10 @@ class Fsck:
         known.update(journal.segment_id(self.sb.fs_id, cp["chain"], n)
                      for n in range(cp["segment"], end + 1))
         garbage = {r[0] for r in md.query("SELECT block_id FROM garbage")}
-        leftovers: set[str] = set()
-        for member in self.sb.members:
-            after = ""
-            try:
-                while True:
-                    page, after = self.transport.list_blocks(member, after, 5000)
-                    leftovers.update(b["id"] for b in page if b["id"] not in known)
-                    if not after:
-                        break
-            except errors.StorageError as e:
-                self.report.warnings.append(f"server {member.url} could not be listed: {e}")
+        listed, failures = journal.list_everything(self.transport, self.sb.members)
+        for url, e in failures.items():
+            self.report.warnings.append(f"server {url} could not be listed: {e}")
+        leftovers = listed - known
         self.report.counts["unreferenced"] = len(leftovers)
         if not leftovers:
             return

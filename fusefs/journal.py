@@ -256,6 +256,23 @@ def open_metadata(store, sb: superblock.Superblock, db_path: str,
     return metadata, applied, segment
 
 
+def list_everything(transport, members) -> tuple[set[str], dict[str, errors.StorageError]]:
+    """The ids of every block on every member; the servers that could not be listed."""
+    listed: set[str] = set()
+    failures = {}
+    for member in members:
+        after = ""
+        try:
+            while True:
+                page, after = transport.list_blocks(member, after, 5000)
+                listed.update(b["id"] for b in page)
+                if not after:
+                    break
+        except errors.StorageError as e:
+            failures[member.url] = e
+    return listed, failures
+
+
 # -- the writer's lease -----------------------------------------------------------------------
 
 def boot_id() -> str:
@@ -305,16 +322,26 @@ def new_lease(mount_id: str, seconds: float, mountpoint: str = "") -> dict:
             "seconds": seconds, "expires": time.time() + seconds}
 
 
-def acquire(transport, sb: superblock.Superblock, lease: dict) -> superblock.Superblock:
-    """Take the writer lease: refused while another mount holds an unexpired lease (unless
-    that mount's process is known to be gone). Returns the updated superblock."""
+def refusal(sb: superblock.Superblock, mount_id: str = "") -> str | None:
+    """Why a read-write mount may not take the lease now, or None if it may: another mount
+    holds an unexpired lease, and its process is not known to be gone."""
     held = sb.lease
-    if held and held.get("mount") != lease["mount"]:
-        if held["expires"] > time.time() and not holder_gone(held):
-            raise LeaseHeld(f"filesystem {sb.fs_id} is mounted read-write by "
-                            f"{describe_lease(held)}; mount it with --read-only, or unmount "
-                            "it there first")
-        log.warning("taking over the writer lease from %s", describe_lease(held))
+    if not held or held.get("mount") == mount_id:
+        return None
+    if held["expires"] <= time.time() or holder_gone(held):
+        return None
+    return (f"filesystem {sb.fs_id} is mounted read-write by {describe_lease(held)}. Only "
+            "one read-write mount at a time: mount this one with --read-only, or unmount "
+            "the other first")
+
+
+def acquire(transport, sb: superblock.Superblock, lease: dict) -> superblock.Superblock:
+    """Take the writer lease (see `refusal`). Returns the updated superblock."""
+    why = refusal(sb, lease["mount"])
+    if why:
+        raise LeaseHeld(why)
+    if sb.lease and sb.lease.get("mount") != lease["mount"]:
+        log.warning("taking over the writer lease from %s", describe_lease(sb.lease))
     try:
         return superblock.update(transport, sb.with_changes(lease=lease))
     except errors.Conflict:
@@ -642,17 +669,9 @@ class Journal:
         never touched (their ids carry its tag), so uploads in flight are safe; anything
         else that exists was created before this mount and is either known now or never
         will be."""
-        listed: set[str] = set()
-        for member in self._sb.members:
-            after = ""
-            try:
-                while True:
-                    page, after = self.transport.list_blocks(member, after, 5000)
-                    listed.update(b["id"] for b in page)
-                    if not after:
-                        break
-            except errors.StorageError as e:
-                log.info("sweep: %s not listed: %s", member.url, e)
+        listed, failures = list_everything(self.transport, self._sb.members)
+        for url, e in failures.items():
+            log.info("sweep: %s not listed: %s", url, e)
         keep = {r[0] for r in self.metadata.query("SELECT block_id FROM blocks")}
         keep.update(r[0] for r in self.metadata.query("SELECT block_id FROM garbage"))
         keep.update(checkpoint_blocks(self.store, self._sb.checkpoint))

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from .daemon import process_alive as _alive
+from .journal import process_alive as _alive
 
 SERVERS = 3
 

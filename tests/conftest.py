@@ -290,14 +290,14 @@ def check_files(root: str, expected: dict[str, str]) -> None:
 
 def alive(pid: int) -> bool:
     """True while `pid` runs (stopped counts; a zombie does not)."""
-    from fusefs.daemon import process_alive
+    from fusefs.journal import process_alive
 
     return process_alive(pid)
 
 
 def _is_fusefs_daemon(pid: int) -> bool:
     """True while `pid` is a live fusefs mount daemon (not a reused pid, not a zombie)."""
-    from fusefs.daemon import process_alive
+    from fusefs.journal import process_alive
 
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

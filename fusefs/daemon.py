@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from fuse import FUSE
 
-from . import errors, journal, superblock
+from . import errors, journal, kernel_attrs, superblock
 from .cache import BlockCache
 from .cluster import ClusterConfig, ReplicatedStore
 from .filesystem import Filesystem
@@ -211,10 +211,19 @@ def run(config: MountConfig) -> None:
                 keeper.close()
             log.info("all data and metadata uploaded")
 
-        ops = FuseOps(fs, on_destroy=finish)
+        refresher = None
+        if not config.read_only:
+            if kernel_attrs.supported():
+                refresher = kernel_attrs.AttrRefresher(config.mountpoint)
+                stack.callback(refresher.close)
+            else:
+                log.warning("this kernel has no openat2 RESOLVE_CACHED (Linux 5.12): the "
+                            "kernel will cache no attributes, which makes metadata slower")
+        ops = FuseOps(fs, on_destroy=finish, refresher=refresher)
         fs.change_listeners.append(ops.forget_paths)  # a follower's changes
         _stop_on_signal(config.mountpoint, finish)
-        options = mount_options(config.read_only, config.fuse_options)
+        options = mount_options(config.read_only, config.fuse_options,
+                                cache_attributes=refresher is not None)
         log.info("mounting filesystem %s at %s (%d servers, R=%d, W=%d)", sb.fs_id,
                  config.mountpoint, len(config.members), sb.replicas, sb.write_quorum)
         mountpoint = os.fsencode(os.path.abspath(config.mountpoint)).decode("latin-1")

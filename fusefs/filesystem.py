@@ -14,6 +14,8 @@ Locks, in order: `_ns` (namespace changes: check and change as one step), then a
 `FileData.lock`, then the flusher's and the metadata's own locks. Block fetches (network)
 happen with none of them held: a writer that must merge into a clean block fetches it
 first, then re-checks under the file lock that the block is still the one it fetched.
+The adapter's refresh of a hard-linked file's other names (nested GETATTR calls back into
+this class, see kernel_attrs.py) starts only after the change returned, with no lock held.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass, replace
 
 from .errors import FsError
 from .flusher import DirtyBlock, FileData, Flusher
-from .metadata import Inode, Metadata, now_ns
+from .metadata import ROOT_INO, Inode, Metadata, now_ns
 
 NAME_MAX = 255
 XATTR_MAX = 65536
@@ -54,6 +56,9 @@ class Filesystem:
         self.write_gate = None  # called before each change: the journal's lease check
         self.change_listeners: list = []  # called after external_change
         self._ns = threading.Lock()
+        # Inodes other than directories with more than one name: the adapter keeps the
+        # kernel's view of their other names right after each change. Changed under _ns.
+        self._linked: set[int] = metadata.multi_linked()
         self._handles: dict[int, Handle] = {}  # guarded by _handles_lock
         self._handles_lock = threading.Lock()
         self._next_fh = 1
@@ -88,6 +93,31 @@ class Filesystem:
             self._dir(parent)  # ENOTDIR beats ENOENT
             raise FsError(errno.ENAMETOOLONG if len(name) > NAME_MAX else errno.ENOENT)
         return self._inode(ino)
+
+    def has_other_names(self, ino: int) -> bool:
+        """Whether the inode is a file with more than one name (a hard link)."""
+        return ino in self._linked
+
+    def has_hard_links(self) -> bool:
+        """Whether any file has more than one name (most filesystems: none)."""
+        return bool(self._linked)
+
+    def paths(self, ino: int) -> list[bytes]:
+        """Every path naming an inode, from the root ("/a/b"); [] if it has none."""
+        found = []
+        for parent, name in self.metadata.names(ino):
+            parts = [name]
+            seen = set()
+            while parent != ROOT_INO:
+                up = self.metadata.names(parent)
+                if not up or parent in seen:  # raced a removal or a move: not reachable
+                    break
+                seen.add(parent)
+                parent, name = up[0]
+                parts.append(name)
+            else:
+                found.append(b"/" + b"/".join(reversed(parts)))
+        return found
 
     def _dir(self, ino: int) -> Inode:
         inode = self._inode(ino)
@@ -183,6 +213,7 @@ class Filesystem:
             if self.metadata.lookup(parent, name) is not None:
                 raise FsError(errno.EEXIST)
             self.metadata.link(ino, parent, name)
+            self._linked.add(ino)
             self._ctime_changed(ino)
         return self._inode(ino)
 
@@ -196,6 +227,7 @@ class Filesystem:
             if self._inode(ino).is_dir:
                 raise FsError(errno.EISDIR)
             left = self.metadata.unlink(parent, name, ino, False)
+            self._unlinked(ino, left)
             self._ctime_changed(ino)
         if left == 0:
             self._release_inode(ino)
@@ -246,11 +278,26 @@ class Filesystem:
                     raise FsError(errno.ENOTEMPTY)
             left = self.metadata.rename(old_parent, old_name, new_parent, new_name, ino,
                                         source.is_dir, existing, replaced_is_dir)
+            if existing is not None:
+                self._unlinked(existing, left)
             self._ctime_changed(ino)
             self._ctime_changed(existing)
         if existing is not None and left == 0:
             self._release_inode(existing)
         return source.is_dir
+
+    def _unlinked(self, ino: int, left: int) -> None:
+        """A file lost a name (caller holds _ns). While open, a descriptor of the lost name
+        still changes it, so it stays in _linked until its last close."""
+        if left <= 1 and not self._is_open(ino):
+            self._linked.discard(ino)
+
+    def _is_open(self, ino: int) -> bool:
+        fd = self.flusher.live(ino)
+        if fd is None:
+            return False
+        with fd.lock:
+            return fd.open_count > 0
 
     def _ctime_changed(self, ino: int | None) -> None:
         """The metadata moved an inode's ctime; an open file's live state must follow, or
@@ -351,6 +398,11 @@ class Filesystem:
         if not last:
             return
         inode = self.metadata.inode(handle.ino)
+        if handle.ino in self._linked:
+            with self._ns:
+                now = self.metadata.inode(handle.ino)
+                if now is None or now.nlink <= 1:
+                    self._linked.discard(handle.ino)
         if inode is None or inode.nlink <= 0:
             self.flusher.drop(fd)
             if inode is not None:
@@ -389,6 +441,8 @@ class Filesystem:
                     fd.size, fd.mtime_ns, fd.ctime_ns = inode.size, inode.mtime_ns, \
                         inode.ctime_ns
                     fd.refs = refs
+        with self._ns:
+            self._linked = self.metadata.multi_linked()
         for listener in self.change_listeners:
             listener()
 

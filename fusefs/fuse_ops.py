@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import threading
+import time
 
 from fuse import FuseOSError, Operations, fuse_get_context
 
@@ -66,9 +67,16 @@ class FuseOps(Operations):
     flag_utime_omit_ok = 1  # receive UTIME_OMIT/UTIME_NOW: touch -m, tar x keep mtimes
     flag_nullpath_ok = 1  # calls on open-but-unlinked files arrive without a path
 
-    def __init__(self, fs: Filesystem, on_destroy=None):
+    def __init__(self, fs: Filesystem, on_destroy=None, refresher=None):
         self.fs = fs
         self.on_destroy = on_destroy
+        # With kernel attribute caching on, refreshes the other names of hard-linked files
+        # after a change (see kernel_attrs.py); None when the kernel caches no attributes.
+        self.refresher = refresher
+        self._renames = 0  # running renames; guarded by _lock
+        self._last_rename = 0.0
+        if refresher is not None:
+            refresher.busy = self._renaming
         self._paths: dict[str, int] = {}
         self._generation = 0
         self._lock = threading.Lock()  # guards _paths, _generation and _seen
@@ -115,6 +123,36 @@ class FuseOps(Operations):
                 self._paths.pop(p, None)
                 self._seen.pop(p, None)  # another kernel inode may now answer to that name
 
+    def _linked(self, path: str) -> int | None:
+        """The inode at path if it is a file with other names (its change must reach the
+        kernel's view of them), else None. Never fails: the change itself reports errors."""
+        if self.refresher is None or not path or not self.fs.has_hard_links():
+            return None
+        try:
+            ino = self._resolve(path)
+        except errors.FsError:
+            return None
+        return ino if self.fs.has_other_names(ino) else None
+
+    def _renaming(self) -> bool:
+        """A rename runs, or ended so recently that the kernel may not have moved its
+        cached names yet."""
+        with self._lock:
+            return self._renames > 0 or time.monotonic() - self._last_rename < 0.05
+
+    def _after_change(self, ino: int, path: str | None) -> None:
+        """An inode's attributes changed through `path` (None: an open, unlinked file)."""
+        if self.refresher is not None and self.fs.has_other_names(ino):
+            self._refresh_others(ino, path)
+
+    def _refresh_others(self, ino: int | None, *through: str | None) -> None:
+        """The inode changed through the names in `through`: the kernel updated what it
+        cached for those; make it fetch the attributes of every other name again."""
+        if ino is None or self.refresher is None:
+            return
+        skip = {_b(p) for p in through if p}
+        self.refresher.refresh(lambda: [p for p in self.fs.paths(ino) if p not in skip])
+
     # -- attributes -------------------------------------------------------------------------
 
     @staticmethod
@@ -141,18 +179,23 @@ class FuseOps(Operations):
 
     @_op
     def chmod(self, path, mode):
-        self.fs.setattr(self._resolve(path), mode=mode)
+        ino = self._resolve(path)
+        self.fs.setattr(ino, mode=mode)
+        self._after_change(ino, path)
         return 0
 
     @_op
     def chown(self, path, uid, gid):
-        self.fs.setattr(self._resolve(path), uid=uid, gid=gid)
+        ino = self._resolve(path)
+        self.fs.setattr(ino, uid=uid, gid=gid)
+        self._after_change(ino, path)
         return 0
 
     @_op
     def truncate(self, path, length, fh=None):
         ino = self.fs.handle_ino(fh.fh) if fh is not None else self._resolve(path)
         self.fs.setattr(ino, size=length)
+        self._after_change(ino, path)
         return 0
 
     @_op
@@ -160,8 +203,9 @@ class FuseOps(Operations):
         now = self.fs.now_ns()
         atime, mtime = times if times is not None else (UTIME_NOW, UTIME_NOW)
         pick = {UTIME_NOW: now, UTIME_OMIT: None}
-        self.fs.setattr(self._resolve(path), atime_ns=pick.get(atime, atime),
-                        mtime_ns=pick.get(mtime, mtime))
+        ino = self._resolve(path)
+        self.fs.setattr(ino, atime_ns=pick.get(atime, atime), mtime_ns=pick.get(mtime, mtime))
+        self._after_change(ino, path)
         return 0
 
     # -- namespace --------------------------------------------------------------------------
@@ -197,15 +241,22 @@ class FuseOps(Operations):
     @_op
     def link(self, target, source):  # fusepy: target is the new name, source the existing
         parent, name = self._parent(target)
-        self.fs.link(self._resolve(source), parent, name)
+        ino = self._resolve(source)
+        self.fs.link(ino, parent, name)
         self._changed(target)
+        if self.refresher is not None:
+            # The kernel keeps what it cached for `source` (its link count included), so
+            # every older name is refreshed; the new one got its attributes in the reply.
+            self._refresh_others(ino, target)
         return 0
 
     @_op
     def unlink(self, path):
         parent, name = self._parent(path)
+        linked = self._linked(path)
         self.fs.unlink(parent, name)
         self._changed(path)
+        self._refresh_others(linked, path)
         return 0
 
     @_op
@@ -219,8 +270,19 @@ class FuseOps(Operations):
     def rename(self, old, new):
         old_parent, old_name = self._parent(old)
         new_parent, new_name = self._parent(new)
-        is_dir = self.fs.rename(old_parent, old_name, new_parent, new_name)
+        moved, replaced = self._linked(old), self._linked(new)
+        with self._lock:
+            self._renames += 1
+        try:
+            is_dir = self.fs.rename(old_parent, old_name, new_parent, new_name)
+        finally:
+            with self._lock:
+                self._renames -= 1
+                self._last_rename = time.monotonic()
         self._changed(old, new, subtree=is_dir)
+        if moved != replaced:  # renaming a name over another name of the same file: no-op
+            self._refresh_others(moved, old, new)  # its ctime moved
+            self._refresh_others(replaced, new)  # it lost a name
         return 0
 
     @_op
@@ -282,8 +344,12 @@ class FuseOps(Operations):
             # writing there would overwrite that data. mmap write-back keeps its offset.
             ino = self.fs.handle_ino(fi.fh)
             with self._append_locks[ino % len(self._append_locks)]:
-                return self.fs.write(fi.fh, self.fs.getattr(ino).size, data)
-        return self.fs.write(fi.fh, offset, data)
+                written = self.fs.write(fi.fh, self.fs.getattr(ino).size, data)
+        else:
+            written = self.fs.write(fi.fh, offset, data)
+        if self.refresher is not None:
+            self._after_change(self.fs.handle_ino(fi.fh), path)
+        return written
 
     @_op
     def flush(self, path, fi):
@@ -317,12 +383,16 @@ class FuseOps(Operations):
 
     @_op
     def setxattr(self, path, name, value, options, position=0):
-        self.fs.setxattr(self._resolve(path), _b(name), bytes(value), options)
+        ino = self._resolve(path)
+        self.fs.setxattr(ino, _b(name), bytes(value), options)
+        self._after_change(ino, path)
         return 0
 
     @_op
     def removexattr(self, path, name):
-        self.fs.removexattr(self._resolve(path), _b(name))
+        ino = self._resolve(path)
+        self.fs.removexattr(ino, _b(name))
+        self._after_change(ino, path)
         return 0
 
     # -- the whole filesystem ---------------------------------------------------------------
@@ -339,19 +409,27 @@ class FuseOps(Operations):
             log.exception("error while finishing at unmount")
 
 
-def mount_options(read_only: bool = False, extra: dict | None = None) -> dict:
-    """The FUSE options that matter (see PERF-NOTES.md and FUSEPY-NOTES.md)."""
+def mount_options(read_only: bool = False, extra: dict | None = None,
+                  cache_attributes: bool = False) -> dict:
+    """The FUSE options that matter (see PERF-NOTES.md and FUSEPY-NOTES.md).
+
+    A writer is the filesystem's only one, and the kernel keeps what it caches right for
+    changes made through it, so it may cache names and attributes for a minute. The one
+    gap, the other names of a hard-linked file, is closed by an `AttrRefresher`; a
+    `cache_attributes=False` writer (no refresher on this kernel) caches no attributes.
+    A read-only mount follows another machine's changes, so it caches for one second.
+    """
+    if read_only:
+        timeouts = {"attr_timeout": 1.0, "entry_timeout": 1.0, "negative_timeout": 1.0}
+    elif cache_attributes:
+        timeouts = {"attr_timeout": 60.0, "entry_timeout": 60.0, "negative_timeout": 60.0}
+    else:
+        timeouts = {"attr_timeout": 0.0, "entry_timeout": 10.0, "negative_timeout": 10.0}
     options = {
         "fsname": "fusefs", "subtype": "fusefs", "use_ino": True, "default_permissions": True,
         "allow_other": os.geteuid() == 0, "hard_remove": True,
         "big_writes": True, "max_write": 131072, "max_read": 131072,
-        # Attributes are not cached: libfuse gives each name of a hard-linked file its own
-        # kernel inode, so a cached link count or ctime would go stale through the others.
-        # Names may be cached: a writer is the filesystem's only one and the kernel keeps
-        # its own name cache right for changes made through it. A read-only mount follows
-        # another machine's changes, so it keeps names for one second only.
-        "attr_timeout": 0.0, "entry_timeout": 1.0 if read_only else 10.0,
-        "negative_timeout": 1.0 if read_only else 10.0,
+        **timeouts,
         "ro": read_only,
     }
     options.update(extra or {})

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS inodes (
 CREATE TABLE IF NOT EXISTS dentries (
     parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL,
     PRIMARY KEY (parent, name)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dentries_by_ino ON dentries (ino);
 CREATE TABLE IF NOT EXISTS blocks (
     ino INTEGER NOT NULL, idx INTEGER NOT NULL, block_id TEXT NOT NULL,
     checksum TEXT NOT NULL, length INTEGER NOT NULL,
@@ -332,6 +333,19 @@ class Metadata:
     def remove_inode(self, ino: int) -> None:
         """Delete an inode that has no names left; its blocks become garbage."""
         self._record("remove_inode", ino)
+
+    def names(self, ino: int) -> list[tuple[int, bytes]]:
+        """(parent, name) of every directory entry naming an inode."""
+        with self._lock:
+            return self._db.execute("SELECT parent, name FROM dentries WHERE ino=?",
+                                    (ino,)).fetchall()
+
+    def multi_linked(self) -> set[int]:
+        """Every inode other than a directory that has more than one name."""
+        with self._lock:
+            return {r[0] for r in self._db.execute(
+                "SELECT ino FROM inodes WHERE nlink > 1 AND (mode & ?) != ?",
+                (stat.S_IFMT(0o177777), stat.S_IFDIR))}
 
     def orphans(self) -> list[int]:
         """Inodes with no names left (open when the last process died)."""

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import traceback
 
 import pytest
 import requests
@@ -418,3 +420,41 @@ def fusefs_mount(blockservers, tmp_path, request):
                 problems.append(line)
     if problems:
         pytest.fail("fusefs daemon logged unexpected errors:\n" + "\n".join(problems[:20]))
+
+
+NOBODY = 65534
+
+
+def as_user(fn, uid: int = NOBODY, gid: int = NOBODY):
+    """Run fn() in a forked child with all ids dropped to uid/gid.
+
+    Returns ("ok", value) or ("errno", errno). The child reaches the mount through file
+    descriptors the parent opened (dir_fd), because the pytest tmp directories above the
+    mountpoint are not searchable by other users.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        try:
+            os.close(r)
+            try:
+                os.setgroups([])
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+                result = ("ok", fn())
+            except OSError as e:
+                result = ("errno", e.errno)
+            except BaseException:  # noqa: BLE001 - report it to the parent
+                result = ("crash", traceback.format_exc())
+            payload = pickle.dumps(result)
+            while payload:
+                payload = payload[os.write(w, payload):]
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        payload = f.read()
+    os.waitpid(pid, 0)
+    result = pickle.loads(payload)
+    assert result[0] != "crash", result[1]
+    return result

@@ -493,6 +493,48 @@ def test_hard_links_share_inode_and_data(core):
     expect_errno(errno.ENOENT, fs.getattr, ino)
 
 
+def test_the_names_of_hard_linked_files_are_known(make_core, tmp_path):
+    """The adapter refreshes the kernel's view of a file's other names: the core must
+    know which files have several names, and every path of each."""
+    core = make_core()
+    fs = core.fs
+    d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).ino
+    e = fs.mkdir(d, b"e", 0o755, 0, 0).ino
+    ino, fh = new_file(fs, b"a", b"x")
+    close(fs, fh)
+    assert not fs.has_hard_links() and not fs.has_other_names(ino)
+    assert fs.paths(ino) == [b"/a"]
+    fs.link(ino, e, b"b")
+    assert fs.has_other_names(ino)
+    assert sorted(fs.paths(ino)) == [b"/a", b"/d/e/b"]
+    fs.rename(ROOT_INO, b"d", ROOT_INO, b"moved")  # a directory on one path moves
+    assert sorted(fs.paths(ino)) == [b"/a", b"/moved/e/b"]
+    fs.rename(e, b"b", ROOT_INO, b"c")
+    assert sorted(fs.paths(ino)) == [b"/a", b"/c"]
+
+    # The set survives a remount (it is loaded from the metadata).
+    core.close()
+    again = make_core(fresh=False)
+    assert again.fs.has_other_names(ino)
+
+    # Losing a name while open keeps it in the set until the last close: a descriptor of
+    # the lost name still changes what the other name shows.
+    fs = again.fs
+    fh = fs.open(ino, os.O_RDWR)
+    fs.unlink(ROOT_INO, b"a")
+    assert fs.has_other_names(ino) and fs.paths(ino) == [b"/c"]
+    close(fs, fh)
+    assert not fs.has_other_names(ino)
+
+    # Renaming another file over a name takes the name away too.
+    fs.link(ino, ROOT_INO, b"a")
+    other, fh = new_file(fs, b"o", b"y")
+    close(fs, fh)
+    fs.rename(ROOT_INO, b"o", ROOT_INO, b"a")
+    assert not fs.has_other_names(ino) and fs.paths(ino) == [b"/c"]
+    assert not fs.has_hard_links()
+
+
 def test_hard_link_to_a_directory_is_eperm(fs):
     d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).ino
     expect_errno(errno.EPERM, fs.link, d, ROOT_INO, b"d2")

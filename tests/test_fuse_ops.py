@@ -68,3 +68,45 @@ def test_destroy_never_raises(caplog):
     with caplog.at_level(logging.ERROR, logger="fusefs.fuse"):
         ops.destroy("/")
     assert any("unmount" in r.getMessage() for r in caplog.records)
+
+
+class RecordingRefresher:
+    """Stands in for kernel_attrs.AttrRefresher: records which names it was asked for."""
+
+    def __init__(self):
+        self.asked: list[list[bytes]] = []
+        self.busy = None
+
+    def refresh(self, names):
+        self.asked.append(sorted(names()))
+
+
+def test_changes_refresh_exactly_the_other_names(tmp_path):
+    from .test_filesystem_core import Core
+
+    core = Core(tmp_path / "metadata.db")
+    refresher = RecordingRefresher()
+    ops = FuseOps(core.fs, refresher=refresher)
+    try:
+        ops.mkdir("/d", 0o755)
+        ops.mknod("/a", 0o100644, 0)
+        ops.chmod("/a", 0o600)
+        ops.rename("/a", "/a2")
+        ops.rename("/a2", "/a")
+        assert refresher.asked == []  # a file with one name: nothing to refresh
+        ops.link("/d/b", "/a")
+        assert refresher.asked.pop() == [b"/a"]  # the new name came with its attributes
+        ops.chmod("/d/b", 0o640)
+        assert refresher.asked.pop() == [b"/a"]
+        ops.utimens("/a", (1, 2))
+        assert refresher.asked.pop() == [b"/d/b"]
+        ops.setxattr("/a", "user.k", b"v", 0)
+        assert refresher.asked.pop() == [b"/d/b"]
+        ops.rename("/a", "/c")
+        assert refresher.asked.pop() == [b"/d/b"]
+        ops.unlink("/c")
+        assert refresher.asked.pop() == [b"/d/b"]
+        ops.chmod("/d/b", 0o644)
+        assert refresher.asked == []  # one name again
+    finally:
+        core.close()

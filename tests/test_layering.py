@@ -34,7 +34,7 @@ def test_blockserver_uses_no_http_client_library():
 # be placed here, so the map stays the truth.
 FUSEFS_LAYERS = [
     {"__main__", "cli", "daemon", "local", "fsck"},
-    {"fuse_ops"},
+    {"fuse_ops", "kernel_attrs"},
     {"filesystem"},
     {"metadata", "cache", "flusher", "journal"},
     {"cluster", "memstore", "health", "placement", "blocks", "superblock"},

@@ -16,7 +16,6 @@ import errno
 import glob
 import mmap
 import os
-import pickle
 import random
 import sqlite3
 import stat
@@ -24,18 +23,16 @@ import struct
 import subprocess
 import threading
 import time
-import traceback
 
 import pytest
 
-from .conftest import wait_until
+from .conftest import NOBODY, as_user, wait_until
 
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 SMALL_BLOCKS = ["--block-size", "64KiB"]
 BS = 64 * KiB
-NOBODY = 65534
 GUARD = 20.0  # seconds; only bounds waits for asynchronous work, never asserted
 
 
@@ -84,41 +81,6 @@ def inode_row_exists(m, ino: int) -> bool:
         return db.execute("SELECT 1 FROM inodes WHERE ino=?", (ino,)).fetchone() is not None
     finally:
         db.close()
-
-
-def as_user(fn, uid: int = NOBODY, gid: int = NOBODY):
-    """Run fn() in a forked child with all ids dropped to uid/gid.
-
-    Returns ("ok", value) or ("errno", errno). The child reaches the mount through file
-    descriptors the parent opened (dir_fd), because the pytest tmp directories above the
-    mountpoint are not searchable by other users.
-    """
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never return into pytest
-        try:
-            os.close(r)
-            try:
-                os.setgroups([])
-                os.setresgid(gid, gid, gid)
-                os.setresuid(uid, uid, uid)
-                result = ("ok", fn())
-            except OSError as e:
-                result = ("errno", e.errno)
-            except BaseException:  # noqa: BLE001 - report it to the parent
-                result = ("crash", traceback.format_exc())
-            payload = pickle.dumps(result)
-            while payload:
-                payload = payload[os.write(w, payload):]
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        payload = f.read()
-    os.waitpid(pid, 0)
-    result = pickle.loads(payload)
-    assert result[0] != "crash", result[1]
-    return result
 
 
 # -- regular files --------------------------------------------------------------------------

@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "this machine dies, another can mount read-write after this long")
     p.add_argument("--unsafe-no-journal", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-o", dest="options", default="", metavar="OPT[,OPT...]",
-                   help="extra FUSE mount options, e.g. -o allow_other,attr_timeout=5")
+                   help="extra FUSE mount options, e.g. -o allow_other. A writer lets the "
+                        "kernel cache attributes and names for 60 s (hard links stay right); "
+                        "-o attr_timeout=N,entry_timeout=N changes that")
 
     p = sub.add_parser("fsck", help="check the filesystem's metadata against the blocks",
                        description="Check the metadata the cluster holds (what a new mount "

@@ -347,7 +347,7 @@ class FuseOps(Operations):
                 written = self.fs.write(fi.fh, self.fs.getattr(ino).size, data)
         else:
             written = self.fs.write(fi.fh, offset, data)
-        if self.refresher is not None:
+        if self.refresher is not None and self.fs.has_hard_links():
             self._after_change(self.fs.handle_ino(fi.fh), path)
         return written
 

@@ -989,19 +989,38 @@ def parse_args(argv=None):
     return args
 
 
+def _unwind(signum, frame):
+    raise KeyboardInterrupt  # unwinds through `finally`: everything unmounted and stopped
+
+
+def prepare_run(args, name: str) -> bool:
+    """What every benchmark run needs first: root, SIGTERM unwinding through `finally`, and
+    a fresh work directory in args.work (named after the benchmark)."""
+    if os.geteuid() != 0:
+        print(f"{name}: must run as root (it drops the page cache and mounts)",
+              file=sys.stderr)
+        return False
+    signal.signal(signal.SIGTERM, _unwind)
+    os.makedirs(args.workdir, exist_ok=True)
+    args.work = tempfile.mkdtemp(prefix=name.replace("_", "-") + "-", dir=args.workdir)
+    return True
+
+
+def print_machine(work: str) -> None:
+    """The line that says where and on what a run's figures were taken."""
+    try:
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "?"
+    print(f"work: {work} ({filesystem_of(work)}); {os.cpu_count()} CPUs, "
+          f"load {load}, python {sys.version.split()[0]}, kernel {os.uname().release}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("fs_bench: must run as root (it drops the page cache and mounts)", file=sys.stderr)
+    if not prepare_run(args, "fs_bench"):
         return 2
     started = time.monotonic()
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt  # unwinds through `finally`: everything unmounted and stopped
-
-    signal.signal(signal.SIGTERM, on_term)
-    os.makedirs(args.workdir, exist_ok=True)
-    args.work = tempfile.mkdtemp(prefix="fs-bench-", dir=args.workdir)
     classes = {"native": Native, "passthrough": Passthrough, "fusefs": Fusefs}
     targets = [classes[name](args.work) for name in args.targets]
     for t in targets:
@@ -1011,12 +1030,7 @@ def main(argv=None) -> int:
     bench = Bench(args, targets, results)
     failed = False
     try:
-        try:
-            load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-        except OSError:
-            load = "?"
-        print(f"work: {args.work} ({filesystem_of(args.work)}); {os.cpu_count()} CPUs, "
-              f"load {load}, python {sys.version.split()[0]}, kernel {os.uname().release}")
+        print_machine(args.work)
         print(f"size {args.size // MiB} MiB x {args.rounds} round(s); quick workloads x "
               f"{args.small_rounds} round(s): {args.ops} random ops, {args.files} files, "
               f"{args.small_files} small files; targets {', '.join(args.targets)}; "

@@ -51,17 +51,15 @@ import hashlib
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
 import fs_bench
 from fs_bench import (ROWS, Bench, BenchError, Fusefs, Passthrough, Results, alive,
-                      drop_caches, filesystem_of, fmt, fmt_pct, fmt_ratio, kill_quietly, log,
+                      drop_caches, fmt, fmt_pct, fmt_ratio, kill_quietly, log,
                       tail)
 
 WORKLOAD_ROWS = ("meta_create", "meta_stat", "meta_list", "meta_rename", "meta_delete",
@@ -503,17 +501,9 @@ def report_mount(m: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("journal_bench: must run as root (drop_caches, mounts)", file=sys.stderr)
+    if not fs_bench.prepare_run(args, "journal_bench"):
         return 2
     started = time.monotonic()
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt  # unwinds through `finally`: everything unmounted and stopped
-
-    signal.signal(signal.SIGTERM, on_term)
-    os.makedirs(args.workdir, exist_ok=True)
-    args.work = tempfile.mkdtemp(prefix="journal-bench-", dir=args.workdir)
     running: list = []  # started and not yet stopped, in the order they started
     clusters: list[Cluster] = []  # every fusefs cluster, for its daemon logs
     passthrough = None
@@ -530,12 +520,7 @@ def main(argv=None) -> int:
         target.stop()
 
     try:
-        try:
-            load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-        except OSError:
-            load = "?"
-        print(f"work: {args.work} ({filesystem_of(args.work)}); {os.cpu_count()} CPUs, "
-              f"load {load}, python {sys.version.split()[0]}, kernel {os.uname().release}")
+        fs_bench.print_machine(args.work)
         print(f"parts: {', '.join(args.parts)}; workloads: {args.rounds} round(s), "
               f"{args.meta_files:,} files; mount: {args.files:,} files in directories of "
               f"{args.dir_files:,}, {args.mount_rounds} round(s)", flush=True)

@@ -101,7 +101,7 @@ import traceback
 
 import pytest
 
-from .conftest import REPO, alive, wait_until
+from .conftest import REPO, alive, read_through, wait_until
 
 KiB, MiB = 1 << 10, 1 << 20
 BS = 64 * KiB  # the block size the tests format with
@@ -597,18 +597,6 @@ def drop_cut_line(path: str) -> None:
         data = f.read()
         if data and not data.endswith(b"\n"):
             f.truncate(data.rfind(b"\n") + 1)
-
-
-def read_through(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # from the daemon, not the kernel
-        chunks = []
-        while chunk := os.read(fd, MiB):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def walk_everything(root: str) -> tuple[dict[str, str], list[str]]:

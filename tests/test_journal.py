@@ -189,6 +189,16 @@ def unreachable(member: Member) -> Member:
     return Member(member.id, f"http://127.0.0.1:{port}")
 
 
+def assert_on_every_server(transport: Transport, members, sb: superblock.Superblock) -> None:
+    """Every server holds exactly `sb`, so a majority read finds it with any one down."""
+    for member in members:
+        assert transport.register_get(member, superblock.REGISTER) == (sb.generation,
+                                                                       sb.encode())
+    for down in range(len(members)):
+        view = [unreachable(m) if i == down else m for i, m in enumerate(members)]
+        assert superblock.read_quorum(transport, view) == sb
+
+
 def formatted(transport: Transport, members) -> superblock.Superblock:
     """A superblock (no checkpoint, no lease) written as generation 1 on every member."""
     return superblock.write_all(transport, superblock.new(members, 1 << 20, 3, 2), 1)
@@ -574,11 +584,7 @@ def test_read_quorum_takes_the_newest_of_a_majority_and_update_catches_servers_u
 
     sb3 = superblock.update(transport, sb2.with_changes(lease={"mount": "m", "n": 3}))
     assert sb3.generation == 3
-    for member in members:  # the server that missed generation 2 was brought up to date
-        assert transport.register_get(member, superblock.REGISTER) == (3, sb3.encode())
-    for down in range(3):
-        view = [unreachable(m) if i == down else m for i, m in enumerate(members)]
-        assert superblock.read_quorum(transport, view) == sb3
+    assert_on_every_server(transport, members, sb3)  # the one that missed 2 caught up
 
 
 def test_update_is_a_compare_and_swap_with_exactly_one_winner(blockservers):
@@ -653,12 +659,7 @@ def test_a_losers_value_at_the_winning_generation_is_never_read(blockservers):
                            loser.encode(), expect=base.generation)
     won = superblock.update(transport, base.with_changes(lease={"mount": "late winner"}))
     assert won.generation == base.generation + 2
-    for member in members:
-        assert transport.register_get(member, superblock.REGISTER) == (won.generation,
-                                                                       won.encode())
-    for down in range(3):
-        view = [unreachable(m) if i == down else m for i, m in enumerate(members)]
-        assert superblock.read_quorum(transport, view) == won
+    assert_on_every_server(transport, members, won)
 
 
 def test_a_lone_writer_is_not_refused_during_a_rolling_restart(blockservers):

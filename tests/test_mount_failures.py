@@ -30,7 +30,7 @@ import time
 
 import pytest
 
-from .conftest import REPO, alive, sha256_of, wait_until
+from .conftest import REPO, alive, read_through, sha256_of, wait_until
 
 KiB, MiB = 1 << 10, 1 << 20
 GUARD = 120.0  # seconds a single guarded call may take before we call it a hang
@@ -202,19 +202,6 @@ def test_fsynced_data_survives_kill_9_of_the_daemon(fusefs_mount):
 
 # -- P7: a failed upload keeps its data and says so ----------------------------------------------
 
-def read_all(path: str) -> bytes:
-    """Open read-only, read everything through the daemon, close (its error re-raised)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        chunks = []
-        while chunk := os.read(fd, MiB):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
 def restart_stopped(m) -> None:
     for s in m.servers:
         if not s.running:
@@ -300,7 +287,7 @@ def test_reader_close_ignores_a_writers_upload_error(fusefs_mount):
         cat = subprocess.run(["cat", path], capture_output=True, timeout=GUARD)
         assert cat.stdout == data
         assert cat.returncode == 0, cat.stderr  # cat fails only at its close()
-        assert guarded(read_all, path) == data
+        assert guarded(read_through, path) == data
     finally:
         restart_stopped(m)
         try:

@@ -3,6 +3,8 @@
     FusefsError (EIO)
     ├── FsError (its own errno)           a POSIX failure of a filesystem call: ENOENT,
     │                                      EEXIST, ENOTEMPTY, EISDIR, ENOTDIR, ENAMETOOLONG...
+    ├── MetadataFailed (EIO)               the local metadata database lost changes it had
+    │                                      accepted; it refuses more until a new mount
     └── StorageError (EIO)                 talking to block servers went wrong
         ├── Unavailable (EIO)              connection refused, reset, or server 5xx
         │   └── Timeout (EIO)              no answer within the configured timeout
@@ -35,6 +37,10 @@ class FsError(FusefsError):
     def __init__(self, code: int, message: str = ""):
         super().__init__(message or errno.errorcode.get(code, str(code)))
         self.errno = code
+
+
+class MetadataFailed(FusefsError):
+    """The local metadata database lost changes it had accepted (a failed group commit)."""
 
 
 class StorageError(FusefsError):

@@ -224,13 +224,17 @@ class Filesystem:
             if ino is None:
                 self._dir(parent)
                 raise FsError(errno.ENOENT)
-            if self._inode(ino).is_dir:
+            inode = self._inode(ino)
+            if inode.is_dir:
                 raise FsError(errno.EISDIR)
-            left = self.metadata.unlink(parent, name, ino, False)
+            # The last name of a file nobody has open: one record removes both.
+            last = inode.nlink <= 1 and not self._is_open(ino)
+            left = self.metadata.unlink(parent, name, ino, False, remove=last)
             self._unlinked(ino, left)
-            self._ctime_changed(ino)
+            if not last:
+                self._ctime_changed(ino)
         if left == 0:
-            self._release_inode(ino)
+            self._release_inode(ino, removed=last)
 
     def rmdir(self, parent: int, name: bytes) -> None:
         self._writable()
@@ -245,8 +249,7 @@ class Filesystem:
                 raise FsError(errno.ENOTDIR)
             if self.metadata.has_children(ino):
                 raise FsError(errno.ENOTEMPTY)
-            self.metadata.unlink(parent, name, ino, True)
-        self._release_inode(ino)
+            self.metadata.unlink(parent, name, ino, True, remove=True)
 
     def rename(self, old_parent: int, old_name: bytes, new_parent: int,
                new_name: bytes) -> bool:
@@ -308,16 +311,18 @@ class Filesystem:
             with fd.lock:
                 fd.ctime_ns = max(fd.ctime_ns, inode.ctime_ns)
 
-    def _release_inode(self, ino: int) -> None:
-        """The inode lost its last name: remove it now, or at the last close if open."""
+    def _release_inode(self, ino: int, removed: bool = False) -> None:
+        """The inode lost its last name: remove it now, or at the last close if open.
+        `removed`: the metadata already removed it (unlink did); forget its live state."""
         fd = self.flusher.live(ino)
-        if fd is not None:
+        if fd is not None and not removed:
             with fd.lock:
                 if fd.open_count > 0:
                     return  # still readable through open descriptors; removed at release
         if fd is not None:
             self.flusher.drop(fd)
-        self.metadata.remove_inode(ino)
+        if not removed:
+            self.metadata.remove_inode(ino)
 
     def readdir(self, ino: int) -> list[tuple[bytes, int, int]]:
         """(name, ino, mode) of each entry, without "." and ".."."""

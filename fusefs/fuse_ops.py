@@ -50,7 +50,7 @@ def _op(fn):
             return fn(self, *args)
         except errors.FsError as e:
             raise FuseOSError(e.errno) from None
-        except errors.StorageError as e:
+        except (errors.StorageError, errors.MetadataFailed) as e:
             log.warning("%s %s failed: %s", fn.__name__, args[0] if args else "", e)
             raise FuseOSError(e.errno) from None
         except FuseOSError:

@@ -947,6 +947,9 @@ def test_mmap_fsync_and_persistence_across_remount(fusefs_mount):
     os.fsync(orphan_fd)
     orphan = os.stat(p("orphan")).st_ino
     os.unlink(p("orphan"))
+    dir_fd = os.open(m.path, os.O_RDONLY | os.O_DIRECTORY)
+    os.fsync(dir_fd)  # the unlink is durable (an unsynced one may be lost, as P2 allows)
+    os.close(dir_fd)
     try:
         m.force_unmount()  # SIGKILL the daemon, lazy unmount
         wait_until(lambda: not m.mounted, "the killed mount to go away")

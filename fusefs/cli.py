@@ -122,10 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("up", help="the embedded default: local servers, mkfs, mount DIR/mnt")
-    p.add_argument("dir", nargs="?", default="fusefs-data", metavar="DIR")
-    p = sub.add_parser("down", help="unmount and stop what `fusefs up DIR` started")
-    p.add_argument("dir", nargs="?", default="fusefs-data", metavar="DIR")
+    p = sub.add_parser("up", help="the embedded default: local servers, mkfs, mount DIR/mnt",
+                       description="Start three block servers on this machine (data under "
+                       "DIR/servers), format a filesystem on them the first time, and mount "
+                       "it at DIR/mnt, every block stored 3 times. Running it again keeps "
+                       "what is already running and mounted. `fusefs down DIR` stops it.")
+    p.add_argument("dir", nargs="?", default="fusefs-data", metavar="DIR",
+                   help="where the servers' data, the secret, the cache and the mountpoint "
+                        "live (default ./fusefs-data)")
+    p = sub.add_parser("down", help="unmount and stop what `fusefs up DIR` started",
+                       description="Unmount DIR/mnt (which first uploads everything not yet "
+                       "on the servers), then stop the three block servers. Nothing is "
+                       "deleted: `fusefs up DIR` brings it all back.")
+    p.add_argument("dir", nargs="?", default="fusefs-data", metavar="DIR",
+                   help="the directory given to `fusefs up` (default ./fusefs-data)")
     return parser
 
 

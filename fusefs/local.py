@@ -35,8 +35,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-
-
 def _fusefs(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fusefs", *args], text=True,
                           capture_output=True)

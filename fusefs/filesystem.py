@@ -324,10 +324,12 @@ class Filesystem:
         if not removed:
             self.metadata.remove_inode(ino)
 
-    def readdir(self, ino: int) -> list[tuple[bytes, int, int]]:
-        """(name, ino, mode) of each entry, without "." and ".."."""
+    def readdir(self, ino: int) -> list[bytes]:
+        """The names of the entries, without "." and "..", in name order. Names only: the
+        kernel looks each one up when it needs more (joining the inodes here doubled the
+        cost of listing a large directory)."""
         self._dir(ino)
-        return self.metadata.children(ino)
+        return self.metadata.child_names(ino)
 
     # -- open files -------------------------------------------------------------------------
 

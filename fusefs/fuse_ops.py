@@ -293,7 +293,7 @@ class FuseOps(Operations):
     @_op
     def readdir(self, path, fh):
         ino = self._resolve(path)
-        return [".", ".."] + [_s(name) for name, _, _ in self.fs.readdir(ino)]
+        return [".", ".."] + [_s(name) for name in self.fs.readdir(ino)]
 
     # -- files ------------------------------------------------------------------------------
 

@@ -409,12 +409,11 @@ class Metadata:
                                    (parent, name)).fetchone()
         return row[0] if row else None
 
-    def children(self, parent: int) -> list[tuple[bytes, int, int]]:
-        """(name, ino, mode) of every entry of a directory, in name order."""
+    def child_names(self, parent: int) -> list[bytes]:
+        """The names in a directory, in name order."""
         with self._lock:
-            return self._db.execute(
-                "SELECT d.name, d.ino, i.mode FROM dentries d JOIN inodes i ON i.ino=d.ino "
-                "WHERE d.parent=? ORDER BY d.name", (parent,)).fetchall()
+            return [r[0] for r in self._db.execute(
+                "SELECT name FROM dentries WHERE parent=? ORDER BY name", (parent,))]
 
     def has_children(self, parent: int) -> bool:
         with self._lock:

@@ -22,7 +22,6 @@ import logging
 import os
 import queue
 import shutil
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -340,13 +339,23 @@ class BlockCache:
             if self._disk.touch(block_id):
                 return
         path = self._path(block_id)
+        # Only this thread writes this name (ids are unique, the thread id tells writers of
+        # one id apart), and the directory is emptied at start: no need for mkstemp.
+        tmp = os.path.join(self._dir, "tmp", f"{block_id}.{threading.get_ident()}")
         try:
-            fd, tmp = tempfile.mkstemp(dir=os.path.join(self._dir, "tmp"))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                os.replace(tmp, path)  # no fsync: a torn file fails verification later
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                finally:
+                    os.close(fd)
+                try:
+                    os.replace(tmp, path)  # no fsync: a torn file fails verification later
+                except FileNotFoundError:  # the first block of its subdirectory
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    os.replace(tmp, path)
             except BaseException:
                 _remove(tmp)
                 raise

@@ -474,9 +474,12 @@ class Filesystem:
                 else:
                     pieces.append(n)
                 pos += n
+            # Read ahead when a sequential reader enters a block (not at each of the eight
+            # 128 KiB reads inside it: the cache ignores what it has or fetches anyway).
             sequential = offset == fd.last_read_end
             fd.last_read_end = end
-            ahead = self._readahead(fd, end) if sequential else []
+            entering = offset % bs == 0 or offset // bs != (end - 1) // bs
+            ahead = self._readahead(fd, end) if sequential and entering else []
         if ahead:
             self.cache.prefetch(ahead)
         out = []

@@ -698,6 +698,31 @@ def test_partial_overwrite_of_a_clean_block_merges_with_stored_bytes(core):
     close(fs, fh)
 
 
+def test_sequential_reads_ask_for_read_ahead_once_per_block(core):
+    fs = core.fs
+    data = os.urandom(6 * BS)
+    ino, fh = new_file(fs, b"big", data)
+    fs.fsync(fh)
+    close(fs, fh)
+    asked = []
+    core.cache.prefetch = lambda items: asked.append([b for b, _ in items])
+    fh = fs.open(ino, os.O_RDONLY)
+    got = b"".join(fs.read(fh, off, BS // 4) for off in range(0, 6 * BS, BS // 4))
+    assert got == data
+    # Entering blocks 1..4: the first read followed nothing, block 5 has nothing after it.
+    assert len(asked) == 4
+    refs = core.md.block_refs(ino, 0, 5)
+    assert asked[0] == [refs[i].block_id for i in range(2, 6)]
+    asked.clear()
+    step = BS // 3 + 1  # unaligned: the read that crosses into a block asks
+    got = b"".join(fs.read(fh, off, step) for off in range(0, 6 * BS, step))
+    assert got == data and len(asked) == 4  # blocks 1..4: the read at 0 followed nothing
+    asked.clear()
+    fs.read(fh, 3 * BS, 100)  # not where the last read ended: no read-ahead
+    assert asked == []
+    close(fs, fh)
+
+
 def test_sparse_files_and_holes_read_as_zeros(core):
     fs = core.fs
     ino, fh = new_file(fs, b"sparse")

@@ -46,7 +46,8 @@ import requests  # noqa: E402
 import xxhash  # noqa: E402
 
 from blockserver import protocol  # noqa: E402
-from servers import BenchError, ServerProcess, process_cpu_seconds  # noqa: E402
+from servers import (BenchError, ServerProcess, filesystem_of, load_average,  # noqa: E402
+                     mount_of, process_cpu_seconds)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 MB = 1_000_000  # throughput is reported in decimal MB/s, like the perf notes
@@ -73,39 +74,9 @@ CASE_LABELS = {"4k": "4 KiB", "4k-batch": "4 KiB batch", "64k": "64 KiB", "1m": 
                "4m": "4 MiB"}
 
 
-def _loadavg() -> str:
-    """The 1/5/15-minute load averages (other work on the machine skews the figures)."""
-    try:
-        return " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "unknown"
-
-
-def _mount_of(path: str) -> tuple[str, str, str] | None:
-    """(device, mountpoint, fstype) of the mount holding `path`, best effort."""
-    path = os.path.realpath(path)
-    best = None
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                dev, mnt, fstype = line.split()[:3]
-                mnt = mnt.replace("\\040", " ")
-                inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
-                if inside and (best is None or len(mnt) >= len(best[1])):
-                    best = (dev, mnt, fstype)
-    except OSError:
-        return None
-    return best
-
-
-def _filesystem_of(path: str) -> str:
-    m = _mount_of(path)
-    return f"{m[0]} on {m[1]} type {m[2]}" if m else "unknown filesystem"
-
-
 def _filesystem_notes(path: str) -> list[str]:
     """Facts about the disk that change what the figures mean."""
-    m = _mount_of(path)
+    m = mount_of(path)
     notes = []
     if m and m[2] in ("tmpfs", "ramfs"):
         notes.append(f"{m[1]} is {m[2]}: the baseline and the server write to memory, not a "
@@ -697,7 +668,7 @@ def main(argv=None) -> int:
         baseline.prepare()
         pool = DataPool()
         print(f"block server: {url}" + (" (started by this benchmark)" if server else ""))
-        print(f"baseline dir: {baseline.root} ({_filesystem_of(baseline.root)})")
+        print(f"baseline dir: {baseline.root} ({filesystem_of(baseline.root)})")
         for note in _filesystem_notes(baseline.root):
             print(f"note: {note}")
         print(f"rounds {args.rounds}, threads {args.threads}, scale {args.scale:g}, "
@@ -708,7 +679,7 @@ def main(argv=None) -> int:
                           f"{blocks_for(c, args.scale, most, args.batch_blocks)} blocks"
                           for c in args.case_list)
         print(f"blocks per measurement: {sizes}")
-        print(f"load average at start: {_loadavg()}", flush=True)
+        print(f"load average at start: {load_average()}", flush=True)
         results = Results()
         for r in range(args.rounds):
             run_round(r, args.case_list, args.thread_counts, args, client, baseline, pool,
@@ -724,7 +695,7 @@ def main(argv=None) -> int:
         print()
         for check in target_checks(results, args.thread_counts):
             print(check)
-        print(f"\ntotal time {time.monotonic() - started:.0f}s; load average at end: {_loadavg()}")
+        print(f"\ntotal time {time.monotonic() - started:.0f}s; load average at end: {load_average()}")
         return 0
     except BenchError as e:
         print(f"blockserver_bench: {e}", file=sys.stderr)

@@ -50,7 +50,7 @@ from blockserver import protocol  # noqa: E402
 from fusefs import errors  # noqa: E402
 from fusefs.cluster import ClusterConfig, ReplicatedStore  # noqa: E402
 from fusefs.transport import Member, Transport, TransportConfig  # noqa: E402
-from servers import BenchError, ServerProcess  # noqa: E402
+from servers import BenchError, ServerProcess, filesystem_of, load_average  # noqa: E402
 
 
 def member_of(server: ServerProcess) -> Member:
@@ -277,21 +277,6 @@ def target_checks(results: Results, thread_counts: list[int]) -> list[str]:
     return lines
 
 
-def _filesystem_of(path: str) -> str:
-    path = os.path.realpath(path)
-    best = None
-    try:
-        with open("/proc/self/mounts") as f:
-            for entry in f:
-                dev, mnt, fstype = entry.split()[:3]
-                if path == mnt or path.startswith(mnt.rstrip("/") + "/"):
-                    if best is None or len(mnt) >= len(best[1]):
-                        best = (dev, mnt, fstype)
-    except OSError:
-        pass
-    return f"{best[0]} on {best[1]} ({best[2]})" if best else "unknown filesystem"
-
-
 # -- command line -------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -360,16 +345,12 @@ def main(argv=None) -> int:
             store.start()
         r3, r1 = setups
         payloads = Payloads()
-        try:
-            load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-        except OSError:
-            load = "?"
         print(f"servers: R=3 on {', '.join(s.url for s in servers[:3])}; "
               f"R=1 on {servers[3].url}")
-        print(f"data: {work} ({_filesystem_of(work)})")
+        print(f"data: {work} ({filesystem_of(work)})")
         print(f"1 MiB blocks, {args.mib} MiB per measurement, threads {args.thread_counts}, "
               f"rounds {args.rounds}, hedge {args.hedge_delay}s; {os.cpu_count()} CPUs, "
-              f"load {load}, python {sys.version.split()[0]}", flush=True)
+              f"load {load_average()}, python {sys.version.split()[0]}", flush=True)
         for setup in setups:
             warm_up(setup, max(args.thread_counts), payloads)
 

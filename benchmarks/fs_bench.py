@@ -70,6 +70,7 @@ if REPO not in sys.path:
 
 from blockserver.units import parse_size  # noqa: E402
 from fusefs.daemon import is_mounted, read_registry  # noqa: E402
+from servers import filesystem_of, load_average  # noqa: E402
 from servers import process_cpu_seconds as cpu_seconds  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -129,17 +130,6 @@ class BenchError(Exception):
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def filesystem_of(path: str) -> str:
-    path, best = os.path.realpath(path), None
-    with open("/proc/self/mounts") as f:
-        for entry in f:
-            dev, mnt, fstype, opts = entry.split()[:4]
-            if path == mnt or path.startswith(mnt.rstrip("/") + "/"):
-                if best is None or len(mnt) >= len(best[1]):
-                    best = (dev, mnt, fstype, opts)
-    return f"{best[0]} on {best[1]} ({best[2]})" if best else "unknown filesystem"
 
 
 def mount_options_of(path: str) -> str:
@@ -1008,12 +998,8 @@ def prepare_run(args, name: str) -> bool:
 
 def print_machine(work: str) -> None:
     """The line that says where and on what a run's figures were taken."""
-    try:
-        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        load = "?"
     print(f"work: {work} ({filesystem_of(work)}); {os.cpu_count()} CPUs, "
-          f"load {load}, python {sys.version.split()[0]}, kernel {os.uname().release}")
+          f"load {load_average()}, python {sys.version.split()[0]}, kernel {os.uname().release}")
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,5 @@
-"""Block-server child processes for the benchmarks (shared by blockserver_bench.py and
-cluster_bench.py): start on a free loopback port, wait until ready, measure CPU, stop."""
+"""What the benchmarks share: block-server child processes (start on a free loopback port,
+wait until ready, measure CPU, stop) and the facts each run prints about the machine."""
 
 from __future__ import annotations
 
@@ -13,6 +13,36 @@ import time
 import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages (other work on the machine skews the figures)."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def mount_of(path: str) -> tuple[str, str, str] | None:
+    """(device, mountpoint, fstype) of the mount holding `path`, best effort."""
+    path = os.path.realpath(path)
+    best = None
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                dev, mnt, fstype = line.split()[:3]
+                mnt = mnt.replace("\\040", " ")
+                inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+                if inside and (best is None or len(mnt) >= len(best[1])):
+                    best = (dev, mnt, fstype)
+    except OSError:
+        return None
+    return best
+
+
+def filesystem_of(path: str) -> str:
+    m = mount_of(path)
+    return f"{m[0]} on {m[1]} ({m[2]})" if m else "unknown filesystem"
 
 
 class BenchError(Exception):

@@ -49,9 +49,16 @@ from .errors import MetadataFailed
 
 log = logging.getLogger(__name__)
 
+# sqlite3 binds exact int, float, str and bytearray parameters directly but sends bytes (every
+# name here) through its adaptation protocol, which raises and swallows an AttributeError
+# each time. An identity adapter for bytes skips that; it changes nothing but the cost.
+sqlite3.register_adapter(bytes, bytes)
+
 ROOT_INO = 1
 GROUP_SECONDS = 0.01  # the longest a change waits for its group's COMMIT
 MAX_CACHED_INODES = 100_000
+MAX_CACHED_NAMES = 200_000
+_UNKNOWN = object()  # not in the cache of names (None there means: known to be absent)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -124,9 +131,18 @@ class Metadata:
         self._committer: threading.Thread | None = None
         self._closing = False
         self._failed: str | None = None  # why changes are refused (a group was lost)
-        # Rows of the inodes table read lately, guarded by _lock: a change forgets the rows
-        # it writes (_TOUCHES), anything else that writes (a transaction) forgets them all.
+        # Caches, guarded by _lock. A change forgets the rows it writes (_TOUCHES) and
+        # records the names it writes (_NAMES); anything else that may write those tables
+        # (replay, a rollback, a new database) forgets everything (_forget_cached).
+        # Rows of the inodes table read lately:
         self._rows: dict[int, tuple] = {}
+        # Directory entries looked up lately: (parent, name) -> ino, or None for a name
+        # known to be absent (the kernel looks up every name before creating it):
+        self._names: dict[tuple[int, bytes], int | None] = {}
+        # Every inode that may have extended attributes (a superset: only set_xattr adds
+        # rows, and it adds the inode here), so that the getxattr the kernel makes before
+        # every write to a file without any is answered without a query:
+        self._xattr_inos: set[int] = self._inodes_with_xattrs()
         # The last journal record, guarded by _lock: the newest unshipped one, or else what
         # replay or shipping recorded (a change writes only its journal row, no setting).
         self._seq = max(int(self.setting("seq", "0")), int(self.setting("shipped", "0")),
@@ -157,8 +173,10 @@ class Metadata:
             finally:
                 self._db.close()
 
-    def _txn(self):
-        return _Transaction(self)
+    def _txn(self, writes_namespace: bool = False):
+        """A transaction for bookkeeping (`writes_namespace`: it may also write inodes,
+        names or xattrs, so every cache is dropped after it, as replay needs)."""
+        return _Transaction(self, writes_namespace)
 
     def commit(self) -> None:
         """Commit the open group now (the changes so far survive a crash of the process)."""
@@ -206,11 +224,16 @@ class Metadata:
                                  (seq, encode_record(seq, op, args)))
                 self._db.execute("RELEASE change")
             except BaseException:
-                self._rows.clear()
+                self._forget_cached()
                 self._undo_change()
                 raise
             for ino in _TOUCHES[op](*args):
                 self._rows.pop(ino, None)
+            if len(self._names) >= MAX_CACHED_NAMES:
+                self._names.clear()
+            self._names.update(_NAMES[op](*args))
+            if op == "set_xattr":
+                self._xattr_inos.add(args[0])
             self._seq = seq
             self._group_changes += 1
             if self.group_seconds <= 0:
@@ -218,6 +241,16 @@ class Metadata:
         if self.on_record is not None:
             self.on_record(seq)
         return result
+
+    def _forget_cached(self) -> None:
+        """Expects _lock: the database may have changed in any way (a transaction, a
+        replay, a rollback): drop every cached row and name, reread the xattr owners."""
+        self._rows.clear()
+        self._names.clear()
+        self._xattr_inos = self._inodes_with_xattrs()
+
+    def _inodes_with_xattrs(self) -> set[int]:
+        return {r[0] for r in self._db.execute("SELECT DISTINCT ino FROM xattrs")}
 
     def _undo_change(self) -> None:
         """Expects _lock: roll the failed change back to its savepoint, keep the group."""
@@ -234,7 +267,7 @@ class Metadata:
     def _group_lost(self, error: Exception | None) -> None:
         """Expects _lock: the open group is gone; refuse changes from now on if it held any."""
         changes, self._group_changes, self._group_since = self._group_changes, 0, None
-        self._rows.clear()
+        self._forget_cached()
         if changes and not self._failed:
             self._failed = (f"the local metadata database {self.path} lost its last "
                             f"{changes} changes ({error or 'rolled back by SQLite'}); "
@@ -316,7 +349,7 @@ class Metadata:
         already hold them); a gap raises JournalGap and applies nothing.
         """
         applied = 0
-        with self._txn() as db:
+        with self._txn(writes_namespace=True) as db:
             seq = self._seq
             for rec_seq, op, args in records:
                 if rec_seq <= seq:
@@ -357,7 +390,6 @@ class Metadata:
         """Swap in another database file (a follower loading a newer checkpoint)."""
         with self._lock:
             self._commit_group()
-            self._rows.clear()
             self._db.close()
             for suffix in ("-wal", "-shm"):
                 try:
@@ -372,6 +404,7 @@ class Metadata:
                 "SELECT value FROM settings WHERE key='seq'").fetchone()[0])
             self._next_ino = self._db.execute(
                 "SELECT COALESCE(MAX(ino), 0) + 1 FROM inodes").fetchone()[0]
+            self._forget_cached()
 
     # -- settings ---------------------------------------------------------------------------
 
@@ -404,10 +437,17 @@ class Metadata:
         return Inode(*row) if row else None
 
     def lookup(self, parent: int, name: bytes) -> int | None:
+        key = (parent, name)
         with self._lock:
-            row = self._db.execute("SELECT ino FROM dentries WHERE parent=? AND name=?",
-                                   (parent, name)).fetchone()
-        return row[0] if row else None
+            ino = self._names.get(key, _UNKNOWN)
+            if ino is _UNKNOWN:
+                row = self._db.execute("SELECT ino FROM dentries WHERE parent=? AND name=?",
+                                       key).fetchone()
+                ino = row[0] if row else None
+                if len(self._names) >= MAX_CACHED_NAMES:
+                    self._names.clear()
+                self._names[key] = ino
+        return ino
 
     def child_names(self, parent: int) -> list[bytes]:
         """The names in a directory, in name order."""
@@ -552,12 +592,16 @@ class Metadata:
 
     def xattr(self, ino: int, name: bytes) -> bytes | None:
         with self._lock:
+            if ino not in self._xattr_inos:
+                return None
             row = self._db.execute("SELECT value FROM xattrs WHERE ino=? AND name=?",
                                    (ino, name)).fetchone()
         return row[0] if row else None
 
     def xattr_names(self, ino: int) -> list[bytes]:
         with self._lock:
+            if ino not in self._xattr_inos:
+                return []
             return [r[0] for r in self._db.execute(
                 "SELECT name FROM xattrs WHERE ino=? ORDER BY name", (ino,))]
 
@@ -612,13 +656,14 @@ def _op_link(db, ino, parent, name, t):
 def _op_unlink(db, parent, name, ino, is_dir, t, remove=False):
     db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
     drop = 2 if is_dir else 1  # a directory also loses its "." link
-    db.execute("UPDATE inodes SET nlink=MAX(nlink-?, 0), ctime_ns=? WHERE ino=?",
-               (drop, t, ino))
+    left = max(db.execute("SELECT nlink FROM inodes WHERE ino=?", (ino,)).fetchone()[0]
+               - drop, 0)
     db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=?, nlink=nlink-? WHERE ino=?",
                (t, t, 1 if is_dir else 0, parent))
-    left = db.execute("SELECT nlink FROM inodes WHERE ino=?", (ino,)).fetchone()[0]
     if remove and (left == 0 or is_dir):  # an empty directory goes whatever its count
-        _op_remove_inode(db, ino)
+        _op_remove_inode(db, ino)  # no use updating a row that goes
+    else:
+        db.execute("UPDATE inodes SET nlink=?, ctime_ns=? WHERE ino=?", (left, t, ino))
     return left
 
 
@@ -726,6 +771,26 @@ _TOUCHES = {
 }
 assert _TOUCHES.keys() == _OPS.keys(), "every change must say which inode rows it writes"
 
+# The directory entries each change writes, with what they name afterwards (None: absent):
+# the cache of names takes exactly these (the next lookup of a new name is a hit).
+_NAMES = {
+    "format": lambda *_: (),
+    "create": lambda ino, parent, name, *_: (((parent, name), ino),),
+    "link": lambda ino, parent, name, *_: (((parent, name), ino),),
+    "unlink": lambda parent, name, *_: (((parent, name), None),),
+    "rename": lambda old_parent, old_name, new_parent, new_name, ino, *_:
+        (((old_parent, old_name), None), ((new_parent, new_name), ino)),
+    "set_attrs": lambda *_: (),
+    "remove_inode": lambda *_: (),  # only an inode without names is removed
+    "commit_blocks": lambda *_: (),
+    "truncate_blocks": lambda *_: (),
+    "set_xattr": lambda *_: (),
+    "remove_xattr": lambda *_: (),
+    "set_nlink": lambda *_: (),
+    "remove_dentry": lambda parent, name: (((parent, name), None),),
+}
+assert _NAMES.keys() == _OPS.keys(), "every change must say which names it writes"
+
 
 # -- the record format ------------------------------------------------------------------------
 # One record is a JSON array [seq, op, [args...]]; bytes travel as {"b": base64}.
@@ -744,7 +809,10 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), default=_to_json)  # one, not
 
 
 def encode_record(seq: int, op: str, args) -> bytes:
-    return _ENCODER.encode([seq, op, list(args)]).encode()
+    # Names and values (bytes) are arguments of their own: converting them here spares
+    # the encoder a call back into Python for each (deeper ones still go through it).
+    args = [{"b": base64.b64encode(a).decode()} if type(a) is bytes else a for a in args]
+    return _ENCODER.encode([seq, op, args]).encode()
 
 
 def decode_record(raw: bytes | str) -> tuple[int, str, list]:
@@ -767,14 +835,14 @@ class _Transaction:
     """`with`: take the connection lock, commit the open group, BEGIN; COMMIT on success,
     ROLLBACK on error. For bookkeeping that is not a journaled change."""
 
-    def __init__(self, metadata: Metadata):
+    def __init__(self, metadata: Metadata, writes_namespace: bool):
         self._md = metadata
+        self._writes_namespace = writes_namespace
 
     def __enter__(self) -> sqlite3.Connection:
         self._md._lock.acquire()
         try:
             self._md._commit_group()
-            self._md._rows.clear()  # it may write any row (replay does)
             self._md._db.execute("BEGIN IMMEDIATE")
         except BaseException:
             self._md._lock.release()
@@ -785,4 +853,8 @@ class _Transaction:
         try:
             self._md._db.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
-            self._md._lock.release()
+            try:
+                if self._writes_namespace:
+                    self._md._forget_cached()
+            finally:
+                self._md._lock.release()

@@ -137,9 +137,10 @@ def test_kill_9_keeps_a_gap_free_prefix_and_everything_synced(tmp_path):
         metadata.close()
 
 
-def test_cached_inode_rows_always_match_the_database(tmp_path):
-    """Every change forgets the rows it writes: after each step of a random sequence, each
-    inode as the cache answers equals the row read straight from the database."""
+def test_cached_rows_names_and_xattr_owners_always_match_the_database(tmp_path):
+    """Every change forgets the rows it writes and records the names it writes: after each
+    step of a random sequence, each inode and each name as the caches answer equals what
+    the database holds, and every inode with xattrs is known to have them."""
     core = Core(tmp_path / "metadata.db")
     fs, md = core.fs, core.md
     rng = random.Random(7)
@@ -192,5 +193,14 @@ def test_cached_inode_rows_always_match_the_database(tmp_path):
                 cached = md.inode(ino)
                 got = tuple(vars(cached).values()) if cached else None
                 assert got == (rows[0] if rows else None), f"step {step} ({action}): inode {ino}"
+            for d in dirs:  # every name that may exist, and some that never do
+                for name in [b"n%d" % i for i in range(9)]:
+                    rows = md.query("SELECT ino FROM dentries WHERE parent=? AND name=?",
+                                    (d, name))
+                    assert md.lookup(d, name) == (rows[0][0] if rows else None), \
+                        f"step {step} ({action}): name {name!r} in {d}"
+            owners = {r[0] for r in md.query("SELECT DISTINCT ino FROM xattrs")}
+            for ino in owners:
+                assert md.xattr_names(ino), f"step {step} ({action}): xattrs of {ino} hidden"
     finally:
         core.close()

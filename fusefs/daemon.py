@@ -24,13 +24,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from fuse import FUSE
-
 from . import errors, journal, kernel_attrs, superblock
 from .cache import BlockCache
 from .cluster import ClusterConfig, ReplicatedStore
 from .filesystem import Filesystem
 from .flusher import Flusher
+from .fuse_glue import Mount
 from .fuse_ops import FuseOps, mount_options
 from .transport import Member, Transport, TransportConfig
 
@@ -227,7 +226,7 @@ def run(config: MountConfig) -> None:
         log.info("mounting filesystem %s at %s (%d servers, R=%d, W=%d)", sb.fs_id,
                  config.mountpoint, len(config.members), sb.replicas, sb.write_quorum)
         mountpoint = os.fsencode(os.path.abspath(config.mountpoint)).decode("latin-1")
-        FUSE(ops, mountpoint, raw_fi=True, foreground=True, encoding="latin-1", **options)
+        Mount(ops, mountpoint, raw_fi=True, foreground=True, encoding="latin-1", **options)
         log.info("unmounted %s", config.mountpoint)
 
 

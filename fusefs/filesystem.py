@@ -24,7 +24,7 @@ import errno
 import os
 import stat
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .errors import FsError
 from .flusher import DirtyBlock, FileData, Flusher
@@ -80,8 +80,8 @@ class Filesystem:
             raise FsError(errno.ENOENT, f"inode {ino} does not exist")
         fd = self.flusher.live(ino)
         if fd is not None:
-            with fd.lock:
-                inode = replace(inode, size=fd.size, mtime_ns=fd.mtime_ns, ctime_ns=fd.ctime_ns)
+            with fd.lock:  # the Inode is ours: metadata.inode() makes a new one each call
+                inode.size, inode.mtime_ns, inode.ctime_ns = fd.size, fd.mtime_ns, fd.ctime_ns
         return inode
 
     def getattr(self, ino: int) -> Inode:

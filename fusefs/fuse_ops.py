@@ -24,7 +24,7 @@ from fuse import FuseOSError, Operations, fuse_get_context
 
 from . import errors
 from .filesystem import Filesystem
-from .metadata import ROOT_INO, Inode
+from .metadata import ROOT_INO
 
 log = logging.getLogger("fusefs.fuse")
 
@@ -41,6 +41,20 @@ def _s(raw: bytes) -> str:
     return raw.decode("latin-1")
 
 
+def errno_of(e: Exception, call: str, args: tuple) -> int:
+    """The errno that answers a callback which raised `e`: the one it carries, or EIO,
+    logged with its traceback, for anything unexpected. The whole error policy is here."""
+    if isinstance(e, errors.FsError):
+        return e.errno
+    if isinstance(e, (errors.StorageError, errors.MetadataFailed)):
+        log.warning("%s %s failed: %s", call, args[0] if args else "", e)
+        return e.errno
+    if isinstance(e, FuseOSError):
+        return e.errno
+    log.error("unexpected error in %s%r; answered EIO", call, args[:2], exc_info=e)
+    return errno.EIO
+
+
 def _op(fn):
     """Run a callback; turn every failure into an errno (EIO for the unexpected)."""
 
@@ -48,18 +62,15 @@ def _op(fn):
     def callback(self, *args):
         try:
             return fn(self, *args)
-        except errors.FsError as e:
-            raise FuseOSError(e.errno) from None
-        except (errors.StorageError, errors.MetadataFailed) as e:
-            log.warning("%s %s failed: %s", fn.__name__, args[0] if args else "", e)
-            raise FuseOSError(e.errno) from None
-        except FuseOSError:
-            raise
-        except Exception:  # noqa: BLE001 - the contract: log it, answer EIO, keep running
-            log.exception("unexpected error in %s%r; answered EIO", fn.__name__, args[:2])
-            raise FuseOSError(errno.EIO) from None
+        except Exception as e:  # noqa: BLE001 - the contract: an errno, never an escape
+            raise FuseOSError(errno_of(e, fn.__name__, args)) from None
 
     return callback
+
+
+# What `FuseOps.attributes` answers, in this order (times in nanoseconds).
+STAT_KEYS = ("st_ino", "st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
+             "st_blksize", "st_blocks", "st_atime", "st_mtime", "st_ctime")
 
 
 class FuseOps(Operations):
@@ -155,22 +166,18 @@ class FuseOps(Operations):
 
     # -- attributes -------------------------------------------------------------------------
 
-    @staticmethod
-    def _stat(inode: Inode) -> dict:
-        return {
-            "st_ino": inode.ino, "st_mode": inode.mode, "st_nlink": inode.nlink,
-            "st_uid": inode.uid, "st_gid": inode.gid, "st_size": inode.size,
-            "st_atime": inode.atime_ns, "st_mtime": inode.mtime_ns, "st_ctime": inode.ctime_ns,
-            "st_blocks": (inode.size + 511) // 512, "st_blksize": 131072,
-            "st_rdev": inode.rdev,
-        }
+    def attributes(self, path, fh=None) -> tuple:
+        """getattr's answer as a tuple in STAT_KEYS order. Raises what the core raises:
+        for the glue (fuse_glue.py), which translates errors with `errno_of`."""
+        if fh is not None and not isinstance(fh, int):
+            fh = fh.fh
+        i = self.fs.getattr(self.fs.handle_ino(fh) if fh else self._resolve(path))
+        return (i.ino, i.mode, i.nlink, i.uid, i.gid, i.rdev, i.size, 131072,
+                (i.size + 511) // 512, i.atime_ns, i.mtime_ns, i.ctime_ns)
 
     @_op
     def getattr(self, path, fh=None):
-        if fh is not None and not isinstance(fh, int):
-            fh = fh.fh
-        ino = self.fs.handle_ino(fh) if fh else self._resolve(path)
-        return self._stat(self.fs.getattr(ino))
+        return dict(zip(STAT_KEYS, self.attributes(path, fh)))
 
     @_op
     def access(self, path, amode):
@@ -373,9 +380,13 @@ class FuseOps(Operations):
 
     # -- extended attributes ----------------------------------------------------------------
 
+    def xattr_value(self, path, name) -> bytes:
+        """getxattr's answer; raises what the core raises (for the glue, like attributes)."""
+        return self.fs.getxattr(self._resolve(path), _b(name))
+
     @_op
     def getxattr(self, path, name, position=0):
-        return self.fs.getxattr(self._resolve(path), _b(name))
+        return self.xattr_value(path, name)
 
     @_op
     def listxattr(self, path):

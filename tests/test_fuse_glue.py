@@ -1,0 +1,105 @@
+"""The FUSE glue (fusefs/fuse_glue.py): the stat buffer it writes, and the Python thread
+states it keeps for libfuse's threads, through a real kernel mount in this process."""
+
+import ctypes
+import errno
+import os
+import stat
+import subprocess
+import threading
+import time
+
+import pytest
+from fuse import FuseOSError, Operations, c_stat
+
+from fusefs import fuse_glue
+from fusefs.daemon import is_mounted
+from fusefs.fuse_ops import STAT_KEYS
+
+from .conftest import wait_until
+
+
+def test_the_stat_buffer_gets_every_field_and_zeros_elsewhere():
+    buf = ctypes.pointer(c_stat())
+    ctypes.memset(buf, 0xFF, ctypes.sizeof(c_stat))  # what a reused buffer might hold
+    values = (2**40 + 7, stat.S_IFREG | 0o4755, 3, 1000, 2**32 - 2, 0x0801, 5 * 2**32 + 1,
+              131072, 10_485_761, -1_500_000_001, 1_700_000_000_123_456_789, 0)
+    fuse_glue.STAT.pack_into(buf.contents, 0, *fuse_glue.STAT_ORDER(fuse_glue._flat(values)))
+    st = buf.contents
+    got = {k: getattr(st, k) for k in STAT_KEYS if not k.endswith("time")}
+    assert got == dict(zip(STAT_KEYS, values[:9]))
+    for key, ns in zip(("st_atimespec", "st_mtimespec", "st_ctimespec"), values[9:]):
+        spec = getattr(st, key)
+        assert spec.tv_sec * 10**9 + spec.tv_nsec == ns and 0 <= spec.tv_nsec < 10**9
+    assert st.st_dev == 0  # not written by us: zero, not what the buffer held
+    assert fuse_glue.STAT.size == ctypes.sizeof(c_stat)
+
+
+class _Probe(Operations):
+    """A root directory where every other name is missing, slowly (so that concurrent
+    callers make libfuse start more threads), recording how threading.local behaves."""
+
+    use_ns = True
+
+    def __init__(self):
+        self.local = threading.local()
+        self.calls = 0
+        self.fresh = 0  # callbacks that found this thread's threading.local empty
+        self.threads = set()
+
+    def attributes(self, path, fh=None):
+        self.calls += 1
+        self.threads.add(threading.get_ident())
+        if not hasattr(self.local, "seen"):
+            self.local.seen = True
+            self.fresh += 1
+        time.sleep(0.002)  # without the GIL: other callbacks run meanwhile
+        if path == "/":
+            return (1, stat.S_IFDIR | 0o755, 2, 0, 0, 0, 0, 4096, 0, 0, 0, 0)
+        raise FuseOSError(errno.ENOENT)
+
+    def getattr(self, path, fh=None):  # registers GETATTR with fusepy; the glue calls the above
+        raise AssertionError("the glue answers getattr through attributes()")
+
+
+def _thread_state_count() -> int:
+    return len(fuse_glue._thread_states())
+
+
+def test_each_libfuse_thread_keeps_one_python_thread_state_until_it_ends(tmp_path):
+    mnt = str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    probe = _Probe()
+    before = fuse_glue.THREAD_STATES.kept
+    loop = threading.Thread(target=fuse_glue.Mount, args=(probe, mnt), daemon=True, kwargs=dict(
+        foreground=True, attr_timeout=0, entry_timeout=0, negative_timeout=0))
+    loop.start()
+    try:
+        wait_until(lambda: is_mounted(mnt), "the probe mounted", timeout=20)
+
+        def burst():
+            for _ in range(20):
+                os.stat(mnt)  # GETATTR of the root: concurrent ones run in parallel
+
+        for _ in range(4):  # bursts of 40 callers, then idle: libfuse starts and ends threads
+            callers = [threading.Thread(target=burst) for _ in range(40)]
+            for c in callers:
+                c.start()
+            for c in callers:
+                c.join()
+            time.sleep(0.3)
+            tasks = len(os.listdir("/proc/self/task"))
+            assert _thread_state_count() <= tasks  # no state outlives its thread
+        with pytest.raises(FileNotFoundError):
+            os.stat(os.path.join(mnt, "missing"))  # an error answered, not raised through
+        assert len(probe.threads) > 10, "the bursts should have made libfuse add threads"
+        # Each thread's state (and threading.local) lasts across its callbacks. Thread ids
+        # are reused by later threads, which start empty: count generously.
+        assert probe.fresh < probe.calls / 5, (probe.fresh, probe.calls)
+    finally:
+        subprocess.run(["fusermount", "-u", mnt], capture_output=True)
+        if is_mounted(mnt):
+            subprocess.run(["fusermount", "-u", "-z", mnt], capture_output=True)
+        loop.join(10)
+    assert not loop.is_alive()
+    assert fuse_glue.THREAD_STATES.kept == before  # every kept state was deleted

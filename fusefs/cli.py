@@ -442,7 +442,8 @@ def cmd_status(args) -> int:
     for s in states:
         print(f"{s['mountpoint']}: filesystem {s['fs_id']}, pid {s['pid']}")
         print(f"  dirty: {format_size(s['dirty_bytes'])}, repair backlog: "
-              f"{s['cluster']['repair_backlog']} copies")
+              f"{s['cluster']['repair_backlog']} copies, last copies still uploading: "
+              f"{format_size(s['cluster'].get('copies_behind_bytes', 0))}")
         for server in s["cluster"]["servers"]:
             state = "up" if server["up"] else f"DOWN ({server['last_error']})"
             print(f"  server {server['url']}: {state}")

@@ -51,6 +51,9 @@ class ClusterConfig:
     write_quorum: int = 2
     hedge_delay: float = 0.05  # seconds before a slow read is raced by a second replica
     io_threads: int = 32
+    # Copies still being written after their put returned (at W acknowledgements) hold
+    # their data: puts wait while these hold more than this many bytes (back-pressure).
+    behind_bytes: int = 64 << 20
     batch_bytes: int = 8 << 20  # at most this much data in one batch request
     batch_items: int = 1024
     probe_min: float = 0.5
@@ -98,6 +101,8 @@ class ReplicatedStore(BlockStore):
         self._prober: threading.Thread | None = None
         self._latency = _Latency(config.hedge_delay)
         self._space: dict[str, tuple[int, int]] = {}  # server id -> (capacity, free), guarded
+        self._behind = 0  # bytes held by copies left behind by puts; guarded by _behind_changed
+        self._behind_changed = threading.Condition()
         self._space_checked = 0.0
         self.health.on_up(self._server_back)
 
@@ -199,7 +204,34 @@ class ReplicatedStore(BlockStore):
 
     # -- put --------------------------------------------------------------------------------
 
+    def _wait_behind(self) -> None:
+        """Back-pressure: before a put, wait while the copies earlier puts left behind hold
+        more than `behind_bytes`. A slow or hung server's copies end at the request timeout
+        at the latest, so this never waits longer than that."""
+        with self._behind_changed:
+            while self._behind > self.config.behind_bytes and not self._stopping.is_set():
+                self._behind_changed.wait(1.0)
+
+    def _left_behind(self, future: Future, size: int) -> None:
+        """`future` goes on after its put returned, holding `size` bytes until it ends."""
+        with self._behind_changed:
+            self._behind += size
+
+        def ended(_future):
+            with self._behind_changed:
+                self._behind -= size
+                self._behind_changed.notify_all()
+
+        future.add_done_callback(ended)
+
+    @property
+    def behind_bytes(self) -> int:
+        """Bytes held by copies still being written after their put returned."""
+        with self._behind_changed:
+            return self._behind
+
     def put(self, block_id: str, data: bytes, checksum: str) -> None:
+        self._wait_behind()
         ranking = self.ranking(block_id)
         homes = ranking[:self.config.replicas]
         candidates = iter(self._by_preference(homes) + self._by_preference(
@@ -235,6 +267,7 @@ class ReplicatedStore(BlockStore):
             if member not in acked and member not in pending.values():
                 self._remember_missing(member, block_id, checksum)
         for future, member in pending.items():  # the rest finish in the background
+            self._left_behind(future, len(data))
             future.add_done_callback(
                 lambda f, m=member: self._background_put_done(f, m, block_id, checksum))
 
@@ -260,6 +293,7 @@ class ReplicatedStore(BlockStore):
             for item in items:
                 self.put(*item)
             return
+        self._wait_behind()
         plans = {}  # server id -> list of item indexes
         homes_of = []
         for index, (block_id, _, _) in enumerate(items):
@@ -283,6 +317,7 @@ class ReplicatedStore(BlockStore):
                         if status in (200, 201):
                             acks[index].add(member_id)
         for future, (member_id, chunk) in pending.items():
+            self._left_behind(future, sum(len(items[i][1]) for i in chunk))
             future.add_done_callback(lambda f, m=member_id, c=chunk: self._background_batch_done(
                 f, self._by_id[m], [items[i] for i in c]))
         short = [i for i, a in enumerate(acks) if len(a) < self.config.write_quorum]
@@ -554,4 +589,5 @@ class ReplicatedStore(BlockStore):
         return {"servers": [{"id": m.id, "url": m.url, "up": states[m.id].up,
                              "last_error": states[m.id].last_error,
                              "missing_copies": missing[m.id]} for m in self.members],
-                "repair_backlog": sum(missing.values())}
+                "repair_backlog": sum(missing.values()),
+                "copies_behind_bytes": self.behind_bytes}

@@ -187,6 +187,32 @@ def test_a_hanging_server_does_not_stall_reads(blockservers, make_cluster):
         servers[0].resume()
 
 
+def test_copies_left_behind_by_puts_are_bounded(blockservers, make_cluster):
+    """put returns at W=2 acknowledgements while the last copy is still being written and
+    holds its data: while a server hangs, puts wait once such copies hold behind_bytes,
+    and go on when it answers again. No put fails and every copy arrives."""
+    servers = blockservers(3)
+    store = make_cluster(servers, read_timeout=120.0, behind_bytes=3 << 20)
+    blocks = [random_block(1 << 20) for _ in range(12)]  # R=3 of 3: s2 is a home of each
+    done = []
+    writer = threading.Thread(target=lambda: [done.append(store.put(*b)) for b in blocks],
+                              daemon=True)
+    servers[2].pause()
+    try:
+        writer.start()
+        wait_until(lambda: store.behind_bytes >= 4 << 20, "four copies left behind")
+        writer.join(2.0)  # the fifth put must wait, not go on to buffer all twelve
+        assert writer.is_alive() and len(done) == 4
+        assert store.behind_bytes == 4 << 20
+    finally:
+        servers[2].resume()
+    writer.join(60)
+    assert not writer.is_alive() and len(done) == len(blocks)
+    wait_until(lambda: store.behind_bytes == 0, "every copy written")
+    for block_id, data, _ in blocks:
+        assert all(stored_on(s, block_id) == data for s in servers)
+
+
 def test_corrupt_replica_is_read_correctly_and_repaired(blockservers, make_cluster):
     servers = blockservers(3)
     store = make_cluster(servers)

@@ -13,6 +13,7 @@ file (`status.json` in its state directory) for `fusefs status` and `fusefs umou
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -147,6 +148,24 @@ def _stop_on_signal(mountpoint: str, finish) -> None:
     threading.Thread(target=wait, name="signals", daemon=True).start()
 
 
+_libc = ctypes.CDLL(None)  # the C library: malloc_trim
+
+
+def _give_freed_memory_back() -> None:
+    """Return the free memory inside malloc's heaps to the system (glibc's malloc_trim).
+
+    glibc serves 1 MiB blocks from per-thread heaps once its mmap threshold has adapted
+    upward, and those heaps keep what is freed: in fs_bench's random-write rounds the
+    daemon's resident size grew to 959-1,072 MiB with 512 MiB of cache bounds. Trimming
+    once a second kept it at 621 MiB, with random reads as fast as before; a fixed mmap
+    threshold gave 472 MiB but cost random reads 40% (a mapping and its page faults for
+    every block fetched). Other C libraries have no malloc_trim: nothing to do."""
+    try:
+        _libc.malloc_trim(0)
+    except AttributeError:
+        pass
+
+
 def run(config: MountConfig) -> None:
     """Serve the mount in this process until it is unmounted."""
     sb = config.superblock
@@ -260,7 +279,8 @@ def _become_writer(config: MountConfig, transport, store, sb, db_path: str):
 
 
 class _StatusReporter:
-    """Writes status.json every second: servers, dirty bytes, repair backlog, errors."""
+    """Writes status.json every second: servers, dirty bytes, repair backlog, errors; and
+    gives the memory freed meanwhile back to the system."""
 
     def __init__(self, path: str, config: MountConfig, store, flusher, cache, keeper):
         self.path, self.config = path, config
@@ -288,6 +308,7 @@ class _StatusReporter:
                     "journal": self.keeper.stats() if self.keeper else None})
             except Exception:  # noqa: BLE001 - status is best effort, never fatal
                 log.exception("could not write %s", self.path)
+            _give_freed_memory_back()
             if self._stop.wait(1.0):
                 return
 

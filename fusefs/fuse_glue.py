@@ -6,9 +6,9 @@ does not know, ctypes makes a new thread state for every callback and deletes it
 way out (PyGILState_Ensure and Release with nothing else holding it). That cost about
 24 µs of every request here, a fifth of a whole GETATTR round trip, and left every
 threading.local empty at each call. `ThreadStates` takes one more hold on a thread's first
-callback, so its state lasts as long as the thread, and gives it back from a thread-specific
-key's destructor when libfuse ends the thread (it stops idle workers beyond ten), so that
-no state outlives its thread.
+callback, so its state lasts as long as the thread, and a thread-specific key's destructor
+deletes the state when libfuse ends the thread (it stops idle workers beyond ten), so that
+no state outlives its thread (docs/filesystem.md, "The FUSE loop").
 
 GETATTR: the kernel asks for a directory's attributes before most changes in it (the
 previous change invalidated them, and `default_permissions` checks against them), and

@@ -3,6 +3,7 @@ states it keeps for libfuse's threads, through a real kernel mount in this proce
 
 import ctypes
 import errno
+import logging
 import os
 import stat
 import subprocess
@@ -12,7 +13,7 @@ import time
 import pytest
 from fuse import FuseOSError, Operations, c_stat
 
-from fusefs import fuse_glue
+from fusefs import errors, fuse_glue
 from fusefs.daemon import is_mounted
 from fusefs.fuse_ops import STAT_KEYS
 
@@ -103,3 +104,59 @@ def test_each_libfuse_thread_keeps_one_python_thread_state_until_it_ends(tmp_pat
         loop.join(10)
     assert not loop.is_alive()
     assert fuse_glue.THREAD_STATES.kept == before  # every kept state was deleted
+
+
+class _Stub:
+    """What the glue needs of fusepy's FUSE object: `operations` and `encoding`."""
+
+    encoding = "latin-1"
+
+    def __init__(self, operations):
+        self.operations = operations
+
+
+class _Failing:
+    def __init__(self, exc):
+        self.exc = exc
+
+    def attributes(self, path, fh=None):
+        raise self.exc
+
+    def xattr_value(self, path, name):
+        raise self.exc
+
+
+GLUE_CASES = [
+    (errors.FsError(errno.ENOENT), errno.ENOENT, None),
+    (errors.Unavailable("no server answered"), errno.EIO, logging.WARNING),
+    (RuntimeError("a bug"), errno.EIO, logging.ERROR),
+    (OSError("no errno, as requests raises"), errno.EIO, logging.ERROR),
+]
+
+
+@pytest.mark.parametrize("exc, code, level", GLUE_CASES,
+                         ids=[type(c[0]).__name__ for c in GLUE_CASES])
+def test_the_glue_answers_failures_with_the_adapters_errno(exc, code, level, caplog):
+    glue = _Stub(_Failing(exc))
+    buf = ctypes.pointer(c_stat())
+    with caplog.at_level(logging.WARNING, logger="fusefs.fuse"):
+        assert fuse_glue.Mount.fgetattr(glue, b"/a", buf, None) == -code
+        assert fuse_glue.Mount.getxattr(glue, b"/a", b"user.x", None, 0) == -code
+    levels = {r.levelno for r in caplog.records}
+    assert levels == ({level} if level else set())
+    if level == logging.ERROR:  # a bug is logged with its traceback
+        assert all(r.exc_info for r in caplog.records)
+
+
+def test_getxattr_answers_size_queries_and_refuses_short_buffers():
+    class Ops:
+        def xattr_value(self, path, name):
+            return b"value"
+
+    glue = _Stub(Ops())
+    assert fuse_glue.Mount.getxattr(glue, b"/a", b"user.x", None, 0) == 5  # size query
+    short = ctypes.create_string_buffer(4)
+    assert fuse_glue.Mount.getxattr(glue, b"/a", b"user.x", short, 4) == -errno.ERANGE
+    room = ctypes.create_string_buffer(8)
+    assert fuse_glue.Mount.getxattr(glue, b"/a", b"user.x", room, 8) == 5
+    assert room.raw[:5] == b"value"

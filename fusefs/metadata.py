@@ -141,8 +141,9 @@ class Metadata:
         self._names: dict[tuple[int, bytes], int | None] = {}
         # Every inode that may have extended attributes (a superset: only set_xattr adds
         # rows, and it adds the inode here), so that the getxattr the kernel makes before
-        # every write to a file without any is answered without a query:
-        self._xattr_inos: set[int] = self._inodes_with_xattrs()
+        # every write to a file without any is answered without a query; None: not known
+        # (read again at the next xattr lookup):
+        self._xattr_inos: set[int] | None = None
         # The last journal record, guarded by _lock: the newest unshipped one, or else what
         # replay or shipping recorded (a change writes only its journal row, no setting).
         self._seq = max(int(self.setting("seq", "0")), int(self.setting("shipped", "0")),
@@ -232,7 +233,7 @@ class Metadata:
             if len(self._names) >= MAX_CACHED_NAMES:
                 self._names.clear()
             self._names.update(_NAMES[op](*args))
-            if op == "set_xattr":
+            if op == "set_xattr" and self._xattr_inos is not None:
                 self._xattr_inos.add(args[0])
             self._seq = seq
             self._group_changes += 1
@@ -244,13 +245,18 @@ class Metadata:
 
     def _forget_cached(self) -> None:
         """Expects _lock: the database may have changed in any way (a transaction, a
-        replay, a rollback): drop every cached row and name, reread the xattr owners."""
+        replay, a rollback): drop every cache. Runs no query: it is called on the way out
+        of failures, where the database may be failing too."""
         self._rows.clear()
         self._names.clear()
-        self._xattr_inos = self._inodes_with_xattrs()
+        self._xattr_inos = None
 
-    def _inodes_with_xattrs(self) -> set[int]:
-        return {r[0] for r in self._db.execute("SELECT DISTINCT ino FROM xattrs")}
+    def _may_have_xattrs(self, ino: int) -> bool:
+        """Expects _lock."""
+        if self._xattr_inos is None:
+            self._xattr_inos = {r[0] for r in self._db.execute(
+                "SELECT DISTINCT ino FROM xattrs")}
+        return ino in self._xattr_inos
 
     def _undo_change(self) -> None:
         """Expects _lock: roll the failed change back to its savepoint, keep the group."""
@@ -592,7 +598,7 @@ class Metadata:
 
     def xattr(self, ino: int, name: bytes) -> bytes | None:
         with self._lock:
-            if ino not in self._xattr_inos:
+            if not self._may_have_xattrs(ino):
                 return None
             row = self._db.execute("SELECT value FROM xattrs WHERE ino=? AND name=?",
                                    (ino, name)).fetchone()
@@ -600,7 +606,7 @@ class Metadata:
 
     def xattr_names(self, ino: int) -> list[bytes]:
         with self._lock:
-            if ino not in self._xattr_inos:
+            if not self._may_have_xattrs(ino):
                 return []
             return [r[0] for r in self._db.execute(
                 "SELECT name FROM xattrs WHERE ino=? ORDER BY name", (ino,))]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import os
 import random
+import subprocess
 
 import pytest
 
@@ -143,3 +144,49 @@ def test_a_block_with_a_second_link_is_not_recycled(tmp_path):
     assert store.spare_count == 0
     with open(other, "rb") as f:
         assert f.read()[store_module.HEADER_SIZE:] == a[1]
+
+
+
+def resident_pages(path: str) -> int:
+    """How many of the file's pages are in the page cache: mincore(2) on a mapping of it."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size = os.path.getsize(path)
+    vec = (ctypes.c_ubyte * ((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE))()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap")
+        try:
+            if libc.mincore(address, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+    return sum(v & 1 for v in vec)
+
+
+def test_large_blocks_leave_the_page_cache_once_durable(tmp_path):
+    kind = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True,
+                          text=True).stdout.strip()
+    if kind == "tmpfs":
+        pytest.skip("tmpfs pages are the file itself: there is no cache to leave")
+    rng = random.Random(6)
+    store = BlockStore(str(tmp_path / "data"))
+    large, small = new_block(rng, 1 << 20), new_block(rng, 4096)
+    put(store, large)
+    store.put_many([small])
+    path = os.path.join(store.root, "blocks", large[0][:2], large[0])
+    assert resident_pages(path) == 0
+    # Small blocks keep theirs (the measurement itself sees cached pages):
+    assert resident_pages(os.path.join(store.root, "blocks", small[0][:2], small[0])) > 0
+    assert store.get(large[0]) == (large[1], large[2])  # and read back from the disk

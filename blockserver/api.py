@@ -185,12 +185,17 @@ class Api:
                     break
                 del self._nonces[first]
 
-    def _body(self, req: Request, limit: int) -> bytearray:
+    def _body(self, req: Request, limit: int, block_checksum: str | None = None) -> bytearray:
+        """The body, checked against the signed content hash. A block whose checksum is that
+        hash and whose bytes are not is a damaged block (422), not a forged request."""
         if req.content_length > limit:
             raise HttpError(413, "too_large",
                             f"body of {req.content_length} bytes exceeds the limit of {limit}")
         body = req.read_body()
         if req.signed_hash is not None and protocol.checksum(body) != req.signed_hash:
+            if req.signed_hash == block_checksum:
+                raise HttpError(422, "checksum_mismatch",
+                                f"body does not match checksum {block_checksum}")
             raise HttpError(401, "bad_signature", "body does not match the signed content hash")
         return body
 
@@ -201,8 +206,10 @@ class Api:
         if not protocol.is_checksum(expected):
             raise HttpError(400, "bad_checksum",
                             f"{protocol.H_CHECKSUM} must be the block's xxh3-128 as 32 hex digits")
-        body = self._body(req, self.config.max_block_size)
-        created = self.store.put(block_id, body, expected)
+        body = self._body(req, self.config.max_block_size, block_checksum=expected)
+        # A body whose signed content hash is the block's checksum was verified just now.
+        created = self.store.put(block_id, body, expected,
+                                 verified=req.signed_hash == expected)
         return Response(201 if created else 200, headers={protocol.H_CHECKSUM: expected})
 
     def _get(self, req: Request, block_id: str) -> Response:

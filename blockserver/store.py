@@ -301,11 +301,12 @@ class BlockStore:
 
     # -- blocks -----------------------------------------------------------------------------
 
-    def put(self, block_id: str, data, expected: str) -> bool:
-        """Store a block durably. True if created, False if it was already there (harmless)."""
-        return self.put_many([(block_id, data, expected)])[0].result()
+    def put(self, block_id: str, data, expected: str, verified: bool = False) -> bool:
+        """Store a block durably. True if created, False if it was already there (harmless).
+        `verified`: the caller has checked `data` against `expected` already."""
+        return self.put_many([(block_id, data, expected)], verified)[0].result()
 
-    def put_many(self, items) -> list["Outcome"]:
+    def put_many(self, items, verified: bool = False) -> list["Outcome"]:
         """Store many blocks sharing two filesystem syncs. One Outcome per (id, data, checksum).
 
         Data is made durable before any block is linked into place, and the links are made
@@ -317,7 +318,7 @@ class BlockStore:
         room = self.free_bytes() - self.reserve_bytes  # one statvfs for the whole batch
         try:
             for i, (block_id, data, expected) in enumerate(items):
-                if protocol.checksum(data) != expected:
+                if not verified and protocol.checksum(data) != expected:
                     outcomes[i].error = ChecksumMismatch(
                         f"block {block_id}: body does not match checksum {expected}")
                     continue

@@ -107,12 +107,15 @@ class Transport:
         return adapter
 
     def call(self, member: Member, method: str, path: str, body=b"", *, headers=None,
-             ok=(200,), timeout: float | None = None) -> Reply:
-        """One request to one server. Raises a StorageError for any status not in `ok`."""
+             ok=(200,), timeout: float | None = None, body_checksum: str | None = None) -> Reply:
+        """One request to one server. Raises a StorageError for any status not in `ok`.
+
+        `body_checksum`, when the caller already has it (a block's own checksum), saves
+        hashing the body once more for the signature."""
         sent = dict(headers or {})
         if self.config.secret is not None:
             sent.update(protocol.sign_request(self.config.secret, method, path,
-                                              protocol.checksum(body)))
+                                              body_checksum or protocol.checksum(body)))
         request = requests.PreparedRequest()
         request.method = method
         request.url = member.url + path  # a checked member URL and our own ASCII path
@@ -157,7 +160,8 @@ class Transport:
     def put_block(self, member: Member, block_id: str, data: bytes, checksum: str) -> bool:
         """True if the server created it, False if it already had it."""
         reply = self.call(member, "PUT", f"/v1/blocks/{block_id}", data,
-                          headers={protocol.H_CHECKSUM: checksum}, ok=(200, 201))
+                          headers={protocol.H_CHECKSUM: checksum}, ok=(200, 201),
+                          body_checksum=checksum)
         return reply.status == 201
 
     def get_block(self, member: Member, block_id: str, timeout: float | None = None) -> bytes:

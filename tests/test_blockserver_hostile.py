@@ -653,6 +653,20 @@ def test_authentication_refusals(blockservers):
                          headers={protocol.H_CHECKSUM: protocol.checksum(other),
                                   **signed("PUT", target, data)}),
             "bad_signature")
+    # an authentic head whose block checksum is the signed hash, and a damaged body: the
+    # block is refused as damaged (as without a secret), and nothing is stored
+    r = requests.put(url + target, data=other, timeout=GUARD,
+                     headers={**cks, **signed("PUT", target, data)})
+    assert (r.status_code, r.json()["error"]) == (422, "checksum_mismatch"), r.text
+    assert requests.get(url + target, timeout=GUARD,
+                        headers=signed("GET", target)).status_code == 404
+    # a body that matches its signature but not the block checksum it claims: refused too
+    r = requests.put(url + target, data=data, timeout=GUARD,
+                     headers={protocol.H_CHECKSUM: protocol.checksum(other),
+                              **signed("PUT", target, data)})
+    assert (r.status_code, r.json()["error"]) == (422, "checksum_mismatch"), r.text
+    assert requests.get(url + target, timeout=GUARD,
+                        headers=signed("GET", target)).status_code == 404
     # malformed signature fields
     good = signed("GET", "/v1/status")
     for field, value in ((protocol.H_DATE, "\xb2"), (protocol.H_DATE, "-5"),

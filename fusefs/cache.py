@@ -143,8 +143,9 @@ class BlockCache:
 
     # -- the interface ----------------------------------------------------------------------
 
-    def get(self, block_id: str, checksum: str) -> bytes:
-        """The block's verified bytes, from memory, disk or the store (StorageError if none)."""
+    def get(self, block_id: str, checksum: str) -> bytes | bytearray:
+        """The block's verified bytes, from memory, disk or the store (StorageError if none).
+        Never to be changed by the caller (a block this client wrote is its bytearray)."""
         _check_id(block_id)
         source = "misses"  # what a failed fetch counts as
         try:
@@ -172,15 +173,17 @@ class BlockCache:
                 log.debug("read-ahead queue full; dropped %d requests", len(items) - done)
                 return
 
-    def insert(self, block_id: str, checksum: str, data: bytes) -> None:
+    def insert(self, block_id: str, checksum: str, data) -> None:
         """Cache a block the caller has just stored (put verified it against `checksum`).
+
+        `data` is kept as given, not copied: bytes, or a bytearray that nobody changes any
+        more (the flusher's uploaded buffers, which writers copy before changing).
 
         Memory only: writing it to the disk level too would add a copy of every byte
         written to a disk that already holds R server copies on a one-disk machine (a
         third more disk writes, measured by benchmarks/fs_bench.py). Blocks reach the
         disk level when they are fetched."""
         _check_id(block_id)
-        data = bytes(data)
         with self._lock:
             self._add_memory(block_id, checksum, data)
 

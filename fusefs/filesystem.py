@@ -488,9 +488,11 @@ class Filesystem:
                 out.append(bytes(piece))
             elif isinstance(piece, tuple):
                 ref, within, n = piece  # bytes past ref.length were cut off: zeros
-                data = self.cache.get(ref.block_id, ref.checksum)[within:min(within + n,
-                                                                             ref.length)]
-                out.append(data + bytes(n - len(data)))
+                data = memoryview(self.cache.get(ref.block_id, ref.checksum))[
+                    within:min(within + n, ref.length)]  # the join below is the one copy
+                out.append(data)
+                if len(data) < n:
+                    out.append(bytes(n - len(data)))
             else:
                 out.append(piece)
         return b"".join(out)
@@ -539,16 +541,17 @@ class Filesystem:
         else:
             grown = 0
             blk.version += 1
-        before = len(blk.data)
+        data = blk.writable()
+        before = len(data)
         if within >= before:  # appending (sequential writes): grow in place
             if within > before:
-                blk.data.extend(bytes(within - before))
-            # `+=`, not a slice assignment past the end, which reallocates the whole
-            # buffer at every append: 419 us instead of 28 us per MiB here.
-            blk.data += chunk
+                data.extend(bytes(within - before))
+            # `+=` (in place), not a slice assignment past the end, which reallocates the
+            # whole buffer at every append: 419 us instead of 28 us per MiB here.
+            data += chunk
         else:
-            blk.data[within:within + len(chunk)] = chunk
-        grown += len(blk.data) - before
+            data[within:within + len(chunk)] = chunk
+        grown += len(data) - before
         blk.ready = within + len(chunk) == self.block_size
         fd.size = max(fd.size, idx * self.block_size + within + len(chunk))
         fd.mtime_ns = fd.ctime_ns = now_ns()
@@ -587,7 +590,7 @@ class Filesystem:
         last = fd.dirty.get(size // bs)
         if last is not None and len(last.data) > size % bs:
             freed += len(last.data) - size % bs
-            del last.data[size % bs:]
+            del last.writable()[size % bs:]
             last.version += 1
         for idx in [i for i in fd.refs if i >= keep]:
             del fd.refs[idx]

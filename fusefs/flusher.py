@@ -39,11 +39,11 @@ from .metadata import BlockRef, Metadata
 log = logging.getLogger("fusefs.flusher")
 
 SMALL_BLOCK = 256 << 10  # blocks below this size are uploaded in batches
-MAX_IN_FLIGHT = 32 << 20  # bytes copied for upload at once: the copies count as memory too
+MAX_IN_FLIGHT = 32 << 20  # bytes being uploaded at once; a block written meanwhile is copied
 
 
 class DirtyBlock:
-    __slots__ = ("data", "version", "since", "uploading", "retry_at", "ready")
+    __slots__ = ("data", "version", "since", "uploading", "retry_at", "ready", "shared")
 
     def __init__(self, data: bytearray):
         self.data = data
@@ -52,6 +52,16 @@ class DirtyBlock:
         self.uploading = False
         self.retry_at = 0.0
         self.ready = False  # full, and the writer moved on: upload without waiting for age
+        self.shared = False  # an upload (and then the block cache) holds `data` itself
+
+    def writable(self) -> bytearray:
+        """`data`, to change in place: copied first if an upload holds it, so the bytes an
+        upload sends (and the cache then keeps) never change under it. Expects the file's
+        lock held; the caller also bumps `version`."""
+        if self.shared:
+            self.data = bytearray(self.data)
+            self.shared = False
+        return self.data
 
 
 class FileData:
@@ -263,8 +273,9 @@ class Flusher:
                         continue
                     if fd.flush_wanted or blk.ready or pressure or now - blk.since >= self.max_age:
                         blk.uploading = True
+                        blk.shared = True  # no copy: a later write copies (writable())
                         budget -= len(blk.data)
-                        jobs.append((fd, idx, bytes(blk.data), (blk, blk.version)))
+                        jobs.append((fd, idx, blk.data, (blk, blk.version)))
         return jobs
 
     def _upload(self, jobs) -> None:

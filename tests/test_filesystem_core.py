@@ -1390,6 +1390,53 @@ def test_block_rewritten_after_truncation_during_its_upload_keeps_the_new_data(m
     wait_until(lambda: store_matches_metadata(core), what="the stale upload is garbage")
 
 
+class SnapshotStore(HeldStore):
+    """Records whether the bytes a put() was given changed while it was held."""
+
+    def __init__(self):
+        super().__init__()
+        self.changed_under_put = []
+
+    def put(self, block_id, data, checksum):
+        before = bytes(data)
+        try:
+            super().put(block_id, data, checksum)
+        finally:
+            if bytes(data) != before:
+                self.changed_under_put.append(block_id)
+
+
+@pytest.mark.parametrize("change", ["write", "truncate"])
+def test_writes_during_an_upload_leave_the_uploaded_bytes_alone(make_core, change):
+    """An upload sends the dirty buffer itself (no copy), and the block cache then keeps
+    that object: a write into the block meanwhile (in place, appended, or a truncation
+    cutting it) changes a copy."""
+    store = SnapshotStore()
+    core = make_core(store=store, max_age=3600)
+    fs = core.fs
+    ino, fh = new_file(fs, b"f", b"A" * 100)
+    store.hold.clear()
+    fs.flush(fh)  # the upload of "A"*100 now waits inside put(), holding the buffer
+    assert store.entered.wait(GUARD)
+    if change == "write":
+        fs.write(fh, 10, b"B" * 10)
+        fs.write(fh, 100, b"C" * 50)
+        expected = b"A" * 10 + b"B" * 10 + b"A" * 80 + b"C" * 50
+    else:
+        fs.setattr(ino, size=50)
+        expected = b"A" * 50
+    store.hold.set()
+    wait_until(lambda: store.puts >= 1, what="the first upload to finish")
+    fs.fsync(fh)
+    assert fs.read(fh, 0, 500) == expected
+    ref = refs_of(core, ino)[0]
+    assert core.store.get(ref.block_id, ref.checksum) == expected
+    assert bytes(core.cache.get(ref.block_id, ref.checksum)) == expected
+    assert store.changed_under_put == []
+    assert core.flusher.recent_errors() == []  # no upload failed on bytes that moved
+    close(fs, fh)
+
+
 @pytest.mark.parametrize("action", ["open", "truncate"])
 def test_state_forgotten_just_after_lookup_is_not_used(make_core, action):
     """open/truncate take a file's live state from the flusher, which may forget it (the

@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import shutil
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -259,7 +260,10 @@ class BlockCache:
     def _add_memory(self, block_id: str, checksum: str, data: bytes) -> None:
         """Caller holds _lock."""
         self._memory.pop(block_id)  # a different checksum must not linger
-        self._counts["evictions"] += len(self._memory.add(block_id, (data, checksum), len(data)))
+        # A bytearray (a block this client wrote) may hold up to 1/8 more than its length,
+        # grown by appends: count what it really holds, so the bound is one of memory.
+        size = len(data) if type(data) is bytes else sys.getsizeof(data)
+        self._counts["evictions"] += len(self._memory.add(block_id, (data, checksum), size))
 
     def _is_cached_or_coming(self, key: tuple[str, str]) -> bool:
         """Caller holds _lock."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 import threading
 import time
 
@@ -120,6 +121,19 @@ def test_block_larger_than_memory_bound_is_not_cached(store, make_cache):
     assert cache.get(block_id, checksum) == data
     assert store.gets == 2
     assert cache.stats()["memory_bytes"] == 0
+
+
+def test_an_inserted_bytearray_counts_what_it_holds_not_its_length(store, make_cache):
+    """Blocks this client wrote are cached as the bytearrays they were built in, which
+    appends over-allocate: the bound must count the allocation."""
+    cache = make_cache(memory_bytes=1 << 20)
+    data = bytearray()
+    for _ in range(8):
+        data += b"x" * 1000  # grown like a dirty block
+    block_id, checksum = protocol.new_block_id(), protocol.checksum(data)
+    cache.insert(block_id, checksum, data)
+    assert cache.stats()["memory_bytes"] == sys.getsizeof(data) > len(data)
+    assert cache.get(block_id, checksum) == data
 
 
 def test_memory_bound_holds_after_many_inserts(store, make_cache):

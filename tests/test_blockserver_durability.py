@@ -284,16 +284,20 @@ def _random_size(rng: random.Random) -> int:
 
 @pytest.mark.parametrize("seed", [101, 202, 303])
 def test_sigkill_during_puts_loses_no_acknowledged_block(blockservers, seed):
+    """Writers put blocks (alone and in batches) and delete some of theirs, so that new
+    blocks are written into the recycled files of deleted ones (spare/), until kill -9."""
     server = blockservers(1)[0]
     rng = random.Random(seed)
     lock = threading.Lock()
     sent: dict[str, str] = {}  # every block a client tried to write: id -> checksum
-    acked: dict[str, str] = {}  # those the server acknowledged
+    acked: dict[str, str] = {}  # those the server acknowledged (and not deleted since)
+    deleted: set[str] = set()  # acknowledged deletes: gone for good, a process kill or not
     surprises: list[str] = []
     halt = threading.Event()
 
     def writer(index: int) -> None:
         wrng = random.Random(seed * 1000 + index)
+        mine: list[str] = []  # this writer's acknowledged blocks, which it may delete
         with requests.Session() as s:
             while not halt.is_set():
                 blocks = [(new_id(wrng), wrng.randbytes(_random_size(wrng)))
@@ -314,15 +318,31 @@ def test_sigkill_during_puts_loses_no_acknowledged_block(blockservers, seed):
                     for (bid, data), st in zip(blocks, statuses):
                         if st == 201:
                             acked[bid] = protocol.checksum(data)
+                            mine.append(bid)
                         else:
                             surprises.append(f"{bid}: {st}")
+                    doomed = mine.pop(wrng.randrange(len(mine))) \
+                        if len(mine) > 4 and wrng.random() < 0.4 else None
+                    if doomed is not None:
+                        del acked[doomed]  # in doubt until the server answers
+                if doomed is None:
+                    continue
+                try:
+                    r = s.delete(block_url(server, doomed), timeout=10)
+                except requests.RequestException:
+                    return  # the server died under this delete: the block may be either
+                with lock:
+                    if r.status_code == 204:
+                        deleted.add(doomed)
+                    else:
+                        surprises.append(f"delete {doomed}: {r.status_code}")
 
     threads = [threading.Thread(target=writer, args=(i,), daemon=True) for i in range(4)]
     for t in threads:
         t.start()
     try:
         deadline = time.monotonic() + 30
-        while len(acked) < 3 and time.monotonic() < deadline:
+        while (len(acked) < 3 or not deleted) and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(rng.uniform(0.05, 0.8))
         server.kill()
@@ -335,8 +355,11 @@ def test_sigkill_during_puts_loses_no_acknowledged_block(blockservers, seed):
     assert len(acked) >= 3
     server.stop()  # reap and close the pipe of the killed process
 
+    assert deleted, "no delete was acknowledged: spare files were not exercised"
     server.start()
     assert listdir(server, "tmp") == [], "unfinished writes were left in tmp/"
+    spare = os.path.join(server.data_dir, "spare")
+    assert all(os.stat(os.path.join(spare, n)).st_size == 0 for n in os.listdir(spare))
     with server.session() as s:
         for block_id, checksum in acked.items():
             assert_intact(s, server, block_id, checksum)
@@ -344,6 +367,7 @@ def test_sigkill_during_puts_loses_no_acknowledged_block(blockservers, seed):
         ids = [e["id"] for e in listed]
         assert ids == sorted(set(ids))
         assert set(acked) <= set(ids)
+        assert not deleted & set(ids), "a deleted block came back"
         for entry in listed:
             assert entry["id"] in sent, f"block {entry['id']} was never written by a client"
             assert entry["checksum"] == sent[entry["id"]]

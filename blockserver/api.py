@@ -356,6 +356,7 @@ class Api:
             "free_bytes": max(0, s.free_bytes() - s.reserve_bytes),
             "block_count": s.block_count,
             "corrupt_blocks_found": s.corrupt_found,
+            "spare_files": s.spare_count,
             "uptime_seconds": round(time.time() - self.started, 3),
             "max_block_size": self.config.max_block_size,
             "max_batch_bytes": self.config.max_batch_bytes,
@@ -375,6 +376,8 @@ class Api:
                 ("Stored copies that failed verification and were quarantined.",
                  s.corrupt_found),
             "blockserver_open_connections": ("Connections open now.", self.open_connections()),
+            "blockserver_spare_files": ("Empty files of deleted blocks kept for new ones.",
+                                        s.spare_count),
         })
         return Response(200, [text.encode()], {"Content-Type": "text/plain; version=0.0.4"})
 

@@ -119,6 +119,21 @@ def test_put_get_head_delete_round_trip(server, session, rng):
     assert r.status_code == 204
 
 
+def test_status_and_metrics_count_the_spare_files_of_deleted_blocks(server, session, rng):
+    (a, da), (b, db) = make_blocks(rng, 2)
+    for block_id, data in ((a, da), (b, db)):
+        assert put_block(session, server, block_id, data).status_code == 201
+    assert status(session, server)["spare_files"] == 0
+    assert session.delete(block_url(server, a), timeout=10).status_code == 204
+    assert status(session, server)["spare_files"] == 1
+    text = session.get(f"{server.url}/metrics", timeout=10).text
+    assert metric_value(text, "blockserver_spare_files") == 1
+    # the next block written takes the spare
+    assert put_block(session, server, *make_blocks(rng, 1)[0]).status_code == 201
+    assert status(session, server)["spare_files"] == 0
+    assert session.get(block_url(server, b), timeout=10).content == db
+
+
 def test_head_sends_no_body_on_a_kept_alive_connection(server, session, rng):
     block_id, data = protocol.new_block_id(), rng.randbytes(3000)
     assert put_block(session, server, block_id, data).status_code == 201

@@ -161,8 +161,9 @@ class BlockStore:
         started = time.monotonic()
         for prefix in range(256):
             self._recount(prefix)
-        log.info("data directory %s: %d blocks, %d bytes (scanned in %.2fs)",
-                 self.root, self.block_count, self.used_bytes, time.monotonic() - started)
+        log.info("data directory %s: %d blocks, %d bytes, %d spare files (scanned in %.2fs)",
+                 self.root, self.block_count, self.used_bytes, len(self._spares),
+                 time.monotonic() - started)
 
     def _load_spares(self) -> None:
         """Keep the spare files that are empty and nobody else's; remove the rest.

@@ -223,40 +223,32 @@ class BlockStore:
         finally:
             os.close(fd)
 
-    def _sync_all(self, paths: list[str]) -> None:
-        """Make the given files durable: one fsync each for a few, one syncfs for many."""
+    def _sync_all(self, paths: list[str], uncache: frozenset = frozenset()) -> None:
+        """Make the given files durable: one fsync each for a few, one syncfs for many.
+        Then the pages of those also in `uncache` are dropped (see _drop_cached)."""
         if len(paths) > 2 and self._syncfs is not None:
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                if self._syncfs(fd) == 0:
-                    return
+                synced = self._syncfs(fd) == 0
             finally:
                 os.close(fd)
+            if synced:
+                for path in uncache:
+                    try:
+                        fd = os.open(path, os.O_RDONLY)
+                    except OSError:
+                        continue
+                    try:
+                        _drop_cached(fd)
+                    finally:
+                        os.close(fd)
+                return
         for path in paths:
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    @staticmethod
-    def _drop_cached(paths: list[str]) -> None:
-        """Let the kernel drop the (clean, durable) pages of files just written.
-
-        Clients cache what they read and write, so these pages are rarely read again here,
-        and a page cache that only grows makes each new page dearer: on this machine's VMs a
-        1 MiB write+fsync cost 3 ms of kernel CPU with the pages kept and about 1 ms with
-        them dropped (freed pages go back to the host, and taking them again faults there).
-        """
-        for path in paths:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass  # advice only
+                if path in uncache:
+                    _drop_cached(fd)
             finally:
                 os.close(fd)
 
@@ -333,8 +325,8 @@ class BlockStore:
                     outcomes[i].error = e
             if not staged:
                 return outcomes
-            self._sync_all([s[2] for s in staged])
-            self._drop_cached([s[2] for s in staged if s[3] >= DROP_CACHE_MIN])
+            self._sync_all([s[2] for s in staged],
+                           frozenset(s[2] for s in staged if s[3] >= DROP_CACHE_MIN))
             dirs = set()
             for i, block_id, tmp, size, expected in staged:
                 try:
@@ -562,6 +554,20 @@ class Outcome:
         if self.error is not None:
             raise self.error
         return self.value
+
+
+def _drop_cached(fd: int) -> None:
+    """Let the kernel drop the (clean, durable) pages of a file just written.
+
+    Clients cache what they read and write, so these pages are rarely read again here, and
+    a page cache that only grows makes each new page dearer: on this machine's VMs a 1 MiB
+    write+fsync cost 3 ms of kernel CPU with the pages kept and about 1 ms with them
+    dropped (freed pages go back to the host, and taking them again faults there).
+    """
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass  # advice only
 
 
 def _write_all(fd: int, parts) -> None:

@@ -190,3 +190,7 @@ def test_large_blocks_leave_the_page_cache_once_durable(tmp_path):
     # Small blocks keep theirs (the measurement itself sees cached pages):
     assert resident_pages(os.path.join(store.root, "blocks", small[0][:2], small[0])) > 0
     assert store.get(large[0]) == (large[1], large[2])  # and read back from the disk
+    batch = [new_block(rng, 256 << 10) for _ in range(3)]  # made durable by one syncfs
+    assert [o.result() for o in store.put_many(batch)] == [True] * 3
+    for block_id, _, _ in batch:
+        assert resident_pages(os.path.join(store.root, "blocks", block_id[:2], block_id)) == 0

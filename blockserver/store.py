@@ -226,23 +226,10 @@ class BlockStore:
     def _sync_all(self, paths: list[str], uncache: frozenset = frozenset()) -> None:
         """Make the given files durable: one fsync each for a few, one syncfs for many.
         Then the pages of those also in `uncache` are dropped (see _drop_cached)."""
-        if len(paths) > 2 and self._syncfs is not None:
-            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                synced = self._syncfs(fd) == 0
-            finally:
-                os.close(fd)
-            if synced:
-                for path in uncache:
-                    try:
-                        fd = os.open(path, os.O_RDONLY)
-                    except OSError:
-                        continue
-                    try:
-                        _drop_cached(fd)
-                    finally:
-                        os.close(fd)
-                return
+        if len(paths) > 2 and self._sync_filesystem():
+            for path in uncache:
+                _drop_cached_file(path)
+            return
         for path in paths:
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -251,6 +238,16 @@ class BlockStore:
                     _drop_cached(fd)
             finally:
                 os.close(fd)
+
+    def _sync_filesystem(self) -> bool:
+        """syncfs(2) of the data directory's filesystem; False where it is missing or failed."""
+        if self._syncfs is None:
+            return False
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return self._syncfs(fd) == 0
+        finally:
+            os.close(fd)
 
     def _write_new_tmp(self, name: str, parts, sync: bool) -> str:
         """Write `parts` to a new file in tmp/; StoreFull when the disk (or inodes) ran out."""
@@ -568,6 +565,17 @@ def _drop_cached(fd: int) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except OSError:
         pass  # advice only
+
+
+def _drop_cached_file(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # advice only
+    try:
+        _drop_cached(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, parts) -> None:

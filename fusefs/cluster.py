@@ -266,16 +266,34 @@ class ReplicatedStore(BlockStore):
         for member in homes:
             if member not in acked and member not in pending.values():
                 self._remember_missing(member, block_id, checksum)
-        for future, member in pending.items():  # the rest finish in the background
-            self._left_behind(future, len(data))
-            future.add_done_callback(
-                lambda f, m=member: self._background_put_done(f, m, block_id, checksum))
+        # The rest finish in the background; one that fails there is replaced by the next
+        # server not tried yet, as it would have been before the quorum.
+        untried = list(candidates)  # taken from, under _lock, by the copies' callbacks
+        for future, member in pending.items():
+            self._background_put(future, member, (block_id, data, checksum), homes, untried)
 
-    def _background_put_done(self, future: Future, member: Member, block_id: str,
-                             checksum: str) -> None:
-        if future.exception() is not None and member in self.ranking(block_id)[
-                :self.config.replicas]:
+    def _background_put(self, future: Future, member: Member, block, homes: list[Member],
+                        untried: list[Member]) -> None:
+        self._left_behind(future, len(block[1]))
+        future.add_done_callback(
+            lambda f: self._background_put_done(f, member, block, homes, untried))
+
+    def _background_put_done(self, future: Future, member: Member, block,
+                             homes: list[Member], untried: list[Member]) -> None:
+        if future.exception() is None:
+            return
+        block_id, _, checksum = block
+        if member in homes:
             self._remember_missing(member, block_id, checksum)
+        with self._lock:
+            other = untried.pop(0) if untried else None
+        if other is None or self._stopping.is_set():
+            return
+        try:
+            replacement = self._io.submit(self._call, other, self.transport.put_block, *block)
+        except RuntimeError:
+            return  # shutting down: the home's copy is remembered for repair
+        self._background_put(replacement, other, block, homes, untried)
 
     @staticmethod
     def _quorum_error(what: str, failures: dict[str, errors.StorageError]) -> errors.StorageError:

@@ -262,6 +262,28 @@ def test_handoff_keeps_r_copies_when_a_home_is_down(blockservers, make_cluster):
     wait_until(lambda: stored_on(down, block_id) == data, "home copy repaired")
 
 
+def test_a_home_failing_after_the_quorum_is_still_replaced_by_a_hand_off(blockservers,
+                                                                          make_cluster):
+    """The put returns at W copies while the third home hangs; when that home then dies,
+    its copy goes to the next server in the ranking, so R copies still exist."""
+    servers = blockservers(4)
+    store = make_cluster(servers)
+    members = members_of(servers)
+    block_id, data, checksum = random_block(10000)
+    ranking = rank(block_id, members)
+    index = [m.id for m in members]
+    hung = servers[index.index(ranking[0].id)]
+    spare = servers[index.index(ranking[3].id)]
+    hung.pause()  # accepts the connection, answers nothing
+    try:
+        store.put(block_id, data, checksum)  # the two other homes acknowledge it
+        assert stored_on(spare, block_id) is None
+    finally:
+        hung.kill()  # the hanging request fails now, after the put returned
+    wait_until(lambda: stored_on(spare, block_id) == data, "hand-off copy on the 4th server")
+    wait_until(lambda: store.behind_bytes == 0, "the background copies to end")
+
+
 def test_wrong_secret_is_a_clear_authentication_error(blockservers, make_cluster):
     servers = blockservers(3, secret=b"the-right-secret-0123456789")
     members = members_of(servers)

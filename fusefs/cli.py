@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-seconds", type=float, default=30.0, metavar="S",
                    help="how long the writer lease lasts unless renewed (default 30). If "
                         "this machine dies, another can mount read-write after this long")
+    p.add_argument("--sync-on-close", action="store_true",
+                   help="close() of a file opened for writing returns only once the file "
+                        "is durable, as after fsync (slower; for programs that never fsync)")
     p.add_argument("--unsafe-no-journal", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-o", dest="options", default="", metavar="OPT[,OPT...]",
                    help="extra FUSE mount options, e.g. -o allow_other. A writer lets the "
@@ -276,7 +279,7 @@ def _mount_config(args):
         secret=transport.config.secret, tls_verify=transport.config.tls_verify,
         memory_cache=args.memory_cache, disk_cache=args.cache_size,
         dirty_limit=args.dirty_limit, read_only=args.read_only,
-        fuse_options=_parse_options(args.options))
+        sync_on_close=args.sync_on_close, fuse_options=_parse_options(args.options))
 
 
 def _check_mountpoint(path: str) -> None:
@@ -299,11 +302,14 @@ def cmd_mount(args) -> int:
         _log_to(os.path.join(config.state_dir, "fusefs.log"), args.verbose, also_stderr=True)
         run(config)
         return 0
-    os.makedirs(config.state_dir, exist_ok=True)
+    from .daemon import private_dir
+
+    private_dir(config.state_dir)
     log_path = os.path.join(config.state_dir, "fusefs.log")
     argv = [sys.executable, "-m", "fusefs", *(["-v"] if args.verbose else []),
             "mount", "--foreground", *sys.argv[sys.argv.index("mount") + 1:]]
-    with open(log_path, "ab") as log_file:
+    with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log_file:
+        os.fchmod(log_file.fileno(), 0o600)
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
                                  stderr=subprocess.STDOUT, start_new_session=True)
     while not _is_mounted(args.mountpoint):
@@ -323,6 +329,11 @@ def _tail(path: str, lines: int = 15) -> str:
 
 
 def _log_to(path: str, verbose: bool, also_stderr: bool = False) -> None:
+    from .daemon import private_dir
+
+    private_dir(os.path.dirname(path))
+    os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)
     handlers = [logging.FileHandler(path)]
     if also_stderr and sys.stderr.isatty():
         handlers.append(logging.StreamHandler())

@@ -55,6 +55,7 @@ class MountConfig:
     ship_delay: float = 1.0
     checkpoint_records: int = 100_000
     journal: bool = True  # False only to measure what the journal costs
+    sync_on_close: bool = False  # close(2) of a writer waits until the file is durable
 
 
 def runtime_dir() -> str:
@@ -103,6 +104,14 @@ def unmount(path: str, lazy: bool = False) -> bool:
         except FileNotFoundError:
             continue
     return False
+
+
+def private_dir(path: str) -> None:
+    """Create `path` (and its parents) readable by its owner only, and take group and
+    other access away from one that an older version created open. The state directory
+    holds every file name, xattr and cached block of the filesystem."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
 
 
 def _lock_state_dir(state_dir: str):
@@ -169,7 +178,8 @@ def _give_freed_memory_back() -> None:
 def run(config: MountConfig) -> None:
     """Serve the mount in this process until it is unmounted."""
     sb = config.superblock
-    os.makedirs(config.state_dir, exist_ok=True)
+    private_dir(config.state_dir)
+    os.umask(0o077)  # the database, cache and status name every file: owner only
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # before any thread starts
     with contextlib.ExitStack() as stack:
         stack.enter_context(_lock_state_dir(config.state_dir))
@@ -195,7 +205,8 @@ def run(config: MountConfig) -> None:
         flusher = Flusher(store, cache, metadata, dirty_limit=config.dirty_limit,
                           max_age=config.flush_age, collect_garbage=not config.read_only)
         stack.callback(flusher.close)
-        fs = Filesystem(metadata, cache, flusher, sb.block_size, capacity=store.capacity)
+        fs = Filesystem(metadata, cache, flusher, sb.block_size, capacity=store.capacity,
+                        sync_on_close=config.sync_on_close)
         if config.read_only:
             fs.read_only = "mounted read-only"
             keeper.on_change = fs.external_change

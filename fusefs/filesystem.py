@@ -44,13 +44,14 @@ class Handle:
 
 class Filesystem:
     def __init__(self, metadata: Metadata, cache, flusher: Flusher, block_size: int,
-                 capacity=None, readahead_blocks: int = 4):
+                 capacity=None, readahead_blocks: int = 4, sync_on_close: bool = False):
         self.metadata = metadata
         self.cache = cache
         self.flusher = flusher
         self.block_size = block_size
         self.capacity = capacity or (lambda: (1 << 50, 1 << 50))  # (total, free) bytes
         self.readahead_blocks = readahead_blocks
+        self.sync_on_close = sync_on_close  # close(2) of a writer waits as fsync does
         self.durable = metadata.sync  # fsync's last step; a mount sets the journal's wait
         self.read_only: str | None = None  # why changes are refused, when they are
         self.write_gate = None  # called before each change: the journal's lease check
@@ -382,12 +383,19 @@ class Filesystem:
         return handle
 
     def flush(self, fh: int) -> None:
-        """close(2) of one descriptor: start the upload; report an earlier upload failure."""
+        """close(2) of one descriptor: start the upload; report an earlier upload failure.
+        With `sync_on_close`, a descriptor opened for writing returns only once the file
+        is durable, exactly as after fsync (an upload failure is its error then)."""
         handle = self._handle(fh)
         fd = handle.fd
-        self.flusher.request(fd)
         if handle.flags & os.O_ACCMODE == os.O_RDONLY:
+            self.flusher.request(fd)
             return  # a reader wrote nothing: a writer's failed upload is not its error
+        if self.sync_on_close:
+            self.flusher.flush(fd)
+            self.durable()
+            return
+        self.flusher.request(fd)
         with fd.lock:
             failed = fd.error if fd.dirty else None
         if failed is not None:

@@ -286,8 +286,6 @@ def test_full_cluster_fsync_says_enospc_keeps_data_and_logs_it(fusefs_mount, blo
                 s.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="review #8: a renewal retried after a timeout "
-                   "conflicts with itself")
 def test_dirty_limit_makes_writers_wait_while_servers_are_away(fusefs_mount):
     """With every server stopped, a writer gets about --dirty-limit ahead and then waits;
     it finishes once the servers return, and every byte is there."""

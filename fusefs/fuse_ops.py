@@ -65,6 +65,7 @@ def _op(fn):
         except Exception as e:  # noqa: BLE001 - the contract: an errno, never an escape
             raise FuseOSError(errno_of(e, fn.__name__, args)) from None
 
+    callback.errno_wrapper = True  # what tests check: this wrapper, not any functools.wraps
     return callback
 
 

@@ -43,16 +43,33 @@ MAX_IN_FLIGHT = 32 << 20  # bytes being uploaded at once; a block written meanwh
 
 
 class DirtyBlock:
-    __slots__ = ("data", "version", "since", "uploading", "retry_at", "ready", "shared")
+    __slots__ = ("data", "version", "since", "uploading", "retry_at", "ready", "shared",
+                 "block_id", "id_version", "stored")
 
     def __init__(self, data: bytearray):
         self.data = data
         self.version = 0
+        # The id this block's bytes go to the servers under: one per version, so a retry
+        # of the same bytes reuses it (servers that already hold it just say so) and a
+        # failed upload leaves no extra copy behind.
+        self.block_id: str | None = None
+        self.id_version = -1  # the version `block_id` was given to
+        # Set once the bytes of `id_version` are on W servers but their commit has to wait
+        # for a lower block (see Flusher._commit): the ref to commit then.
+        self.stored: BlockRef | None = None
         self.since = time.monotonic()
         self.uploading = False
         self.retry_at = 0.0
         self.ready = False  # full, and the writer moved on: upload without waiting for age
         self.shared = False  # an upload (and then the block cache) holds `data` itself
+
+    def current_id(self) -> bool:
+        """`block_id` names the bytes of the present version."""
+        return self.block_id is not None and self.id_version == self.version
+
+    def parked(self) -> bool:
+        """Uploaded, waiting only for its commit."""
+        return self.stored is not None and self.current_id()
 
     def writable(self) -> bytearray:
         """`data`, to change in place: copied first if an upload holds it, so the bytes an
@@ -82,13 +99,21 @@ class FileData:
         self.error: errors.StorageError | None = None
         self.error_seq = 0
         self.removed = False  # the inode is gone: drop everything, commit nothing
+        # Block ids handed to uploads and neither committed nor garbage yet: id -> (index,
+        # block). Once its block is gone or has moved on, an id becomes garbage (a failed
+        # or superseded upload may have left copies on some servers).
+        self.unsettled: dict[str, tuple[int, DirtyBlock]] = {}
         self.last_read_end = -1  # for read-ahead
 
 
 class Flusher:
     def __init__(self, store, cache, metadata: Metadata, *, dirty_limit: int,
-                 max_age: float = 5.0, threads: int = 4, collect_garbage: bool = True):
+                 max_age: float = 5.0, threads: int = 4, collect_garbage: bool = True,
+                 block_size: int | None = None):
         self.store = store
+        # Needed to keep recorded sizes within committed data (`_committable`); without it
+        # (old callers) every commit records the live size, as before.
+        self.block_size = block_size
         self.cache = cache
         self.metadata = metadata
         self.dirty_limit = dirty_limit
@@ -144,10 +169,12 @@ class Flusher:
     def forget_if_idle(self, fd: FileData) -> None:
         """Drop a file's live state when it is closed and has nothing left to upload."""
         with fd.lock:  # held throughout, so that no open slips in between check and drop
+            stale = self._stale_ids(fd)
             if fd.open_count == 0 and not fd.dirty:
                 with self._lock:
                     if self._files.get(fd.ino) is fd:
                         del self._files[fd.ino]
+        self._garbage(stale)
 
     # -- dirty memory -----------------------------------------------------------------------
 
@@ -177,7 +204,9 @@ class Flusher:
             fd.removed = True
             freed = sum(len(b.data) for b in fd.dirty.values())
             fd.dirty.clear()
+            stale = self._stale_ids(fd)
             fd.changed.notify_all()
+        self._garbage(stale)
         self.account(-freed)
         with self._lock:
             if self._files.get(fd.ino) is fd:
@@ -263,20 +292,50 @@ class Flusher:
         again is a new DirtyBlock whose version restarts, and must not be taken for it.
         """
         now = time.monotonic()
-        jobs = []
+        jobs, stale = [], []
         for fd in files:
             with fd.lock:
+                stale += self._stale_ids(fd)
                 for idx, blk in fd.dirty.items():
                     if budget <= 0:
-                        return jobs  # the rest waits for uploads in flight to finish
-                    if blk.uploading or blk.retry_at > now:
+                        break  # the rest waits for uploads in flight to finish
+                    if blk.uploading or blk.retry_at > now or blk.parked():
                         continue
                     if fd.flush_wanted or blk.ready or pressure or now - blk.since >= self.max_age:
                         blk.uploading = True
                         blk.shared = True  # no copy: a later write copies (writable())
                         budget -= len(blk.data)
-                        jobs.append((fd, idx, blk.data, (blk, blk.version)))
+                        jobs.append((fd, idx, blk.data, (blk, blk.version),
+                                     self._id_for(fd, idx, blk)))
+        self._garbage(stale)
         return jobs
+
+    @staticmethod
+    def _id_for(fd: FileData, idx: int, blk: DirtyBlock) -> str:
+        """Expects fd.lock held: the id to upload this version of the block under; the
+        same on every retry while the bytes stay the same."""
+        if not blk.current_id():
+            blk.block_id, blk.id_version, blk.stored = new_block_id(), blk.version, None
+            fd.unsettled[blk.block_id] = (idx, blk)
+        return blk.block_id
+
+    @staticmethod
+    def _stale_ids(fd: FileData) -> list[str]:
+        """Expects fd.lock held: take the unsettled ids no block will ever commit (their
+        block was dropped or changed since) and that no upload is sending now."""
+        stale = []
+        for block_id, (idx, blk) in list(fd.unsettled.items()):
+            if blk.uploading:
+                continue  # its upload's end settles it
+            if (fd.removed or fd.dirty.get(idx) is not blk or blk.block_id != block_id
+                    or not blk.current_id()):
+                del fd.unsettled[block_id]
+                stale.append(block_id)
+        return stale
+
+    def _garbage(self, block_ids: list[str]) -> None:
+        if block_ids:
+            self.metadata.add_garbage(block_ids)
 
     def _upload(self, jobs) -> None:
         try:
@@ -288,10 +347,10 @@ class Flusher:
 
     def _upload_jobs(self, jobs) -> None:
         refs = []
-        for fd, idx, data, version in jobs:
-            refs.append(BlockRef(new_block_id(), protocol.checksum(data), len(data)))
+        for _, _, data, _, block_id in jobs:
+            refs.append(BlockRef(block_id, protocol.checksum(data), len(data)))
         try:
-            items = [(r.block_id, data, r.checksum) for r, (_, _, data, _) in zip(refs, jobs)]
+            items = [(r.block_id, job[2], r.checksum) for r, job in zip(refs, jobs)]
             if len(items) == 1:
                 self.store.put(*items[0])
             else:
@@ -303,8 +362,8 @@ class Flusher:
             log.exception("unexpected error while uploading")
             self._failed(jobs, errors.StorageError(f"unexpected upload error: {e}"))
             return
-        for ref, (_, _, data, _) in zip(refs, jobs):
-            self.cache.insert(ref.block_id, ref.checksum, data)
+        for ref, job in zip(refs, jobs):
+            self.cache.insert(ref.block_id, ref.checksum, job[2])
         by_file: dict[int, list] = {}
         for ref, job in zip(refs, jobs):
             by_file.setdefault(id(job[0]), []).append((ref, job))
@@ -317,31 +376,70 @@ class Flusher:
                              errors.StorageError(f"metadata commit failed: {e}"))
 
     def _commit(self, entries) -> None:
+        """Record the uploaded blocks that may be recorded now (see `_committable`); the
+        others stay dirty, uploaded, until the blocks below them are committed."""
         fd = entries[0][1][0]
-        stale, freed = [], 0
+        freed = 0
         with fd.lock:
-            done = {}
-            for ref, (_, idx, data, (uploaded, version)) in entries:
-                blk = fd.dirty.get(idx)
-                if fd.removed or blk is not uploaded or blk.version != version:
-                    stale.append(ref.block_id)  # changed or dropped meanwhile: not referenced
-                    if blk is uploaded:
-                        blk.uploading = False
-                    continue
-                done[idx] = ref
+            for ref, (_, idx, _, (uploaded, version), _) in entries:
+                uploaded.uploading = False
+                if (not fd.removed and fd.dirty.get(idx) is uploaded
+                        and uploaded.version == version and uploaded.block_id == ref.block_id):
+                    uploaded.stored = ref
+            done, size = self._committable(fd)
             if done:  # metadata first: if it fails, the blocks stay dirty (see _upload)
-                self.metadata.commit_blocks(fd.ino, done, fd.size, fd.mtime_ns, fd.ctime_ns)
+                self.metadata.commit_blocks(fd.ino, done, size, fd.mtime_ns, fd.ctime_ns)
             for idx, ref in done.items():
                 freed += len(fd.dirty.pop(idx).data)
+                fd.unsettled.pop(ref.block_id, None)
                 fd.refs[idx] = ref
             if not fd.dirty:
                 fd.flush_wanted = False
                 fd.error = None  # everything is durable: an earlier failure is moot
+            stale = self._stale_ids(fd)
             fd.changed.notify_all()
-        if stale:
-            self.metadata.add_garbage(stale)
+        self._garbage(stale)
         self.account(-freed)
         self.forget_if_idle(fd)
+
+    def _committable(self, fd: FileData) -> tuple[dict[int, BlockRef], int]:
+        """Expects fd.lock held: the uploaded blocks to commit now, and the size to record.
+
+        Crash states must be prefixes (P2): what is recorded never describes bytes that
+        are only in memory. The *frontier* is the first byte that is dirty, not uploaded,
+        and not covered by the block recorded at its index (a new block, or a block that
+        grew past its recorded length). The size recorded is the live size, but at most
+        the larger of the frontier and the size recorded before (within the old size, a
+        block still dirty reads as its old bytes or as the old hole: a past state). Blocks
+        not entirely within that size are not committed yet (bytes of a block map entry
+        beyond the recorded size would come back if the file grew after a crash); they are
+        committed with the block that moves the frontier. With nothing dirty left below
+        the live size, the live size is recorded.
+        """
+        ready = {i: b.stored for i, b in fd.dirty.items() if b.parked()}
+        bs = self.block_size
+        if bs is None:
+            return ready, fd.size
+        frontier = None
+        for idx in sorted(i for i in fd.dirty if i not in ready):
+            covered = self._recorded_length(fd, idx)
+            if len(fd.dirty[idx].data) > covered:
+                frontier = idx * bs + covered
+                break
+        if frontier is None:
+            return ready, fd.size
+        inode = self.metadata.inode(fd.ino)
+        size = min(fd.size, max(frontier, inode.size if inode is not None else 0))
+        return {i: r for i, r in ready.items() if i * bs + r.length <= size}, size
+
+    def _recorded_length(self, fd: FileData, idx: int) -> int:
+        """Expects fd.lock held: how many bytes of block idx the metadata holds. fd.refs
+        knows which blocks are recorded; only the metadata knows a length a truncation
+        shortened since."""
+        if idx not in fd.refs:
+            return 0
+        recorded = self.metadata.block_refs(fd.ino, idx, idx).get(idx)
+        return recorded.length if recorded is not None else 0
 
     def recent_errors(self) -> list[str]:
         """The last few upload failures, newest last, for `fusefs status`."""
@@ -353,12 +451,12 @@ class Flusher:
                     len(jobs), error)
         with self._lock:
             self._errors.append(f"{time.strftime('%H:%M:%S')} {error}")
-        for fd, idx, _, (uploaded, _version) in jobs:
+        for fd, idx, _, (uploaded, _version), _ in jobs:
             with fd.lock:
-                blk = fd.dirty.get(idx)
-                if blk is uploaded:
-                    blk.uploading = False
-                    blk.retry_at = time.monotonic() + 1.0
+                uploaded.uploading = False
+                uploaded.stored = None  # uploaded again (same id, same bytes) on retry
+                if fd.dirty.get(idx) is uploaded:
+                    uploaded.retry_at = time.monotonic() + 1.0
                 fd.error = error
                 fd.error_seq += 1
                 fd.changed.notify_all()

@@ -21,6 +21,7 @@ import time
 import pytest
 
 from fusefs import errors
+from fusefs.cache import BlockCache
 from fusefs.errors import FsError
 from fusefs.filesystem import XATTR_CREATE, XATTR_REPLACE, Filesystem
 from fusefs.flusher import Flusher
@@ -29,45 +30,13 @@ from fusefs.metadata import ROOT_INO, Metadata
 
 from .conftest import wait_until
 
-try:  # written concurrently by someone else: fall back to a pass-through cache
-    from fusefs.cache import BlockCache
-except Exception:  # noqa: BLE001 - any import problem means "not usable yet"
-    BlockCache = None
-
 BS = 65536  # small blocks so that multi-block cases are cheap
 RW_CREATE = os.O_RDWR | os.O_CREAT
 GUARD = 30.0  # seconds; only against hangs, never a performance assertion
 
 
-class PassThroughCache:
-    """The cache interface with no caching at all: every get goes to the store."""
-
-    def __init__(self, store):
-        self.store = store
-
-    def get(self, block_id, checksum):
-        return self.store.get(block_id, checksum)
-
-    def insert(self, block_id, checksum, data):
-        pass
-
-    def discard(self, block_id):
-        pass
-
-    def prefetch(self, items):
-        pass
-
-    def close(self):
-        pass
-
-
 def make_cache(store):
-    if BlockCache is not None:
-        try:
-            return BlockCache(store, memory_bytes=64 << 20, disk_dir=None, disk_bytes=0)
-        except Exception:  # noqa: BLE001 - an unfinished cache must not block these tests
-            pass
-    return PassThroughCache(store)
+    return BlockCache(store, memory_bytes=64 << 20, disk_dir=None, disk_bytes=0)
 
 
 class Core:
@@ -82,7 +51,7 @@ class Core:
         self.store = store if store is not None else MemoryBlockStore()
         self.cache = make_cache(self.store)
         self.flusher = Flusher(self.store, self.cache, self.md, dirty_limit=dirty_limit,
-                               max_age=max_age)
+                               max_age=max_age, block_size=BS)
         self.fs = Filesystem(self.md, self.cache, self.flusher, block_size=BS)
         self.fs.start()
         self.closed = False
@@ -1077,14 +1046,24 @@ def test_fsync_returns_only_when_the_store_has_the_blocks(core):
 
 
 def test_close_starts_the_upload_without_waiting(make_core):
-    core = make_core(max_age=3600)  # only an explicit request uploads
+    """close() returns while the upload it started is still held inside put()."""
+    store = HeldStore()
+    core = make_core(store=store, max_age=3600)  # only an explicit request uploads
     fs = core.fs
-    ino, fh = new_file(fs, b"f", pattern(BS + 10, 8))
-    fs.flush(fh)
-    fs.release(fh)
-    wait_until(lambda: sorted(refs_of(core, ino)) == [0, 1], what="upload after close")
+    ino, fh = new_file(fs, b"f", pattern(1000, 8))  # one block, not full: not uploaded yet
+    store.hold.clear()
+    closer = threading.Thread(target=close, args=(fs, fh), daemon=True)
+    try:
+        closer.start()
+        assert store.entered.wait(GUARD), "close started no upload"
+        closer.join(GUARD / 2)  # the held put waits GUARD: a close that waits is still here
+        assert not closer.is_alive(), "close waited for the upload"
+        assert store.puts == 0 and refs_of(core, ino) == {}  # the put is still held
+    finally:
+        store.hold.set()
+    wait_until(lambda: sorted(refs_of(core, ino)) == [0], what="upload after close")
     assert {r.block_id for r in refs_of(core, ino).values()} <= core.store.block_ids()
-    assert core.md.inode(ino).size == BS + 10
+    assert core.md.inode(ino).size == 1000
 
 
 def test_outage_fsync_and_close_report_the_error_and_nothing_is_lost(core):
@@ -1526,3 +1505,157 @@ def test_a_block_no_replica_can_return_reads_as_eio(core):
     assert raised.value.errno == errno.EIO
     core.store.fail_with = None
     assert fs.read(fh, 0, len(data)) == data
+
+
+# -- crash states are prefixes; retries; garbage only after durable --------------------------
+
+
+class PartialStore(MemoryBlockStore):
+    """While `failing`, put() stores the block and then fails, as a cluster does when some
+    servers took the copy and too few for the quorum did. `tried` lists every put's id."""
+
+    def __init__(self):
+        super().__init__()
+        self.failing = False
+        self.tried: list[str] = []
+        self.deleted: list[str] = []
+
+    def put(self, block_id, data, checksum):
+        self.tried.append(block_id)
+        super().put(block_id, data, checksum)
+        if self.failing:
+            raise errors.QuorumNotReached(f"block {block_id}: refused by the test")
+
+    def delete_many(self, block_ids):
+        self.deleted += block_ids
+        super().delete_many(block_ids)
+
+
+def no_upload_running(core, ino):
+    fd = core.flusher.live(ino)
+    with fd.lock:
+        return not any(b.uploading for b in fd.dirty.values())
+
+
+def test_recorded_size_never_covers_a_block_still_in_memory(make_core):
+    """Review #10: block 0 fills and is uploaded while block 1 is still dirty. The size
+    recorded with block 0 ends where block 0 ends: after a crash the file is a prefix of
+    what was written, never with a zero-filled tail the application did not write."""
+    first = make_core(max_age=3600)
+    data = pattern(BS + 5000, 61)
+    ino, fh = new_file(first.fs, b"f", data)
+    wait_until(lambda: 0 in refs_of(first, ino), what="the full block 0 committed")
+    assert 1 in first.flusher.live(ino).dirty  # block 1 is in memory only
+    assert first.md.inode(ino).size == BS
+    first.close()  # crash: no flush, no release
+
+    second = make_core(store=first.store, fresh=False)
+    fh = second.fs.open(ino, os.O_RDONLY)
+    assert read_all(second.fs, fh, ino) == data[:BS]
+    close(second.fs, fh)
+
+
+@pytest.mark.parametrize("then", ["crash", "fsync"])
+def test_a_block_uploaded_before_a_lower_dirty_one_is_committed_after_it(make_core, then):
+    """Block 1 is full and goes up at once while block 0, below it, is still dirty. Neither
+    the size nor the block map may describe block 1 before block 0 is committed: after a
+    crash the file is empty (a past state), never zeros followed by block 1."""
+    store = PartialStore()
+    first = make_core(store=store, max_age=3600)
+    fs = first.fs
+    ino, fh = new_file(fs, b"f", b"A" * 100)  # block 0: dirty, not full
+    fs.write(fh, BS, pattern(BS, 62))  # block 1: full, so uploaded without waiting
+    wait_until(lambda: store.puts >= 1 and no_upload_running(first, ino),
+               what="block 1 uploaded and handled")
+    assert first.md.inode(ino).size == 0 and refs_of(first, ino) == {}
+    if then == "fsync":
+        fs.fsync(fh)
+        assert first.md.inode(ino).size == 2 * BS and sorted(refs_of(first, ino)) == [0, 1]
+        assert len(store.tried) == 2  # block 1 was not uploaded a second time
+        forget_cached(first)
+        assert read_all(fs, fh, ino) == b"A" * 100 + bytes(BS - 100) + pattern(BS, 62)
+        close(fs, fh)
+        return
+    first.close()  # crash
+    second = make_core(store=store, fresh=False)
+    assert second.fs.getattr(ino).size == 0 and refs_of(second, ino) == {}
+
+
+def test_sparse_write_above_clean_blocks_records_the_full_size(make_core):
+    """A write far past the end with every block below it clean: the hole is a state that
+    existed, so the commit of the far block records the whole size."""
+    core = make_core(max_age=3600)
+    fs = core.fs
+    ino, fh = new_file(fs, b"f", pattern(BS, 63))
+    fs.fsync(fh)
+    fs.write(fh, 10 * BS, pattern(BS, 64))  # full: uploaded at once
+    wait_until(lambda: 10 in refs_of(core, ino), what="the far block committed")
+    assert core.md.inode(ino).size == 11 * BS
+    close(fs, fh)
+
+
+def test_a_failed_upload_is_retried_under_the_same_block_id(make_core):
+    """Review #13: every retry used to take a fresh id, leaving one copy behind per
+    attempt on the servers that took it. The same bytes now go up under the same id."""
+    store = PartialStore()
+    core = make_core(store=store, max_age=3600)
+    fs = core.fs
+    ino, fh = new_file(fs, b"f", pattern(5000, 65))
+    store.failing = True
+    for _ in range(3):
+        with pytest.raises(errors.QuorumNotReached):
+            fs.fsync(fh)
+    store.failing = False
+    fs.fsync(fh)
+    assert len(store.tried) == 4 and len(set(store.tried)) == 1
+    assert refs_of(core, ino)[0].block_id == store.tried[0]
+    close(fs, fh)
+    wait_until(lambda: store_matches_metadata(core), what="no copy left behind")
+
+
+def test_a_failed_upload_of_bytes_changed_since_becomes_garbage(make_core):
+    """The bytes changed after a failed (partly stored) upload: they go up under a new id
+    and the copies of the old attempt are garbage, collected like any other."""
+    store = PartialStore()
+    core = make_core(store=store, max_age=3600)
+    fs = core.fs
+    ino, fh = new_file(fs, b"f", pattern(5000, 66))
+    store.failing = True
+    with pytest.raises(errors.QuorumNotReached):
+        fs.fsync(fh)
+    first_try = store.tried[0]
+    fs.write(fh, 0, b"changed")
+    store.failing = False
+    fs.fsync(fh)
+    assert refs_of(core, ino)[0].block_id != first_try
+    close(fs, fh)
+    wait_until(lambda: store_matches_metadata(core), what="the old attempt collected")
+    assert first_try in store.deleted
+
+
+def test_garbage_is_deleted_only_after_the_records_that_dropped_it_are_durable(make_core):
+    """P2 "no file points at a missing block": the garbage collector waits for `durable`
+    (the journal on a mount) before it deletes a replaced block."""
+    store = PartialStore()
+    core = make_core(store=store)
+    fs = core.fs
+    ino, fh = new_file(fs, b"f", pattern(BS, 67))
+    fs.fsync(fh)
+    old = refs_of(core, ino)[0].block_id
+    gate, reached = threading.Event(), threading.Event()
+
+    def durable():
+        reached.set()
+        gate.wait(GUARD)
+
+    core.flusher.durable = durable
+    try:
+        fs.write(fh, 0, pattern(BS, 68))
+        fs.fsync(fh)  # block 0 replaced: the old one is garbage now
+        assert old in core.md.garbage(100)
+        assert reached.wait(GUARD), "the garbage thread never waited for durability"
+        assert store.deleted == [] and old in store.block_ids()
+    finally:
+        gate.set()
+    wait_until(lambda: old in store.deleted, what="garbage deleted once durable")
+    close(fs, fh)

@@ -15,12 +15,20 @@ generation) only discovers the membership from the URLs a user typed.
 Two writers racing for the same generation (two mounts starting at once) can leave the
 loser's value on a minority; the winner then writes once more at the next generation, so
 the loser's value is never the newest anywhere.
+
+An update is idempotent: a server that answers "conflict" because it already holds our
+exact value at our generation (an earlier try of the same update whose answer was lost)
+counts as accepting it, so retrying one's own write is never a conflict. Generations at
+or above 2^63 are never written and never believed: a server holding one (a replayed or
+forged register write) is treated as a server that did not answer, and has to have its
+register cleared by its operator.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -28,8 +36,12 @@ from dataclasses import asdict, dataclass, replace
 from . import errors
 from .transport import Member, Transport
 
+log = logging.getLogger("fusefs.superblock")
+
 REGISTER = "superblock"
 FORMAT_VERSION = 2
+GENERATION_LIMIT = 1 << 63  # generations at or above it are refused and never believed
+RACED_RETRIES = 3  # rewrites over a racing loser's value before giving up with Conflict
 
 
 @dataclass(frozen=True)
@@ -84,7 +96,7 @@ def probe(transport: Transport, urls: list[str]) -> dict[str, dict | errors.Stor
         return dict(zip(urls, pool.map(ask, urls)))
 
 
-def _ask_all(transport: Transport, members, fn):
+def ask_all(transport: Transport, members, fn):
     """member -> result or StorageError, asked in parallel."""
     def call(member):
         try:
@@ -95,6 +107,24 @@ def _ask_all(transport: Transport, members, fn):
     members = list(members)
     with ThreadPoolExecutor(max(1, len(members))) as pool:
         return dict(zip(members, pool.map(call, members)))
+
+
+def _poisoned(url: str, generation: int) -> errors.Rejected:
+    return errors.Rejected(
+        f"{url}: the superblock register holds generation {generation}, which no fusefs "
+        "client ever writes (a replayed or forged request): this server's answer is "
+        "ignored. Clear its register (stop it and delete its superblock register file) "
+        "and the next superblock change brings it up to date", server=url)
+
+
+def _answers(transport: Transport, members) -> dict:
+    """member -> (generation, value), None (no register) or StorageError; a generation
+    past GENERATION_LIMIT counts as an error, never as the newest value."""
+    answers = ask_all(transport, members, lambda m: transport.register_get(m, REGISTER))
+    for member, answer in answers.items():
+        if isinstance(answer, tuple) and not 0 <= answer[0] < GENERATION_LIMIT:
+            answers[member] = _poisoned(member.url, answer[0])
+    return answers
 
 
 def _newest(found: list[tuple[int, bytes]]) -> tuple[int, bytes]:
@@ -109,8 +139,7 @@ def read(transport: Transport, urls: list[str]) -> Superblock | None:
 
     Raises the first error when no server could be asked at all.
     """
-    answers = _ask_all(transport, [Member("", u) for u in urls],
-                       lambda m: transport.register_get(m, REGISTER))
+    answers = _answers(transport, [Member("", u) for u in urls])
     failures = [a for a in answers.values() if isinstance(a, errors.StorageError)]
     found = [a for a in answers.values() if isinstance(a, tuple)]
     if not found and len(failures) == len(urls):
@@ -123,7 +152,7 @@ def read(transport: Transport, urls: list[str]) -> Superblock | None:
 def read_quorum(transport: Transport, members) -> Superblock:
     """The newest superblock among the answers of a majority of `members`."""
     members = list(members)
-    answers = _ask_all(transport, members, lambda m: transport.register_get(m, REGISTER))
+    answers = _answers(transport, members)
     failures = {m.url: a for m, a in answers.items() if isinstance(a, errors.StorageError)}
     if len(members) - len(failures) <= len(members) // 2:
         raise errors.Unavailable(
@@ -142,10 +171,23 @@ def new(members: list[Member], block_size: int, replicas: int,
 
 
 def write_all(transport: Transport, sb: Superblock, generation: int) -> Superblock:
-    """Store `sb` as `generation` on every member (mkfs); every one must accept it."""
+    """Store `sb` as `generation` on every member (mkfs); every one must accept it, except
+    one whose register is poisoned (see `_poisoned`), as long as a majority took it."""
+    if not 0 < generation < GENERATION_LIMIT:
+        raise errors.Rejected(f"superblock generation {generation} is out of range")
     raw = sb.encode()
+    poisoned = []
     for member in sb.members:
-        transport.register_put(member, REGISTER, generation, raw)
+        try:
+            transport.register_put(member, REGISTER, generation, raw)
+        except errors.Conflict as e:
+            if getattr(e, "current", 0) < GENERATION_LIMIT:
+                raise
+            poisoned.append(_poisoned(member.url, e.current))
+    if poisoned and len(sb.members) - len(poisoned) <= len(sb.members) // 2:
+        raise poisoned[0]
+    for e in poisoned:
+        log.warning("%s", e)
     return replace(sb, generation=generation)
 
 
@@ -154,23 +196,29 @@ def update(transport: Transport, sb: Superblock) -> Superblock:
 
     Succeeds when a majority of members accepted; returns `sb` with its new generation.
     Raises Conflict when the superblock changed meanwhile (someone else wrote it), and
-    Unavailable when too few servers answered to know.
+    Unavailable when too few servers answered to know. Calling it again with the same
+    `sb` after Unavailable is safe: servers that took the first try count as accepting.
     """
+    for _ in range(RACED_RETRIES + 1):
+        done, raced = _update_once(transport, sb)
+        if not raced:
+            return done
+        sb = done  # a loser's value sits at our generation on a minority: overwrite it
+    raise errors.Conflict(f"the superblock kept changing under generation {sb.generation} "
+                          "(another mount or command keeps writing it)")
+
+
+def _update_once(transport: Transport, sb: Superblock) -> tuple[Superblock, bool]:
+    """One compare-and-swap round: (sb at its new generation, whether a racing loser's
+    value sits at that generation on some server)."""
     members = list(sb.members)
     majority = len(members) // 2 + 1
     expect, generation = sb.generation, sb.generation + 1
+    if generation >= GENERATION_LIMIT:
+        raise errors.Rejected(f"superblock generation {generation} is out of range")
     raw = sb.encode()
-    def cas(member):
-        try:
-            transport.register_put(member, REGISTER, generation, raw, expect=expect)
-        except errors.Conflict as e:
-            if getattr(e, "current", generation) >= expect:
-                raise
-            # Merely behind (it missed earlier changes): no value of this generation can
-            # be there yet, and a server keeps one value per generation, so it may count.
-            transport.register_put(member, REGISTER, generation, raw)
-
-    answers = _ask_all(transport, members, cas)
+    answers = ask_all(transport, members,
+                       lambda m: _cas(transport, m, expect, generation, raw))
     accepted = [m for m, a in answers.items() if a is None]
     conflicts = {m: a for m, a in answers.items() if isinstance(a, errors.Conflict)}
     if len(accepted) < majority:
@@ -180,8 +228,26 @@ def update(transport: Transport, sb: Superblock) -> Superblock:
         failures = "; ".join(str(a) for a in answers.values() if a is not None)
         raise errors.Unavailable(f"only {len(accepted)} of {len(members)} servers took the "
                                  f"superblock update: {failures}")
-    raced = [m for m, c in conflicts.items() if getattr(c, "current", 0) >= generation]
-    done = replace(sb, generation=generation)
-    if raced:  # a loser's value sits at our generation on a minority: overwrite it
-        return update(transport, done)
-    return done
+    raced = any(getattr(c, "current", 0) >= generation for c in conflicts.values())
+    return replace(sb, generation=generation), raced
+
+
+def _cas(transport: Transport, member: Member, expect: int, generation: int,
+         raw: bytes) -> None:
+    """Write `raw` as `generation` on one member if it holds `expect` (or is merely
+    behind). Returns when the member holds exactly our value at our generation."""
+    try:
+        transport.register_put(member, REGISTER, generation, raw, expect=expect)
+        return
+    except errors.Conflict as e:
+        current = getattr(e, "current", generation)
+        if current >= GENERATION_LIMIT:
+            raise _poisoned(member.url, current) from None
+        if current == generation and \
+                transport.register_get(member, REGISTER) == (generation, raw):
+            return  # our own earlier try of this very update reached it
+        if current >= expect:
+            raise
+    # Merely behind (it missed earlier changes): no value of this generation can be there
+    # yet, and a server keeps one value per generation, so it may count.
+    transport.register_put(member, REGISTER, generation, raw)

@@ -18,18 +18,29 @@ without guessing — link counts, names of missing inodes, second names of direc
 what the root cannot reach (moved into /lost+found, never deleted), missing or bad
 copies of blocks that still have a good copy, leftovers — writes a checkpoint of the
 repaired metadata, and gives the lease back. A block with no intact copy anywhere cannot
-be repaired: the files that use it are listed.
+be repaired: the files that use it are listed. The lease is renewed from a background
+thread for the whole run (a large filesystem takes far longer to check than the lease
+lasts), and renewed once more, by compare-and-swap, after the servers were listed and
+before anything is deleted: if that succeeds, nobody else wrote the filesystem since fsck
+took it, so every block listed is one fsck's metadata can judge.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 
 from . import errors, journal, superblock
 from .metadata import ROOT_INO, Metadata
+
+log = logging.getLogger("fusefs.fsck")
+
+LEASE_SECONDS = 60.0  # the lease --repair holds (renewed every third of it)
 
 
 @dataclass
@@ -55,14 +66,20 @@ class Fsck:
         self.repair = repair
         self.progress = progress
         self.report = Report()
+        self._sb_lock = threading.Lock()  # guards self.sb while the lease is renewed
+        self._done = threading.Event()
 
     def run(self) -> Report:
         with tempfile.TemporaryDirectory(prefix="fusefs-fsck-") as work:
             sb = self.sb
+            renewer = None
             if self.repair:
-                lease = journal.new_lease(journal.new_mount_id(), 60.0)
+                lease = journal.new_lease(journal.new_mount_id(), LEASE_SECONDS)
                 lease["holder"] = f"fusefs fsck --repair ({lease['holder']})"
                 sb = self.sb = journal.acquire(self.transport, sb, lease)
+                renewer = threading.Thread(target=self._renew_loop, name="fsck-lease",
+                                           daemon=True)
+                renewer.start()
             try:
                 self.progress(f"loading metadata (checkpoint of record {sb.checkpoint['seq']})")
                 metadata, _, end = journal.open_metadata(self.store, sb,
@@ -76,10 +93,42 @@ class Fsck:
                 finally:
                     metadata.close()
             finally:
+                self._done.set()
+                if renewer is not None:
+                    renewer.join(timeout=30)
                 if self.repair and self.sb.lease is not None:
-                    self.sb = superblock.update(self.transport,
-                                                self.sb.with_changes(lease=None))
+                    self._set_superblock(lease=None)
         return self.report
+
+    # -- the lease --------------------------------------------------------------------------
+
+    def _set_superblock(self, **changes) -> None:
+        """Compare-and-swap the superblock; Conflict means someone else wrote it."""
+        with self._sb_lock:
+            self.sb = superblock.update(self.transport, self.sb.with_changes(**changes))
+
+    def renew(self) -> None:
+        """Extend the lease now; raises Conflict if it was taken over meanwhile."""
+        with self._sb_lock:
+            lease = self.sb.lease
+        if lease is None:
+            return  # given back already (the repaired checkpoint is written)
+        self._set_superblock(lease={**lease, "expires": time.time() + lease["seconds"]})
+
+    def _renew_loop(self) -> None:
+        period = every = float(self.sb.lease["seconds"]) / 3
+        while not self._done.wait(period):
+            try:
+                self.renew()
+            except errors.Conflict:
+                log.error("fsck --repair lost its lease: another mount or command wrote "
+                          "the superblock; nothing more is deleted")
+                return
+            except errors.StorageError as e:
+                log.warning("could not renew the fsck lease (will retry): %s", e)
+                period = 1.0
+            else:
+                period = every
 
     def _problem(self, text: str, fix=None) -> None:
         """Report an inconsistency; with --repair, fix it and say so."""
@@ -249,6 +298,7 @@ class Fsck:
         cp = self.sb.checkpoint
         known = set(referenced)
         known.update(journal.checkpoint_blocks(self.store, cp))
+        known.update(f for f in [cp.get("fence")] if f)  # an old writer's chain, fenced
         known.update(journal.segment_id(self.sb.fs_id, cp["chain"], n)
                      for n in range(cp["segment"], end + 1))
         garbage = {r[0] for r in md.query("SELECT block_id FROM garbage")}
@@ -261,6 +311,9 @@ class Fsck:
             return
         if self.repair:
             ids = sorted(leftovers)
+            # Every id listed existed before this renewal; if it succeeds, no writer came
+            # since fsck took the lease, so none of them is a newer writer's block.
+            self.renew()
             self.store.delete_many(ids)
             self.report.repaired.append(f"deleted {len(ids)} unreferenced blocks")
             md.forget_garbage([b for b in ids if b in garbage])
@@ -281,8 +334,9 @@ class Fsck:
         self.progress("writing the repaired metadata as a new checkpoint")
         cp = journal.write_checkpoint(self.store, md, self.sb.fs_id, self.sb.lease["mount"],
                                       1, work)
-        self.sb = superblock.update(self.transport,
-                                    self.sb.with_changes(checkpoint=cp, lease=None))
+        if old.get("fence"):
+            cp["fence"] = old["fence"]  # the fenced chain's writer may still be running
+        self._set_superblock(checkpoint=cp, lease=None)
         obsolete = journal.checkpoint_blocks(self.store, old) + [
             journal.segment_id(self.sb.fs_id, old["chain"], n)
             for n in range(old["segment"], end)]

@@ -96,6 +96,33 @@ def wait_expired(cluster: Cluster) -> None:
                "the first writer's lease to expire", timeout=60, interval=0.1)
 
 
+# -- 3. fsck --repair keeps its lease -------------------------------------------------------------
+
+def test_fsck_repair_keeps_its_lease_for_its_whole_run(cluster, writers, tmp_path,
+                                                        monkeypatch):
+    monkeypatch.setattr(fsck, "LEASE_SECONDS", 2.0)
+    attempts: list = []
+    slow = fsck.Fsck._check_blocks
+
+    def check_blocks_of_a_large_filesystem(self, md):
+        found = slow(self, md)
+        time.sleep(3.0)  # longer than the lease: a large filesystem takes that long
+        try:
+            attempts.append(writers("intruder"))
+        except journal.LeaseHeld as e:
+            attempts.append(e)
+        return found
+
+    monkeypatch.setattr(fsck.Fsck, "_check_blocks", check_blocks_of_a_large_filesystem)
+    report = fsck.Fsck(cluster.store, new_transport(), cluster.superblock(),
+                       repair=True).run()
+    assert report.clean, report
+    assert isinstance(attempts[0], journal.LeaseHeld), \
+        "a writer mounted while fsck --repair was running"
+    assert "fsck" in str(attempts[0])
+    assert cluster.superblock().lease is None  # given back at the end
+
+
 # -- 5. huge generations ---------------------------------------------------------------------
 
 def test_a_replayed_huge_generation_bricks_nothing(cluster, capsys):

@@ -138,6 +138,7 @@ def unreferenced_and_garbage(store, work_dir: str) -> tuple[set[str], set[str]]:
     cp = sb.checkpoint
     used.update(journal.checkpoint_blocks(store, cp))
     used.update(journal.segment_id(sb.fs_id, cp["chain"], n) for n in range(cp["segment"], end))
+    used.update(f for f in [cp.get("fence")] if f)  # the tombstone ending the last chain
     stored = set()
     for member in store.members:
         after = ""

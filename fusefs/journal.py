@@ -15,11 +15,14 @@ Words (docs/journal.md has the states and what each crash does):
 
 Invariants: a record reaches the cluster only after the data blocks it references (the
 flusher records a block map change only once its blocks are on W servers); segments are
-written in order, each retried with the same bytes until W servers have it; a writer
-ships only while its lease is valid by its own clock, and every superblock change is a
-compare-and-swap, so a writer that lost its lease can change nothing another mount reads
-(its chain is no longer the one the superblock names). Garbage blocks are deleted only
-once the record that dropped them is durable.
+written in order, each retried with the same bytes until W servers have it (cut smaller
+only when a server refuses its size); a writer ships only while its lease is valid by its
+own clock, and every superblock change is a compare-and-swap, so a writer that lost its
+lease can change nothing another mount reads (its chain is no longer the one the
+superblock names). Fencing does not rely on clocks: a new writer stores a tombstone
+where the old chain ends (`fence_chain`), and a segment counts as shipped only after a
+quorum read made after its put shows our lease still held (`confirm_writer`). Garbage
+blocks are deleted only once the record that dropped them is shipped in that sense.
 
 Locks: `Journal._lock` guards the shipping state and is never held across network I/O;
 `Journal._sb_lock` serialises superblock changes (lease renewal, checkpoints) and is held
@@ -52,9 +55,12 @@ from .metadata import JournalGap, Metadata, decode_record
 log = logging.getLogger("fusefs.journal")
 
 SEGMENT_MAGIC = b"fusefs-journal 1\n"
+FENCE_MAGIC = b"fusefs-journal-fence 1\n"
 CHECKPOINT_MAGIC = b"fusefs-checkpoint 1\n"
 CHUNK = 4 << 20  # checkpoint chunk size (uncompressed)
 SEGMENT_RECORDS = 5000  # records per segment at most
+SEGMENT_BYTES = 4 << 20  # bytes per segment at most (servers refuse blocks over 16 MiB)
+GAP_PROBES = 2  # segments looked for past a missing one before calling it the chain's end
 LEASE_SECONDS = 30.0
 
 
@@ -66,6 +72,10 @@ class Fenced(errors.StorageError):
     """This mount lost its writer lease: it may not change the filesystem any more."""
 
     errno = errno.EROFS
+
+
+class ChainGap(errors.Unavailable):
+    """A segment of a chain is missing although a later one exists: copies were lost."""
 
 
 # -- segments ---------------------------------------------------------------------------------
@@ -100,8 +110,20 @@ def decode_segment(raw: bytes, fs_id: str, chain: str, number: int) -> list:
     return records
 
 
+def fence_block(fs_id: str, chain: str, number: int) -> bytes:
+    """The tombstone a new writer stores under segment `number` of an old chain, so that
+    the old writer can never store that segment on W servers (blocks are immutable). The
+    same bytes whoever writes it, so a second fencing of the same place is a no-op."""
+    return FENCE_MAGIC + json.dumps({"fs_id": fs_id, "chain": chain,
+                                     "segment": number}).encode()
+
+
 def _valid_segment(fs_id, chain, number):
+    fence = fence_block(fs_id, chain, number)
+
     def verify(raw: bytes) -> bool:
+        if raw == fence:
+            return True
         try:
             decode_segment(raw, fs_id, chain, number)
         except ValueError:
@@ -110,9 +132,81 @@ def _valid_segment(fs_id, chain, number):
     return verify
 
 
-def read_segment(store, fs_id: str, chain: str, number: int) -> list | None:
+FENCED = "fenced"
+
+
+def _lookup_segment(store, fs_id: str, chain: str, number: int):
+    """The records of a segment, FENCED (the chain ends there for good), or None when it
+    provably was never stored on W servers."""
     raw = store.find(segment_id(fs_id, chain, number), _valid_segment(fs_id, chain, number))
-    return None if raw is None else decode_segment(raw, fs_id, chain, number)
+    if raw is None:
+        return None
+    if raw == fence_block(fs_id, chain, number):
+        return FENCED
+    return decode_segment(raw, fs_id, chain, number)
+
+
+def read_segment(store, fs_id: str, chain: str, number: int) -> list | None:
+    """The records of a segment; None if it does not exist or was fenced."""
+    records = _lookup_segment(store, fs_id, chain, number)
+    return None if records is FENCED else records
+
+
+def _chain_end(store, fs_id: str, chain: str, number: int) -> None:
+    """Segment `number` was not found: make sure that is the end of the chain, not a lost
+    segment. A writer stores segment n+1 only once n is on W servers, so a later segment
+    that exists means copies of `number` were lost (a replaced disk, a quarantined copy)
+    while the servers holding the rest are out of reach. Raises ChainGap then: taking
+    the end here would silently drop every later change, for good once a checkpoint is
+    written."""
+    for later in range(number + 1, number + 1 + GAP_PROBES):
+        if read_segment(store, fs_id, chain, later) is not None:
+            raise ChainGap(
+                f"journal segment {number} of chain {chain} is missing but segment {later} "
+                "exists: copies of a shipped segment were lost or are on servers out of "
+                "reach. Bring every block server back (or restore the lost disk) and mount "
+                "again; mounting now would drop every change after it")
+
+
+def _stored_instead(transport, answers: dict, fs_id: str, chain: str, number: int):
+    """The records of the segment that a server refused our tombstone for (it holds the
+    segment itself), or None."""
+    for member, answer in answers.items():
+        if isinstance(answer, errors.Conflict):
+            with contextlib.suppress(errors.StorageError, ValueError):
+                return decode_segment(transport.get_block(member, segment_id(
+                    fs_id, chain, number)), fs_id, chain, number)
+    return None
+
+
+def fence_chain(store, transport, metadata: Metadata, fs_id: str, chain: str,
+                number: int) -> tuple[int, int]:
+    """Make `number` the end of `chain` for good: store its tombstone on so many servers
+    that no W of them could take the segment any more. A segment found there instead (its
+    writer stored it after we looked) is replayed, and the next number fenced.
+
+    Returns (records replayed, the fenced segment number). Raises Unavailable when too
+    few servers answered."""
+    members = list(store.members)
+    need = len(members) - store.config.write_quorum + 1
+    applied = 0
+    while True:
+        block_id = segment_id(fs_id, chain, number)
+        data = fence_block(fs_id, chain, number)
+        checksum = protocol.checksum(data)
+        answers = superblock.ask_all(
+            transport, members, lambda m: transport.put_block(m, block_id, data, checksum))
+        if sum(1 for a in answers.values() if isinstance(a, bool)) >= need:
+            return applied, number
+        records = _stored_instead(transport, answers, fs_id, chain, number)
+        if records is None:
+            failures = "; ".join(str(a) for a in answers.values() if not isinstance(a, bool))
+            raise errors.Unavailable(f"could not fence journal chain {chain} at segment "
+                                     f"{number} on {need} servers: {failures}")
+        log.warning("the previous writer stored segment %d of its chain while this mount "
+                    "took over; it is replayed", number)
+        applied += metadata.replay(records, {"chain": chain, "segment": str(number + 1)})
+        number += 1
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -211,8 +305,11 @@ def replay_chain(store, metadata: Metadata, fs_id: str, chain: str, segment: int
     Returns (records applied, the first segment number that does not exist)."""
     applied = 0
     while True:
-        records = read_segment(store, fs_id, chain, segment)
+        records = _lookup_segment(store, fs_id, chain, segment)
+        if records is FENCED:
+            return applied, segment
         if records is None:
+            _chain_end(store, fs_id, chain, segment)
             return applied, segment
         applied += metadata.replay(records, {"chain": chain, "segment": str(segment + 1)})
         segment += 1
@@ -308,15 +405,43 @@ def describe_lease(lease: dict) -> str:
     return f"{lease['holder']} (lease {state})"
 
 
+def pid_namespace() -> int | None:
+    """The inode of this process's PID namespace (None where /proc cannot tell)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def process_start(pid: int | None) -> int | None:
+    """When process `pid` (of our PID namespace) started, in clock ticks since boot; None
+    if there is no such process (or /proc cannot tell)."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def holder_gone(lease: dict) -> bool:
-    """The lease holder was a process on this machine, since this boot, that has ended."""
-    return (lease.get("host") == socket.gethostname() and lease.get("boot") == boot_id()
-            and not process_alive(lease.get("pid")))
+    """The lease holder provably ended: it was a process of this machine, this boot and
+    this very PID namespace (another container on the same host cannot see our pids,
+    nor we its), and no process with its pid and start time is alive. A lease that does
+    not say (an older fusefs) is never declared gone: it expires by itself."""
+    pid = lease.get("pid")
+    if not (lease.get("host") == socket.gethostname() and lease.get("boot") == boot_id()
+            and lease.get("pidns") is not None and lease.get("pidns") == pid_namespace()
+            and lease.get("start") is not None):
+        return False
+    return not process_alive(pid) or process_start(pid) != lease["start"]
 
 
 def new_lease(mount_id: str, seconds: float, mountpoint: str = "") -> dict:
     host = socket.gethostname()
     return {"mount": mount_id, "host": host, "boot": boot_id(), "pid": os.getpid(),
+            "pidns": pid_namespace(), "start": process_start(os.getpid()),
             "holder": f"pid {os.getpid()} on {host}" + (f" at {mountpoint}" if mountpoint
                                                          else ""),
             "seconds": seconds, "expires": time.time() + seconds}
@@ -386,6 +511,8 @@ class Journal:
         self._last_checkpoint = (metadata.seq, time.monotonic())
         self._obsolete: list[str] = []  # blocks to delete once the next checkpoint is named
         self._threads: list[threading.Thread] = []
+        self._unsure: superblock.Superblock | None = None  # a change whose fate is unknown
+        self._segment_bytes = SEGMENT_BYTES  # lowered when a server refuses a segment's size
 
     # -- start: our own chain, based on a checkpoint of what was loaded ---------------------
 
@@ -397,6 +524,16 @@ class Journal:
         its crashed writer never finished, which a later reader might not find).
         """
         cp = self._sb.checkpoint
+        fence = None
+        if cp["chain"] != self.chain:
+            # The previous writer may still be running (paused, or partitioned): from now on
+            # it cannot store another segment of its chain on W servers. The tombstone is
+            # named by our checkpoints (so no sweep takes it for a leftover) until the next
+            # writer fences our chain.
+            late, old_chain_end = fence_chain(self.store, self.transport, self.metadata,
+                                              self.fs_id, cp["chain"], old_chain_end)
+            replayed += late
+            fence = segment_id(self.fs_id, cp["chain"], old_chain_end)
         if replayed or self.metadata.seq != cp["seq"]:
             new_cp = write_checkpoint(self.store, self.metadata, self.fs_id, self.chain, 1,
                                       self.work_dir)
@@ -406,6 +543,11 @@ class Journal:
         if cp["chain"] != self.chain:  # the previous writer's chain is not needed any more
             self._obsolete += [segment_id(self.fs_id, cp["chain"], n)
                                for n in range(cp["segment"], old_chain_end)]
+        if cp.get("fence") not in (None, fence):  # the chain before the last one's
+            self._obsolete.append(cp["fence"])
+        new_cp = {k: v for k, v in new_cp.items() if k != "fence"}
+        if fence:
+            new_cp["fence"] = fence
         self._set_superblock(checkpoint=new_cp)
         self.metadata.shipped(self.metadata.seq, {"chain": self.chain, "segment": "1"})
         self._last_checkpoint = (new_cp["seq"], time.monotonic())
@@ -429,12 +571,24 @@ class Journal:
     # -- superblock changes -----------------------------------------------------------------
 
     def _set_superblock(self, **changes) -> None:
-        """Compare-and-swap our superblock; a conflict means the lease is gone."""
+        """Compare-and-swap our superblock; a conflict means the lease is gone.
+
+        A change that failed as Unavailable may have reached some servers: it is written
+        again, the very same value at the same generation, before the next change, so our
+        own earlier try is never taken for somebody else's write."""
         with self._sb_lock:
             if self._lost:
                 raise Fenced(self._lost)
             try:
-                self._sb = superblock.update(self.transport, self._sb.with_changes(**changes))
+                if self._unsure is not None:
+                    self._sb = superblock.update(self.transport, self._unsure)
+                    self._unsure = None
+                wanted = self._sb.with_changes(**changes)
+                try:
+                    self._sb = superblock.update(self.transport, wanted)
+                except errors.Unavailable:
+                    self._unsure = wanted
+                    raise
             except errors.Conflict:
                 current = None
                 with contextlib.suppress(errors.StorageError):
@@ -521,6 +675,20 @@ class Journal:
         with self._lock:
             return self._lost
 
+    def confirm_writer(self) -> None:
+        """Raise Fenced unless a majority of servers still names this mount's lease, i.e.
+        no other mount or command took the filesystem over. One quorum read; whatever
+        was stored before it is seen by any writer that takes over after it. Raises
+        Unavailable when too few servers answer to tell."""
+        if self.lost:
+            raise Fenced(self._lost)
+        current = superblock.read_quorum(self.transport, self._sb.members)
+        if current.lease and current.lease.get("mount") == self.chain:
+            return
+        holder = describe_lease(current.lease) if current.lease else "another command"
+        self._lose(f"the superblock was changed by {holder}")
+        raise Fenced(self._lost)
+
     # -- shipping ---------------------------------------------------------------------------
 
     def _noticed(self, seq: int) -> None:
@@ -594,7 +762,8 @@ class Journal:
         with self._lock:
             pending = self._pending
             if pending is None:
-                rows = self.metadata.unshipped(self._shipped, SEGMENT_RECORDS)
+                rows = _by_bytes(self.metadata.unshipped(self._shipped, SEGMENT_RECORDS),
+                                 self._segment_bytes)
                 if not rows:
                     return
                 pending = (self._segment, rows[-1][0],
@@ -607,8 +776,16 @@ class Journal:
                 raise Fenced(self._lost)
             raise errors.Unavailable("the writer lease could not be renewed in time; "
                                      "journal shipping waits for it")
-        self.store.put(segment_id(self.fs_id, self.chain, number), data,
-                       protocol.checksum(data))
+        try:
+            self.store.put(segment_id(self.fs_id, self.chain, number), data,
+                           protocol.checksum(data))
+        except errors.StorageError:
+            if self._after_failed_put(data):
+                return self._ship_once()  # cut smaller now: ship that at once
+            raise
+        # Only now may waiters be told (and garbage deleted): a mount that took over before
+        # this check changed the superblock; one that takes over after it finds the segment.
+        self.confirm_writer()
         self.metadata.shipped(last, {"chain": self.chain, "segment": str(number + 1)})
         with self._lock:
             self._pending = None
@@ -616,6 +793,38 @@ class Journal:
             self._segment = number + 1
             self._error = None
             self._changed.notify_all()
+
+    def _after_failed_put(self, data: bytes) -> bool:
+        """A segment was not stored: stop at once if another mount took over (its tombstone
+        refused the segment), and cut the segment smaller if it is larger than a server
+        takes, instead of sending the same refused bytes for ever. (A copy of the larger
+        segment on some server is harmless: both start at the same record, and replay
+        skips records it already has.) True if the segment is to be cut again."""
+        with contextlib.suppress(errors.Unavailable):
+            self.confirm_writer()
+        with self._lock:
+            pending = self._pending
+        if pending is None or pending[2] is not data or data.count(b"\n") < 3:
+            return False
+        limit = self._server_limit()
+        if limit is None or len(data) <= limit:
+            return False
+        log.warning("journal segment of %d bytes is more than a block server takes; "
+                    "cutting segments at %d bytes", len(data), limit)
+        with self._lock:
+            self._segment_bytes = min(self._segment_bytes, max(1, limit))
+            if self._pending is not pending:
+                return False
+            self._pending = None
+        return True
+
+    def _server_limit(self) -> int | None:
+        """Half the smallest block size the servers accept, or None if none answered."""
+        sizes = [s.get("max_block_size") for s in superblock.probe(
+            self.transport, [m.url for m in self._sb.members]).values()
+            if isinstance(s, dict)]
+        sizes = [n for n in sizes if isinstance(n, int) and n > 0]
+        return min(sizes) // 2 if sizes else None
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -634,6 +843,8 @@ class Journal:
         old = self._sb.checkpoint
         cp = write_checkpoint(self.store, self.metadata, self.fs_id, self.chain, segment,
                               self.work_dir)
+        if old.get("fence"):
+            cp["fence"] = old["fence"]
         self._obsolete += self._blocks_of(old)
         first = old["segment"] if old["chain"] == self.chain else 1
         self._obsolete += [segment_id(self.fs_id, self.chain, n) for n in range(first, segment)]
@@ -675,12 +886,16 @@ class Journal:
         keep = {r[0] for r in self.metadata.query("SELECT block_id FROM blocks")}
         keep.update(r[0] for r in self.metadata.query("SELECT block_id FROM garbage"))
         keep.update(checkpoint_blocks(self.store, self._sb.checkpoint))
+        keep.update(f for f in [self._sb.checkpoint.get("fence")] if f)
         with self._lock:
             upto = self._segment + 1
         keep.update(segment_id(self.fs_id, self.chain, n) for n in range(1, upto + 1))
         leftovers = sorted(b for b in listed - keep if not b.startswith(PROCESS_TAG))
-        if not leftovers or not self._lease_valid():
+        if not leftovers:
             return 0
+        # Everything listed existed before this check; if we still hold the lease now, no
+        # other writer came since we took it, so none of it is another writer's.
+        self.confirm_writer()
         self.store.delete_many(leftovers)
         return len(leftovers)
 
@@ -740,6 +955,16 @@ class Journal:
                     "lease_valid_for": round(self._valid_until - time.monotonic(), 1)}
 
 
+def _by_bytes(rows: list[tuple[int, bytes]], limit: int) -> list[tuple[int, bytes]]:
+    """The first rows whose records add up to at most `limit` bytes (at least one)."""
+    total = 0
+    for i, (_, record) in enumerate(rows):
+        total += len(record) + 1
+        if total > limit and i > 0:
+            return rows[:i]
+    return rows
+
+
 # -- the follower (read-only mounts) ----------------------------------------------------------
 
 class Follower:
@@ -784,7 +1009,7 @@ class Follower:
         try:
             applied, self.segment = replay_chain(self.store, self.metadata, self.sb.fs_id,
                                                  self.chain, self.segment)
-        except JournalGap as e:
+        except (JournalGap, ChainGap) as e:
             log.warning("%s; reloading the checkpoint", e)
             self._reload(superblock.read_quorum(self.transport, self.sb.members))
             return 1

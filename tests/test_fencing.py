@@ -96,6 +96,141 @@ def wait_expired(cluster: Cluster) -> None:
                "the first writer's lease to expire", timeout=60, interval=0.1)
 
 
+# -- 1. a paused writer after a takeover --------------------------------------------------------
+
+def test_a_writer_paused_before_its_put_is_not_acknowledged_after_a_takeover(
+        cluster, writers, tmp_path):
+    pausing = PausingTransport()
+    a_store = store_over(cluster, pausing)
+    made: list = []
+    try:
+        a_view = copy.copy(cluster)
+        a_view.store = a_store  # the first mount: its own store over the pausing transport
+        a = Writer(a_view, str(tmp_path / "a"), made, transport=pausing,
+                   lease=short_lease())
+        a.metadata.create(ROOT_INO, b"v1", stat.S_IFREG | 0o644, 0, 0)
+        a.journal.wait_durable(timeout=60)
+
+        pausing.trigger = journal.segment_id(cluster.fs_id, a.journal.chain,
+                                             a.journal.stats()["segment"])
+        a.metadata.create(ROOT_INO, b"fsynced after the takeover", stat.S_IFREG | 0o644,
+                          0, 0)
+        outcome: list = []
+
+        def fsync():
+            try:
+                a.journal.wait_durable(timeout=120)
+                outcome.append("acknowledged")
+            except errors.StorageError as e:
+                outcome.append(e)
+
+        waiter = threading.Thread(target=fsync)
+        waiter.start()
+        assert pausing.paused.wait(60), "A's segment put never started"
+
+        wait_expired(cluster)  # A is "stopped": it renews nothing
+        b = writers("b")
+        assert b.metadata.lookup(ROOT_INO, b"v1") is not None
+        pausing.resume.set()
+        waiter.join(120)
+        assert outcome and outcome[0] != "acknowledged", \
+            "an fsync was acknowledged after another mount took the filesystem over"
+        # GC's `durable` is the same wait: it fails too, so nothing is deleted
+        with pytest.raises(errors.StorageError):
+            a.journal.wait_durable(timeout=60)
+        wait_until(lambda: a.journal.lost, "A to know it is fenced", timeout=60)
+        assert cluster.superblock().lease == b.lease
+        state, _, _ = cluster.load_elsewhere(tmp_path / "c")
+        assert state == dump(b.metadata)
+    finally:
+        pausing.resume.set()
+        for w in made:
+            w.close()
+        a_store.close()
+
+
+def test_a_takeover_fences_the_old_chain_at_the_storage_layer(cluster, writers, tmp_path):
+    cut = CutTransport()
+    a = writers("a", transport=cut, lease=short_lease())
+    Workload(a.metadata, seed=3).run(10)
+    a.journal.wait_durable(timeout=60)
+    nxt = a.journal.stats()["segment"]
+    cut.cut.set()  # A can renew nothing: its lease runs out
+    wait_expired(cluster)
+    b = writers("b")
+    assert cluster.superblock().checkpoint["chain"] == b.journal.chain
+
+    # A's late segment (what its ship thread would put when it resumes) reaches no W
+    late = journal.encode_segment(cluster.fs_id, a.journal.chain, nxt,
+                                  [b'[999999, "noop", []]'])
+    with pytest.raises(errors.StorageError):
+        cluster.store.put(journal.segment_id(cluster.fs_id, a.journal.chain, nxt), late,
+                          protocol.checksum(late))
+
+
+def test_a_segment_stored_after_the_new_writer_looked_is_replayed_not_lost(
+        cluster, writers, tmp_path):
+    """The old writer's put lands between the new writer's read of the chain and its
+    fencing: the fence finds the segment and replays it instead."""
+    cut = CutTransport()
+    a = writers("a", transport=cut, lease=short_lease())
+    a.metadata.create(ROOT_INO, b"shipped", stat.S_IFREG | 0o644, 0, 0)
+    a.journal.wait_durable(timeout=60)
+    cut.cut.set()
+    wait_expired(cluster)
+    sb = journal.acquire(new_transport(), cluster.superblock(),
+                         journal.new_lease(journal.new_mount_id(), 30.0))
+    os.makedirs(tmp_path / "b")
+    md, replayed, end = journal.open_metadata(cluster.store, sb, str(tmp_path / "b" / "m.db"))
+    try:
+        # now A's ship thread stores its next segment, on every server
+        a.metadata.create(ROOT_INO, b"late but durable", stat.S_IFREG | 0o644, 0, 0)
+        rows = a.metadata.unshipped(a.journal.stats()["shipped"])
+        data = journal.encode_segment(cluster.fs_id, a.journal.chain, end,
+                                      [r for _, r in rows])
+        for member in cluster.members:
+            cluster.transport.put_block(member, journal.segment_id(
+                cluster.fs_id, a.journal.chain, end), data, protocol.checksum(data))
+        late, fenced_at = journal.fence_chain(cluster.store, cluster.transport, md,
+                                              cluster.fs_id, a.journal.chain, end)
+        assert (late, fenced_at) == (len(rows), end + 1)
+        assert md.lookup(ROOT_INO, b"late but durable") is not None
+    finally:
+        md.close()
+
+
+# -- 2. PID namespaces --------------------------------------------------------------------------
+
+def test_a_live_holder_in_another_pid_namespace_is_not_declared_gone(cluster):
+    if os.geteuid() != 0:
+        pytest.skip("unshare --pid needs root")
+    mine = journal.new_lease(journal.new_mount_id(), 30.0, "/mnt/live")  # this process
+    sb = superblock.update(new_transport(), cluster.superblock().with_changes(lease=mine))
+    script = ("import json, sys; from fusefs import journal, superblock;"
+              "lease = json.loads(sys.argv[1]);"
+              "print(journal.holder_gone(lease), journal.refusal("
+              "superblock.Superblock.decode(sys.argv[2].encode(), 5), 'other') is not None)")
+    result = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable,
+                             "-c", script, json.dumps(mine), sb.encode().decode()],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0 and "unshare" in result.stderr:
+        pytest.skip(f"cannot make a PID namespace here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"], result.stdout
+
+
+def test_a_holder_is_gone_only_when_its_very_process_ended():
+    lease = journal.new_lease("m", 30.0)
+    assert not journal.holder_gone(lease)  # this process: alive
+    reused = {**lease, "start": lease["start"] + 1}  # the pid now names another process
+    assert journal.holder_gone(reused)
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    assert journal.holder_gone({**lease, "pid": ended.pid})
+    older = {k: v for k, v in lease.items() if k not in ("pidns", "start")}
+    assert not journal.holder_gone({**older, "pid": ended.pid})  # cannot tell: not gone
+
+
 # -- 3. fsck --repair keeps its lease -------------------------------------------------------------
 
 def test_fsck_repair_keeps_its_lease_for_its_whole_run(cluster, writers, tmp_path,
@@ -159,3 +294,73 @@ def test_a_retried_superblock_update_does_not_conflict_with_itself(cluster):
     done = superblock.update(flaky, wanted)  # the same value again: it is ours
     assert done.generation == sb.generation + 1
     assert superblock.read_quorum(flaky, cluster.members) == done
+
+
+def test_a_writer_survives_one_server_down_and_one_lost_answer(cluster, writers):
+    cluster.servers[2].stop()
+    flaky = LostAnswerTransport(cluster.members[1].url)
+    a = writers("a", transport=flaky, lease=short_lease())
+    start = cluster.superblock().generation
+    flaky.fail_once.set()  # the next renewal's answer from server 1 is lost
+    wait_until(lambda: not flaky.fail_once.is_set(), "the injected failure", timeout=60)
+    wait_until(lambda: a.journal.lost or cluster.superblock().generation >= start + 3,
+               "three more renewals", timeout=60, interval=0.1)
+    assert a.journal.lost is None
+    a.metadata.create(ROOT_INO, b"still writable", stat.S_IFREG | 0o644, 0, 0)
+    a.journal.wait_durable(timeout=60)
+
+
+# -- 9. segments by bytes -------------------------------------------------------------------------
+
+def test_a_segment_larger_than_a_server_takes_is_split(blockservers, make_cluster, writers,
+                                                        tmp_path, capsys):
+    servers = blockservers(3, args=["--max-block-size", "256KiB"])
+    assert cli.main(["mkfs", "--servers", ",".join(s.url for s in servers)]) == 0
+    small = Cluster(servers, make_cluster(servers))
+    made: list = []
+    try:
+        w = Writer(small, str(tmp_path / "w"), made)
+        ino = w.metadata.create(ROOT_INO, b"big", stat.S_IFREG | 0o644, 0, 0).ino
+        for i in range(40):  # 40 x 64 KiB of xattrs: far more than 256 KiB
+            w.metadata.set_xattr(ino, b"user.x%d" % i, os.urandom(65536))
+        w.journal.wait_durable(timeout=60)
+        state, _, _ = small.load_elsewhere(tmp_path / "elsewhere")
+        assert state == dump(w.metadata)
+    finally:
+        for w in made:
+            w.close()
+
+
+def test_many_large_xattrs_through_a_mount_fsync_and_unmount(fusefs_mount):
+    m = fusefs_mount(3)
+    value = os.urandom(65536)
+    for i in range(400):
+        path = os.path.join(m.path, f"f{i}")
+        with open(path, "wb"):
+            pass
+        os.setxattr(path, "user.big", value)
+    fd = os.open(os.path.join(m.path, "f399"), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    m.cli("umount", m.path, timeout=120)
+    assert not m.mounted
+    m.mount("--read-only", cache_dir=m.cache_dir + "-fresh")
+    assert os.getxattr(os.path.join(m.path, "f399"), "user.big") == value
+    assert len(os.listdir(m.path)) == 400
+
+
+# -- 12. a lost segment is not the end -----------------------------------------------------------
+
+def test_a_lost_segment_is_never_taken_for_the_end_of_the_chain(cluster, writers, tmp_path):
+    w = writers("w")
+    for seed in range(3):
+        Workload(w.metadata, seed=seed).run(5)
+        w.journal.wait_durable(timeout=60)
+    assert w.journal.stats()["segment"] >= 4
+    lost = journal.segment_id(cluster.fs_id, w.journal.chain, 2)
+    for member in cluster.members:  # every copy of segment 2 is gone; 3 is still there
+        cluster.transport.delete_block(member, lost)
+    with pytest.raises(errors.StorageError, match="segment 2"):
+        cluster.load_elsewhere(tmp_path / "elsewhere")

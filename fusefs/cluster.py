@@ -6,11 +6,17 @@ What it promises (DESIGN.md P3, P4):
   replaced by the next server in the ranking, so R copies exist whenever R servers are up,
   and the home's missing copy is remembered for repair.
 - get asks the best-ranked healthy replica, races a second once if the first is slower
-  than usual (an adaptive delay, at least `hedge_delay`), falls over down the ranking on any error, verifies the xxh3-128 checksum of what
-  it receives, and re-puts the block on any home found missing it or holding a bad copy.
+  than usual (an adaptive delay, at least `hedge_delay`), falls over down the ranking on
+  any error, verifies the xxh3-128 checksum of what it receives (a server may answer 200
+  with other bytes), and re-puts the block on any home found missing it or holding a bad
+  copy.
 - A server that fails is skipped until a background probe finds it answering again; then
   the copies it missed are repaired. Nothing waits on a dead server longer than the
   request timeout.
+- A copy refused by a server that stays usable (507 full, 409, 422, one failed request)
+  is remembered too, and the probe loop retries every usable server's backlog
+  periodically, backing off from `repair_min` to `repair_max` while rounds make no
+  progress: a server that runs full gets its copies once space is freed.
 
 Pending repairs live in memory (`_missing`), so a client restart forgets them; a scrub
 (`fusefs scrub`, a later issue) finds what was forgotten.
@@ -58,6 +64,10 @@ class ClusterConfig:
     batch_items: int = 1024
     probe_min: float = 0.5
     probe_max: float = 30.0
+    # A usable server with missing copies is repaired again after this long, doubling up
+    # to repair_max while a round makes no progress (a server that stays full, say).
+    repair_min: float = 1.0
+    repair_max: float = 60.0
 
 
 class _Latency:
@@ -104,6 +114,10 @@ class ReplicatedStore(BlockStore):
         self._behind = 0  # bytes held by copies left behind by puts; guarded by _behind_changed
         self._behind_changed = threading.Condition()
         self._space_checked = 0.0
+        # Repair rounds, guarded by _lock: servers with a round running, and per server
+        # (when the next round is due, the back-off delay).
+        self._repairing: set[str] = set()
+        self._repair_due = {m.id: (0.0, config.repair_min) for m in members}
         self.health.on_up(self._server_back)
 
     # -- life cycle -------------------------------------------------------------------------
@@ -167,6 +181,7 @@ class ReplicatedStore(BlockStore):
             if time.monotonic() - self._space_checked > 10:
                 self._space_checked = time.monotonic()
                 self._refresh_space()
+            self._repair_backlogs()
             for member_id in self.health.due_probes():
                 member = self._by_id[member_id]
                 try:
@@ -561,11 +576,44 @@ class ReplicatedStore(BlockStore):
                                      self._remember_missing(m, block_id, checksum))
 
     def _server_back(self, member_id: str) -> None:
-        if self._missing[member_id] and not self._stopping.is_set():
-            try:
-                self._repairs.submit(self.repair_server, member_id)
-            except RuntimeError:
-                pass  # shutting down
+        """A server answers again: repair its backlog at the probe loop's next turn."""
+        with self._lock:
+            self._repair_due[member_id] = (0.0, self.config.repair_min)
+
+    def _repair_backlogs(self) -> None:
+        """Start a repair round for each usable server with missing copies whose round is
+        due. Copies refused one by one (507 full, 409, 422, a timeout of one request) do
+        not mark a server down, so waiting for a down->up transition would never retry
+        them; this does, with a back-off while rounds make no progress."""
+        now = time.monotonic()
+        for member in self.members:
+            if not self.health.usable(member.id) or self._stopping.is_set():
+                continue
+            with self._lock:
+                due = (self._missing[member.id] and member.id not in self._repairing
+                       and self._repair_due[member.id][0] <= now)
+                if due:
+                    self._repairing.add(member.id)
+            if due:
+                try:
+                    self._repairs.submit(self._repair_round, member.id)
+                except RuntimeError:  # shutting down
+                    with self._lock:
+                        self._repairing.discard(member.id)
+
+    def _repair_round(self, member_id: str) -> None:
+        repaired = 0
+        try:
+            repaired = self.repair_server(member_id)
+        except Exception:  # noqa: BLE001 - keep repairing later; say what happened
+            log.exception("repair round failed")
+        finally:
+            with self._lock:
+                self._repairing.discard(member_id)
+                _, delay = self._repair_due[member_id]
+                delay = self.config.repair_min if repaired else min(
+                    2 * delay, self.config.repair_max)
+                self._repair_due[member_id] = (time.monotonic() + delay, delay)
 
     def repair_backlog(self) -> int:
         with self._lock:
@@ -590,7 +638,7 @@ class ReplicatedStore(BlockStore):
                 statuses = self._call(member, self.transport.batch_put,
                                       [(b, blocks[b], c) for b, c in chunk])
             except errors.StorageError as e:
-                log.warning("repair of %s paused: %s (will retry when it answers)", member.url, e)
+                log.warning("repair of %s paused: %s (retried later)", member.url, e)
                 return repaired
             with self._lock:
                 for (block_id, checksum), status in zip(chunk, statuses):

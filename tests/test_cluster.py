@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
 import random
+import subprocess
 import threading
 
 import pytest
@@ -142,12 +146,17 @@ def test_kill9_of_one_server_during_puts_and_gets_is_invisible(blockservers, mak
     assert all(got[b] == d for b, d, _ in written)
 
 
-def test_two_servers_down_puts_fail_clearly_and_gets_still_work(blockservers, make_cluster):
+def test_once_replicated_to_r_losing_r_minus_1_servers_loses_nothing(blockservers,
+                                                                     make_cluster):
+    """P3 as it really holds with W=2 < R=3: a put is acknowledged at W copies, so only
+    once the client has nothing left behind and nothing to repair (R copies exist) may
+    R-1 servers be lost for good. Puts then fail clearly; gets still work."""
     servers = blockservers(3)
     store = make_cluster(servers)
     blocks = [random_block(50000) for _ in range(20)]
     store.put_many(blocks)
-    wait_until(lambda: all(stored_on(servers[2], b) for b, _, _ in blocks), "copies on s2")
+    wait_until(lambda: store.behind_bytes == 0 and store.repair_backlog() == 0,
+               "the client to see R copies of everything")
     servers[0].stop()
     servers[1].kill()
     with pytest.raises(errors.QuorumNotReached, match=r"stored on 1 of the 2 servers required"):
@@ -157,6 +166,22 @@ def test_two_servers_down_puts_fail_clearly_and_gets_still_work(blockservers, ma
     for block_id, data, checksum in blocks:
         assert store.get(block_id, checksum) == data
     assert store.get_many([(b, c) for b, _, c in blocks]) == {b: d for b, d, _ in blocks}
+
+
+def test_at_acknowledgement_losing_w_minus_1_servers_loses_nothing(blockservers,
+                                                                   make_cluster):
+    """What holds the moment a put returns: W copies, so W-1 servers may be lost. Here the
+    third home is down while the blocks are written and one of the two that took them
+    is then lost for good: every block is still read from the other."""
+    servers = blockservers(3)
+    store = make_cluster(servers)
+    servers[2].stop()
+    blocks = [random_block(30000) for _ in range(10)]
+    for block in blocks:
+        store.put(*block)
+    servers[0].kill()
+    for block_id, data, checksum in blocks:
+        assert store.get(block_id, checksum) == data
 
 
 def test_a_hanging_server_does_not_stall_reads(blockservers, make_cluster):
@@ -329,3 +354,121 @@ def test_transport_translates_statuses(server):
     with pytest.raises(errors.Conflict):
         transport.register_put(member, "sb", 1, b"y")
     assert transport.register_get(member, "sb") == (1, b"x")
+
+
+# -- a server that answers 200 with other bytes (P4 on the client) ----------------------------
+
+def test_a_replica_answering_other_bytes_is_skipped_and_reported(blockservers, make_cluster,
+                                                                  caplog):
+    """Every other corruption test flips bytes on disk, which the server itself catches.
+    Here the first-ranked home really holds other bytes under the id, with their own valid
+    checksum, so it answers 200: only the client's own check can refuse them."""
+    servers = blockservers(3)
+    store = make_cluster(servers, hedge_delay=5.0)  # no racing: the bad home answers first
+    members = members_of(servers)
+    block_id, data, checksum = random_block(20000)
+    other = random.randbytes(20000)
+    first = rank(block_id, members)[0]
+    store.transport.put_block(first, block_id, other, protocol.checksum(other))
+    store.put(block_id, data, checksum)  # the first home refuses (409): W=2 on the others
+    caplog.set_level(logging.WARNING, logger="fusefs.cluster")
+    assert store.get(block_id, checksum) == data
+    extra = random_block(3000)
+    store.put(*extra)
+    got = store.get_many([(block_id, checksum), (extra[0], extra[2])])  # checked one by one
+    assert got == {block_id: data, extra[0]: extra[1]}
+    assert f"block {block_id} from {first.url} failed verification" in caplog.text
+
+
+# -- copies refused one by one are retried (review #11, #13) ---------------------------------
+
+@contextlib.contextmanager
+def full_server(blockservers, tmp_path):
+    """Start one block server on an 8 MiB tmpfs and fill the tmpfs with a file. Yields
+    (server, path of the filler: remove it to make room). Unmounts on the way out."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    data_dir = tmp_path / f"server{len(blockservers.servers)}"
+    data_dir.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(data_dir)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        server = blockservers(1)[0]
+        assert server.data_dir == str(data_dir)
+        filler = data_dir / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while os.write(fd, b"\1" * 4096):
+                pass
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        yield server, filler
+    finally:
+        for s in blockservers.servers:
+            s.stop()
+        if subprocess.run(["umount", str(data_dir)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(data_dir)], capture_output=True)
+
+
+def block_files(server) -> set[str]:
+    root = os.path.join(server.data_dir, "blocks")
+    return {name for _, _, names in os.walk(root) for name in names}
+
+
+def test_copies_a_full_server_refused_are_repaired_once_it_has_room(blockservers,
+                                                                     make_cluster, tmp_path):
+    """A 507 does not mark a server down, so it never "comes back": its missing copies
+    are retried periodically and land once space is freed."""
+    servers = blockservers(2)
+    with full_server(blockservers, tmp_path) as (full, filler):
+        servers.append(full)
+        store = make_cluster(servers, repair_min=0.2, repair_max=1.0)
+        blocks = [random_block(20000) for _ in range(10)]  # R=3 of 3: every server a home
+        for block in blocks:
+            store.put(*block)
+        wait_until(lambda: store.behind_bytes == 0, "the background copies to end")
+        assert store.repair_backlog() == len(blocks)
+        assert all(stored_on(full, b) is None for b, _, _ in blocks)
+        assert store.health.usable(members_of([full])[0].id)  # full, not down
+        os.remove(filler)
+        wait_until(lambda: store.repair_backlog() == 0, "the refused copies repaired")
+        for block_id, data, _ in blocks:
+            assert stored_on(full, block_id) == data
+
+
+def test_upload_retries_against_a_full_server_leave_one_copy_per_block(blockservers,
+                                                                       make_cluster,
+                                                                       tmp_path):
+    """Review #13 through the real cluster: R=W=2 with one server full, so every upload
+    fails its quorum after the other server took a copy. Retries reuse the block id, so
+    after space is freed and garbage collected the servers hold exactly the blocks the
+    metadata references: no copy per failed attempt."""
+    from .test_filesystem_core import BS, Core
+    servers = blockservers(1)
+    with full_server(blockservers, tmp_path) as (full, filler):
+        servers.append(full)
+        store = make_cluster(servers, replicas=2, write_quorum=2, repair_max=1.0)
+        core = Core(tmp_path / "metadata.db", store=store, max_age=3600)
+        try:
+            fs = core.fs
+            inode, fh = fs.create(1, b"f", 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+            fs.write(fh, 0, random.randbytes(3 * BS))
+            with pytest.raises(errors.StorageFull):
+                fs.fsync(fh)
+            wait_until(lambda: len(core.flusher.recent_errors()) >= 4,
+                       "the flusher to retry a few times")  # one retry a second
+            os.remove(filler)
+            fs.fsync(fh)
+            fs.flush(fh)
+            fs.release(fh)
+            core.flusher.collect_garbage()
+            wanted = {r.block_id for r in core.md.block_refs(inode.ino, 0, 10).values()}
+            assert len(wanted) == 3
+            for server in servers:
+                assert block_files(server) == wanted
+        finally:
+            core.close()

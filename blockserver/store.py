@@ -451,24 +451,49 @@ class BlockStore:
 
     def delete(self, block_id: str) -> bool:
         """Remove a block; True if it existed. Deleting a missing block is not an error."""
+        return self.delete_many([block_id]) == 1
+
+    def delete_many(self, block_ids) -> int:
+        """Remove blocks; how many existed. Durable when it returns: each directory a name
+        left (and spare/, which got it) is fsynced once, and only then are the moved files
+        emptied and offered for reuse. Without that, a power cut could bring an old name
+        back pointing at an inode that meanwhile holds another block."""
+        dirs, spares, removed = set(), [], 0
+        for block_id in block_ids:
+            moved = self._unlink_block(block_id)
+            if moved is False:
+                continue
+            removed += 1
+            dirs.add(os.path.dirname(self._block_path(block_id)))
+            if moved is not True:
+                spares.append(moved)
+        if spares:
+            dirs.add(self._spare)
+        for path in sorted(dirs):
+            self._fsync_dir(path)
+        for name in spares:
+            self._recycle(name)
+        return removed
+
+    def _unlink_block(self, block_id: str) -> str | bool:
+        """Take a block's name away: the spare name it moved to, True if unlinked, False if
+        there was no such block."""
         path = self._block_path(block_id)
         prefix = int(block_id[:2], 16)
-        spare = None
         with self._prefix_locks[prefix]:
             try:
                 st = os.stat(path)
                 if st.st_nlink == 1 and len(self._spares) < SPARE_LIMIT:
-                    spare = uuid.uuid4().hex
-                    os.rename(path, os.path.join(self._spare, spare))
+                    moved = uuid.uuid4().hex
+                    os.rename(path, os.path.join(self._spare, moved))
                 else:  # a second link is a PUT of this id still staging: leave its inode be
                     os.unlink(path)
+                    moved = True
             except FileNotFoundError:
                 return False
             self._counts[prefix] -= 1
             self._used[prefix] -= max(0, st.st_size - HEADER_SIZE)
-        if spare is not None:
-            self._recycle(spare)
-        return True
+        return moved
 
     def _drop_spares(self) -> bool:
         """Give every spare inode back to the filesystem (it ran out); True if there were any."""

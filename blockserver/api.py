@@ -12,14 +12,13 @@ import hmac
 import json
 import logging
 import ssl
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from . import __version__, protocol
 from .http11 import HttpError, Request, Response
 from .metrics import Metrics
+from .replay import DEFAULT_CAPACITY, NonceBook
 from .store import (MAX_REGISTER_SIZE, BlockStore, ChecksumMismatch, Conflict, Corrupt,
                     NotFound, StaleGeneration, StoreError, StoreFull)
 
@@ -34,9 +33,11 @@ _STORE_ERRORS = {
     StoreFull: (507, "full"),
     StaleGeneration: (409, "stale_generation"),
 }
-_LOGGED_CLIENT_ERRORS = {400, 401, 405, 411, 413, 414, 422, 431, 501, 505}
+_LOGGED_CLIENT_ERRORS = {400, 401, 403, 405, 411, 413, 414, 422, 431, 501, 505}
 _FIXED_ROUTES = {"/v1/status", "/metrics", "/v1/blocks", "/v1/batch/put", "/v1/batch/get",
                  "/v1/batch/check", "/v1/batch/delete"}
+_READ_ROUTES = {("GET", "status"), ("GET", "blocks"), ("POST", "batch/get"),
+                ("POST", "batch/check")}  # what the read-only key may sign
 MAX_BATCH_ITEMS = 10000
 MAX_LIST_LIMIT = 10000
 
@@ -52,6 +53,7 @@ class ApiConfig:
     secret: bytes | None = None
     public_metrics: bool = False
     access_log: bool = False
+    max_nonces: int = DEFAULT_CAPACITY
 
 
 class Api:
@@ -61,8 +63,9 @@ class Api:
         self.metrics = metrics
         self.started = time.time()
         self.open_connections = lambda: 0  # set by the composition root once serving
-        self._nonces: OrderedDict[str, float] = OrderedDict()  # guarded by _nonce_lock
-        self._nonce_lock = threading.Lock()
+        self._keys = None if config.secret is None else protocol.role_keys(config.secret)
+        self.nonces = NonceBook(store.root if config.secret is not None else None,
+                                config.max_nonces)
         self._routes = {
             ("GET", "status"): self._status,
             ("GET", "metrics"): self._metrics,
@@ -78,6 +81,11 @@ class Api:
     # -- entry points used by http11.Server ---------------------------------------------
 
     def handle(self, req: Request) -> Response:
+        response = self._answer(req)
+        self.sign_response(req, response)
+        return response
+
+    def _answer(self, req: Request) -> Response:
         try:
             return self._dispatch(req)
         except HttpError as e:
@@ -90,6 +98,11 @@ class Api:
         except OSError as e:
             log.error("%s %s failed on the data directory: %s", req.method, req.path, e)
             return self.error_response(HttpError(500, "io_error", f"storage error: {e}"))
+        except Exception as e:  # noqa: BLE001 - a bug must cost one answer, not the connection
+            log.exception("%s %s failed unexpectedly: %s", req.method, req.path[:100], e)
+            return self.error_response(HttpError(500, "internal_error",
+                                                 f"internal error ({type(e).__name__}); "
+                                                 "see the server log"))
 
     def error_response(self, e: HttpError) -> Response:
         body = json.dumps({"error": e.code, "message": e.message, **e.extra}).encode()
@@ -119,7 +132,7 @@ class Api:
     def _dispatch(self, req: Request) -> Response:
         if req.path == "/metrics" and req.method == "GET":
             if not self.config.public_metrics:
-                self._authenticate(req)
+                self._authenticate(req, read_only=True)
             return self._metrics(req)
         if not req.path.startswith(protocol.API_PREFIX + "/"):
             raise HttpError(404, "no_route", f"no such endpoint {req.path[:100]!r}")
@@ -131,28 +144,30 @@ class Api:
                 raise HttpError(405, "bad_method", f"{req.method} is not allowed on a block")
             if not protocol.is_block_id(name):
                 raise HttpError(400, "bad_id", "a block id is 32 lowercase hexadecimal digits")
-            self._authenticate(req)
+            self._authenticate(req, read_only=req.method in ("GET", "HEAD"))
             return handler(req, name)
         if kind == "registers" and name:
             if not protocol.is_register_name(name):
                 raise HttpError(400, "bad_name", "a register name is [a-z0-9][a-z0-9._-]{0,63}")
             if req.method not in ("GET", "PUT"):
                 raise HttpError(405, "bad_method", f"{req.method} is not allowed on a register")
-            self._authenticate(req)
+            self._authenticate(req, read_only=req.method == "GET")
             return self._register_get(req, name) if req.method == "GET" else \
                 self._register_put(req, name)
         handler = self._routes.get((req.method, rest))
         if handler is None:
             raise HttpError(404, "no_route", f"no such endpoint {req.method} {req.path[:100]!r}")
-        self._authenticate(req)
+        self._authenticate(req, read_only=(req.method, rest) in _READ_ROUTES)
         return handler(req)
 
     # -- authentication ---------------------------------------------------------------------
 
-    def _authenticate(self, req: Request) -> None:
-        """Check the signature over the head; the body hash is checked when it is read."""
-        secret = self.config.secret
-        if secret is None:
+    def _authenticate(self, req: Request, read_only: bool) -> None:
+        """Check the signature over the head; the body digest is checked when it is read.
+
+        `read_only`: the request changes nothing, so the read-only key may sign it."""
+        if self._keys is None:
+            req.conn.authenticated = True
             return
         h = req.headers
         scheme, _, sig = h.get("authorization", "").partition(" ")
@@ -162,40 +177,64 @@ class Api:
         if scheme != protocol.AUTH_SCHEME or not (date and nonce and content_hash):
             raise HttpError(401, "unauthenticated", "request is not signed; this server "
                             "needs the cluster secret (--secret-file)")
-        if not _digits(date) or abs(time.time() - int(date)) > protocol.SIGNATURE_MAX_SKEW:
-            raise HttpError(401, "stale_signature", "signature date is more than "
-                            f"{protocol.SIGNATURE_MAX_SKEW}s from the server's clock; "
-                            "check both clocks")
-        expected = protocol.signature(secret, req.method, req.target, date, nonce, content_hash)
+        self._check_date(date)
+        role = h.get(protocol.H_ROLE.lower(), protocol.ROLE_WRITE)
+        key = self._keys.get(role)
+        if key is None:
+            raise HttpError(401, "bad_role", f"unknown signing role {role[:20]!r}")
+        for_server = self._check_target_server(req, h.get(protocol.H_FOR_SERVER.lower(), ""))
+        expected = protocol.signature(key, req.method, req.target, date, nonce, content_hash,
+                                      for_server, role, h)
         if not hmac.compare_digest(sig.encode("latin-1"), expected.encode()):
             raise HttpError(401, "bad_signature",
                             "signature does not match: the client uses a different secret")
-        self._remember_nonce(nonce)
-        req.signed_hash = content_hash
+        self.nonces.remember(nonce, int(date))
+        req.signed_hash, req.auth_key, req.nonce = content_hash, key, nonce
+        req.conn.authenticated = True
+        if role != protocol.ROLE_WRITE and not read_only:
+            raise HttpError(403, "read_only", "this client holds the read-only key: it may "
+                            "read but not write or delete; use the cluster secret to write")
 
-    def _remember_nonce(self, nonce: str) -> None:
-        now = time.monotonic()
-        with self._nonce_lock:
-            if nonce in self._nonces:
-                raise HttpError(401, "replayed", "this signed request was already used")
-            self._nonces[nonce] = now + 2 * protocol.SIGNATURE_MAX_SKEW
-            while self._nonces:
-                first = next(iter(self._nonces))
-                if self._nonces[first] > now:
-                    break
-                del self._nonces[first]
+    def _check_date(self, date: str) -> None:
+        if not protocol.is_number(date) or \
+                abs(time.time() - int(date)) > protocol.SIGNATURE_MAX_SKEW:
+            raise HttpError(401, "stale_signature", "signature date is more than "
+                            f"{protocol.SIGNATURE_MAX_SKEW}s from the server's clock; "
+                            "check both clocks")
+        if int(date) < self.nonces.floor:
+            raise HttpError(401, "stale_signature", "signature is dated before this server "
+                            "started: a request from before a restart is not taken again")
 
-    def _body(self, req: Request, limit: int, block_checksum: str | None = None) -> bytearray:
-        """The body, checked against the signed content hash. A block whose checksum is that
-        hash and whose bytes are not is a damaged block (422), not a forged request."""
+    def _check_target_server(self, req: Request, for_server: str) -> str:
+        """The server id the request was signed for: ours; or none for a status query (how a
+        client learns an id: the signed answer names it)."""
+        if for_server == self.store.server_id or (for_server == "" and
+                                                  req.path == "/v1/status"):
+            return for_server
+        raise HttpError(401, "wrong_server", f"request was signed for server "
+                        f"{for_server[:40]!r}, this is server {self.store.server_id}")
+
+    def sign_response(self, req: Request, response: Response) -> None:
+        """Add the response signature when the request was authenticated (see
+        docs/blockserver-api.md): the client then knows this server answered this request."""
+        if req.auth_key is None:
+            return
+        headers = dict(response.headers)
+        if response.status != 204:
+            headers["Content-Length"] = str(response.body_size if response.length is None
+                                            else response.length)
+        response.headers[protocol.H_RESPONSE_SIGNATURE] = protocol.response_signature(
+            req.auth_key, response.status, req.nonce, self.store.server_id,
+            protocol.content_digest(*response.body), headers)
+
+    def _body(self, req: Request, limit: int) -> bytearray:
+        """The body, checked against the signed SHA-256 (the block checksum, xxh3, is the
+        store's to check: it guards against accidents, not against forgers)."""
         if req.content_length > limit:
             raise HttpError(413, "too_large",
                             f"body of {req.content_length} bytes exceeds the limit of {limit}")
         body = req.read_body()
-        if req.signed_hash is not None and protocol.checksum(body) != req.signed_hash:
-            if req.signed_hash == block_checksum:
-                raise HttpError(422, "checksum_mismatch",
-                                f"body does not match checksum {block_checksum}")
+        if req.signed_hash is not None and protocol.content_digest(body) != req.signed_hash:
             raise HttpError(401, "bad_signature", "body does not match the signed content hash")
         return body
 
@@ -206,10 +245,8 @@ class Api:
         if not protocol.is_checksum(expected):
             raise HttpError(400, "bad_checksum",
                             f"{protocol.H_CHECKSUM} must be the block's xxh3-128 as 32 hex digits")
-        body = self._body(req, self.config.max_block_size, block_checksum=expected)
-        # A body whose signed content hash is the block's checksum was verified just now.
-        created = self.store.put(block_id, body, expected,
-                                 verified=req.signed_hash == expected)
+        body = self._body(req, self.config.max_block_size)
+        created = self.store.put(block_id, body, expected)
         return Response(201 if created else 200, headers={protocol.H_CHECKSUM: expected})
 
     def _get(self, req: Request, block_id: str) -> Response:
@@ -230,7 +267,7 @@ class Api:
         if after and not protocol.is_block_id(after):
             raise HttpError(400, "bad_id", "`after` must be a block id")
         limit = _one(req, "limit", "1000")
-        if not _digits(limit) or not 1 <= int(limit) <= MAX_LIST_LIMIT:
+        if not protocol.is_number(limit) or not 1 <= int(limit) <= MAX_LIST_LIMIT:
             raise HttpError(400, "bad_limit", f"`limit` must be 1..{MAX_LIST_LIMIT}")
         blocks, next_after = self.store.list(after, int(limit))
         return _json(200, {"blocks": blocks, "next": next_after})
@@ -255,7 +292,7 @@ class Api:
         ids, _, manifest = self._manifest(req, "ids")
         if not all(isinstance(i, str) and protocol.is_block_id(i) for i in ids):
             raise HttpError(400, "bad_id", "every id must be 32 lowercase hexadecimal digits")
-        return ids, manifest
+        return list(dict.fromkeys(ids)), manifest  # each id once: duplicates cost nothing
 
     def _batch_put(self, req: Request) -> Response:
         blocks, payload, _ = self._manifest(req, "blocks")
@@ -286,6 +323,9 @@ class Api:
         ids, _ = self._batch_ids(req)
         entries, payloads, total = [], [], 0
         for block_id in ids:
+            if total >= self.config.max_batch_bytes:  # read no more than one answer holds
+                entries.append({"id": block_id, "status": 413, "error": "batch_full"})
+                continue
             try:
                 data, digest = self.store.get(block_id)
             except (NotFound, Corrupt) as e:
@@ -294,6 +334,7 @@ class Api:
                 continue
             if total + len(data) > self.config.max_batch_bytes:
                 entries.append({"id": block_id, "status": 413, "error": "batch_full"})
+                total = self.config.max_batch_bytes
                 continue
             total += len(data)
             entries.append({"id": block_id, "status": 200, "size": len(data),
@@ -305,10 +346,14 @@ class Api:
     def _batch_check(self, req: Request) -> Response:
         ids, manifest = self._batch_ids(req)
         verify = manifest.get("verify") is True
-        entries = []
+        entries, budget = [], self.config.max_batch_bytes
         for block_id in ids:
+            if verify and budget <= 0:  # bytes read per request are bounded: ask again
+                entries.append({"id": block_id, "status": 413, "error": "batch_full"})
+                continue
             try:
                 size, digest = self.store.check(block_id, verify)
+                budget -= size if verify else 0
             except (NotFound, Corrupt) as e:
                 status, code = _store_status(e)
                 entries.append({"id": block_id, "status": status, "error": code})
@@ -318,7 +363,7 @@ class Api:
 
     def _batch_delete(self, req: Request) -> Response:
         ids, _ = self._batch_ids(req)
-        deleted = sum(1 for block_id in ids if self.store.delete(block_id))
+        deleted = self.store.delete_many(ids)
         return _json(200, {"deleted": deleted})
 
     # -- registers --------------------------------------------------------------------------
@@ -330,11 +375,12 @@ class Api:
 
     def _register_put(self, req: Request, name: str) -> Response:
         generation = req.headers.get(protocol.H_GENERATION.lower(), "")
-        expect = req.headers.get("x-fusefs-expect-generation")
-        if not _digits(generation) or int(generation) < 1 or (
-                expect is not None and not _digits(expect)):
-            raise HttpError(400, "bad_generation",
-                            f"{protocol.H_GENERATION} must be a whole number >= 1")
+        expect = req.headers.get(protocol.H_EXPECT_GENERATION.lower())
+        if not _generation(generation) or int(generation) < 1 or (
+                expect is not None and not _generation(expect)):
+            raise HttpError(400, "bad_generation", f"{protocol.H_GENERATION} (and "
+                            f"{protocol.H_EXPECT_GENERATION}) must be whole numbers from 1 "
+                            f"to {protocol.MAX_GENERATION}")
         value = bytes(self._body(req, MAX_REGISTER_SIZE))
         try:
             self.store.register_put(name, int(generation), value,
@@ -387,9 +433,8 @@ def _json(status: int, obj) -> Response:
                     {"Content-Type": "application/json"})
 
 
-def _digits(text: str) -> bool:
-    """ASCII decimal digits only: str.isdigit() also accepts superscripts, which int() refuses."""
-    return text.isascii() and text.isdigit()
+def _generation(text: str) -> bool:
+    return protocol.is_number(text) and int(text) <= protocol.MAX_GENERATION
 
 
 def _one(req: Request, key: str, default: str) -> str:

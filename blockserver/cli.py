@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import signal
 import ssl
@@ -29,7 +30,8 @@ acknowledged only once it is durable on disk. See docs/blockserver-api.md for th
 EPILOG = """\
 examples:
   blockserver serve --data /srv/blocks
-  blockserver serve --data /srv/blocks --listen 0.0.0.0:7001 --secret-file /etc/fusefs/secret
+  blockserver serve --data /srv/blocks --listen 0.0.0.0:7001 --secret-file /etc/fusefs/secret \
+      --tls-cert /etc/fusefs/cert.pem --tls-key /etc/fusefs/key.pem
   blockserver serve --data /tmp/b --listen 127.0.0.1:0     # pick a free port; the URL is printed
 
 The server prints `serving URL` on standard output once it accepts requests, logs one line
@@ -59,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "port 0 picks a free one)")
     serve.add_argument("--secret-file", metavar="F", help="shared cluster secret: every request "
                        "must then be signed with it (HMAC-SHA256)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow listening beyond loopback without --secret-file (anyone "
+                       "who reaches the port can then read, write and delete every block)")
     serve.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate")
     serve.add_argument("--tls-key", metavar="PEM", help="private key for --tls-cert")
     serve.add_argument("--max-block-size", type=size_argument, default="16MiB", metavar="SIZE",
@@ -68,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reserve", type=size_argument, default="0", metavar="SIZE",
                        help="free space to keep on the disk; writes beyond it get 507")
     serve.add_argument("--max-connections", type=int, default=256, metavar="N",
-                       help="connections served at once (default 256; more get 503)")
+                       help="connections served at once (default 256; more get 503); a "
+                       "quarter of them is kept for clients that sent a signed request")
+    serve.add_argument("--max-unauthenticated-per-peer", type=int, default=64, metavar="N",
+                       help="connections one address may hold before its first signed "
+                       "request (default 64; more get 503)")
     serve.add_argument("--max-body-memory", type=size_argument, default="1GiB", metavar="SIZE",
                        help="request bodies held in memory at once, over all connections "
                        "(default 1GiB; beyond it: 503)")
@@ -102,7 +111,30 @@ def _tls_context(args) -> ssl.SSLContext | None:
     return context
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _check_exposure(args) -> None:
+    """Refuse to serve beyond loopback without a secret, unless told --insecure."""
+    host = args.listen[0]
+    if args.secret_file or _is_loopback(host):
+        return
+    if not args.insecure:
+        raise SystemExit(
+            f"blockserver: refusing to listen on {host} without --secret-file: anyone who "
+            "can reach it could read, overwrite and delete every block. Give the cluster "
+            "secret with --secret-file F (and TLS with --tls-cert/--tls-key), listen on "
+            "127.0.0.1, or pass --insecure on a network you trust completely.")
+    log.warning("listening on %s WITHOUT authentication (--insecure): anyone who reaches "
+                "this port can read, write and delete every block", host)
+
+
 def serve(args) -> int:
+    _check_exposure(args)
     secret = None
     if args.secret_file:
         try:
@@ -122,7 +154,9 @@ def serve(args) -> int:
     limits = Limits(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
                     body_timeout=args.body_timeout, min_rate=max(1, args.min_rate),
                     max_connections=args.max_connections,
-                    max_body_memory=args.max_body_memory)
+                    max_body_memory=args.max_body_memory,
+                    max_strangers_per_peer=max(1, args.max_unauthenticated_per_peer),
+                    reserved_slots=args.max_connections // 4)
     try:
         server = Server(args.listen, api, limits, ssl_context=tls,
                         on_cut=metrics.connection_closed,
@@ -132,6 +166,8 @@ def serve(args) -> int:
         raise SystemExit(f"blockserver: cannot listen on {args.listen[0]}:{args.listen[1]}: "
                          f"{e.strerror} (is another server using that port?)") from None
     api.open_connections = lambda: server.open_connections
+    if secret is not None:
+        api.nonces.wait_for_floor()  # requests signed before this start are refused (replays)
 
     def on_signal(signum, frame):
         log.info("received %s: finishing requests in flight, then stopping",

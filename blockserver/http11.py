@@ -65,6 +65,13 @@ class Limits:
     max_header_bytes: int = 16384
     max_headers: int = 64
     max_connections: int = 256
+    # Connections that have not yet sent an authenticated request ("strangers"): at most
+    # this many per source address (more: 503 and close), and at most max_connections
+    # minus reserved_slots of them in all (more: the oldest waiting stranger is cut), so
+    # signed clients always find a slot. A stranger gets unauth_timeout to send a request.
+    max_strangers_per_peer: int = 64
+    reserved_slots: int = 64
+    unauth_timeout: float = 5.0
     max_body_memory: int = 1 << 30  # bytes of request bodies held at once, all connections
     shutdown_grace: float = 30.0
 
@@ -80,7 +87,9 @@ class Request:
     conn: "Connection" = field(repr=False)
     close: bool = False  # the client asked to close after this request
     body_read: bool = False
-    signed_hash: str | None = None  # the body hash a valid signature vouches for
+    signed_hash: str | None = None  # the body digest a valid signature vouches for
+    auth_key: bytes | None = None  # the key that signed it (signs the answer too)
+    nonce: str = ""  # the signed request's nonce (named in the answer's signature)
 
     def read_body(self) -> bytearray:
         body = self.conn.read_body(self.content_length, self.headers)
@@ -104,11 +113,15 @@ class Connection:
     def __init__(self, sock: socket.socket, peer: str, server: "Server"):
         self.sock = sock
         self.peer = peer
+        self.host = peer.rsplit(":", 1)[0]
         self.server = server
         self.limits = server.limits
         self.rfile = None
         self.state = "new"
-        self.deadline = time.monotonic() + self.limits.header_timeout
+        self.authenticated = False  # set by the app once a request passed its checks
+        self.opened = time.monotonic()
+        self.deadline = self.opened + min(self.limits.header_timeout,
+                                          self.limits.unauth_timeout)
         self.cut_reason: str | None = None
         self.reserved = 0  # body bytes this connection holds against max_body_memory
 
@@ -128,7 +141,8 @@ class Connection:
 
     def wait_for_request(self, first: bool) -> bool:
         if not first:
-            self._phase("idle", self.limits.idle_timeout)
+            self._phase("idle", self.limits.idle_timeout if self.authenticated
+                        else min(self.limits.idle_timeout, self.limits.unauth_timeout))
         if self.server.stopping:
             return False
         if not self.rfile.peek(1):
@@ -160,7 +174,8 @@ class Connection:
             raise HttpError(501, "chunked_unsupported",
                             "chunked request bodies are not supported; send Content-Length")
         raw_length = headers.get("content-length", "")
-        if raw_length and not (raw_length.isascii() and raw_length.isdigit()):
+        if raw_length and not (raw_length.isascii() and raw_length.isdigit()
+                               and len(raw_length) <= 20):
             raise HttpError(400, "bad_length", "Content-Length must be one decimal number")
         try:
             parts = urlsplit(target)
@@ -246,6 +261,16 @@ class Connection:
         return sent
 
 
+# Answers after which a connection is closed: they show a peer that is not a working client
+# (no or a bad signature, malformed or oversized requests). Other 4xx (404, 409, 410, 422,
+# 507) are everyday answers to signed clients; from a stranger any 4xx closes.
+_CLOSING_STATUSES = frozenset({400, 401, 403, 405, 411, 413, 414, 431, 501, 505})
+
+
+def _hostile(status: int, authenticated: bool) -> bool:
+    return status in _CLOSING_STATUSES or (status >= 400 and not authenticated)
+
+
 class Server:
     """Accepts connections and has `app` answer each request.
 
@@ -317,19 +342,20 @@ class Server:
 
     def _admit(self, sock: socket.socket, peer: str) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Connection(sock, peer, self)
         with self._lock:
-            full = len(self._connections) >= self.limits.max_connections
-            if not full:
-                conn = Connection(sock, peer, self)
+            refusal, evicted = self._admission(conn)
+            if refusal is None:
                 self._connections.add(conn)
                 thread = threading.Thread(target=self._run, args=(conn,), daemon=True,
                                           name=f"conn-{peer}")
                 self._threads.add(thread)
-        if full:
-            self.on_cut("too_many_connections")
-            log.warning("refused a connection from %s: %d connections already open "
-                        "(raise --max-connections if this is real load)",
-                        peer, self.limits.max_connections)
+        if evicted is not None:
+            evicted.cut("making room: a slot is kept for signed clients")
+        if refusal is not None:
+            self.on_cut(refusal)
+            log.warning("refused a connection from %s: %s (raise --max-connections if this "
+                        "is real load)", peer, refusal.replace("_", " "))
             try:
                 sock.setblocking(False)
                 sock.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
@@ -339,6 +365,22 @@ class Server:
             sock.close()
             return
         thread.start()
+
+    def _admission(self, conn: Connection) -> tuple[str | None, Connection | None]:
+        """(why `conn` is refused or None, a stranger to cut for it or None). Under _lock."""
+        limits = self.limits
+        if len(self._connections) >= limits.max_connections:
+            return "too_many_connections", None
+        strangers = [c for c in self._connections if not c.authenticated]
+        if sum(1 for c in strangers if c.host == conn.host) >= limits.max_strangers_per_peer:
+            return "too_many_connections_from_peer", None
+        if len(strangers) < max(1, limits.max_connections - limits.reserved_slots):
+            return None, None
+        waiting = [c for c in strangers if c.state in ("new", "idle", "head")
+                   and c.cut_reason is None]
+        if not waiting:
+            return "too_many_connections", None
+        return None, min(waiting, key=lambda c: c.opened)
 
     def _run(self, conn: Connection) -> None:
         try:
@@ -356,6 +398,8 @@ class Server:
             if conn.cut_reason is None and not isinstance(e, (ConnectionResetError,
                                                               BrokenPipeError)):
                 log.warning("connection from %s ended: %s", conn.peer, e)
+        except Exception:  # noqa: BLE001 - a bug ends this connection, logged, not the thread
+            log.exception("connection from %s failed unexpectedly", conn.peer)
         finally:
             if conn.cut_reason is not None:
                 self.on_cut(conn.cut_reason)
@@ -387,7 +431,8 @@ class Server:
         finally:
             self._release_body(conn)
         close = request.close or self.stopping or (
-            not request.body_read and request.content_length > 0) or response.status >= 500
+            not request.body_read and request.content_length > 0) or response.status >= 500 \
+            or _hostile(response.status, conn.authenticated)
         sent = conn.send(response, close, request.method)
         conn.state = "handling"
         self.app.record(request.method, request.path, response,

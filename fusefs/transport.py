@@ -1,21 +1,31 @@
 """HTTP to block servers. The only module of fusefs that imports `requests`.
 
-One `requests` HTTPAdapter per thread, each with a connection pool per server sized for
-the flusher's threads. Requests go straight to the adapter: a Session's cookies, redirects,
-hooks, environment and URL normalization cost about half of the client's CPU per small
-request here and none of them applies (our own URLs, no proxies, no redirects).
-Connect and read timeouts on every call;
-every request signed with the cluster secret when there is one; TLS verified against the
-system store or a CA file. Every failure leaves this module as one of the project's own
-`fusefs.errors` exceptions, translated by the two tables below; a response from a server
-whose stable id is not the one expected is refused (`WrongServer`).
+One `requests` HTTPAdapter per Transport, shared by all threads, with one pool per server
+of at most `pool_size` connections; a semaphore per server keeps the requests in flight to
+it at that bound too, so a process never holds more than `pool_size` connections to one
+server (any number of mounts per server stays affordable). Requests go straight to the
+adapter: a Session's cookies, redirects, hooks, environment and URL normalization cost
+about half of the client's CPU per small request here and none of them applies.
+
+Connect and read timeouts on every call; TLS verified against the system store or a CA
+file (`tls_verify`). With a key (`secret`, and `role`: the cluster secret signs as
+"write", a read-only key as "read"), every request is signed for the server it goes to
+(its id; a member known only by URL has its id asked first, from a signed status answer)
+over the SHA-256 of its body and every header with meaning, and every answer must carry
+the server's signature over the status, our nonce, its id, the SHA-256 of its body and the
+headers we act on: a man in the middle or a server without the key cannot forge blocks,
+registers or errors (`AuthenticationFailed`), and an answer from another server is
+`WrongServer`. Every failure leaves this module as one of the project's own
+`fusefs.errors` exceptions, translated by the two tables below.
 """
 
 from __future__ import annotations
 
+import hmac
 import http.client
 import json
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import requests
@@ -31,9 +41,17 @@ from . import errors
 class TransportConfig:
     connect_timeout: float = 2.0
     read_timeout: float = 10.0
-    secret: bytes | None = None
+    secret: bytes | None = None  # the cluster secret, or the read-only key (role "read")
     tls_verify: bool | str = True  # True: system CAs; a path: that CA bundle
-    pool_size: int = 32  # connections kept per server per thread
+    pool_size: int = 16  # connections to one server, at most, for the whole process
+    role: str = protocol.ROLE_WRITE  # what `secret` is: protocol.ROLE_WRITE or ROLE_READ
+
+    @classmethod
+    def from_key_file(cls, path: str, **fields) -> "TransportConfig":
+        """A config signing with the key in `path`: a cluster secret file (role write) or a
+        read-only key file (role read). Raises protocol.SecretError."""
+        credentials = protocol.load_credentials(path)
+        return cls(secret=credentials.key, role=credentials.role, **fields)
 
 
 @dataclass(frozen=True)
@@ -60,6 +78,7 @@ _EXCEPTIONS = (
 # HTTP status -> our exception. Statuses not listed: 5xx are Unavailable, 4xx Rejected.
 _STATUSES = {
     401: errors.AuthenticationFailed,
+    403: errors.AuthenticationFailed,  # the read-only key was used to write or delete
     404: errors.BlockMissing,
     409: errors.Conflict,
     410: errors.BlockCorrupt,
@@ -90,39 +109,111 @@ class Reply:
         return json.loads(self.content)
 
 
+# Statuses a server gives before it has checked a signature, hence unsigned. A forged one
+# can only make a request fail, as dropping it could; every other answer must be signed.
+_UNSIGNED_REFUSALS = frozenset({400, 401, 405, 411, 413, 414, 431, 501, 503, 505})
+_DIGEST_MEMO = 256  # bodies whose SHA-256 is kept for the next replica's request
+
+
 class Transport:
     """Signed HTTP calls to block servers, with the project's exceptions and timeouts."""
 
     def __init__(self, config: TransportConfig):
         self.config = config
-        self._local = threading.local()
+        self._adapter = requests.adapters.HTTPAdapter(
+            pool_connections=64, pool_maxsize=max(1, config.pool_size), max_retries=0)
+        self._lock = threading.Lock()  # guards the three dicts below; never held over I/O
+        self._slots: dict[str, threading.BoundedSemaphore] = {}
+        self._ids: dict[str, str] = {}  # url -> server id learnt from a signed status
+        self._digests: OrderedDict[tuple, str] = OrderedDict()
 
-    def _adapter(self) -> requests.adapters.HTTPAdapter:
-        adapter = getattr(self._local, "adapter", None)
-        if adapter is None:
-            adapter = requests.adapters.HTTPAdapter(pool_connections=16,
-                                                    pool_maxsize=self.config.pool_size,
-                                                    max_retries=0)
-            self._local.adapter = adapter
-        return adapter
+    def _slot(self, url: str) -> threading.BoundedSemaphore:
+        with self._lock:
+            slot = self._slots.get(url)
+            if slot is None:
+                slot = self._slots[url] = threading.BoundedSemaphore(
+                    max(1, self.config.pool_size))
+            return slot
+
+    def _digest(self, key: tuple, parts) -> str:
+        """The SHA-256 of a body, computed once for all replicas it is sent to. `key`
+        names the content (block ids are never reused for other bytes); a wrong memo can
+        only make a server refuse the request (401), never accept other bytes."""
+        with self._lock:
+            digest = self._digests.get(key)
+        if digest is None:
+            digest = protocol.content_digest(*parts)
+            with self._lock:
+                self._digests[key] = digest
+                while len(self._digests) > _DIGEST_MEMO:
+                    self._digests.popitem(last=False)
+        return digest
+
+    def _server_id(self, member: Member, path: str) -> str:
+        """The id a request to `member` is signed for; asked once when only its URL is known."""
+        if member.id or path == "/v1/status" or self.config.secret is None:
+            return member.id
+        with self._lock:
+            known = self._ids.get(member.url)
+        return known or self.status(member)["server_id"]
 
     def call(self, member: Member, method: str, path: str, body=b"", *, headers=None,
-             ok=(200,), timeout: float | None = None, body_checksum: str | None = None) -> Reply:
+             ok=(200,), timeout: float | None = None, body_digest: str | None = None,
+             body_checksum: str | None = None) -> Reply:
         """One request to one server. Raises a StorageError for any status not in `ok`.
 
-        `body_checksum`, when the caller already has it (a block's own checksum), saves
-        hashing the body once more for the signature."""
+        `body_digest`, when the caller already has it (content_digest of the body), saves
+        hashing the body again. (`body_checksum` is ignored: the signature needs the
+        SHA-256, not the block's xxh3.)"""
         sent = dict(headers or {})
+        nonce = None
         if self.config.secret is not None:
-            sent.update(protocol.sign_request(self.config.secret, method, path,
-                                              body_checksum or protocol.checksum(body)))
+            server_id = self._server_id(member, path)
+            signed = protocol.sign_request(
+                self.config.secret, method, path, body_digest or protocol.content_digest(body),
+                server_id=server_id, role=self.config.role, headers=sent)
+            nonce = signed[protocol.H_NONCE]
+            sent.update(signed)
+        with self._slot(member.url):
+            status, reply_headers, content = self._send(member, method, path, body, sent,
+                                                        timeout)
+        served_by = reply_headers.get(protocol.H_SERVER_ID)
+        if member.id and served_by != member.id and (served_by or nonce is not None):
+            raise wrong_server(member.url, served_by, member.id)
+        if nonce is not None:
+            self._check_answer(member, status, reply_headers, content, nonce, served_by)
+        if status not in ok:
+            raise self._status_error(member, method, path, status, content)
+        return Reply(status, reply_headers, content)
+
+    def _check_answer(self, member: Member, status: int, headers, content: bytes,
+                      nonce: str, served_by) -> None:
+        """The answer must be signed by a server holding our key, for our request."""
+        given = headers.get(protocol.H_RESPONSE_SIGNATURE, "")
+        expected = protocol.response_signature(
+            self.config.secret, status, nonce, served_by or "", protocol.content_digest(content),
+            {n: headers.get(n, "") for n in protocol.SIGNED_RESPONSE_HEADERS})
+        if not (served_by and hmac.compare_digest(given.encode("latin-1", "replace"),
+                                                  expected.encode())):
+            if status in _UNSIGNED_REFUSALS:
+                return  # refused before the signature was checked; _status_error explains
+            raise errors.AuthenticationFailed(
+                f"{member.url}: the answer ({status}) is not signed with this cluster's key: "
+                "a server with another secret, or something between us changing answers; "
+                "check the server list, the secret and use TLS", server=member.url)
+        if not member.id:
+            with self._lock:
+                self._ids[member.url] = served_by
+
+    def _send(self, member: Member, method: str, path: str, body, sent: dict,
+              timeout: float | None):
         request = requests.PreparedRequest()
         request.method = method
         request.url = member.url + path  # a checked member URL and our own ASCII path
         request.prepare_headers(sent)
         request.prepare_body(body if body else None, None)
         try:
-            r = self._adapter().send(
+            r = self._adapter.send(
                 request, stream=True, verify=self.config.tls_verify,
                 timeout=(self.config.connect_timeout, timeout or self.config.read_timeout))
             # One read of the whole body: r.content would read it in 10 KiB pieces, which
@@ -131,12 +222,7 @@ class Transport:
             content = r.raw.read(decode_content=False) if method != "HEAD" else b""
         except Exception as e:  # noqa: BLE001 - translated by the table, never leaked
             raise _translate(e, member.url) from e
-        served_by = r.headers.get(protocol.H_SERVER_ID)
-        if member.id and served_by and served_by != member.id:
-            raise wrong_server(member.url, served_by, member.id)
-        if r.status_code not in ok:
-            raise self._status_error(member, method, path, r.status_code, content)
-        return Reply(r.status_code, r.headers, content)
+        return r.status_code, r.headers, content
 
     @staticmethod
     def _status_error(member: Member, method: str, path: str, status: int,
@@ -159,9 +245,12 @@ class Transport:
 
     def put_block(self, member: Member, block_id: str, data: bytes, checksum: str) -> bool:
         """True if the server created it, False if it already had it."""
+        digest = None
+        if self.config.secret is not None:
+            digest = self._digest(("block", block_id, checksum, len(data)), (data,))
         reply = self.call(member, "PUT", f"/v1/blocks/{block_id}", data,
                           headers={protocol.H_CHECKSUM: checksum}, ok=(200, 201),
-                          body_checksum=checksum)
+                          body_digest=digest)
         return reply.status == 201
 
     def get_block(self, member: Member, block_id: str, timeout: float | None = None) -> bytes:
@@ -173,8 +262,13 @@ class Transport:
     def batch_put(self, member: Member, items) -> list[int]:
         """Store (id, data, checksum) items in one request; the status of each item."""
         manifest = {"blocks": [{"id": i, "checksum": c, "size": len(d)} for i, d, c in items]}
-        body = b"".join(protocol.encode_batch(manifest, [d for _, d, _ in items]))
-        results = self.call(member, "POST", "/v1/batch/put", body).json()["results"]
+        parts = protocol.encode_batch(manifest, [d for _, d, _ in items])
+        body = b"".join(parts)
+        digest = None
+        if self.config.secret is not None:
+            digest = self._digest(("batch", parts[0]), (body,))  # the manifest names it all
+        results = self.call(member, "POST", "/v1/batch/put", body,
+                            body_digest=digest).json()["results"]
         return [r["status"] for r in results]
 
     def batch_get(self, member: Member, ids: list[str],
@@ -221,7 +315,7 @@ class Transport:
         server holds this generation or a newer one, or not the expected one."""
         headers = {protocol.H_GENERATION: str(generation)}
         if expect is not None:
-            headers["X-Fusefs-Expect-Generation"] = str(expect)
+            headers[protocol.H_EXPECT_GENERATION] = str(expect)
         reply = self.call(member, "PUT", f"/v1/registers/{name}", value, headers=headers,
                           ok=(204, 409))
         if reply.status == 409:

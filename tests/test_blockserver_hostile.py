@@ -125,9 +125,37 @@ def request_bytes(method: str, target: str, headers: dict | None = None,
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+class _Signing(requests.auth.AuthBase):
+    """Signs each request as fusefs.transport does: for this server, over the body's
+    SHA-256 and the headers with meaning."""
+
+    def __init__(self, secret: bytes, server_id: str):
+        self.secret, self.server_id = secret, server_id
+
+    def __call__(self, r):
+        body = r.body or b""
+        body = body.encode() if isinstance(body, str) else body
+        meaning = {k: v for k, v in r.headers.items()
+                   if k.lower() in {h.lower() for h in protocol.SIGNED_HEADERS}}
+        r.headers.update(protocol.sign_request(self.secret, r.method, r.path_url,
+                                               protocol.content_digest(body),
+                                               server_id=self.server_id, headers=meaning))
+        return r
+
+
+def session_of(server, verify=True) -> requests.Session:
+    """A session that signs every request for `server` when it has a secret."""
+    s = requests.Session()
+    if server.secret is not None:
+        s.auth = _Signing(server.secret, "")
+        s.auth.server_id = s.get(f"{server.url}/v1/status", timeout=GUARD,
+                                 verify=verify).json()["server_id"]
+    return s
+
+
 def assert_serving(server) -> None:
     """A well-behaved client still gets a full PUT / GET round trip."""
-    s = server.session()
+    s = session_of(server)
     block_id = protocol.new_block_id()
     data = os.urandom(4096)
     r = s.put(f"{server.url}/v1/blocks/{block_id}", data=data, timeout=GUARD,
@@ -152,7 +180,7 @@ def tree(root) -> dict:
 
 
 def metric(server, name_and_labels: str) -> float:
-    text = server.session().get(f"{server.url}/metrics", timeout=GUARD).text
+    text = session_of(server).get(f"{server.url}/metrics", timeout=GUARD).text
     for line in text.splitlines():
         if line.startswith(name_and_labels + " "):
             return float(line.rsplit(" ", 1)[1])
@@ -523,7 +551,7 @@ def test_oversized_block_is_413_without_reading_the_body(blockservers):
             assert r.json()["error"] == "too_large"
             assert closed_by_peer(sock)
     # the limit is inclusive, and applies to batch items too
-    s = server.session()
+    s = session_of(server)
     data = os.urandom(64 * 1024)
     block_id = protocol.new_block_id()
     r = s.put(f"{server.url}/v1/blocks/{block_id}", data=data, timeout=GUARD,
@@ -611,13 +639,15 @@ def test_connection_limit_answers_503_then_recovers(blockservers):
 # -- 8. authentication ------------------------------------------------------------------------
 
 def signed(method: str, target: str, body: bytes = b"", secret: bytes = SECRET,
-           now: float | None = None) -> dict:
-    return protocol.sign_request(secret, method, target, protocol.checksum(body), now=now)
+           now: float | None = None, sid: str = "", headers=None) -> dict:
+    return protocol.sign_request(secret, method, target, protocol.content_digest(body), now,
+                                 server_id=sid, headers=headers)
 
 
 def test_authentication_refusals(blockservers):
     server = blockservers(1, secret=SECRET)[0]
     url = server.url
+    sid = session_of(server).auth.server_id
     block_id = protocol.new_block_id()
     data = os.urandom(1000)
     target = f"/v1/blocks/{block_id}"
@@ -628,45 +658,50 @@ def test_authentication_refusals(blockservers):
         assert r.json()["error"] == code, r.text
         assert r.headers.get("WWW-Authenticate") == protocol.AUTH_SCHEME
 
+    def put(body, checksum_of, signed_body, **kw):
+        meaning = {protocol.H_CHECKSUM: protocol.checksum(checksum_of)}
+        return requests.put(url + target, data=body, timeout=GUARD, headers={
+            **meaning, **signed("PUT", target, signed_body, sid=sid, headers=meaning, **kw)})
+
     refused(requests.get(f"{url}/v1/status", timeout=GUARD), "unauthenticated")
     refused(requests.put(url + target, data=data, headers=cks, timeout=GUARD), "unauthenticated")
     wrong = b"fedcba9876543210fedcba9876543210"
-    refused(requests.put(url + target, data=data, timeout=GUARD,
-                         headers={**cks, **signed("PUT", target, data, secret=wrong)}),
-            "bad_signature")
-    for skew in (-3600, 3600):
+    refused(put(data, data, data, secret=wrong), "bad_signature")
+    for skew in (-3600, 3600, -protocol.SIGNATURE_MAX_SKEW - 5):
         refused(requests.get(f"{url}/v1/status", timeout=GUARD,
                              headers=signed("GET", "/v1/status", now=time.time() + skew)),
                 "stale_signature")
-    # a signature for one target does not open another, nor another method
+    # a signature for one target does not open another, nor another method, nor a server
     refused(requests.get(f"{url}/v1/status", timeout=GUARD,
                          headers=signed("GET", "/metrics")), "bad_signature")
-    refused(requests.delete(url + target, timeout=GUARD, headers=signed("GET", target)),
-            "bad_signature")
+    refused(requests.delete(url + target, timeout=GUARD,
+                            headers=signed("GET", target, sid=sid)), "bad_signature")
+    refused(requests.get(url + target, timeout=GUARD, headers=signed("GET", target)),
+            "wrong_server")
+    refused(requests.get(url + target, timeout=GUARD,
+                         headers=signed("GET", target, sid="f" * 32)), "wrong_server")
     # replaying the exact same signed headers
     headers = signed("GET", "/v1/status")
     assert requests.get(f"{url}/v1/status", headers=headers, timeout=GUARD).status_code == 200
     refused(requests.get(f"{url}/v1/status", headers=headers, timeout=GUARD), "replayed")
-    # signed headers, but a body other than the one signed (same length)
+    # signed headers, but a body other than the one signed (same length), with or without
+    # its checksum header changed to match: the signature is over the body's SHA-256
     other = os.urandom(len(data))
-    refused(requests.put(url + target, data=other, timeout=GUARD,
-                         headers={protocol.H_CHECKSUM: protocol.checksum(other),
-                                  **signed("PUT", target, data)}),
-            "bad_signature")
-    # an authentic head whose block checksum is the signed hash, and a damaged body: the
-    # block is refused as damaged (as without a secret), and nothing is stored
-    r = requests.put(url + target, data=other, timeout=GUARD,
-                     headers={**cks, **signed("PUT", target, data)})
+    refused(put(other, other, data), "bad_signature")
+    refused(put(other, data, data), "bad_signature")
+    # the checksum header changed after signing
+    meaning = {protocol.H_CHECKSUM: protocol.checksum(data)}
+    refused(requests.put(url + target, data=data, timeout=GUARD, headers={
+        **signed("PUT", target, data, sid=sid, headers=meaning),
+        protocol.H_CHECKSUM: protocol.checksum(other)}), "bad_signature")
+    assert requests.get(url + target, timeout=GUARD,
+                        headers=signed("GET", target, sid=sid)).status_code == 404
+    # a body that matches its signature but not the block checksum it claims: the block is
+    # refused as damaged (as without a secret), and nothing is stored
+    r = put(data, other, data)
     assert (r.status_code, r.json()["error"]) == (422, "checksum_mismatch"), r.text
     assert requests.get(url + target, timeout=GUARD,
-                        headers=signed("GET", target)).status_code == 404
-    # a body that matches its signature but not the block checksum it claims: refused too
-    r = requests.put(url + target, data=data, timeout=GUARD,
-                     headers={protocol.H_CHECKSUM: protocol.checksum(other),
-                              **signed("PUT", target, data)})
-    assert (r.status_code, r.json()["error"]) == (422, "checksum_mismatch"), r.text
-    assert requests.get(url + target, timeout=GUARD,
-                        headers=signed("GET", target)).status_code == 404
+                        headers=signed("GET", target, sid=sid)).status_code == 404
     # malformed signature fields
     good = signed("GET", "/v1/status")
     for field, value in ((protocol.H_DATE, "\xb2"), (protocol.H_DATE, "-5"),
@@ -679,7 +714,7 @@ def test_authentication_refusals(blockservers):
         assert r is not None, f"{field}: {value!r}: no answer"
         assert r.status == 401, (field, value, r)
     # none of that stored anything
-    s = server.session()
+    s = session_of(server)
     assert s.get(url + target, timeout=GUARD).status_code == 404
     assert s.get(f"{url}/v1/status", timeout=GUARD).json()["block_count"] == 0
 
@@ -695,7 +730,7 @@ def test_unsigned_put_is_refused_before_its_body_is_read(blockservers):
 
 def test_signed_requests_work(blockservers):
     server = blockservers(1, secret=SECRET)[0]
-    s = server.session()
+    s = session_of(server)
     url = server.url
     status = s.get(f"{url}/v1/status", timeout=GUARD)
     assert status.status_code == 200 and status.json()["authentication"] is True
@@ -735,7 +770,7 @@ def test_metrics_need_a_signature_unless_public(blockservers):
     private = blockservers(1, secret=SECRET)[0]
     r = requests.get(f"{private.url}/metrics", timeout=GUARD)
     assert r.status_code == 401
-    r = private.session().get(f"{private.url}/metrics", timeout=GUARD)
+    r = session_of(private).get(f"{private.url}/metrics", timeout=GUARD)
     assert r.status_code == 200 and "blockserver_requests_total" in r.text
     public = blockservers(1, secret=SECRET, args=["--public-metrics"])[0]
     r = requests.get(f"{public.url}/metrics", timeout=GUARD)
@@ -760,8 +795,8 @@ def test_tls_round_trip_and_plain_http_on_tls_port(blockservers, tmp_path):
     server = blockservers(1, secret=SECRET, args=[
         "--tls-cert", str(cert), "--tls-key", str(key), "--header-timeout", "1"])[0]
     assert server.url.startswith("https://")
-    s = server.session()
     ca = str(cert)  # per request: a session's `verify` loses to REQUESTS_CA_BUNDLE
+    s = session_of(server, verify=ca)
     data = os.urandom(300_000)
     block_id = protocol.new_block_id()
     r = s.put(f"{server.url}/v1/blocks/{block_id}", data=data, timeout=GUARD, verify=ca,
@@ -810,7 +845,7 @@ def test_concurrent_puts_and_gets_of_distinct_blocks(blockservers):
 
     def session():
         if not hasattr(local, "s"):
-            local.s = server.session()
+            local.s = session_of(server)
         return local.s
 
     def put_then_get(block_id):

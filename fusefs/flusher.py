@@ -403,34 +403,40 @@ class Flusher:
         self.forget_if_idle(fd)
 
     def _committable(self, fd: FileData) -> tuple[dict[int, BlockRef], int]:
-        """Expects fd.lock held: the uploaded blocks to commit now, and the size to record.
+        """Expects fd.lock held: the uploaded blocks to commit now, and the size to record
+        with them (`recordable_size`). A block not entirely within that size is not
+        committed yet (its bytes beyond the recorded size would come back if the file grew
+        after a crash); it waits, uploaded, and goes with the block that moves the
+        frontier."""
+        ready = {i: b.stored for i, b in fd.dirty.items() if b.parked()}
+        size = self.recordable_size(fd, set(ready))
+        if self.block_size is None or size == fd.size:
+            return ready, size
+        return {i: r for i, r in ready.items() if i * self.block_size + r.length <= size}, size
+
+    def recordable_size(self, fd: FileData, uploaded=frozenset()) -> int:
+        """Expects fd.lock held: the size the metadata may record for this file now.
 
         Crash states must be prefixes (P2): what is recorded never describes bytes that
-        are only in memory. The *frontier* is the first byte that is dirty, not uploaded,
-        and not covered by the block recorded at its index (a new block, or a block that
-        grew past its recorded length). The size recorded is the live size, but at most
-        the larger of the frontier and the size recorded before (within the old size, a
-        block still dirty reads as its old bytes or as the old hole: a past state). Blocks
-        not entirely within that size are not committed yet (bytes of a block map entry
-        beyond the recorded size would come back if the file grew after a crash); they are
-        committed with the block that moves the frontier. With nothing dirty left below
-        the live size, the live size is recorded.
+        are only in memory. The *frontier* is the first byte that is dirty, not uploaded
+        (indexes in `uploaded` count as uploaded), and not covered by the block recorded at
+        its index (a new block, or one grown past its recorded length). The answer is the
+        live size, but at most the larger of the frontier and the size recorded before:
+        within the old size a block still dirty reads as its old bytes or as the old hole,
+        a past state. With nothing uncovered dirty, it is the live size. A truncation
+        records this too, so that truncating up (or down) past dirty blocks does not
+        describe them before they are committed.
         """
-        ready = {i: b.stored for i, b in fd.dirty.items() if b.parked()}
         bs = self.block_size
         if bs is None:
-            return ready, fd.size
-        frontier = None
-        for idx in sorted(i for i in fd.dirty if i not in ready):
+            return fd.size
+        for idx in sorted(i for i in fd.dirty if i not in uploaded):
             covered = self._recorded_length(fd, idx)
             if len(fd.dirty[idx].data) > covered:
-                frontier = idx * bs + covered
-                break
-        if frontier is None:
-            return ready, fd.size
-        inode = self.metadata.inode(fd.ino)
-        size = min(fd.size, max(frontier, inode.size if inode is not None else 0))
-        return {i: r for i, r in ready.items() if i * bs + r.length <= size}, size
+                inode = self.metadata.inode(fd.ino)
+                before = inode.size if inode is not None else 0
+                return min(fd.size, max(idx * bs + covered, before))
+        return fd.size
 
     def _recorded_length(self, fd: FileData, idx: int) -> int:
         """Expects fd.lock held: how many bytes of block idx the metadata holds. fd.refs

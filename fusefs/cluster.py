@@ -570,10 +570,21 @@ class ReplicatedStore(BlockStore):
     def _read_repair(self, block_id: str, data: bytes, checksum: str, members) -> None:
         for member in members:
             log.info("repairing block %s on %s", block_id, member.url)
-            future = self._repairs.submit(self._call, member, self.transport.put_block,
-                                          block_id, data, checksum)
+            future = self._repairs.submit(self._repair_copy, member, block_id, data, checksum)
             future.add_done_callback(lambda f, m=member: f.exception() is not None and
                                      self._remember_missing(m, block_id, checksum))
+
+    def _repair_copy(self, member: Member, block_id: str, data: bytes, checksum: str) -> None:
+        """Put a verified copy on `member`. A server holding other bytes under the id (with
+        their own valid checksum, so it cannot tell) refuses the put with 409: those bytes
+        are wrong, ours are verified, so the bad copy is deleted and ours put in its place."""
+        try:
+            self._call(member, self.transport.put_block, block_id, data, checksum)
+        except errors.Conflict:
+            log.warning("block %s on %s holds other bytes: replacing them with a verified "
+                        "copy", block_id, member.url)
+            self._call(member, self.transport.delete_block, block_id)
+            self._call(member, self.transport.put_block, block_id, data, checksum)
 
     def _server_back(self, member_id: str) -> None:
         """A server answers again: repair its backlog at the probe loop's next turn."""
@@ -640,8 +651,15 @@ class ReplicatedStore(BlockStore):
             except errors.StorageError as e:
                 log.warning("repair of %s paused: %s (retried later)", member.url, e)
                 return repaired
-            with self._lock:
-                for (block_id, checksum), status in zip(chunk, statuses):
+            for (block_id, checksum), status in zip(chunk, statuses):
+                if status == 409:  # other bytes under this id there: replace them
+                    try:
+                        self._repair_copy(member, block_id, blocks[block_id], checksum)
+                        status = 201
+                    except errors.StorageError as e:
+                        log.warning("repair of block %s on %s failed: %s", block_id,
+                                    member.url, e)
+                with self._lock:
                     if status in (200, 201) and self._missing[member_id].get(block_id) == checksum:
                         del self._missing[member_id][block_id]
                         repaired += 1

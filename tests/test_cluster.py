@@ -358,11 +358,12 @@ def test_transport_translates_statuses(server):
 
 # -- a server that answers 200 with other bytes (P4 on the client) ----------------------------
 
-def test_a_replica_answering_other_bytes_is_skipped_and_reported(blockservers, make_cluster,
+def test_a_replica_answering_other_bytes_is_skipped_reported_and_replaced(blockservers, make_cluster,
                                                                   caplog):
     """Every other corruption test flips bytes on disk, which the server itself catches.
     Here the first-ranked home really holds other bytes under the id, with their own valid
-    checksum, so it answers 200: only the client's own check can refuse them."""
+    checksum, so it answers 200: only the client's own check can refuse them. The bad
+    copy is then replaced (the server refuses a plain put over it: delete, then put)."""
     servers = blockservers(3)
     store = make_cluster(servers, hedge_delay=5.0)  # no racing: the bad home answers first
     members = members_of(servers)
@@ -378,6 +379,9 @@ def test_a_replica_answering_other_bytes_is_skipped_and_reported(blockservers, m
     got = store.get_many([(block_id, checksum), (extra[0], extra[2])])  # checked one by one
     assert got == {block_id: data, extra[0]: extra[1]}
     assert f"block {block_id} from {first.url} failed verification" in caplog.text
+    wait_until(lambda: stored_on(servers[[m.id for m in members].index(first.id)], block_id)
+               == data, "the bad copy replaced by a verified one")
+    wait_until(lambda: store.repair_backlog() == 0, "nothing left to repair")
 
 
 # -- copies refused one by one are retried (review #11, #13) ---------------------------------

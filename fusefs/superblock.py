@@ -30,7 +30,7 @@ import hashlib
 import json
 import logging
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 
 from . import errors
@@ -150,19 +150,59 @@ def read(transport: Transport, urls: list[str]) -> Superblock | None:
 
 
 def read_quorum(transport: Transport, members) -> Superblock:
-    """The newest superblock among the answers of a majority of `members`."""
+    """The newest superblock among the answers of a majority of `members`.
+
+    Returns as soon as a majority answered (a stalled server is not waited for), unless
+    those answers hold two values at their newest generation (a lost race): then every
+    server's answer is awaited, and the value most of them hold wins."""
     members = list(members)
-    answers = _answers(transport, members)
+    answers = _first_majority(transport, members)
     failures = {m.url: a for m, a in answers.items() if isinstance(a, errors.StorageError)}
-    if len(members) - len(failures) <= len(members) // 2:
+    if len(answers) - len(failures) <= len(members) // 2:
         raise errors.Unavailable(
-            f"only {len(members) - len(failures)} of {len(members)} servers answered for the "
-            f"superblock; a majority is needed: " + "; ".join(map(str, failures.values())))
+            f"only {len(answers) - len(failures)} of {len(members)} servers answered for "
+            f"the superblock; a majority is needed: " + "; ".join(map(str, failures.values())))
     found = [a for a in answers.values() if isinstance(a, tuple)]
     if not found:
         raise errors.BlockMissing("no filesystem on these servers")
     generation, raw = _newest(found)
     return Superblock.decode(raw, generation)
+
+
+def _first_majority(transport: Transport, members: list) -> dict:
+    """member -> answer (as `_answers`) of the first majority that answered, or of every
+    member when that is needed to tell (too many failures, or a tie at the top)."""
+    def ask(member):
+        answer = transport.register_get(member, REGISTER)
+        if answer is not None and not 0 <= answer[0] < GENERATION_LIMIT:
+            raise _poisoned(member.url, answer[0])
+        return answer
+
+    pool = ThreadPoolExecutor(max(1, len(members)))
+    try:
+        futures = {pool.submit(ask, m): m for m in members}
+        answers: dict = {}
+        for future in as_completed(futures):
+            try:
+                answers[futures[future]] = future.result()
+            except errors.StorageError as e:
+                answers[futures[future]] = e
+            if _decided(answers, len(members)):
+                return answers
+        return answers
+    finally:
+        pool.shutdown(wait=False)  # a stalled server's request ends by its own timeout
+
+
+def _decided(answers: dict, total: int) -> bool:
+    good = [a for a in answers.values() if not isinstance(a, errors.StorageError)]
+    if len(good) <= total // 2:
+        return False
+    found = [a for a in good if a is not None]
+    if not found:
+        return True
+    top = max(g for g, _ in found)
+    return len({v for g, v in found if g == top}) == 1
 
 
 def new(members: list[Member], block_size: int, replicas: int,

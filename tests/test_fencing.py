@@ -364,3 +364,25 @@ def test_a_lost_segment_is_never_taken_for_the_end_of_the_chain(cluster, writers
         cluster.transport.delete_block(member, lost)
     with pytest.raises(errors.StorageError, match="segment 2"):
         cluster.load_elsewhere(tmp_path / "elsewhere")
+
+
+# -- the lease check after each segment does not wait for a stalled server ------------------
+
+def test_a_paused_server_does_not_hold_up_shipping(blockservers, make_cluster, tmp_path,
+                                                   capsys):
+    """The quorum read that confirms the lease after a segment put returns once a
+    majority answered: a server that never answers (SIGSTOP) is not waited for."""
+    servers = blockservers(3)
+    assert cli.main(["mkfs", "--servers", ",".join(s.url for s in servers)]) == 0
+    slow = Cluster(servers, make_cluster(servers, read_timeout=300))
+    patient = Transport(TransportConfig(connect_timeout=2.0, read_timeout=300))
+    made: list = []
+    try:
+        w = Writer(slow, str(tmp_path / "w"), made, transport=patient)
+        servers[2].pause()
+        w.metadata.create(ROOT_INO, b"with a server paused", stat.S_IFREG | 0o644, 0, 0)
+        w.journal.wait_durable(timeout=120)  # far less than the paused server's timeout
+    finally:
+        servers[2].resume()
+        for w in made:
+            w.close()

@@ -198,17 +198,39 @@ def run_threads(worker, shares: list, setup=None) -> float:
 
 # -- server side: PUT, GET, delete ---------------------------------------------------------
 
+class _Signing(requests.auth.AuthBase):
+    """Signs requests as fusefs.transport does (SHA-256 of the body, for this server, with
+    the headers with meaning); the answers' signatures are not checked here."""
+
+    def __init__(self, secret: bytes):
+        self.secret, self.server_id = secret, ""
+
+    def __call__(self, r):
+        body = r.body or b""
+        meaning = {k: v for k, v in r.headers.items()
+                   if k.lower() in {h.lower() for h in protocol.SIGNED_HEADERS}}
+        r.headers.update(protocol.sign_request(self.secret, r.method, r.path_url,
+                                               protocol.content_digest(body),
+                                               server_id=self.server_id, headers=meaning))
+        return r
+
+
 class Client:
-    def __init__(self, url: str, timeout: float):
+    def __init__(self, url: str, timeout: float, secret: bytes | None = None):
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.secret = secret
 
     def session(self) -> requests.Session:
         s = _session()
+        if self.secret is not None:
+            s.auth = _Signing(self.secret)
         r = s.get(self.url + "/v1/status", timeout=self.timeout)  # opens the connection
         if r.status_code != 200:
             raise BenchError(f"GET /v1/status answered {r.status_code}: {r.text[:200]} "
-                             "(a server with --secret-file is not supported)")
+                             "(a server with --secret-file needs --secret-file here too)")
+        if self.secret is not None:
+            s.auth.server_id = r.json()["server_id"]
         return s
 
     def put_worker(self, w: Workload):
@@ -289,7 +311,7 @@ class Client:
         return batched if w.case.batch else single
 
     def delete(self, ids: list[str]) -> None:
-        with _session() as s:
+        with self.session() as s:
             for start in range(0, len(ids), DELETE_CHUNK):
                 chunk = ids[start:start + DELETE_CHUNK]
                 body = b"".join(protocol.encode_batch({"ids": chunk}))
@@ -602,6 +624,8 @@ def parse_args(argv=None):
                "than the absolute numbers on a shared machine.")
     p.add_argument("--url", help="use this running block server instead of starting one "
                    "(e.g. http://127.0.0.1:7001); the blocks written are deleted again")
+    p.add_argument("--secret-file", help="sign every request with this cluster secret "
+                   "(for a --url server started with the same --secret-file)")
     p.add_argument("--data-dir", help="directory to create the benchmark's temp directory in "
                    "(server data and baseline files; default: the system temp dir). Put it "
                    "on the disk you want to measure")
@@ -663,7 +687,8 @@ def main(argv=None) -> int:
                                    os.path.join(work, "server.log"))
             server.start()
             url, server_pid = server.url, server.pid
-        client = Client(url, args.timeout)
+        secret = protocol.load_secret(args.secret_file) if args.secret_file else None
+        client = Client(url, args.timeout, secret)
         baseline = Baseline(os.path.join(work, "baseline"))
         baseline.prepare()
         pool = DataPool()

@@ -635,6 +635,9 @@ class ReplicatedStore(BlockStore):
         return sum(self.repair_server(m.id) for m in self.members if self.health.usable(m.id))
 
     def repair_server(self, member_id: str) -> int:
+        """Copy the blocks `member_id` is missing to it, 64 at a time; returns how many
+        landed. A round stops at the first chunk that lands nothing (the server is still
+        full, say): the next round starts over after a back-off."""
         member = self._by_id[member_id]
         with self._lock:
             todo = list(self._missing[member_id].items())
@@ -643,28 +646,39 @@ class ReplicatedStore(BlockStore):
         log.info("repairing %d block copies on %s", len(todo), member.url)
         repaired = 0
         for start in range(0, len(todo), 64):
-            chunk = todo[start:start + 64]
             try:
-                blocks = self.get_many(chunk)
-                statuses = self._call(member, self.transport.batch_put,
-                                      [(b, blocks[b], c) for b, c in chunk])
+                landed = self._repair_chunk(member, todo[start:start + 64])
             except errors.StorageError as e:
                 log.warning("repair of %s paused: %s (retried later)", member.url, e)
-                return repaired
-            for (block_id, checksum), status in zip(chunk, statuses):
-                if status == 409:  # other bytes under this id there: replace them
-                    try:
-                        self._repair_copy(member, block_id, blocks[block_id], checksum)
-                        status = 201
-                    except errors.StorageError as e:
-                        log.warning("repair of block %s on %s failed: %s", block_id,
-                                    member.url, e)
-                with self._lock:
-                    if status in (200, 201) and self._missing[member_id].get(block_id) == checksum:
-                        del self._missing[member_id][block_id]
-                        repaired += 1
+                break
+            repaired += landed
+            if not landed:
+                log.info("repair of %s paused: no copy of a batch landed (retried later)",
+                         member.url)
+                break
         log.info("repaired %d block copies on %s", repaired, member.url)
         return repaired
+
+    def _repair_chunk(self, member: Member, chunk: list[tuple[str, str]]) -> int:
+        blocks = self.get_many(chunk)
+        statuses = self._call(member, self.transport.batch_put,
+                              [(b, blocks[b], c) for b, c in chunk])
+        landed = 0
+        for (block_id, checksum), status in zip(chunk, statuses):
+            if status == 409:  # other bytes under this id there: replace them
+                try:
+                    self._repair_copy(member, block_id, blocks[block_id], checksum)
+                    status = 201
+                except errors.StorageError as e:
+                    log.warning("repair of block %s on %s failed: %s", block_id,
+                                member.url, e)
+            if status not in (200, 201):
+                continue
+            landed += 1
+            with self._lock:
+                if self._missing[member.id].get(block_id) == checksum:
+                    del self._missing[member.id][block_id]
+        return landed
 
     def stats(self) -> dict:
         states = self.health.snapshot()

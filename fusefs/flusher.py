@@ -2,10 +2,13 @@
 
 `FileData` is the live state of one inode that is open or has unsaved data: its size and
 times as applications see them, its block map (loaded once), and its dirty blocks. The
-`Flusher` uploads dirty blocks through the block store, each as a new block with a new id
-(blocks are immutable), and switches the block map in the metadata only once the new
-block is durable; the block it replaces becomes garbage, which a background thread
-deletes after the metadata that stopped referencing it is synced.
+`Flusher` uploads dirty blocks through the block store, each version of a block as a new
+block with its own id (blocks are immutable; retries of the same bytes reuse the id), and
+switches the block map in the metadata only once the new block is durable; the block it
+replaces becomes garbage, which a background thread deletes after the metadata that
+stopped referencing it is durable (`durable`). The size recorded with a commit never
+covers bytes still only in memory (`recordable_size`), so a crash leaves each file as a
+state it had: blocks uploaded above a lower block still dirty wait ("parked") for it.
 
 Triggers for an upload: a block is full and the writer moved past it; a block has been
 dirty for `max_age` seconds; dirty memory is above half its bound (oldest first); or a
@@ -13,8 +16,9 @@ flush/fsync/unmount asks for it. A failed upload keeps its data, is retried with
 and the error is kept on the file (`error`, `error_seq`) for the next fsync/close to report.
 Nothing dirty is ever dropped to make room: writers wait instead (`wait_for_room`).
 
-States of a dirty block: dirty → uploading → (committed: gone from `dirty`) or back to
-dirty when it changed during the upload (its version moved) or the upload failed.
+States of a dirty block: dirty → uploading → (committed: gone from `dirty`), or parked
+(uploaded, its commit waiting for a lower block) → committed, or back to dirty when it
+changed during the upload (its version moved) or the upload failed.
 
 Locks, in the order they may be taken: `FileData.lock` (one per inode; guards everything
 in that FileData), then `Flusher._lock` (the registry, the dirty-byte count and the work
@@ -50,12 +54,12 @@ class DirtyBlock:
         self.data = data
         self.version = 0
         # The id this block's bytes go to the servers under: one per version, so a retry
-        # of the same bytes reuses it (servers that already hold it just say so) and a
-        # failed upload leaves no extra copy behind.
+        # of the same bytes reuses it (servers that already hold it just say so) and
+        # failed attempts do not leave one partial copy each.
         self.block_id: str | None = None
         self.id_version = -1  # the version `block_id` was given to
         # Set once the bytes of `id_version` are on W servers but their commit has to wait
-        # for a lower block (see Flusher._commit): the ref to commit then.
+        # for a lower block (see Flusher._committable): the ref to commit then.
         self.stored: BlockRef | None = None
         self.since = time.monotonic()
         self.uploading = False

@@ -133,6 +133,15 @@ def _check_exposure(args) -> None:
                 "this port can read, write and delete every block", host)
 
 
+def _limits(args) -> Limits:
+    return Limits(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
+                  body_timeout=args.body_timeout, min_rate=max(1, args.min_rate),
+                  max_connections=args.max_connections,
+                  max_body_memory=args.max_body_memory,
+                  max_strangers_per_peer=max(1, args.max_unauthenticated_per_peer),
+                  reserved_slots=args.max_connections // 4)
+
+
 def serve(args) -> int:
     _check_exposure(args)
     secret = None
@@ -151,14 +160,8 @@ def serve(args) -> int:
                                max_batch_bytes=args.max_batch_size, secret=secret,
                                public_metrics=args.public_metrics,
                                access_log=args.access_log), metrics)
-    limits = Limits(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
-                    body_timeout=args.body_timeout, min_rate=max(1, args.min_rate),
-                    max_connections=args.max_connections,
-                    max_body_memory=args.max_body_memory,
-                    max_strangers_per_peer=max(1, args.max_unauthenticated_per_peer),
-                    reserved_slots=args.max_connections // 4)
     try:
-        server = Server(args.listen, api, limits, ssl_context=tls,
+        server = Server(args.listen, api, _limits(args), ssl_context=tls,
                         on_cut=metrics.connection_closed,
                         response_headers={protocol.H_SERVER_ID: store.server_id,
                                           "Server": f"fusefs-blockserver/{__version__}"})

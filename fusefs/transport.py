@@ -182,6 +182,9 @@ class Transport:
             raise wrong_server(member.url, served_by, member.id)
         if nonce is not None:
             self._check_answer(member, status, reply_headers, content, nonce, served_by)
+            if status == 401 and not member.id:
+                with self._lock:  # the URL may now lead to another server: ask again
+                    self._ids.pop(member.url, None)
         if status not in ok:
             raise self._status_error(member, method, path, status, content)
         return Reply(status, reply_headers, content)

@@ -480,3 +480,29 @@ def test_the_nonce_memory_is_bounded_and_refuses_replays(tmp_path):
     with pytest.raises(HttpError):
         again.remember(f"{7:024x}", now + 20)
     assert len(again) == 1
+
+
+# -- TLS: the transport checks the server's certificate against the CA it is given ----------
+
+def test_the_transport_speaks_tls_with_a_ca_file(blockservers, tmp_path):
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"], capture_output=True, timeout=60)
+    if made.returncode != 0:
+        pytest.skip(f"openssl cannot make a certificate: {made.stderr[-300:]!r}")
+    server = blockservers(1, secret=SECRET, args=["--tls-cert", str(cert),
+                                                  "--tls-key", str(key)])[0]
+    member = Member("", server.url)
+    transport = Transport(TransportConfig(secret=SECRET, tls_verify=str(cert)))
+    data = os.urandom(70_000)
+    block_id = protocol.new_block_id()
+    assert transport.put_block(member, block_id, data, protocol.checksum(data))
+    assert transport.get_block(member, block_id) == data
+    with pytest.raises(errors.Unavailable, match="TLS"):
+        Transport(TransportConfig(secret=SECRET)).get_block(member, block_id)

@@ -78,7 +78,10 @@ _EXCEPTIONS = (
 # HTTP status -> our exception. Statuses not listed: 5xx are Unavailable, 4xx Rejected.
 _STATUSES = {
     401: errors.AuthenticationFailed,
-    403: errors.AuthenticationFailed,  # the read-only key was used to write or delete
+    # 403: the read-only key was used to write or delete. Rejected, not AuthenticationFailed:
+    # the server is healthy and must not be taken for down (a read repair of a read-only
+    # client meets this).
+    403: errors.Rejected,
     404: errors.BlockMissing,
     409: errors.Conflict,
     410: errors.BlockCorrupt,

@@ -382,7 +382,7 @@ def test_the_read_only_key_reads_but_cannot_write_or_delete(blockservers, tmp_pa
                     lambda: reader.put_block(member, other, data, protocol.checksum(data)),
                     lambda: reader.register_put(member, "root", 2, b"evil"),
                     lambda: reader.batch_delete(member, [block_id])):
-        with pytest.raises(errors.AuthenticationFailed):
+        with pytest.raises(errors.Rejected, match="read-only key"):
             attempt()
     assert writer.get_block(member, block_id) == data
     assert writer.register_get(member, "root") == (1, b"v1")

@@ -31,7 +31,7 @@ from fusefs.cluster import ClusterConfig, ReplicatedStore
 from fusefs.metadata import ROOT_INO
 from fusefs.transport import Transport, TransportConfig
 
-from .conftest import REPO, wait_until
+from .conftest import REPO, members_of, wait_until
 from .test_journal import Cluster, CutTransport, Workload, Writer, dump, new_transport
 from .test_journal import cluster, writers  # noqa: F401 - fixtures used by name
 
@@ -396,3 +396,31 @@ def test_a_paused_server_does_not_hold_up_shipping(blockservers, make_cluster, t
         servers[2].resume()
         for w in made:
             w.close()
+
+
+def test_a_mount_from_another_pid_namespace_is_refused_while_the_writer_lives(
+        fusefs_mount, tmp_path):
+    """A real writer mount; a second `fusefs mount` on the same host (same hostname and
+    boot id) but in its own PID namespace, as in a container, where the writer's pid
+    does not exist. It must be refused, not take the live writer's lease."""
+    if os.geteuid() != 0:
+        pytest.skip("unshare --pid needs root")
+    m = fusefs_mount(3)
+    with open(os.path.join(m.path, "before"), "wb") as f:
+        f.write(b"written by the first writer")
+        os.fsync(f.fileno())
+    other = tmp_path / "other-mnt"
+    other.mkdir()
+    result = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "fusefs",
+         "mount", *m.cluster_args(), "--cache-dir", str(tmp_path / "other-cache"),
+         str(other)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0 and "unshare:" in result.stderr:
+        pytest.skip(f"cannot make a PID namespace here: {result.stderr.strip()}")
+    assert result.returncode != 0, "a second writer mounted from another PID namespace"
+    assert "mounted read-write by" in result.stderr, result.stderr
+    lease = superblock.read_quorum(new_transport(), members_of(m.servers)).lease
+    assert lease["pid"] == m.daemon_pid()
+    with open(os.path.join(m.path, "after"), "wb") as f:  # still the writer
+        f.write(b"still writable")
+        os.fsync(f.fileno())

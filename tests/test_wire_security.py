@@ -506,3 +506,31 @@ def test_the_transport_speaks_tls_with_a_ca_file(blockservers, tmp_path):
     assert transport.get_block(member, block_id) == data
     with pytest.raises(errors.Unavailable, match="TLS"):
         Transport(TransportConfig(secret=SECRET)).get_block(member, block_id)
+
+
+def test_a_read_only_cluster_client_reads_and_keeps_servers_usable(blockservers,
+                                                                   make_cluster, tmp_path):
+    """With the read-only key, a read that finds copies missing still returns the block,
+    though the read repairs it starts are refused (403)."""
+    from fusefs.cluster import ClusterConfig, ReplicatedStore
+
+    servers = blockservers(3, secret=SECRET)
+    writer = make_cluster(servers, secret=SECRET)
+    members = list(writer.members)
+    data = os.urandom(50_000)
+    block_id = protocol.new_block_id()
+    writer.put(block_id, data, protocol.checksum(data))
+    admin = Transport(TransportConfig(secret=SECRET))
+    holders = [m for m in members if admin.batch_check(m, [block_id])[0]["status"] == 200]
+    for member in holders[1:]:  # one copy left: a read finds the others missing
+        admin.delete_block(member, block_id)
+    protocol.write_read_key_file(SECRET, str(tmp_path / "read.key"))
+    reader = ReplicatedStore(members, Transport(TransportConfig.from_key_file(
+        str(tmp_path / "read.key"))), ClusterConfig(probe_min=0.1, probe_max=0.5))
+    reader.start()
+    try:
+        for _ in range(3):
+            assert reader.get(block_id, protocol.checksum(data)) == data
+        assert writer.get(block_id, protocol.checksum(data)) == data
+    finally:
+        reader.close()

@@ -17,6 +17,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import threading
 import time
 
@@ -69,6 +70,20 @@ def _op(fn):
     return callback
 
 
+# libfuse 2 keeps a file that is unlinked (or renamed over) while open reachable: it renames
+# it to ".fuse_hidden" + 16 hex digits in the same directory, answers the kernel's calls
+# on it through that name, and unlinks that name after the last release. Such a rename is
+# an unlink here (the core keeps an open inode with no name until its last release) and
+# the hidden name lives only in the adapter: never in a directory listing, never in the
+# journal, never in the way of rmdir. After a crash the nameless inode is an orphan,
+# removed (with its blocks) by the next mount.
+_HIDDEN = re.compile(r"\.fuse_hidden[0-9a-f]{16}\Z")
+
+
+def _hidden_name(path: str) -> bool:
+    return ".fuse_hidden" in path and bool(_HIDDEN.match(path.rpartition("/")[2]))
+
+
 # What `FuseOps.attributes` answers, in this order (times in nanoseconds).
 STAT_KEYS = ("st_ino", "st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
              "st_blksize", "st_blocks", "st_atime", "st_mtime", "st_ctime")
@@ -95,6 +110,10 @@ class FuseOps(Operations):
         # path -> (ino, mtime, ctime, size) when the file was last opened by that path
         self._seen: dict[str, tuple[int, int, int, int]] = {}
         self._append_locks = [threading.Lock() for _ in range(64)]  # striped by inode
+        # hidden name -> inode of an open file whose last name is gone. libfuse makes each
+        # name unique in the mount (node id and a counter), so the name alone is the key:
+        # the file stays reachable when its directory is renamed or removed.
+        self._hidden: dict[bytes, int] = {}  # guarded by _lock
 
     def forget_paths(self) -> None:
         """Another mount changed the namespace: no cached path may be trusted."""
@@ -107,6 +126,13 @@ class FuseOps(Operations):
     def _resolve(self, path: str) -> int:
         if path == "/":
             return ROOT_INO
+        if _hidden_name(path):
+            key = _b(path.rpartition("/")[2])
+            with self._lock:
+                ino = self._hidden.get(key)
+            if ino is None:
+                raise errors.FsError(errno.ENOENT)
+            return ino
         with self._lock:
             ino = self._paths.get(path)
             generation = self._generation
@@ -258,8 +284,29 @@ class FuseOps(Operations):
             self._refresh_others(ino, target)
         return 0
 
+    def _hide(self, path: str, hidden: str) -> int:
+        """libfuse hides an open file whose name goes away: the name is unlinked, and the
+        hidden name answers for the inode until libfuse unlinks it after the last close."""
+        parent, name = self._parent(path)
+        ino = self._resolve(path)
+        linked = self._linked(path)
+        key = _b(hidden.rpartition("/")[2])
+        self.fs.unlink(parent, name)
+        with self._lock:
+            self._hidden[key] = ino
+        self._changed(path)
+        self._refresh_others(linked, path)
+        return 0
+
     @_op
     def unlink(self, path):
+        if _hidden_name(path):  # libfuse, after the last close of a hidden file
+            key = _b(path.rpartition("/")[2])
+            with self._lock:
+                ino = self._hidden.pop(key, None)
+            if ino is None:
+                raise errors.FsError(errno.ENOENT)
+            return 0
         parent, name = self._parent(path)
         linked = self._linked(path)
         self.fs.unlink(parent, name)
@@ -276,6 +323,8 @@ class FuseOps(Operations):
 
     @_op
     def rename(self, old, new):
+        if _hidden_name(new):
+            return self._hide(old, new)
         old_parent, old_name = self._parent(old)
         new_parent, new_name = self._parent(new)
         moved, replaced = self._linked(old), self._linked(new)
@@ -439,7 +488,7 @@ def mount_options(read_only: bool = False, extra: dict | None = None,
         timeouts = {"attr_timeout": 0.0, "entry_timeout": 10.0, "negative_timeout": 10.0}
     options = {
         "fsname": "fusefs", "subtype": "fusefs", "use_ino": True, "default_permissions": True,
-        "allow_other": os.geteuid() == 0, "hard_remove": True,
+        "allow_other": os.geteuid() == 0,
         "big_writes": True, "max_write": 131072, "max_read": 131072,
         **timeouts,
         "ro": read_only,

@@ -548,12 +548,6 @@ def test_unlinked_open_file_stays_usable_until_close(fusefs_mount):
     assert os.listdir(m.path) == ["doomed"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fstat() of an open file whose last name was unlinked fails with ENOENT: the kernel "
-    "sends GETATTR without a file handle, and libfuse 2's high-level API (mounted with "
-    "hard_remove) has no path for the node any more. Fix: drop hard_remove (libfuse then "
-    "renames to .fuse_hidden*, visible in readdir and making rmdir ENOTEMPTY) or move to "
-    "the low-level/inode API. See the report."))
 def test_fstat_of_unlinked_open_file(fusefs_mount):
     m = fusefs_mount()
     path = os.path.join(m.path, "tmp")

@@ -571,8 +571,15 @@ class ReplicatedStore(BlockStore):
         for member in members:
             log.info("repairing block %s on %s", block_id, member.url)
             future = self._repairs.submit(self._repair_copy, member, block_id, data, checksum)
-            future.add_done_callback(lambda f, m=member: f.exception() is not None and
-                                     self._remember_missing(m, block_id, checksum))
+            future.add_done_callback(lambda f, m=member: self._read_repair_done(
+                f, m, block_id, checksum))
+
+    def _read_repair_done(self, future: Future, member: Member, block_id: str,
+                          checksum: str) -> None:
+        error = future.exception()
+        if error is not None and not isinstance(error, errors.Rejected):
+            self._remember_missing(member, block_id, checksum)  # a later round retries it
+        # Rejected: this client's key may not write (a read-only mount); the writer repairs.
 
     def _repair_copy(self, member: Member, block_id: str, data: bytes, checksum: str) -> None:
         """Put a verified copy on `member`. A server holding other bytes under the id (with

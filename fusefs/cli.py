@@ -33,6 +33,7 @@ commands, in the order you meet them:
   fusefs umount MNT                     upload everything dirty, then unmount
   fusefs mount --read-only ... MNT      follow the writer from another machine
   fusefs fsck --servers URL [--repair]  check (and repair) metadata against the blocks
+  fusefs read-key --secret-file F OUT   a key for --read-only mounts that cannot write
 
 environment: FUSEFS_SERVERS, FUSEFS_SECRET_FILE and FUSEFS_CACHE_DIR stand in for
 --servers, --secret-file and --cache-dir. Sizes take units: 4KiB, 1MiB, 2GiB."""
@@ -118,6 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "fsck takes the writer lease while it repairs)")
     p.add_argument("--json", action="store_true", help="machine-readable report")
 
+    p = sub.add_parser("read-key", help="write a read-only key file for --read-only mounts",
+                       description="Derive the cluster's read-only key from its secret and "
+                       "write it to OUT (mode 0600). A mount given that file "
+                       "(`fusefs mount --read-only --secret-file OUT`) can read and follow "
+                       "the filesystem, but the block servers refuse its writes and "
+                       "deletes, so a reader machine never holds the power to change data.")
+    p.add_argument("--secret-file", default=os.environ.get("FUSEFS_SECRET_FILE"), metavar="F",
+                   help="the cluster's shared secret (env FUSEFS_SECRET_FILE)")
+    p.add_argument("out", metavar="OUT", help="the key file to write")
+
     p = sub.add_parser("umount", help="upload everything dirty, then unmount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
 
@@ -144,15 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- shared helpers ---------------------------------------------------------------------------
 
-def _transport(args) -> Transport:
-    secret = None
-    if args.secret_file:
-        try:
-            secret = protocol.load_secret(args.secret_file)
-        except protocol.SecretError as e:
-            raise CliError(str(e)) from None
-    return Transport(TransportConfig(secret=secret, tls_verify=args.tls_ca or True,
-                                     connect_timeout=3.0, read_timeout=15.0))
+def _transport(args, writes: bool = False) -> Transport:
+    """The transport a command talks through, signing with the key in --secret-file (the
+    cluster secret, or a read-only key from `fusefs read-key`). A command that `writes`
+    refuses a read-only key up front instead of failing request by request."""
+    fields = dict(tls_verify=args.tls_ca or True, connect_timeout=3.0, read_timeout=15.0)
+    if not args.secret_file:
+        return Transport(TransportConfig(**fields))
+    try:
+        config = TransportConfig.from_key_file(args.secret_file, **fields)
+    except protocol.SecretError as e:
+        raise CliError(str(e)) from None
+    if writes and config.role != protocol.ROLE_WRITE:
+        raise CliError(f"{args.secret_file} holds a read-only key: this needs the cluster "
+                       "secret (or mount with --read-only)")
+    return Transport(config)
 
 
 def _need_servers(args) -> list[str]:
@@ -181,7 +198,7 @@ def cmd_mkfs(args) -> int:
                        f"{len(urls)} given (or pass --replicas {len(urls)})")
     if args.block_size < 4096 or args.block_size > (16 << 20):
         raise CliError("--block-size must be between 4KiB and 16MiB")
-    transport = _transport(args)
+    transport = _transport(args, writes=True)
     members = []
     for url, status in superblock.probe(transport, urls).items():
         if isinstance(status, errors.StorageError):
@@ -249,7 +266,7 @@ def _mount_config(args):
     from .daemon import MountConfig
 
     urls = _need_servers(args)
-    transport = _transport(args)
+    transport = _transport(args, writes=not args.read_only)
     try:
         sb = superblock.read(transport, urls)
     except errors.StorageError as e:
@@ -276,7 +293,8 @@ def _mount_config(args):
         mountpoint=os.path.abspath(args.mountpoint), superblock=sb, members=members,
         state_dir=os.path.join(os.path.abspath(cache_root), state),
         lease_seconds=args.lease_seconds, journal=not args.unsafe_no_journal,
-        secret=transport.config.secret, tls_verify=transport.config.tls_verify,
+        secret=transport.config.secret, role=transport.config.role,
+        tls_verify=transport.config.tls_verify,
         memory_cache=args.memory_cache, disk_cache=args.cache_size,
         dirty_limit=args.dirty_limit, read_only=args.read_only,
         sync_on_close=args.sync_on_close, fuse_options=_parse_options(args.options))
@@ -349,7 +367,7 @@ def cmd_fsck(args) -> int:
     from .journal import LeaseHeld
 
     urls = _need_servers(args)
-    transport = _transport(args)
+    transport = _transport(args, writes=args.repair)
     try:
         found = superblock.read(transport, urls)
         if found is None:
@@ -380,6 +398,22 @@ def cmd_fsck(args) -> int:
     print(json.dumps(report.as_dict(), indent=1) if args.json
           else format_report(report, args.repair))
     return 0 if report.clean else 1
+
+
+# -- read-key ---------------------------------------------------------------------------------
+
+def cmd_read_key(args) -> int:
+    if not args.secret_file:
+        raise CliError("say which cluster secret to derive it from: --secret-file F")
+    try:
+        protocol.write_read_key_file(protocol.load_secret(args.secret_file), args.out)
+    except protocol.SecretError as e:
+        raise CliError(str(e)) from None
+    except OSError as e:
+        raise CliError(f"cannot write {args.out}: {e.strerror}") from None
+    print(f"wrote the read-only key to {args.out}; mount readers with "
+          f"`fusefs mount --read-only --secret-file {args.out} ...`")
+    return 0
 
 
 # -- umount and status ------------------------------------------------------------------------
@@ -491,6 +525,7 @@ def cmd_down(args) -> int:
 
 
 COMMANDS = {"fsck": cmd_fsck, "mkfs": cmd_mkfs, "mount": cmd_mount, "umount": cmd_umount,
+            "read-key": cmd_read_key,
             "status": cmd_status, "up": cmd_up, "down": cmd_down}
 
 

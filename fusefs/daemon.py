@@ -44,6 +44,7 @@ class MountConfig:
     members: tuple[Member, ...]
     state_dir: str  # metadata database, disk cache, log and status for this filesystem
     secret: bytes | None = None
+    role: str = "write"  # what `secret` is: the cluster secret, or a read-only key ("read")
     tls_verify: bool | str = True
     memory_cache: int = 256 << 20
     disk_cache: int = 2 << 30
@@ -183,7 +184,8 @@ def run(config: MountConfig) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # before any thread starts
     with contextlib.ExitStack() as stack:
         stack.enter_context(_lock_state_dir(config.state_dir))
-        transport = Transport(TransportConfig(secret=config.secret, tls_verify=config.tls_verify))
+        transport = Transport(TransportConfig(secret=config.secret, role=config.role,
+                                              tls_verify=config.tls_verify))
         store = ReplicatedStore(config.members, transport,
                                 ClusterConfig(replicas=sb.replicas, write_quorum=sb.write_quorum))
         store.start()

@@ -111,27 +111,32 @@ class BlockServer:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
-    def session(self) -> requests.Session:
-        """A requests session that signs every request when the server has a secret."""
+    def session(self, verify=False) -> requests.Session:
+        """A requests session that signs every request for this server when it has a
+        secret (its id is asked first, from a status answer signed for no server)."""
         s = requests.Session()
         if self.secret is not None:
             s.auth = SigningAuth(self.secret)
+            s.auth.server_id = s.get(self.url + "/v1/status", timeout=10,
+                                     verify=verify).json()["server_id"]
         return s
 
 
 class SigningAuth(requests.auth.AuthBase):
-    """Signs requests the way fusefs.transport does, for raw protocol tests."""
+    """Signs each request as fusefs.transport does, for raw protocol tests: for one
+    server, over the body's SHA-256 and the headers with meaning."""
 
-    def __init__(self, secret: bytes):
-        self.secret = secret
+    def __init__(self, secret: bytes, server_id: str = ""):
+        self.secret, self.server_id = secret, server_id
 
     def __call__(self, r):
         body = r.body or b""
-        if isinstance(body, str):
-            body = body.encode()
-        target = r.path_url
-        r.headers.update(protocol.sign_request(self.secret, r.method, target,
-                                               protocol.checksum(body)))
+        body = body.encode() if isinstance(body, str) else body
+        meaning = {k: v for k, v in r.headers.items()
+                   if k.lower() in {h.lower() for h in protocol.SIGNED_HEADERS}}
+        r.headers.update(protocol.sign_request(self.secret, r.method, r.path_url,
+                                               protocol.content_digest(body),
+                                               server_id=self.server_id, headers=meaning))
         return r
 
 

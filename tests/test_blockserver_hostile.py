@@ -125,32 +125,9 @@ def request_bytes(method: str, target: str, headers: dict | None = None,
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-class _Signing(requests.auth.AuthBase):
-    """Signs each request as fusefs.transport does: for this server, over the body's
-    SHA-256 and the headers with meaning."""
-
-    def __init__(self, secret: bytes, server_id: str):
-        self.secret, self.server_id = secret, server_id
-
-    def __call__(self, r):
-        body = r.body or b""
-        body = body.encode() if isinstance(body, str) else body
-        meaning = {k: v for k, v in r.headers.items()
-                   if k.lower() in {h.lower() for h in protocol.SIGNED_HEADERS}}
-        r.headers.update(protocol.sign_request(self.secret, r.method, r.path_url,
-                                               protocol.content_digest(body),
-                                               server_id=self.server_id, headers=meaning))
-        return r
-
-
 def session_of(server, verify=True) -> requests.Session:
     """A session that signs every request for `server` when it has a secret."""
-    s = requests.Session()
-    if server.secret is not None:
-        s.auth = _Signing(server.secret, "")
-        s.auth.server_id = s.get(f"{server.url}/v1/status", timeout=GUARD,
-                                 verify=verify).json()["server_id"]
-    return s
+    return server.session(verify=verify)
 
 
 def assert_serving(server) -> None:

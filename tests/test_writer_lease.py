@@ -422,3 +422,28 @@ def test_new_writer_right_after_kill_9_of_the_old_one(fusefs_mount, beside):
     assert read_superblock(m).lease is None
     m.mount()
     check_files(m.path, expected)
+
+
+def test_a_read_only_key_mounts_read_only_and_follows_but_cannot_write(fusefs_mount,
+                                                                       beside, tmp_path):
+    """`fusefs read-key` derives a key that can only read: a reader mounted with it sees
+    the writer's files; the CLI refuses it for anything that writes."""
+    m = fusefs_mount(secret=b"k" * 32)
+    data = random.Random(12).randbytes(MiB + 5)
+    expected = {"f": write_file(os.path.join(m.path, "f"), data)}
+    key = str(tmp_path / "read.key")
+    m.cli("read-key", "--secret-file", m.secret_file, key)
+    assert os.stat(key).st_mode & 0o077 == 0
+    reader = beside(m, "keyed")
+    reader.secret_file = key
+    for refused in (["mount", *reader.cluster_args(), reader.path],
+                    ["mkfs", *reader.cluster_args(), "--force"],
+                    ["fsck", *reader.cluster_args(), "--repair"]):
+        result = reader.cli(*refused, check=False)
+        assert result.returncode != 0 and "read-only key" in result.stderr, result.stderr
+    reader.mount("--read-only")
+    check_files(reader.path, expected)
+    expected["g"] = write_file(os.path.join(m.path, "g"), b"later")
+    wait_until(lambda: os.path.exists(os.path.join(reader.path, "g")), "the reader to follow",
+               timeout=FOLLOW)
+    check_files(reader.path, expected)

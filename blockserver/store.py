@@ -128,6 +128,10 @@ class BlockStore:
         self._register_lock = threading.Lock()
         self._syncfs = _sync_filesystem_fn()
         self._corrupt = [0] * 256  # copies quarantined per prefix, guarded by _prefix_locks
+        # Ids whose only copy here was quarantined: answered 410 (lost), never 404 (never
+        # written), until a good copy is put again or the id is deleted. Rebuilt from
+        # quarantine/ at start. Single set operations only (atomic under the GIL).
+        self._lost: set[str] = set()
         self._prepare()
 
     @property
@@ -157,6 +161,7 @@ class BlockStore:
         if debris:
             log.info("removed %d unfinished writes left by an earlier stop", len(debris))
         self._load_spares()
+        self._lost = {name.split(".")[0] for name in os.listdir(self._quarantine)}
         self._fsync_dir(self.root)
         started = time.monotonic()
         for prefix in range(256):
@@ -366,6 +371,7 @@ class BlockStore:
                     os.link(tmp, path)  # atomic, and never replaces an existing block
                     self._counts[prefix] += 1
                     self._used[prefix] += size
+                self._lost.discard(block_id)
                 return True
             except FileExistsError:
                 try:
@@ -394,7 +400,7 @@ class BlockStore:
                 raw = f.readall()
                 self._still_named(path, os.fstat(f.fileno()), block_id)
         except FileNotFoundError:
-            raise NotFound(block_id) from None
+            raise self._missing(block_id) from None
         if len(raw) >= HEADER_SIZE:
             magic, digest, length = _HEADER.unpack_from(raw)
             body = memoryview(raw)[HEADER_SIZE:]
@@ -402,6 +408,15 @@ class BlockStore:
                 return body, digest.hex()
         self._quarantine_file(block_id, path)
         raise Corrupt(f"stored copy of block {block_id} failed verification")
+
+    def _missing(self, block_id: str) -> StoreError:
+        """Why a block has no file here: lost to corruption (Corrupt, answered 410), or
+        never stored or deleted (NotFound, 404). A reader may take 404 from enough
+        servers as proof that a block was never written; a lost copy must not count."""
+        if block_id in self._lost:
+            return Corrupt(f"the copy of block {block_id} here failed verification and was "
+                           "quarantined")
+        return NotFound(block_id)
 
     @staticmethod
     def _still_named(path: str, opened: os.stat_result, block_id: str) -> None:
@@ -422,6 +437,7 @@ class BlockStore:
             # count this one directory again (1/256 of the store; corruption is rare).
             self._recount(prefix)
             self._corrupt[prefix] += 1
+            self._lost.add(block_id)
         log.warning("block %s failed verification; moved to quarantine/ (a client will "
                     "re-replicate it from another server)", block_id)
 
@@ -435,7 +451,7 @@ class BlockStore:
                 self._still_named(path, st, block_id)
                 size = st.st_size - HEADER_SIZE
         except FileNotFoundError:
-            raise NotFound(block_id) from None
+            raise self._missing(block_id) from None
         if len(raw) == HEADER_SIZE:
             magic, digest, length = _HEADER.unpack(raw)
             if magic == MAGIC and length == size:
@@ -480,6 +496,7 @@ class BlockStore:
         there was no such block."""
         path = self._block_path(block_id)
         prefix = int(block_id[:2], 16)
+        self._lost.discard(block_id)  # deleted on purpose: absent from now on
         with self._prefix_locks[prefix]:
             try:
                 st = os.stat(path)

@@ -157,8 +157,9 @@ def test_damaged_copy_is_refused_quarantined_and_repairable(server, session, dam
     with open(os.path.join(server.data_dir, "quarantine", quarantined[0]), "rb") as f:
         assert f.read() == damaged
 
-    assert session.get(block_url(server, block_id), timeout=10).status_code == 404
-    assert session.head(block_url(server, block_id), timeout=10).status_code == 404
+    # Lost, not absent: a reader must never take this id for one never written (410).
+    assert session.get(block_url(server, block_id), timeout=10).status_code == 410
+    assert session.head(block_url(server, block_id), timeout=10).status_code == 410
     assert block_id not in [e["id"] for e in list_all(session, server)]
     st = status(session, server)
     assert st["corrupt_blocks_found"] == 1
@@ -248,7 +249,7 @@ def test_batch_get_reports_and_quarantines_a_damaged_copy(server, session):
 
     r = batch_post(session, server, "get", {"ids": [bad_id]})
     manifest, payload = protocol.decode_batch(r.content)
-    assert manifest["blocks"][0]["status"] == 404 and len(payload) == 0
+    assert manifest["blocks"][0]["status"] == 410 and len(payload) == 0  # lost, not absent
     st = status(session, server)
     assert st["corrupt_blocks_found"] == 1 and st["block_count"] == 3
 
@@ -272,7 +273,7 @@ def test_batch_check_with_verify_reports_and_quarantines_a_damaged_copy(server, 
     assert not os.path.exists(block_file(server, bad_id))
     assert [n.split(".")[0] for n in listdir(server, "quarantine")] == [bad_id]
     r = batch_post(session, server, "check", {"ids": [bad_id], "verify": True})
-    assert r.json()["blocks"][0]["status"] == 404
+    assert r.json()["blocks"][0]["status"] == 410  # lost, not absent
     assert status(session, server)["corrupt_blocks_found"] == 1
 
 
@@ -752,3 +753,27 @@ def test_a_delete_syncs_the_directories_it_changed_before_the_file_is_reused(tmp
     assert store.spare_count == 1
     with pytest.raises(Exception):
         store.get(block_id)
+
+
+def test_a_quarantined_id_stays_lost_across_a_restart_until_repaired_or_deleted(server,
+                                                                                session):
+    """Review #12: after its copy was quarantined an id answered 404 from the second read
+    on, and 404 from enough servers reads as "never written" - a journal segment lost to
+    bit rot would silently end the chain. It answers 410 until a good copy is put again
+    (or the id is deleted on purpose), also after a restart."""
+    rng = random.Random(12)
+    lost, gone = new_id(rng), new_id(rng)
+    for block_id in (lost, gone):
+        assert put_block(session, server, block_id, rng.randbytes(3000)).status_code == 201
+        _flip(block_file(server, block_id), HEADER + 7)
+        assert session.get(block_url(server, block_id), timeout=10).status_code == 410
+    assert session.delete(block_url(server, gone), timeout=10).status_code in (200, 204)
+    session.close()
+    server.restart()
+    with server.session() as s:
+        assert s.get(block_url(server, lost), timeout=10).status_code == 410
+        assert s.head(block_url(server, lost), timeout=10).status_code == 410
+        assert s.get(block_url(server, gone), timeout=10).status_code in (404, 410)
+        data = rng.randbytes(3000)
+        assert put_block(s, server, lost, data).status_code == 201
+        assert assert_intact(s, server, lost, protocol.checksum(data)) == data

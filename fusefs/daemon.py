@@ -204,7 +204,8 @@ def run(config: MountConfig) -> None:
                            disk_dir=os.path.join(config.state_dir, "blocks"),
                            disk_bytes=config.disk_cache)
         stack.callback(cache.close)
-        flusher = Flusher(store, cache, metadata, dirty_limit=config.dirty_limit,
+        flusher = Flusher(store, cache, metadata, block_size=sb.block_size,
+                          dirty_limit=config.dirty_limit,
                           max_age=config.flush_age, collect_garbage=not config.read_only)
         stack.callback(flusher.close)
         fs = Filesystem(metadata, cache, flusher, sb.block_size, capacity=store.capacity,

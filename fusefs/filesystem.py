@@ -604,7 +604,10 @@ class Filesystem:
             del fd.refs[idx]
         fd.size = size
         fd.mtime_ns = fd.ctime_ns = now_ns()
-        self.metadata.truncate_blocks(fd.ino, keep, size, fd.mtime_ns, size % bs or None)
+        # The size recorded never covers a block still only in memory (crash states are
+        # prefixes): the flusher's rule, which its commits follow too.
+        self.metadata.truncate_blocks(fd.ino, keep, self.flusher.recordable_size(fd),
+                                      fd.mtime_ns, size % bs or None)
         if freed:
             self.flusher.account(-freed)
 

@@ -1661,9 +1661,6 @@ def test_garbage_is_deleted_only_after_the_records_that_dropped_it_are_durable(m
     close(fs, fh)
 
 
-@pytest.mark.xfail(strict=True, reason="Filesystem._cut records the new size as is; it must "
-                   "record flusher.recordable_size(fd) (fusefs/filesystem.py, not the "
-                   "flusher's file)")
 @pytest.mark.parametrize("new_size", [50, 5 * BS])
 def test_truncating_past_a_dirty_block_records_no_size_it_does_not_hold(make_core, new_size):
     """Review #10's whole class: a truncation (down or up) while block 0 is only in memory

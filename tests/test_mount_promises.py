@@ -196,7 +196,6 @@ def local_view(db_path: str, ino: int) -> tuple[list[int], int]:
     return sorted(mapped), unshipped
 
 
-@pytest.mark.xfail(strict=True, reason="review #10: the size is recorded ahead of the data")
 def test_crash_leaves_unsynced_files_as_prefixes(fusefs_mount):
     """A file whose first block is uploaded (it filled) while its last block is still
     dirty: after kill -9 it reads as a prefix of what was written, never with a size that

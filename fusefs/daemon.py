@@ -193,7 +193,7 @@ def run(config: MountConfig) -> None:
         db_path = os.path.join(config.state_dir, "metadata.db")
         sb = superblock.read_quorum(transport, config.members)
         if config.read_only:
-            metadata, _, segment = journal.open_metadata(store, sb, db_path, log.info)
+            sb, metadata, segment = _load_following(store, transport, config, sb, db_path)
             stack.callback(metadata.close)
             keeper = journal.Follower(store, transport, sb, metadata, config.state_dir,
                                       next_segment=segment)
@@ -261,6 +261,19 @@ def run(config: MountConfig) -> None:
         mountpoint = os.fsencode(os.path.abspath(config.mountpoint)).decode("latin-1")
         Mount(ops, mountpoint, raw_fi=True, foreground=True, encoding="latin-1", **options)
         log.info("unmounted %s", config.mountpoint)
+
+
+def _load_following(store, transport, config: MountConfig, sb, db_path: str):
+    """A read-only mount's load. A writer's checkpoint may delete the segments this load
+    was replaying (a gap): the superblock then names a newer checkpoint, so read it and
+    load once more."""
+    try:
+        metadata, _, segment = journal.open_metadata(store, sb, db_path, log.info)
+    except journal.ChainGap as e:
+        log.info("the journal moved on while loading (%s); loading again", e)
+        sb = superblock.read_quorum(transport, config.members)
+        metadata, _, segment = journal.open_metadata(store, sb, db_path, log.info)
+    return sb, metadata, segment
 
 
 def _become_writer(config: MountConfig, transport, store, sb, db_path: str):

@@ -459,6 +459,7 @@ class ReplicatedStore(BlockStore):
                 failures[member.url] = e
                 continue
             if verify(data):
+                self._repair_found(block_id, data, futures)
                 return data
             failures[member.url] = errors.BlockCorrupt(f"{member.url}: block {block_id} "
                                                        "failed verification")
@@ -467,6 +468,24 @@ class ReplicatedStore(BlockStore):
             return None
         reasons = "; ".join(str(e) for e in failures.values())
         raise errors.Unavailable(f"cannot tell whether block {block_id} exists: {reasons}")
+
+    def _repair_found(self, block_id: str, data: bytes, futures: dict) -> None:
+        """Read repair for `find`: every home that answered (or will answer) that it has no
+        good copy gets the verified one, so a segment that lost copies does not stay one
+        failure away from looking never written."""
+        homes = set(self.ranking(block_id)[:self.config.replicas])
+        checksum = protocol.checksum(data)
+
+        def check(future: Future, member: Member) -> None:
+            error = future.exception()
+            if member in homes and isinstance(error, (errors.BlockMissing,
+                                                      errors.BlockCorrupt)):
+                self._read_repair(block_id, data, checksum, [member])
+            elif member in homes and error is None and future.result() != data:
+                self._read_repair(block_id, data, checksum, [member])
+
+        for future, member in futures.items():
+            future.add_done_callback(lambda f, m=member: check(f, m))
 
     @staticmethod
     def _read_error(block_id: str, failures: dict[str, errors.StorageError]):

@@ -256,6 +256,25 @@ def test_corrupt_replica_is_read_correctly_and_repaired(blockservers, make_clust
     assert len(os.listdir(os.path.join(first.data_dir, "quarantine"))) == 1
 
 
+def test_find_repairs_the_copies_a_block_lost(blockservers, make_cluster):
+    """A journal segment is read with `find` (its checksum is not known in advance). Two
+    of its three copies lost (one deleted, one corrupt and quarantined): the read returns
+    the good copy and puts it back on both homes, so the segment is not one failure away
+    from looking never written (review #12)."""
+    servers = blockservers(3)
+    store = make_cluster(servers)
+    block_id, data, checksum = random_block(50000)
+    store.put(block_id, data, checksum)
+    wait_until(lambda: all(stored_on(s, block_id) == data for s in servers), "three copies")
+    os.unlink(block_path(servers[0], block_id))
+    with open(block_path(servers[1], block_id), "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xfe")
+    assert store.find(block_id, lambda raw: protocol.checksum(raw) == checksum) == data
+    wait_until(lambda: all(stored_on(s, block_id) == data for s in servers),
+               "the lost copies put back by the read")
+
+
 def test_returning_server_receives_the_copies_it_missed(blockservers, make_cluster):
     servers = blockservers(3)
     store = make_cluster(servers)

@@ -221,6 +221,23 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
+def self_signed_cert(directory) -> tuple[str, str]:
+    """(certificate, key) PEM files of a throwaway certificate for 127.0.0.1, made with
+    the openssl command; skips the test where it cannot be made."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed")
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-keyout", key, "-out", cert, "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"], capture_output=True, timeout=60)
+    if made.returncode != 0:
+        pytest.skip(f"openssl cannot make a certificate: {made.stderr[-300:]!r}")
+    return cert, key
+
+
 def wait_until(condition, what: str = "condition", timeout: float = 60.0,
                interval: float = 0.02):
     """Poll `condition` until it is true and return its value. The timeout only stops a

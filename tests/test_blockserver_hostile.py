@@ -12,9 +12,7 @@ import json
 import os
 import random
 import re
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +22,7 @@ import requests
 
 from blockserver import protocol
 
-from .conftest import wait_until
+from .conftest import self_signed_cert, wait_until
 
 GUARD = 10.0  # seconds: upper bound on anything that should happen "soon"
 SECRET = b"0123456789abcdef0123456789abcdef"  # 32 bytes
@@ -759,16 +757,7 @@ def test_metrics_need_a_signature_unless_public(blockservers):
 # -- 9. TLS -----------------------------------------------------------------------------------
 
 def test_tls_round_trip_and_plain_http_on_tls_port(blockservers, tmp_path):
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    made = subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        capture_output=True, timeout=60)
-    if made.returncode != 0:
-        pytest.skip(f"openssl cannot make a self-signed certificate: {made.stderr[-300:]!r}")
+    cert, key = self_signed_cert(tmp_path)
     server = blockservers(1, secret=SECRET, args=[
         "--tls-cert", str(cert), "--tls-key", str(key), "--header-timeout", "1"])[0]
     assert server.url.startswith("https://")

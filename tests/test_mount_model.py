@@ -135,11 +135,7 @@ class Model:
         fd = self.some_fd()
         if fd is None:
             return self.op_open()
-        f, _ = self.fds.pop(fd)
-        if not self.links(f) and not any(g is f for g, _ in self.fds.values()):
-            self.verify_through(fd, f, "last descriptor of a file with no name")
-        self.log(f"close fd{fd} (file#{f.number})")
-        os.close(fd)
+        self.op_close_fd(fd)
 
     def verify_through(self, fd: int, f: File, why: str) -> None:
         self.log(f"verify fd{fd} (file#{f.number}, {why})")
@@ -377,7 +373,7 @@ class Model:
         f, _ = self.fds.pop(fd)
         if not self.links(f) and not any(g is f for g, _ in self.fds.values()):
             self.verify_through(fd, f, "last descriptor of a file with no name")
-        self.log(f"close fd{fd}")
+        self.log(f"close fd{fd} (file#{f.number})")
         os.close(fd)
 
 

@@ -24,7 +24,7 @@ from blockserver import protocol
 from fusefs import errors
 from fusefs.transport import Member, Transport, TransportConfig
 
-from .conftest import REPO, members_of
+from .conftest import REPO, members_of, self_signed_cert
 
 GUARD = 10.0
 SECRET = b"wire-security-secret-0123456789ab"
@@ -485,17 +485,7 @@ def test_the_nonce_memory_is_bounded_and_refuses_replays(tmp_path):
 # -- TLS: the transport checks the server's certificate against the CA it is given ----------
 
 def test_the_transport_speaks_tls_with_a_ca_file(blockservers, tmp_path):
-    import shutil
-
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    made = subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"], capture_output=True, timeout=60)
-    if made.returncode != 0:
-        pytest.skip(f"openssl cannot make a certificate: {made.stderr[-300:]!r}")
+    cert, key = self_signed_cert(tmp_path)
     server = blockservers(1, secret=SECRET, args=["--tls-cert", str(cert),
                                                   "--tls-key", str(key)])[0]
     member = Member("", server.url)

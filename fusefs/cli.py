@@ -80,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="format even where a filesystem exists (its data becomes unreachable)")
 
-    p = sub.add_parser("mount", help="mount a filesystem (returns once it is mounted)")
+    p = sub.add_parser("mount", help="mount a filesystem (returns once it is mounted)",
+                       description="Mount the filesystem on these block servers at "
+                       "MOUNTPOINT; returns once it is mounted. A dead fusefs mount left "
+                       "there by a daemon that died (kill -9, out of memory: 'Transport "
+                       "endpoint is not connected') is detached first, then mounted again.")
     _add_cluster_args(p)
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--foreground", action="store_true", help="stay in the foreground")
@@ -129,10 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the cluster's shared secret (env FUSEFS_SECRET_FILE)")
     p.add_argument("out", metavar="OUT", help="the key file to write")
 
-    p = sub.add_parser("umount", help="upload everything dirty, then unmount")
+    p = sub.add_parser("umount", help="upload everything dirty, then unmount",
+                       description="Upload everything dirty, then unmount. A dead fusefs "
+                       "mount (its daemon died) is only detached: files fsynced before the "
+                       "crash come back at the next mount.")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
 
-    p = sub.add_parser("status", help="show what a mount is doing")
+    p = sub.add_parser("status", help="show what a mount is doing",
+                       description="Show what each fusefs mount (or MOUNTPOINT) is doing. "
+                       "Exit status 1 if a mount is dead (its daemon died and the "
+                       "mountpoint answers 'Transport endpoint is not connected'); "
+                       "`fusefs mount` or `fusefs up` mounts it again.")
     p.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -140,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start three block servers on this machine (data under "
                        "DIR/servers), format a filesystem on them the first time, and mount "
                        "it at DIR/mnt, every block stored 3 times. Running it again keeps "
-                       "what is already running and mounted. `fusefs down DIR` stops it.")
+                       "what is already running and mounted, and starts what died: a "
+                       "server, or the mount's daemon (its dead mount is detached and "
+                       "mounted again). `fusefs down DIR` stops it.")
     p.add_argument("dir", nargs="?", default="fusefs-data", metavar="DIR",
                    help="where the servers' data, the secret, the cache and the mountpoint "
                         "live (default ./fusefs-data)")
@@ -300,15 +313,46 @@ def _mount_config(args):
         sync_on_close=args.sync_on_close, fuse_options=_parse_options(args.options))
 
 
+def _mount_state(path: str) -> str:
+    from .daemon import mount_state
+
+    return mount_state(path)
+
+
+def _foreign_dead(path: str) -> CliError:
+    return CliError(f"{path} is a dead FUSE mount that fusefs did not make (the program "
+                    "serving it died); fusefs leaves it alone. Detach it with "
+                    f"`fusermount -u -z {path}` (or, as root, `umount -l {path}`) and "
+                    "try again")
+
+
+def _detach_dead(path: str) -> None:
+    """Lazily detach the dead fusefs mount at `path` (its daemon died)."""
+    from .daemon import forget_stale, unmount
+
+    if not unmount(path, lazy=True):
+        raise CliError(f"could not detach the dead fusefs mount at {path}; try "
+                       f"`fusermount -u -z {path}` (or, as root, `umount -l {path}`)")
+    forget_stale(path)
+
+
 def _check_mountpoint(path: str) -> None:
     if not os.path.exists("/dev/fuse"):
         raise CliError("no /dev/fuse on this machine: load the module (`modprobe fuse`) "
                        "or give the container the device (--device /dev/fuse)")
-    if not os.path.isdir(path):
-        raise CliError(f"mountpoint {path} is not a directory; create it first")
-    if _is_mounted(path):
+    state = _mount_state(path)
+    if state == "dead":
+        print(f"fusefs mount: {path} was a dead fusefs mount (its daemon had died); "
+              "detaching it and mounting again", file=sys.stderr)
+        _detach_dead(path)
+        state = _mount_state(path)
+    if state == "foreign-dead":
+        raise _foreign_dead(path)
+    if state != "none":
         raise CliError(f"mountpoint {path} is busy: something is mounted there already "
                        f"(`fusefs umount {path}`)")
+    if not os.path.isdir(path):
+        raise CliError(f"mountpoint {path} is not a directory; create it first")
 
 
 def cmd_mount(args) -> int:
@@ -422,6 +466,14 @@ def cmd_umount(args) -> int:
     from .daemon import read_registry
 
     path = os.path.abspath(args.mountpoint)
+    state = _mount_state(path)
+    if state == "dead":
+        _detach_dead(path)
+        print(f"detached the dead fusefs mount at {path} (its daemon had died). Files "
+              "fsynced before that are safe: mount again to use them")
+        return 0
+    if state == "foreign-dead":
+        raise _foreign_dead(path)
     record = read_registry(path)
     if record is None or not _alive(record["pid"]):
         if not _is_mounted(path):
@@ -467,35 +519,88 @@ def _read_status(record: dict) -> dict | None:
 
 
 def cmd_status(args) -> int:
-    from .daemon import read_registry, runtime_dir
-
     if args.mountpoint:
-        records = [read_registry(args.mountpoint)]
-        if records[0] is None:
-            raise CliError(f"no fusefs mount is running at {args.mountpoint}")
+        records, dead = _status_of(os.path.abspath(args.mountpoint))
     else:
-        records = []
-        for name in sorted(os.listdir(runtime_dir())):
-            with open(os.path.join(runtime_dir(), name)) as f:
-                records.append(json.load(f))
+        records, dead = _status_of_all()
     states = [s for s in (_read_status(r) for r in records if _alive(r["pid"])) if s]
     if args.json:
-        print(json.dumps(states, indent=1))
-        return 0
-    if not states:
+        print(json.dumps([{**s, "state": "alive"} for s in states] + dead, indent=1))
+        return 1 if dead else 0
+    if not states and not dead:
         print("no fusefs mounts are running")
+    for d in dead:
+        _print_dead(d)
     for s in states:
-        print(f"{s['mountpoint']}: filesystem {s['fs_id']}, pid {s['pid']}")
-        print(f"  dirty: {format_size(s['dirty_bytes'])}, repair backlog: "
-              f"{s['cluster']['repair_backlog']} copies, last copies still uploading: "
-              f"{format_size(s['cluster'].get('copies_behind_bytes', 0))}")
-        for server in s["cluster"]["servers"]:
-            state = "up" if server["up"] else f"DOWN ({server['last_error']})"
-            print(f"  server {server['url']}: {state}")
-        for line in s.get("upload_errors", []):
-            print(f"  upload error: {line}")
-        print(f"  {_journal_line(s.get('journal'))}")
-    return 0
+        _print_alive(s)
+    return 1 if dead else 0
+
+
+def _status_of(path: str) -> tuple[list[dict], list[dict]]:
+    """The registry record of the mount at `path` (if alive) or its dead-mount report."""
+    from .daemon import read_registry
+
+    state = _mount_state(path)
+    if state == "dead":
+        return [], [_dead_report(path)]
+    if state == "foreign-dead":
+        raise _foreign_dead(path)
+    record = read_registry(path)
+    if record is None:
+        raise CliError(f"no fusefs mount is running at {path}")
+    return [record], []
+
+
+def _status_of_all() -> tuple[list[dict], list[dict]]:
+    """Every registered mount, and a report for every dead fusefs mount (registered or
+    only seen in the mount table)."""
+    from .daemon import fusefs_mountpoints, runtime_dir
+
+    records = []
+    for name in sorted(os.listdir(runtime_dir())):
+        if name.endswith(".json"):
+            try:
+                with open(os.path.join(runtime_dir(), name)) as f:
+                    records.append(json.load(f))
+            except (FileNotFoundError, ValueError):
+                continue
+    points = {r["mountpoint"] for r in records if r.get("mountpoint")} | set(fusefs_mountpoints())
+    dead = [_dead_report(p) for p in sorted(points) if _mount_state(p) == "dead"]
+    return records, dead
+
+
+def _dead_report(path: str) -> dict:
+    from .daemon import read_registry
+
+    record = read_registry(path) or {}
+    last = _read_status(record) if record else None
+    return {"mountpoint": os.path.realpath(path), "state": "dead", "pid": record.get("pid"),
+            "fs_id": (last or {}).get("fs_id"), "log": record.get("log"),
+            "error": "its fusefs daemon died (kill -9, out of memory): the mount answers "
+                     "'Transport endpoint is not connected'"}
+
+
+def _print_dead(d: dict) -> None:
+    pid = f" (pid {d['pid']})" if d["pid"] else ""
+    print(f"{d['mountpoint']}: DEAD: its fusefs daemon{pid} died; the mount answers "
+          "'Transport endpoint is not connected'")
+    print(f"  `fusefs mount ... {d['mountpoint']}` (or `fusefs up DIR`) detaches it and "
+          f"mounts again; `fusefs umount {d['mountpoint']}` only detaches it")
+    if d["log"]:
+        print(f"  why it died may be at the end of {d['log']}")
+
+
+def _print_alive(s: dict) -> None:
+    print(f"{s['mountpoint']}: filesystem {s['fs_id']}, pid {s['pid']}")
+    print(f"  dirty: {format_size(s['dirty_bytes'])}, repair backlog: "
+          f"{s['cluster']['repair_backlog']} copies, last copies still uploading: "
+          f"{format_size(s['cluster'].get('copies_behind_bytes', 0))}")
+    for server in s["cluster"]["servers"]:
+        state = "up" if server["up"] else f"DOWN ({server['last_error']})"
+        print(f"  server {server['url']}: {state}")
+    for line in s.get("upload_errors", []):
+        print(f"  upload error: {line}")
+    print(f"  {_journal_line(s.get('journal'))}")
 
 
 def _journal_line(j: dict | None) -> str:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -87,11 +89,85 @@ def _write_json(path: str, value: dict) -> None:
     os.replace(tmp, path)
 
 
-def is_mounted(path: str) -> bool:
-    """True if something is mounted exactly at `path` (mountinfo escapes octal codes)."""
-    target = os.path.realpath(path)
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _mounts() -> list[tuple[str, str, str]]:
+    """(mountpoint, fstype, source) of every mount this process sees, in mount order."""
+    found = []
     with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4].encode().decode("unicode_escape") == target for line in f)
+        for line in f:
+            fields = line.split()
+            rest = fields[fields.index("-") + 1:]
+            found.append((_unescape(fields[4]), rest[0], _unescape(rest[1])))
+    return found
+
+
+def _mount_entry(path: str) -> tuple[str, str] | None:
+    """(fstype, source) of the topmost mount exactly at `path`, or None."""
+    target = os.path.realpath(path)
+    entries = [(fstype, source) for point, fstype, source in _mounts() if point == target]
+    return entries[-1] if entries else None
+
+
+def _is_fusefs(fstype: str, source: str) -> bool:
+    return fstype == "fuse.fusefs" or (fstype == "fuse" and source == "fusefs")
+
+
+def is_mounted(path: str) -> bool:
+    """True if something is mounted exactly at `path`."""
+    return _mount_entry(path) is not None
+
+
+def fusefs_mountpoints() -> list[str]:
+    """Every fusefs mount this process sees, alive or dead."""
+    return [point for point, fstype, source in _mounts() if _is_fusefs(fstype, source)]
+
+
+def _connection_gone(path: str, timeout: float = 2.0) -> bool:
+    """True if the FUSE mount at `path` answers ENOTCONN: the program serving it died.
+    statfs always reaches that program (stat may be answered from the kernel's attribute
+    cache); one that does not answer within `timeout` (stopped, busy) counts as alive."""
+    answer = []
+
+    def probe():
+        try:
+            os.statvfs(path)
+            answer.append(0)
+        except OSError as e:
+            answer.append(e.errno)
+
+    prober = threading.Thread(target=probe, name="mount-probe", daemon=True)
+    prober.start()
+    prober.join(timeout)
+    return bool(answer) and answer[0] in (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def mount_state(path: str) -> str:
+    """What is mounted at `path`: "none"; "alive" or "dead" for a fusefs mount (dead: its
+    daemon died, kill -9 or out of memory, and the mount is left "Transport endpoint is not
+    connected"); "foreign" or "foreign-dead" for a mount of anything else, which fusefs
+    never detaches. A registered daemon that still runs means alive without asking the
+    mount (a stopped daemon would not answer)."""
+    entry = _mount_entry(path)
+    if entry is None:
+        return "none"
+    if not _is_fusefs(*entry):
+        dead = entry[0].startswith("fuse") and _connection_gone(path)
+        return "foreign-dead" if dead else "foreign"
+    record = read_registry(path)
+    if record is not None and journal.process_alive(record.get("pid")):
+        return "alive"
+    return "dead" if _connection_gone(path) else "alive"
+
+
+def forget_stale(path: str) -> None:
+    """Remove the registry record of a daemon that died without removing it."""
+    record = read_registry(path)
+    if record is not None and not journal.process_alive(record.get("pid")):
+        _unlink_quietly(registry_path(path))
 
 
 def unmount(path: str, lazy: bool = False) -> bool:

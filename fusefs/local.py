@@ -9,7 +9,7 @@ Layout of DIR (all created on first use):
     mnt/              the mountpoint
 
 `up` is idempotent: servers already running are kept, a formatted filesystem is reused,
-a mounted one is left mounted. `down` unmounts first (which uploads everything dirty),
+a mounted one is left mounted, and a dead mount (its daemon killed) is mounted again. `down` unmounts first (which uploads everything dirty),
 then stops the servers with SIGTERM, so nothing is lost.
 """
 
@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 
+from .daemon import mount_state
 from .journal import process_alive as _alive
 
 SERVERS = 3
@@ -78,7 +79,7 @@ def _start_server(root: str, index: int, server: dict, secret: str) -> None:
 
 def up(directory: str) -> int:
     root = os.path.abspath(directory)
-    for sub in ("servers", "cache", "mnt"):
+    for sub in ("servers", "cache"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     secret = _secret(root)
     cluster = _load(root)
@@ -97,9 +98,7 @@ def up(directory: str) -> int:
         sys.stderr.write(mkfs.stderr)
         return 1
     mnt = os.path.join(root, "mnt")
-    mount = _fusefs("mount", *common, "--cache-dir", os.path.join(root, "cache"), mnt)
-    if mount.returncode != 0 and "busy" not in mount.stderr:
-        sys.stderr.write(mount.stderr)
+    if _mount(mnt, [*common, "--cache-dir", os.path.join(root, "cache")]) != 0:
         return 1
     print(f"""fusefs is up: a filesystem on {SERVERS} local block servers, mounted at
   {mnt}
@@ -107,6 +106,23 @@ Use it like any directory (cp, tar, git, sqlite...). Every block is stored on 3 
   fusefs status {mnt}     what it is doing
   fusefs down {directory}   upload everything, unmount, stop the servers""")
     return 0
+
+
+def _mount(mnt: str, args: list[str]) -> int:
+    """Mount at `mnt` unless a live fusefs mount is there; a dead one (its daemon died) is
+    detached and mounted again by `fusefs mount`."""
+    state = mount_state(mnt)
+    if state == "alive":
+        return 0
+    if state == "dead":
+        print(f"the mount at {mnt} was dead (its fusefs daemon had died); mounting it again",
+              file=sys.stderr)
+    if state == "none":
+        os.makedirs(mnt, exist_ok=True)
+    mount = _fusefs("mount", *args, mnt)
+    if mount.returncode != 0:
+        sys.stderr.write(mount.stderr)
+    return mount.returncode
 
 
 def down(directory: str) -> int:

@@ -33,6 +33,7 @@ from .metadata import ROOT_INO, Inode, Metadata, now_ns
 NAME_MAX = 255
 XATTR_MAX = 65536
 XATTR_CREATE, XATTR_REPLACE = 1, 2
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 
 @dataclass
@@ -63,6 +64,10 @@ class Filesystem:
         self._handles: dict[int, Handle] = {}  # guarded by _handles_lock
         self._handles_lock = threading.Lock()
         self._next_fh = 1
+        # statfs: ((total, free) last reported, data stored when it was taken, data stored
+        # at the last call). Guarded by _space_lock.
+        self._space: tuple | None = None
+        self._space_lock = threading.Lock()
 
     def start(self) -> None:
         """Finish what a previous run could not: inodes unlinked while open are removed."""
@@ -83,7 +88,19 @@ class Filesystem:
         if fd is not None:
             with fd.lock:  # the Inode is ours: metadata.inode() makes a new one each call
                 inode.size, inode.mtime_ns, inode.ctime_ns = fd.size, fd.mtime_ns, fd.ctime_ns
+                inode.stored = self._stored(fd)
         return inode
+
+    def _stored(self, fd: FileData) -> int:
+        """Expects fd.lock held: bytes the file holds in blocks, dirty or clean, up to its
+        size (a hole holds none): what st_blocks counts, so `du` sees sparse files."""
+        bs, total = self.block_size, 0
+        for idx, blk in fd.dirty.items():
+            total += min(len(blk.data), max(0, fd.size - idx * bs))
+        for idx, ref in fd.refs.items():
+            if idx not in fd.dirty:
+                total += min(ref.length, max(0, fd.size - idx * bs))
+        return total
 
     def getattr(self, ino: int) -> Inode:
         return self._inode(ino)
@@ -331,6 +348,12 @@ class Filesystem:
         cost of listing a large directory)."""
         self._dir(ino)
         return self.metadata.child_names(ino)
+
+    def readdir_entries(self, ino: int) -> list[tuple[bytes, int]]:
+        """(name, inode number) of each entry, as `readdir`: the numbers come from the
+        query that lists the names (d_ino equals st_ino, at no extra cost)."""
+        self._dir(ino)
+        return self.metadata.child_entries(ino)
 
     # -- open files -------------------------------------------------------------------------
 
@@ -611,6 +634,67 @@ class Filesystem:
         if freed:
             self.flusher.account(-freed)
 
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2). Mode 0 (and KEEP_SIZE alone) reserves nothing (blocks are stored
+        as they are written) but succeeds, growing the file to offset+length if mode 0
+        asks past its end. PUNCH_HOLE|KEEP_SIZE frees the range (`_punch`). Other modes:
+        EOPNOTSUPP."""
+        if offset < 0 or length <= 0:
+            raise FsError(errno.EINVAL)
+        handle = self._handle(fh)
+        self._writable()
+        if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
+            self._punch(handle.fd, offset, offset + length)
+        elif mode == 0:
+            if offset + length > self._inode(handle.ino).size:
+                self.setattr(handle.ino, size=offset + length)
+        elif mode != FALLOC_FL_KEEP_SIZE:
+            raise FsError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} is not supported")
+
+    def _punch(self, fd: FileData, start: int, stop: int) -> None:
+        """Make [start, stop) a hole, the size unchanged: the blocks entirely inside (and
+        the last one, when the range reaches the size) are dropped, dirty or clean, by a
+        journaled record (their stored copies become garbage); the partial blocks at the
+        edges get zeros written over the range, as any write."""
+        bs = self.block_size
+        with fd.lock:
+            end = min(stop, fd.size)
+            if start >= end:
+                return
+            first = -(-start // bs)
+            last = -(-end // bs) if end == fd.size else end // bs
+            edges = [i for i in {start // bs, (end - 1) // bs} if not first <= i < last]
+            freed = self._drop_blocks(fd, first, last) if first < last else 0
+        if freed:
+            self.flusher.account(-freed)
+        for idx in sorted(edges):
+            self._zero(fd, idx, max(start - idx * bs, 0), min(end - idx * bs, bs))
+
+    def _drop_blocks(self, fd: FileData, first: int, last: int) -> int:
+        """Expects fd.lock held: forget blocks first..last-1 (dirty data too: a crash must
+        never bring back what the punch removed) and record it. Returns the dirty bytes
+        freed."""
+        freed = 0
+        for idx in [i for i in fd.dirty if first <= i < last]:
+            freed += len(fd.dirty.pop(idx).data)
+        for idx in [i for i in fd.refs if first <= i < last]:
+            del fd.refs[idx]
+        fd.mtime_ns = fd.ctime_ns = now_ns()
+        self.metadata.punch_blocks(fd.ino, first, last, fd.mtime_ns)
+        fd.changed.notify_all()  # an fsync waiting for a dropped block stops waiting
+        return freed
+
+    def _zero(self, fd: FileData, idx: int, lo: int, hi: int) -> None:
+        """Write zeros over [lo, hi) of block idx, only where the block holds bytes (past
+        its end it reads as zeros already; a hole stays a hole)."""
+        with fd.lock:
+            blk = fd.dirty.get(idx)
+            ref = fd.refs.get(idx)
+            held = len(blk.data) if blk is not None else ref.length if ref else 0
+        hi = min(hi, held)
+        if lo < hi:
+            self._write_block(fd, idx, lo, memoryview(bytes(hi - lo)))
+
     # -- extended attributes ----------------------------------------------------------------
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
@@ -654,10 +738,26 @@ class Filesystem:
     # -- the whole filesystem ---------------------------------------------------------------
 
     def statfs(self) -> dict:
+        """The cluster's space as the block servers report it, divided by R (`capacity`),
+        less the file data stored since that report. The servers' numbers are sampled
+        every few seconds; what this mount stored (recorded blocks, dirty data) is known
+        now: `_free` subtracts what it stored since the sample it answers from."""
         total, free = self.capacity()
-        files, _ = self.metadata.statistics()
+        files, stored = self.metadata.statistics()
+        free = self._free(total, free, stored + self.flusher.dirty_bytes)
         bs = 4096
         return {"f_bsize": bs, "f_frsize": bs, "f_blocks": total // bs, "f_bfree": free // bs,
                 "f_bavail": free // bs, "f_files": files + (1 << 32), "f_ffree": 1 << 32,
                 "f_favail": 1 << 32, "f_namemax": NAME_MAX}
 
+    def _free(self, total: int, free: int, used: int) -> int:
+        """Free bytes: the servers' `free` less the data stored since they reported it. A
+        new report is taken to count everything stored up to the previous statfs (it was
+        sampled after that call, at the earliest): a change stored in between may be
+        counted twice until the next report, never missed."""
+        with self._space_lock:
+            sample, base, previous = self._space or ((total, free), used, used)
+            if sample != (total, free):
+                sample, base = (total, free), previous
+            self._space = (sample, base, used)
+        return max(0, min(free - max(0, used - base), total))

@@ -22,6 +22,10 @@ buffer from a tuple, its padding as zeros (0.6 µs), and an error is returned, n
 GETXATTR: the kernel asks for `security.capability` before every write, and almost every
 file has none; the answer is returned directly instead of raised through three layers.
 
+FALLOCATE: fusepy's table of operations stops at `ioctl`; libfuse 2.9's goes on with
+poll, write_buf, read_buf, flock and fallocate. `_Operations` is fusepy's table with those
+five appended (the first four left empty), so that `Mount.fallocate` is called.
+
 Everything else is fusepy's. Errors follow the adapter's one policy (`errno_of`): nothing
 escapes, the unexpected is logged and answered EIO.
 """
@@ -34,7 +38,8 @@ import operator
 import struct
 import threading
 
-from fuse import FUSE, c_stat, c_timespec
+import fuse
+from fuse import FUSE, c_off_t, c_stat, c_timespec, fuse_file_info
 
 from .fuse_ops import STAT_KEYS, errno_of
 
@@ -69,6 +74,21 @@ def stat_layout() -> tuple[struct.Struct, operator.itemgetter]:
 
 
 STAT, STAT_ORDER = stat_layout()
+
+
+class _Operations(ctypes.Structure):
+    """libfuse 2.9's `struct fuse_operations`: fusepy's fields, then the five it lacks."""
+    _fields_ = fuse.fuse_operations._fields_ + [
+        ("poll", ctypes.c_voidp), ("write_buf", ctypes.c_voidp),
+        ("read_buf", ctypes.c_voidp), ("flock", ctypes.c_voidp),
+        ("fallocate", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_int, c_off_t,
+                                       c_off_t, ctypes.POINTER(fuse_file_info))),
+    ]
+
+
+# fusepy's FUSE() builds the table it hands libfuse from this module-level name; only
+# operations objects that have a `fallocate` (and none has poll/flock...) fill the rest.
+fuse.fuse_operations = _Operations
 
 
 def _flat(values: tuple) -> tuple:
@@ -169,6 +189,29 @@ class Mount(FUSE):
             STAT.pack_into(buf.contents, 0, *STAT_ORDER(_flat(values)))
         except Exception as e:  # noqa: BLE001 - the adapter's policy: an errno, never an escape
             return -errno_of(e, "getattr", (name,))
+        return 0
+
+    def fallocate(self, path, mode, offset, length, fip):
+        name = None if path is None else path.decode(self.encoding)
+        try:
+            self.operations.allocate(name, mode, offset, length, fip.contents.fh)
+        except Exception as e:  # noqa: BLE001 - as above
+            return -errno_of(e, "fallocate", (name,))
+        return 0
+
+    def readdir(self, path, buf, filler, offset, fip):
+        """Each entry with its inode number (d_ino equals st_ino under `use_ino`): one
+        reused stat buffer, of which libfuse reads only st_ino and st_mode."""
+        name = None if path is None else path.decode(self.encoding)
+        try:
+            entries = self.operations.entries(name)
+        except Exception as e:  # noqa: BLE001 - as above
+            return -errno_of(e, "readdir", (name,))
+        st = c_stat()
+        for entry, ino in entries:
+            st.st_ino = ino
+            if filler(buf, entry, st if ino else None, 0) != 0:
+                break
         return 0
 
     def getxattr(self, path, name, value, size, *args):

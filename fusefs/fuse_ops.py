@@ -200,7 +200,7 @@ class FuseOps(Operations):
             fh = fh.fh
         i = self.fs.getattr(self.fs.handle_ino(fh) if fh else self._resolve(path))
         return (i.ino, i.mode, i.nlink, i.uid, i.gid, i.rdev, i.size, 131072,
-                (i.size + 511) // 512, i.atime_ns, i.mtime_ns, i.ctime_ns)
+                (i.stored + 511) // 512, i.atime_ns, i.mtime_ns, i.ctime_ns)
 
     @_op
     def getattr(self, path, fh=None):
@@ -347,10 +347,16 @@ class FuseOps(Operations):
         self._resolve(path)
         return 0
 
+    def entries(self, path) -> list[tuple[bytes, int]]:
+        """readdir's answer as (name, inode number) pairs, "." and ".." first (0: libfuse
+        fills in nothing for them). Raises what the core raises: for the glue."""
+        ino = self._resolve(path)
+        return [(b".", 0), (b"..", 0)] + self.fs.readdir_entries(ino)
+
     @_op
     def readdir(self, path, fh):
-        ino = self._resolve(path)
-        return [".", ".."] + [_s(name) for name in self.fs.readdir(ino)]
+        return [(_s(name), {"st_ino": ino} if ino else None, 0)
+                for name, ino in self.entries(path)]
 
     # -- files ------------------------------------------------------------------------------
 
@@ -407,6 +413,16 @@ class FuseOps(Operations):
         if self.refresher is not None and self.fs.has_hard_links():
             self._after_change(self.fs.handle_ino(fi.fh), path)
         return written
+
+    def allocate(self, path, mode, offset, length, fh) -> None:
+        """fallocate(2) through an open file (the glue calls this; it raises what the core
+        raises)."""
+        self.fs.fallocate(fh, mode, offset, length)
+
+    @_op
+    def fallocate(self, path, mode, offset, length, fh):
+        self.allocate(path, mode, offset, length, fh)
+        return 0
 
     @_op
     def flush(self, path, fi):

@@ -100,6 +100,7 @@ class Inode:
     ctime_ns: int
     rdev: int = 0
     target: bytes | None = None
+    stored: int = 0  # bytes of file data in its stored blocks (st_blocks counts these)
 
     @property
     def is_dir(self) -> bool:
@@ -435,7 +436,9 @@ class Metadata:
         with self._lock:
             row = self._rows.get(ino)
             if row is None:
-                row = self._db.execute("SELECT * FROM inodes WHERE ino=?", (ino,)).fetchone()
+                row = self._db.execute(
+                    "SELECT *, (SELECT COALESCE(SUM(length), 0) FROM blocks WHERE ino=?) "
+                    "FROM inodes WHERE ino=?", (ino, ino)).fetchone()
                 if row is not None:
                     if len(self._rows) >= MAX_CACHED_INODES:
                         self._rows.clear()
@@ -460,6 +463,13 @@ class Metadata:
         with self._lock:
             return [r[0] for r in self._db.execute(
                 "SELECT name FROM dentries WHERE parent=? ORDER BY name", (parent,))]
+
+    def child_entries(self, parent: int) -> list[tuple[bytes, int]]:
+        """(name, inode number) of the entries in a directory, in name order: one query."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT name, ino FROM dentries WHERE parent=? ORDER BY name",
+                (parent,)).fetchall()
 
     def has_children(self, parent: int) -> bool:
         with self._lock:
@@ -578,6 +588,12 @@ class Metadata:
         bytes belong to the file (the rest must never come back, even after a crash).
         """
         self._record("truncate_blocks", ino, keep_below, size, t, last_length)
+
+    def punch_blocks(self, ino: int, first: int, last: int, t: int) -> None:
+        """Drop the blocks with index first..last-1 (they become garbage, deleted once this
+        record is durable, as truncation's are): a hole there reads as zeros. The size
+        stays; mtime and ctime become `t`."""
+        self._record("punch_blocks", ino, first, last, t)
 
     def add_garbage(self, block_ids: list[str]) -> None:
         """Blocks that no record ever referenced (not journaled: if this is lost, the
@@ -736,6 +752,13 @@ def _op_truncate_blocks(db, ino, keep_below, size, t, last_length):
                (size, t, t, ino))
 
 
+def _op_punch_blocks(db, ino, first, last, t):
+    db.execute("INSERT OR IGNORE INTO garbage SELECT block_id FROM blocks "
+               "WHERE ino=? AND idx>=? AND idx<?", (ino, first, last))
+    db.execute("DELETE FROM blocks WHERE ino=? AND idx>=? AND idx<?", (ino, first, last))
+    db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE ino=?", (t, t, ino))
+
+
 def _op_set_xattr(db, ino, name, value, t):
     db.execute("INSERT OR REPLACE INTO xattrs VALUES (?,?,?)", (ino, name, value))
     db.execute("UPDATE inodes SET ctime_ns=? WHERE ino=?", (t, ino))
@@ -770,6 +793,7 @@ _TOUCHES = {
     "remove_inode": lambda ino: (ino,),
     "commit_blocks": lambda ino, *_: (ino,),
     "truncate_blocks": lambda ino, *_: (ino,),
+    "punch_blocks": lambda ino, *_: (ino,),
     "set_xattr": lambda ino, *_: (ino,),
     "remove_xattr": lambda ino, *_: (ino,),
     "set_nlink": lambda ino, _: (ino,),
@@ -790,6 +814,7 @@ _NAMES = {
     "remove_inode": lambda *_: (),  # only an inode without names is removed
     "commit_blocks": lambda *_: (),
     "truncate_blocks": lambda *_: (),
+    "punch_blocks": lambda *_: (),
     "set_xattr": lambda *_: (),
     "remove_xattr": lambda *_: (),
     "set_nlink": lambda *_: (),

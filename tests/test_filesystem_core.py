@@ -1671,3 +1671,78 @@ def test_truncating_past_a_dirty_block_records_no_size_it_does_not_hold(make_cor
     first.close()  # crash: block 0 never uploaded
     second = make_core(store=first.store, fresh=False)
     assert second.fs.getattr(ino).size == 0
+
+
+# -- fallocate: punching holes ---------------------------------------------------------------
+
+PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+
+def stored_bytes(fs, ino):
+    return fs.getattr(ino).stored
+
+
+def test_punch_hole_drops_whole_blocks_zeroes_edges_and_frees_them(core):
+    fs = core.fs
+    data = pattern(6 * BS, seed=3)
+    ino, fh = new_file(fs, b"img", data)
+    fs.fsync(fh)
+    assert stored_bytes(fs, ino) == 6 * BS
+    fs.fallocate(fh, PUNCH, BS // 2, 4 * BS)  # [0.5, 4.5): blocks 1..3 go, 0 and 4 halved
+    expected = data[:BS // 2] + bytes(4 * BS) + data[9 * BS // 2:]
+    assert fs.getattr(ino).size == 6 * BS
+    assert fs.read(fh, 0, 7 * BS) == expected
+    assert stored_bytes(fs, ino) == 3 * BS  # blocks 0, 4 and 5 remain
+    fs.fsync(fh)
+    assert sorted(idx for _, idx in referenced(core.db_path)) == [0, 4, 5]
+    forget_cached(core)
+    assert fs.read(fh, 0, 7 * BS) == expected
+    close(fs, fh)
+    wait_until(lambda: store_matches_metadata(core), what="punched blocks deleted")
+
+
+def test_punch_hole_of_dirty_blocks_survives_a_crash(make_core):
+    """The punched blocks are dirty in memory when the process dies: after the restart
+    the range reads zeros (the record dropped the clean copies; the dirty ones are gone)."""
+    first = make_core(max_age=3600)  # nothing uploads unless asked
+    fs = first.fs
+    ino, fh = new_file(fs, b"f", b"\xaa" * (4 * BS))
+    fs.fsync(fh)
+    fs.write(fh, 0, b"\xbb" * (4 * BS))  # dirty, over the recorded blocks
+    fs.fallocate(fh, PUNCH, BS, 2 * BS)
+    assert set(first.flusher.live(ino).dirty) == {0, 3}
+    assert fs.read(fh, 0, 4 * BS) == b"\xbb" * BS + bytes(2 * BS) + b"\xbb" * BS
+    first.close()  # crash: no flush
+
+    second = make_core(store=first.store, fresh=False)
+    fs = second.fs
+    fh = fs.open(ino, os.O_RDONLY)
+    got = fs.read(fh, 0, 4 * BS)
+    assert got[BS:3 * BS] == bytes(2 * BS)  # never the old \xaa bytes of blocks 1 and 2
+    assert got[:BS] in (b"\xaa" * BS, b"\xbb" * BS)  # full blocks may have uploaded
+    assert got[3 * BS:] in (b"\xaa" * BS, b"\xbb" * BS)
+    close(fs, fh)
+
+
+def test_punch_hole_reaching_the_size_drops_the_last_block(core):
+    fs = core.fs
+    ino, fh = new_file(fs, b"f", b"x" * (2 * BS + 10))
+    fs.fallocate(fh, PUNCH, BS - 5, 10 * BS)
+    assert fs.getattr(ino).size == 2 * BS + 10
+    assert fs.read(fh, 0, 3 * BS) == b"x" * (BS - 5) + bytes(BS + 15)
+    assert stored_bytes(fs, ino) == BS
+    fs.fsync(fh)
+    assert sorted(idx for _, idx in referenced(core.db_path)) == [0]
+    close(fs, fh)
+
+
+def test_fallocate_mode_zero_grows_other_modes_are_refused(core):
+    fs = core.fs
+    ino, fh = new_file(fs, b"f", b"abc")
+    fs.fallocate(fh, 0, 0, 3 * BS)
+    assert fs.getattr(ino).size == 3 * BS and stored_bytes(fs, ino) == 3
+    fs.fallocate(fh, 0, 0, 10)  # inside the file: nothing changes
+    assert fs.getattr(ino).size == 3 * BS
+    expect_errno(errno.EOPNOTSUPP, fs.fallocate, fh, 0x08, 0, BS)  # collapse range
+    expect_errno(errno.EINVAL, fs.fallocate, fh, PUNCH, 0, 0)
+    close(fs, fh)

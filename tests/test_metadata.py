@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from fusefs.errors import FsError, MetadataFailed
-from fusefs.metadata import ROOT_INO, Metadata, decode_record
+from fusefs.metadata import ROOT_INO, BlockRef, Metadata, decode_record
 
 from .test_filesystem_core import Core
 
@@ -205,3 +205,28 @@ def test_cached_rows_names_and_xattr_owners_always_match_the_database(tmp_path):
                 assert md.xattr_names(ino), f"step {step} ({action}): xattrs of {ino} hidden"
     finally:
         core.close()
+
+
+def test_a_punch_record_replays_to_the_same_block_map_and_garbage(tmp_path):
+    """punch_blocks is a journal record: replaying the journal on the formatted state
+    gives the same blocks, garbage and times as the database that applied it."""
+    from .test_journal import dump, records_of
+
+    a = Metadata(str(tmp_path / "a.db"))
+    a.format(uid=0, gid=0)
+    a.snapshot(str(tmp_path / "b.db"))
+    b = Metadata(str(tmp_path / "b.db"))
+    try:
+        ino = a.create(ROOT_INO, b"img", stat.S_IFREG | 0o644, 0, 0).ino
+        refs = {i: BlockRef(f"{i:032x}", "c" * 32, 4096) for i in range(6)}
+        a.commit_blocks(ino, refs, 6 * 4096, 5, 5)
+        a.punch_blocks(ino, 1, 4, 9)
+        assert sorted(a.block_refs(ino, 0, 100)) == [0, 4, 5]
+        assert a.inode(ino).size == 6 * 4096 and a.inode(ino).stored == 3 * 4096
+        assert a.inode(ino).mtime_ns == a.inode(ino).ctime_ns == 9
+        assert sorted(a.garbage()) == [f"{i:032x}" for i in (1, 2, 3)]
+        b.replay(records_of(a), {})
+        assert dump(b) == dump(a)
+    finally:
+        a.close()
+        b.close()

@@ -418,6 +418,8 @@ class FuseOps(Operations):
         """fallocate(2) through an open file (the glue calls this; it raises what the core
         raises)."""
         self.fs.fallocate(fh, mode, offset, length)
+        if self.refresher is not None and self.fs.has_hard_links():
+            self._after_change(self.fs.handle_ino(fh), path)
 
     @_op
     def fallocate(self, path, mode, offset, length, fh):

@@ -11,6 +11,8 @@ import errno
 import os
 import subprocess
 
+from .conftest import wait_until
+
 KiB, MiB = 1 << 10, 1 << 20
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_COLLAPSE_RANGE = 0x01, 0x02, 0x08
 
@@ -157,3 +159,17 @@ def test_readdir_inode_numbers_match_stat(fusefs_mount):
     for line in listed.stdout.splitlines():
         ino, name = line.split()
         assert int(ino) == os.stat(os.path.join(m.path, name)).st_ino, line
+
+
+def test_punch_hole_through_one_name_shows_through_another(fusefs_mount):
+    m = fusefs_mount()
+    a, b = os.path.join(m.path, "a"), os.path.join(m.path, "b")
+    with open(a, "wb") as f:
+        f.write(b"x" * 4 * MiB)
+        os.fsync(f.fileno())
+    os.link(a, b)
+    before = os.stat(b).st_blocks  # the kernel caches b's attributes now
+    with open(a, "r+b") as f:
+        fallocate(f.fileno(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 3 * MiB)
+    assert wait_until(lambda: os.stat(b).st_blocks * 512 <= MiB, timeout=10,
+                      what="b's st_blocks refreshed"), before

@@ -173,3 +173,18 @@ def test_punch_hole_through_one_name_shows_through_another(fusefs_mount):
         fallocate(f.fileno(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 3 * MiB)
     assert wait_until(lambda: os.stat(b).st_blocks * 512 <= MiB, timeout=10,
                       what="b's st_blocks refreshed"), before
+
+
+def test_tar_sparse_archives_a_sparse_file_as_sparse(fusefs_mount, tmp_path):
+    m = fusefs_mount()
+    path = os.path.join(m.path, "sparse")
+    with open(path, "wb") as f:
+        f.write(b"a" * 4096)
+        f.truncate(50 * MiB)
+    archive, out = tmp_path / "a.tar", tmp_path / "out"
+    subprocess.run(["tar", "-S", "-cf", str(archive), "-C", m.path, "sparse"], check=True)
+    assert archive.stat().st_size < MiB  # tar stored the hole as a hole
+    out.mkdir()
+    subprocess.run(["tar", "-xf", str(archive), "-C", str(out)], check=True)
+    with open(out / "sparse", "rb") as f:
+        assert f.read(4096) == b"a" * 4096 and os.fstat(f.fileno()).st_size == 50 * MiB

@@ -751,13 +751,14 @@ class Filesystem:
                 "f_favail": 1 << 32, "f_namemax": NAME_MAX}
 
     def _free(self, total: int, free: int, used: int) -> int:
-        """Free bytes: the servers' `free` less the data stored since they reported it. A
-        new report is taken to count everything stored up to the previous statfs (it was
-        sampled after that call, at the earliest): a change stored in between may be
+        """Free bytes: the servers' `free` less the data stored since they reported it,
+        plus what was removed or punched since (its copies are deleted soon after). A new
+        report is taken to count everything stored up to the previous statfs (it was
+        sampled after that call, at the earliest): a change made in between may be
         counted twice until the next report, never missed."""
         with self._space_lock:
             sample, base, previous = self._space or ((total, free), used, used)
             if sample != (total, free):
                 sample, base = (total, free), previous
             self._space = (sample, base, used)
-        return max(0, min(free - max(0, used - base), total))
+        return max(0, min(free - (used - base), total))

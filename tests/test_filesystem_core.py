@@ -1746,3 +1746,20 @@ def test_fallocate_mode_zero_grows_other_modes_are_refused(core):
     expect_errno(errno.EOPNOTSUPP, fs.fallocate, fh, 0x08, 0, BS)  # collapse range
     expect_errno(errno.EINVAL, fs.fallocate, fh, PUNCH, 0, 0)
     close(fs, fh)
+
+
+def test_statfs_free_space_drops_by_what_is_stored_between_server_reports(core):
+    fs = core.fs
+    report = {"space": (1 << 30, 1 << 29)}  # what the servers said at their last sample
+    fs.capacity = lambda: report["space"]
+    free = lambda: fs.statfs()["f_bavail"] * fs.statfs()["f_frsize"]  # noqa: E731
+    assert free() == 1 << 29
+    ino, fh = new_file(fs, b"f", b"x" * (3 * BS))  # dirty: counted at once
+    assert free() == (1 << 29) - 3 * BS
+    fs.fsync(fh)  # recorded now: still counted once
+    assert free() == (1 << 29) - 3 * BS
+    report["space"] = (1 << 30, (1 << 29) - 3 * BS)  # a new sample that includes it
+    assert free() == (1 << 29) - 3 * BS
+    fs.fallocate(fh, PUNCH, 0, 3 * BS)  # punched: the space comes back
+    assert free() == (1 << 29)
+    close(fs, fh)

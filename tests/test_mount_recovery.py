@@ -16,7 +16,7 @@ import pytest
 from fusefs.daemon import is_mounted
 from fusefs.journal import process_alive
 
-from .conftest import REPO
+from .test_embedded import fusefs
 
 
 def _write_synced(path: str, data: bytes) -> None:
@@ -93,34 +93,27 @@ def test_umount_detaches_a_dead_mount_even_while_a_process_sits_in_it(fusefs_mou
         sitter.wait()
 
 
-def _fusefs(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "fusefs", *args], capture_output=True,
-                            text=True, timeout=180, cwd=REPO)
-    assert not check or result.returncode == 0, result.stderr
-    return result
-
-
 def test_up_after_the_daemon_was_killed_mounts_again_with_the_data(tmp_path):
     from fusefs.daemon import read_registry
 
     root = str(tmp_path / "data")
     mnt = os.path.join(root, "mnt")
     try:
-        _fusefs("up", root)
+        fusefs("up", root)
         data = os.urandom(1_500_000)
         _write_synced(os.path.join(mnt, "kept.bin"), data)
         pid = read_registry(mnt)["pid"]
         os.kill(pid, signal.SIGKILL)
         while process_alive(pid):
             time.sleep(0.02)
-        result = _fusefs("up", root, check=False)
+        result = fusefs("up", root, check=False)
         assert result.returncode == 0, result.stderr
         assert process_alive(read_registry(mnt)["pid"])
         with open(os.path.join(mnt, "kept.bin"), "rb") as f:
             assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
         assert "dead" in result.stderr  # it says what it found
     finally:
-        _fusefs("down", root, check=False)
+        fusefs("down", root, check=False)
         if is_mounted(mnt):
             subprocess.run(["umount", "-l", mnt], capture_output=True)
         _stop_servers(root)
@@ -159,7 +152,7 @@ def test_a_dead_mount_of_another_filesystem_is_left_alone(tmp_path):
         other.wait()
         for args in (("umount", mnt), ("mount", "--servers", "http://127.0.0.1:9", mnt),
                      ("status", mnt)):
-            result = _fusefs(*args, check=False)
+            result = fusefs(*args, check=False)
             assert result.returncode == 1, (args, result.stdout)
             assert "did not make" in result.stderr and "fusermount -u -z" in result.stderr
             assert is_mounted(mnt), args  # still there: not ours to detach

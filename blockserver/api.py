@@ -398,6 +398,7 @@ class Api:
             "server_id": s.server_id,
             "version": __version__,
             "capacity_bytes": s.capacity_bytes(),
+            "disk": s.disk_id(),
             "used_bytes": s.used_bytes,
             "free_bytes": max(0, s.free_bytes() - s.reserve_bytes),
             "block_count": s.block_count,

@@ -38,6 +38,7 @@ import ctypes
 import errno
 import logging
 import os
+import socket
 import stat
 import struct
 import threading
@@ -289,6 +290,16 @@ class BlockStore:
     def free_bytes(self) -> int:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
+
+    def disk_id(self) -> str:
+        """Which disk holds the data: servers that share one report the same id, so a
+        client counts that disk's space once (each copy of a block uses it again)."""
+        try:
+            with open("/etc/machine-id") as f:
+                machine = f.read().strip()
+        except OSError:
+            machine = socket.gethostname()
+        return f"{machine}:{os.stat(self.root).st_dev}"
 
     def capacity_bytes(self) -> int:
         st = os.statvfs(self.root)

@@ -158,10 +158,13 @@ class ReplicatedStore(BlockStore):
 
     def _note_space(self, member: Member, status: dict) -> None:
         with self._lock:
-            self._space[member.id] = (status["capacity_bytes"], status["free_bytes"])
+            # Servers on one disk report the same "disk": its space counts once.
+            disk = status.get("disk") or member.id
+            self._space[disk] = (status["capacity_bytes"], status["free_bytes"])
 
     def capacity(self) -> tuple[int, int]:
-        """(total, free) bytes of file data the cluster can hold: raw space / R. Cached."""
+        """(total, free) bytes of file data the cluster can hold: the raw space of its
+        distinct disks / R (every block is stored R times). Cached."""
         with self._lock:
             values = list(self._space.values())
         r = self.config.replicas

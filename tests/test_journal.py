@@ -78,7 +78,7 @@ class Workload:
         t = rng.randrange(1, 1 << 62)
         op = rng.choice(["file", "file", "dir", "symlink", "link", "unlink", "unlink", "rename",
                          "rename", "rename", "attrs", "xattr", "rmxattr", "commit", "commit",
-                         "truncate", "late_commit", "reap"])
+                         "truncate", "punch", "late_commit", "reap"])
         if op in ("file", "dir", "symlink"):
             parent, name = rng.choice(dirs), rng.choice(NAMES)
             if md.lookup(parent, name) is not None:
@@ -164,6 +164,11 @@ class Workload:
             keep = rng.randrange(0, 8)
             last = rng.choice([None, rng.randrange(1, 4096)]) if keep else None
             md.truncate_blocks(rng.choice(files), keep, rng.randrange(1 << 20), t, last)
+        elif op == "punch":
+            if not files:
+                return False
+            first = rng.randrange(0, 8)
+            md.punch_blocks(rng.choice(files), first, first + rng.randrange(1, 4), t)
         elif op == "reap":
             orphans = md.orphans()
             if not orphans:
@@ -270,7 +275,8 @@ def test_a_record_with_a_non_string_op_or_a_boolean_seq_raises_value_error(raw):
 # -- 2. replay --------------------------------------------------------------------------------
 
 ALL_OPS = {"format", "create", "link", "unlink", "rename", "set_attrs", "set_xattr",
-           "remove_xattr", "commit_blocks", "truncate_blocks", "remove_inode"}
+           "remove_xattr", "commit_blocks", "truncate_blocks", "punch_blocks",
+           "remove_inode"}
 
 
 def test_replaying_the_journal_rebuilds_the_same_database(tmp_path):

@@ -58,7 +58,7 @@ def member_of(server: ServerProcess) -> Member:
 
 
 MiB = 1 << 20
-MB = 1_000_000  # throughput in decimal MB/s, like docs and PERF-NOTES
+MB = 1_000_000  # throughput in decimal MB/s, like docs/fuse-and-performance.md
 BLOCK_SIZE = 1 * MiB
 DISTINCT_PAYLOADS = 64  # blocks are drawn from this many distinct random MiB (ids differ)
 PUT_TARGET = 0.40  # put R=3 >= 40% of R=1

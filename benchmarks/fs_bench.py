@@ -6,7 +6,7 @@ same disk):
 
   native       a plain directory                              (the hardware)
   passthrough  benchmarks/passthrough.py mirroring a directory (the ceiling for a Python
-               FUSE filesystem: fusepy/libfuse2 with the options PERF-NOTES recommends)
+               FUSE filesystem: fusepy/libfuse2 with the options of docs/fuse-and-performance.md)
   fusefs       `python -m fusefs up DIR`: three local block servers, R=3, mounted at DIR/mnt
 
 and runs the same workloads on each, the targets interleaved within every round (their order
@@ -74,7 +74,7 @@ from servers import filesystem_of, load_average  # noqa: E402
 from servers import process_cpu_seconds as cpu_seconds  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-MB = 1_000_000  # throughput in decimal MB/s, like PERF-NOTES
+MB = 1_000_000  # throughput in decimal MB/s, like docs/fuse-and-performance.md
 CHUNK = 1 * MiB
 R = 3  # replicas of the fusefs cluster that `fusefs up` formats
 TARGETS = ("native", "passthrough", "fusefs")

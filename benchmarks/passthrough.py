@@ -10,7 +10,7 @@ Every callback is one or two system calls on the backing directory and nothing e
 whatever a real fusepy filesystem does on top of this (metadata, caching, the network)
 shows up as the difference between the two in `fs_bench.py`.
 
-FUSE options (see /work/shared/PERF-NOTES.md; `MOUNT_OPTIONS` below):
+FUSE options (why each: docs/fuse-and-performance.md; `MOUNT_OPTIONS` below):
 
   big_writes, max_write=131072   write requests of up to 128 KiB instead of 4 KiB: the single
                                  largest factor for sequential writes on libfuse2
@@ -24,7 +24,7 @@ FUSE options (see /work/shared/PERF-NOTES.md; `MOUNT_OPTIONS` below):
   default_permissions            the kernel checks permissions against the mode bits
   allow_other (when root)        other users may use the mount, like fusefs
   multi-threaded                 like fusefs (`--nothreads` makes it single-threaded, which
-                                 PERF-NOTES found ~15% faster for large I/O)
+                                 was ~15% faster for large I/O, docs/fuse-and-performance.md)
 
 kernel_cache and the long timeouts are correct only while this mount is the only writer of
 BACKING, which is the case in the benchmark. They make this a best case, not a template:
@@ -80,7 +80,7 @@ def _oserror(fn):
 
 class Passthrough(Operations):
     use_ns = True  # times as integer nanoseconds
-    flag_utime_omit_ok = 1  # touch -m and tar x set one time only (FUSEPY-NOTES)
+    flag_utime_omit_ok = 1  # touch -m and tar x set one time only (docs/fuse-and-performance.md)
 
     def __init__(self, backing: str):
         self.root = os.path.realpath(backing)
@@ -230,7 +230,7 @@ class Passthrough(Operations):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Minimal fusepy passthrough of BACKING at "
-                                "MOUNTPOINT (foreground), tuned as PERF-NOTES recommends.")
+                                "MOUNTPOINT (foreground); options: docs/fuse-and-performance.md.")
     p.add_argument("backing")
     p.add_argument("mountpoint")
     p.add_argument("--nothreads", action="store_true", help="single-threaded libfuse loop")

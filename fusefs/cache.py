@@ -1,6 +1,6 @@
 """The block cache: verified immutable blocks in memory, then on local disk, then the store.
 
-What it owns and promises (DESIGN.md section 3, read path; P4):
+What it owns and promises (docs/promises.md: the read path; P4):
 - get() returns only bytes whose xxh3-128 is the checksum the caller asked for. Bytes enter
   memory verified (the store verifies what it returns, a disk file is verified on every
   read, insert() takes blocks the store has just verified on put), and a memory entry is

@@ -490,7 +490,7 @@ class FuseOps(Operations):
 
 def mount_options(read_only: bool = False, extra: dict | None = None,
                   cache_attributes: bool = False) -> dict:
-    """The FUSE options that matter (see PERF-NOTES.md and FUSEPY-NOTES.md).
+    """The FUSE options that matter (why each: docs/fuse-and-performance.md).
 
     A writer is the filesystem's only one, and the kernel keeps what it caches right for
     changes made through it, so it may cache names and attributes for a minute. The one

@@ -1,4 +1,4 @@
-"""Imports point down only (DESIGN.md section 3): the block server never imports fusefs."""
+"""Imports point down only (docs/promises.md, "The data path"): blockserver never imports fusefs."""
 
 import ast
 import pathlib
@@ -29,7 +29,7 @@ def test_blockserver_uses_no_http_client_library():
     assert offenders == []
 
 
-# fusefs modules from the top of the data path to the bottom (DESIGN.md section 3). A module
+# fusefs modules from the top of the data path to the bottom (docs/promises.md). A module
 # may import modules of its own layer or of layers below it, never above. A new module must
 # be placed here, so the map stays the truth.
 FUSEFS_LAYERS = [

@@ -1,7 +1,7 @@
 """Failures on a real mount: a block server dies, all of them stop, the mount is taken down
 while data is dirty, and the CLI meets a mountpoint or cluster it cannot use.
 
-Promises checked (DESIGN.md): P1 (fsync and a clean unmount mean durable), P3 (one server
+Promises checked (docs/promises.md): P1 (fsync and a clean unmount mean durable), P3 (one server
 may die at any moment and applications see nothing), P7 (a failed upload keeps its data,
 reports to fsync/close and `fusefs status`, and unmount waits for it), and the CLI rule that
 every error says what went wrong and what to do.

@@ -16,7 +16,7 @@ mismatch names the seed, the op index and the recent ops; to replay one case run
 
 Small block sizes make multi-block files cheap; one case keeps the default 1 MiB blocks.
 Hard links are left out on purpose: libfuse 2 gives each name its own kernel inode, so
-descriptors open through two names of one file are not coherent (see FUSEPY-NOTES.md);
+descriptors open through two names of one file are not coherent (docs/fuse-and-performance.md);
 tests/test_mount_posix.py covers links with the cases that must work.
 """
 

@@ -1,4 +1,4 @@
-"""Everyday tools on a real mount: cp, tar, git, SQLite, rsync, gcc (DESIGN.md section 0).
+"""Everyday tools on a real mount: cp, tar, git, SQLite, rsync, gcc (docs/promises.md).
 
 Each test runs the real program on a real kernel FUSE mount of fusefs (three block
 servers, R=3, W=2) and checks what the tool itself checks (diff -r, git fsck, PRAGMA

@@ -246,7 +246,11 @@ class Api:
             raise HttpError(400, "bad_checksum",
                             f"{protocol.H_CHECKSUM} must be the block's xxh3-128 as 32 hex digits")
         body = self._body(req, self.config.max_block_size)
-        created = self.store.put(block_id, body, expected)
+        # ?use=metadata: a journal segment or checkpoint may take the reserved space, so a
+        # client whose data filled the disk can still record the removals that free it.
+        # The query is part of the signed target.
+        created = self.store.put(block_id, body, expected,
+                                 use_reserve=_one(req, "use", "data") == "metadata")
         return Response(201 if created else 200, headers={protocol.H_CHECKSUM: expected})
 
     def _get(self, req: Request, block_id: str) -> Response:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -70,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest block accepted (default 16MiB; larger: 413)")
     serve.add_argument("--max-batch-size", type=size_argument, default="64MiB", metavar="SIZE",
                        help="largest batch request or response body (default 64MiB)")
-    serve.add_argument("--reserve", type=size_argument, default="0", metavar="SIZE",
-                       help="free space to keep on the disk; writes beyond it get 507")
+    serve.add_argument("--reserve", type=size_argument, default=None, metavar="SIZE",
+                       help="free space file data may not use (507 beyond it); journal "
+                       "segments and checkpoints may, so removals can still be recorded "
+                       "on a full disk (default: 1%% of the disk, at most 64MiB)")
     serve.add_argument("--max-connections", type=int, default=256, metavar="N",
                        help="connections served at once (default 256; more get 503); a "
                        "quarter of them is kept for clients that sent a signed request")
@@ -152,7 +155,7 @@ def serve(args) -> int:
             raise SystemExit(f"blockserver: {e}") from None
     tls = _tls_context(args)
     try:
-        store = BlockStore(args.data, reserve_bytes=args.reserve)
+        store = BlockStore(args.data, reserve_bytes=_reserve(args))
     except OSError as e:
         raise SystemExit(f"blockserver: cannot use data directory {args.data}: {e}") from None
     metrics = Metrics()
@@ -188,6 +191,15 @@ def serve(args) -> int:
     server.serve_forever()
     log.info("stopped")
     return 0
+
+
+def _reserve(args) -> int:
+    """--reserve, or 1% of the data directory's disk, at most 64 MiB."""
+    if args.reserve is not None:
+        return args.reserve
+    os.makedirs(args.data, exist_ok=True)
+    st = os.statvfs(args.data)
+    return min(64 << 20, st.f_blocks * st.f_frsize // 100)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -307,12 +307,15 @@ class BlockStore:
 
     # -- blocks -----------------------------------------------------------------------------
 
-    def put(self, block_id: str, data, expected: str, verified: bool = False) -> bool:
+    def put(self, block_id: str, data, expected: str, verified: bool = False,
+            use_reserve: bool = False) -> bool:
         """Store a block durably. True if created, False if it was already there (harmless).
-        `verified`: the caller has checked `data` against `expected` already."""
-        return self.put_many([(block_id, data, expected)], verified)[0].result()
+        `verified`: the caller has checked `data` against `expected` already.
+        `use_reserve`: the block may take the reserved space (metadata, see put_many)."""
+        return self.put_many([(block_id, data, expected)], verified, use_reserve)[0].result()
 
-    def put_many(self, items, verified: bool = False) -> list["Outcome"]:
+    def put_many(self, items, verified: bool = False,
+                 use_reserve: bool = False) -> list["Outcome"]:
         """Store many blocks sharing two filesystem syncs. One Outcome per (id, data, checksum).
 
         Data is made durable before any block is linked into place, and the links are made
@@ -321,7 +324,10 @@ class BlockStore:
         """
         outcomes = [Outcome() for _ in items]
         staged = []  # (index, block_id, tmp path, size, checksum)
-        room = self.free_bytes() - self.reserve_bytes  # one statvfs for the whole batch
+        # One statvfs for the whole batch. Data stops short of the reserve; metadata
+        # (journal segments, checkpoints) may use it, so that a full disk never keeps a
+        # client from recording the removals that would free space.
+        room = self.free_bytes() - (0 if use_reserve else self.reserve_bytes)
         try:
             for i, (block_id, data, expected) in enumerate(items):
                 if not verified and protocol.checksum(data) != expected:

@@ -23,8 +23,9 @@ def new_block_id() -> str:
 
 class BlockStore(abc.ABC):
     @abc.abstractmethod
-    def put(self, block_id: str, data: bytes, checksum: str) -> None:
-        """Store a block durably (on W servers) or raise a StorageError; nothing in between."""
+    def put(self, block_id: str, data: bytes, checksum: str, metadata: bool = False) -> None:
+        """Store a block durably (on W servers) or raise a StorageError; nothing in between.
+        `metadata`: a journal segment, allowed into the space kept back from file data."""
 
     def put_many(self, items: list[tuple[str, bytes, str]]) -> None:
         """Store several (id, data, checksum) blocks; raises if any could not be stored."""

@@ -30,6 +30,7 @@ across a request.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -248,7 +249,10 @@ class ReplicatedStore(BlockStore):
         with self._behind_changed:
             return self._behind
 
-    def put(self, block_id: str, data: bytes, checksum: str) -> None:
+    def put(self, block_id: str, data: bytes, checksum: str, metadata: bool = False) -> None:
+        """Store R copies, returning at W; `metadata` (journal segments) may use the space
+        servers keep back from file data."""
+        put_block = functools.partial(self.transport.put_block, metadata=metadata)
         self._wait_behind()
         ranking = self.ranking(block_id)
         homes = ranking[:self.config.replicas]
@@ -263,7 +267,7 @@ class ReplicatedStore(BlockStore):
                 member = next(candidates, None)
                 if member is None:
                     return
-                future = self._io.submit(self._call, member, self.transport.put_block,
+                future = self._io.submit(self._call, member, put_block,
                                          block_id, data, checksum)
                 pending[future] = member
 
@@ -288,16 +292,17 @@ class ReplicatedStore(BlockStore):
         # server not tried yet, as it would have been before the quorum.
         untried = list(candidates)  # taken from, under _lock, by the copies' callbacks
         for future, member in pending.items():
-            self._background_put(future, member, (block_id, data, checksum), homes, untried)
+            self._background_put(future, member, (block_id, data, checksum), homes, untried,
+                                 put_block)
 
     def _background_put(self, future: Future, member: Member, block, homes: list[Member],
-                        untried: list[Member]) -> None:
+                        untried: list[Member], put_block) -> None:
         self._left_behind(future, len(block[1]))
         future.add_done_callback(
-            lambda f: self._background_put_done(f, member, block, homes, untried))
+            lambda f: self._background_put_done(f, member, block, homes, untried, put_block))
 
     def _background_put_done(self, future: Future, member: Member, block,
-                             homes: list[Member], untried: list[Member]) -> None:
+                             homes: list[Member], untried: list[Member], put_block) -> None:
         if future.exception() is None:
             return
         block_id, _, checksum = block
@@ -308,10 +313,10 @@ class ReplicatedStore(BlockStore):
         if other is None or self._stopping.is_set():
             return
         try:
-            replacement = self._io.submit(self._call, other, self.transport.put_block, *block)
+            replacement = self._io.submit(self._call, other, put_block, *block)
         except RuntimeError:
             return  # shutting down: the home's copy is remembered for repair
-        self._background_put(replacement, other, block, homes, untried)
+        self._background_put(replacement, other, block, homes, untried, put_block)
 
     @staticmethod
     def _quorum_error(what: str, failures: dict[str, errors.StorageError]) -> errors.StorageError:

@@ -195,7 +195,8 @@ def fence_chain(store, transport, metadata: Metadata, fs_id: str, chain: str,
         data = fence_block(fs_id, chain, number)
         checksum = protocol.checksum(data)
         answers = superblock.ask_all(
-            transport, members, lambda m: transport.put_block(m, block_id, data, checksum))
+            transport, members,
+            lambda m: transport.put_block(m, block_id, data, checksum, metadata=True))
         if sum(1 for a in answers.values() if isinstance(a, bool)) >= need:
             return applied, number
         records = _stored_instead(transport, answers, fs_id, chain, number)
@@ -778,7 +779,7 @@ class Journal:
                                      "journal shipping waits for it")
         try:
             self.store.put(segment_id(self.fs_id, self.chain, number), data,
-                           protocol.checksum(data))
+                           protocol.checksum(data), metadata=True)
         except errors.StorageError:
             if self._after_failed_put(data):
                 return self._ship_once()  # cut smaller now: ship that at once

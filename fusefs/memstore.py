@@ -25,7 +25,7 @@ class MemoryBlockStore(BlockStore):
         if self.fail_with is not None:
             raise self.fail_with
 
-    def put(self, block_id: str, data: bytes, checksum: str) -> None:
+    def put(self, block_id: str, data: bytes, checksum: str, metadata: bool = False) -> None:
         self._maybe_fail()
         if protocol.checksum(data) != checksum:
             raise errors.BlockCorrupt(f"block {block_id}: data does not match its checksum")

@@ -249,12 +249,15 @@ class Transport:
     def status(self, member: Member, timeout: float | None = None) -> dict:
         return self.call(member, "GET", "/v1/status", timeout=timeout).json()
 
-    def put_block(self, member: Member, block_id: str, data: bytes, checksum: str) -> bool:
-        """True if the server created it, False if it already had it."""
+    def put_block(self, member: Member, block_id: str, data: bytes, checksum: str,
+                  metadata: bool = False) -> bool:
+        """True if the server created it, False if it already had it. `metadata`: a
+        journal segment, which may use the space servers keep back from file data."""
         digest = None
         if self.config.secret is not None:
             digest = self._digest(("block", block_id, checksum, len(data)), (data,))
-        reply = self.call(member, "PUT", f"/v1/blocks/{block_id}", data,
+        target = f"/v1/blocks/{block_id}" + ("?use=metadata" if metadata else "")
+        reply = self.call(member, "PUT", target, data,
                           headers={protocol.H_CHECKSUM: checksum}, ok=(200, 201),
                           body_digest=digest)
         return reply.status == 201

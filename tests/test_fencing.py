@@ -55,10 +55,10 @@ class PausingTransport(Transport):
             self.resume.wait(120)
         return super().call(*args, **kwargs)
 
-    def put_block(self, member, block_id, data, checksum):
+    def put_block(self, member, block_id, data, checksum, metadata=False):
         if block_id == self.trigger:
             self.paused.set()
-        return super().put_block(member, block_id, data, checksum)
+        return super().put_block(member, block_id, data, checksum, metadata)
 
 
 class LostAnswerTransport(Transport):

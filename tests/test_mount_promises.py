@@ -346,3 +346,41 @@ def test_local_state_is_readable_by_its_owner_only(fusefs_mount):
             seen.append(name)
             assert mode & 0o077 == 0, f"{path} is {oct(mode)}"
     assert {"metadata.db", "fusefs.log"} <= set(seen)
+
+
+def test_a_full_cluster_can_still_record_removals_and_frees_their_space(fusefs_mount,
+                                                                        tmp_path):
+    """Review #13's edge: small blocks fill every server to the last few bytes; the
+    journal segment that records `rm` must still be stored (servers keep a reserve that
+    only journal segments may use), so the removal frees the space and writing works
+    again. Before, fsync of the directory failed with ENOSPC and nothing was ever freed."""
+    with full_cluster(tmp_path, 3, "6m"):
+        m = fusefs_mount(mkfs=["--block-size", "4KiB"])
+        try:
+            names = []
+            with pytest.raises(OSError) as full:
+                for i in range(100_000):
+                    write_file(os.path.join(m.path, f"f{i}"), os.urandom(4000), sync=os.fsync)
+                    names.append(f"f{i}")
+            assert full.value.errno == errno.ENOSPC and names
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(m.path, name))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(m.path, f"f{len(names)}"))  # the one that failed
+            dir_fd = os.open(m.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)  # the removals are durable: their segment was stored
+            finally:
+                os.close(dir_fd)
+            wait_until(lambda: all(os.statvfs(s.data_dir).f_bavail * 4096 > 2 * MiB
+                                   for s in m.servers), "the removed files' space freed")
+            data = os.urandom(200 * KiB)
+            write_file(os.path.join(m.path, "after"), data, sync=os.fsync)
+            assert read_through(os.path.join(m.path, "after")) == data
+            m.umount()
+        finally:
+            if m.mounted:
+                m.force_unmount()
+            for s in m.servers:
+                s.stop()

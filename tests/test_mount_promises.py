@@ -348,6 +348,11 @@ def test_local_state_is_readable_by_its_owner_only(fusefs_mount):
     assert {"metadata.db", "fusefs.log"} <= set(seen)
 
 
+def free_on(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
 def test_a_full_cluster_can_still_record_removals_and_frees_their_space(fusefs_mount,
                                                                         tmp_path):
     """Review #13's edge: small blocks fill every server to the last few bytes; the
@@ -373,8 +378,8 @@ def test_a_full_cluster_can_still_record_removals_and_frees_their_space(fusefs_m
                 os.fsync(dir_fd)  # the removals are durable: their segment was stored
             finally:
                 os.close(dir_fd)
-            wait_until(lambda: all(os.statvfs(s.data_dir).f_bavail * 4096 > 2 * MiB
-                                   for s in m.servers), "the removed files' space freed")
+            wait_until(lambda: all(free_on(s.data_dir) > 2 * MiB for s in m.servers),
+                       "the removed files' space freed")
             data = os.urandom(200 * KiB)
             write_file(os.path.join(m.path, "after"), data, sync=os.fsync)
             assert read_through(os.path.join(m.path, "after")) == data

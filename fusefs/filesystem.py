@@ -313,6 +313,10 @@ class Filesystem:
         if left <= 1 and not self._is_open(ino):
             self._linked.discard(ino)
 
+    def is_open(self, ino: int) -> bool:
+        """Whether some descriptor has the inode open now."""
+        return self._is_open(ino)
+
     def _is_open(self, ino: int) -> bool:
         fd = self.flusher.live(ino)
         if fd is None:

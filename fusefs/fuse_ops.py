@@ -127,12 +127,10 @@ class FuseOps(Operations):
         if path == "/":
             return ROOT_INO
         if _hidden_name(path):
-            key = _b(path.rpartition("/")[2])
             with self._lock:
-                ino = self._hidden.get(key)
-            if ino is None:
-                raise errors.FsError(errno.ENOENT)
-            return ino
+                ino = self._hidden.get(_b(path.rpartition("/")[2]))
+            if ino is not None:
+                return ino  # else a file that really has such a name: looked up as any
         with self._lock:
             ino = self._paths.get(path)
             generation = self._generation
@@ -284,6 +282,18 @@ class FuseOps(Operations):
             self._refresh_others(ino, target)
         return 0
 
+    def _hiding(self, old: str, new: str) -> bool:
+        """Whether a rename is libfuse hiding an open file. A user may give a file such a
+        name too; libfuse only hides an open file, under a name nobody holds."""
+        if not _hidden_name(new):
+            return False
+        try:
+            self._resolve(new)
+            return False  # the name exists: an ordinary rename over it
+        except errors.FsError:
+            pass
+        return self.fs.is_open(self._resolve(old))
+
     def _hide(self, path: str, hidden: str) -> int:
         """libfuse hides an open file whose name goes away: the name is unlinked, and the
         hidden name answers for the inode until libfuse unlinks it after the last close."""
@@ -301,12 +311,10 @@ class FuseOps(Operations):
     @_op
     def unlink(self, path):
         if _hidden_name(path):  # libfuse, after the last close of a hidden file
-            key = _b(path.rpartition("/")[2])
             with self._lock:
-                ino = self._hidden.pop(key, None)
-            if ino is None:
-                raise errors.FsError(errno.ENOENT)
-            return 0
+                ino = self._hidden.pop(_b(path.rpartition("/")[2]), None)
+            if ino is not None:
+                return 0
         parent, name = self._parent(path)
         linked = self._linked(path)
         self.fs.unlink(parent, name)
@@ -323,7 +331,7 @@ class FuseOps(Operations):
 
     @_op
     def rename(self, old, new):
-        if _hidden_name(new):
+        if self._hiding(old, new):
             return self._hide(old, new)
         old_parent, old_name = self._parent(old)
         new_parent, new_name = self._parent(new)

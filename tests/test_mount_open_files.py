@@ -234,3 +234,25 @@ def test_space_of_an_unlinked_open_file_is_freed_at_the_last_close_and_after_a_c
     m.mount()
     wait_until(lambda: not inode_row_exists(m, ino), "the orphan removed by the next mount")
     assert os.listdir(m.path) == []
+
+
+def test_a_users_own_file_with_a_hidden_looking_name_is_an_ordinary_file(fusefs_mount):
+    """Names like libfuse's hidden ones (left by another FUSE filesystem, copied by rsync)
+    are ordinary names: created, renamed to, listed, read and removed as any other."""
+    m = fusefs_mount()
+    name = os.path.join(m.path, ".fuse_hidden0123456789abcdef")
+    with open(name, "wb") as f:
+        f.write(b"mine")
+    assert os.listdir(m.path) == [".fuse_hidden0123456789abcdef"]
+    other = os.path.join(m.path, "other")
+    with open(other, "wb") as f:
+        f.write(b"second")
+    target = os.path.join(m.path, ".fuse_hiddenfedcba9876543210")
+    os.rename(other, target)  # a closed file: an ordinary rename
+    with open(target, "rb") as f:
+        assert f.read() == b"second"
+    with open(name, "rb") as f:
+        assert f.read() == b"mine"
+    os.unlink(name)
+    os.unlink(target)
+    assert os.listdir(m.path) == []

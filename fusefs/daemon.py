@@ -280,24 +280,22 @@ def run(config: MountConfig) -> None:
                            disk_dir=os.path.join(config.state_dir, "blocks"),
                            disk_bytes=config.disk_cache)
         stack.callback(cache.close)
+        writer = keeper if not config.read_only else None  # None also for a local store
+        durable = writer.wait_durable if writer is not None else None
         flusher = Flusher(store, cache, metadata, block_size=sb.block_size,
-                          dirty_limit=config.dirty_limit,
-                          max_age=config.flush_age, collect_garbage=not config.read_only)
+                          dirty_limit=config.dirty_limit, max_age=config.flush_age,
+                          collect_garbage=not config.read_only, durable=durable)
         stack.callback(flusher.close)
         fs = Filesystem(metadata, cache, flusher, sb.block_size, capacity=store.capacity,
-                        sync_on_close=config.sync_on_close)
+                        sync_on_close=config.sync_on_close, gate=writer, durable=durable,
+                        read_only="mounted read-only" if config.read_only else None,
+                        changes=keeper if config.read_only else None)
         if config.read_only:
-            fs.read_only = "mounted read-only"
-            keeper.on_change = fs.external_change
             keeper.start()
             stack.callback(keeper.close)
-        elif keeper is not None:
-            fs.durable = flusher.durable = keeper.wait_durable
-            keeper.on_lost = fs.lose_write_access
-            fs.write_gate = keeper.check_writable
-            stack.callback(keeper.close)  # (a no-op after finish() closed it)
-            fs.start()
         else:
+            if keeper is not None:
+                stack.callback(keeper.close)  # (a no-op after finish() closed it)
             fs.start()
         status_path = os.path.join(config.state_dir, "status.json")
         reporter = _StatusReporter(status_path, config, store, flusher, cache, keeper)
@@ -328,7 +326,7 @@ def run(config: MountConfig) -> None:
                 log.warning("this kernel has no openat2 RESOLVE_CACHED (Linux 5.12): the "
                             "kernel will cache no attributes, which makes metadata slower")
         ops = FuseOps(fs, on_destroy=finish, refresher=refresher)
-        fs.change_listeners.append(ops.forget_paths)  # a follower's changes
+        fs.subscribe(ops.forget_paths)  # a follower's changes
         _stop_on_signal(config.mountpoint, finish)
         options = mount_options(config.read_only, config.fuse_options,
                                 cache_attributes=refresher is not None)

@@ -44,8 +44,9 @@ class Handle:
 
 
 class Filesystem:
-    def __init__(self, metadata: Metadata, cache, flusher: Flusher, block_size: int,
-                 capacity=None, readahead_blocks: int = 4, sync_on_close: bool = False):
+    def __init__(self, metadata: Metadata, cache, flusher: Flusher, block_size: int, *,
+                 capacity=None, readahead_blocks: int = 4, sync_on_close: bool = False,
+                 gate=None, durable=None, read_only: str | None = None, changes=None):
         self.metadata = metadata
         self.cache = cache
         self.flusher = flusher
@@ -53,10 +54,15 @@ class Filesystem:
         self.capacity = capacity or (lambda: (1 << 50, 1 << 50))  # (total, free) bytes
         self.readahead_blocks = readahead_blocks
         self.sync_on_close = sync_on_close  # close(2) of a writer waits as fsync does
-        self.durable = metadata.sync  # fsync's last step; a mount sets the journal's wait
-        self.read_only: str | None = None  # why changes are refused, when they are
-        self.write_gate = None  # called before each change: the journal's lease check
-        self.change_listeners: list = []  # called after external_change
+        # fsync's last step: the journal's wait on a mount, a local fsync without one
+        self.durable = durable or metadata.sync
+        self.read_only = read_only  # why changes are refused, when they are
+        # Asked before each change (`gate.check_writable()`): the writer lease, which raises
+        # Fenced (EROFS) once it is lost. None: always writable.
+        self.gate = gate
+        self._listeners: list = []  # called after external_change
+        if changes is not None:  # a follower: tells us when another mount changed things
+            changes.subscribe(self.external_change)
         self._ns = threading.Lock()
         # Inodes other than directories with more than one name: the adapter keeps the
         # kernel's view of their other names right after each change. Changed under _ns.
@@ -465,12 +471,12 @@ class Filesystem:
     def _writable(self) -> None:
         if self.read_only:
             raise FsError(errno.EROFS, self.read_only)
-        if self.write_gate is not None:
-            self.write_gate()
+        if self.gate is not None:
+            self.gate.check_writable()
 
-    def lose_write_access(self, why: str) -> None:
-        """From now on every change fails with EROFS (the writer lease is gone)."""
-        self.read_only = why
+    def subscribe(self, listener) -> None:
+        """Call `listener()` after each external change (the adapter forgets its paths)."""
+        self._listeners.append(listener)
 
     def external_change(self) -> None:
         """Another mount changed the metadata (a follower applied journal records): open
@@ -485,7 +491,7 @@ class Filesystem:
                     fd.refs = refs
         with self._ns:
             self._linked = self.metadata.multi_linked()
-        for listener in self.change_listeners:
+        for listener in self._listeners:
             listener()
 
     # -- data -------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ class FileData:
 class Flusher:
     def __init__(self, store, cache, metadata: Metadata, *, dirty_limit: int,
                  max_age: float = 5.0, threads: int = 4, collect_garbage: bool = True,
-                 block_size: int | None = None):
+                 block_size: int | None = None, durable=None):
         self.store = store
         # Needed to keep recorded sizes within committed data (`_committable`); without it
         # (old callers) every commit records the live size, as before.
@@ -124,7 +124,7 @@ class Flusher:
         self.max_age = max_age
         # Called before garbage is deleted: returns once the records that dropped it are
         # durable (the journal's wait on a mount; a local fsync without one).
-        self.durable = metadata.sync
+        self.durable = durable or metadata.sync
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # new work, or room freed
         self._files: dict[int, FileData] = {}  # guarded by _lock

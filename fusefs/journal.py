@@ -972,16 +972,24 @@ class Follower:
     """Keeps a read-only mount's metadata current with the writer's journal."""
 
     def __init__(self, store, transport, sb: superblock.Superblock, metadata: Metadata,
-                 work_dir: str, *, next_segment: int, interval: float = 1.0, on_change=None):
+                 work_dir: str, *, next_segment: int, interval: float = 1.0):
         self.store, self.transport, self.metadata = store, transport, metadata
         self.work_dir = work_dir
         self.sb = sb
         self.chain = sb.checkpoint["chain"]
         self.segment = next_segment
         self.interval = interval
-        self.on_change = on_change or (lambda: None)
+        self._listeners: list = []  # called after each applied change
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="journal-follow", daemon=True)
+
+    def subscribe(self, listener) -> None:
+        """Call `listener()` after each batch of changes applied from the writer."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def start(self) -> None:
         self._thread.start()
@@ -1015,7 +1023,7 @@ class Follower:
             self._reload(superblock.read_quorum(self.transport, self.sb.members))
             return 1
         if applied:
-            self.on_change()
+            self._changed()
         return applied
 
     def _check_superblock(self) -> None:
@@ -1040,7 +1048,7 @@ class Follower:
         self.sb, self.chain, self.segment = sb, cp["chain"], cp["segment"]
         applied, self.segment = replay_chain(self.store, self.metadata, sb.fs_id, self.chain,
                                              self.segment)
-        self.on_change()
+        self._changed()
 
 
 def new_mount_id() -> str:

@@ -635,6 +635,55 @@ class Metadata:
             return False
         return self._record("remove_xattr", ino, name, now_ns())
 
+    # -- whole-filesystem reads (fsck, the journal's sweep) ---------------------------------
+    # Each reads committed-or-open state under the lock, like every read here; none uses or
+    # fills the caches.
+
+    def inode_modes(self) -> list[tuple[int, int, int]]:
+        """(ino, mode, nlink) of every inode, in inode order."""
+        return self._query("SELECT ino, mode, nlink FROM inodes ORDER BY ino")
+
+    def dentries(self) -> list[tuple[int, bytes, int]]:
+        """(parent, name, ino) of every directory entry, in (parent, name) order; the
+        inode it names may be missing (fsck looks for that)."""
+        return self._query("SELECT parent, name, ino FROM dentries ORDER BY parent, name")
+
+    def named_inodes(self) -> set[int]:
+        """Every inode number that at least one directory entry names."""
+        return {r[0] for r in self._query("SELECT DISTINCT ino FROM dentries")}
+
+    def name_counts(self) -> dict[int, int]:
+        """ino -> how many directory entries name it, for inodes that exist."""
+        return dict(self._query("SELECT d.ino, COUNT(*) FROM dentries d "
+                                "JOIN inodes i ON i.ino = d.ino GROUP BY d.ino"))
+
+    def subdir_counts(self) -> dict[int, int]:
+        """parent -> how many of its entries name an existing directory (a directory's
+        link count is 2 plus this)."""
+        return dict(self._query("SELECT d.parent, COUNT(*) FROM dentries d "
+                                "JOIN inodes i ON i.ino = d.ino WHERE (i.mode & ?) = ? "
+                                "GROUP BY d.parent", (stat.S_IFMT(0o177777), stat.S_IFDIR)))
+
+    def blocks_without_inode(self) -> list[int]:
+        """Inode numbers that have block-map rows but no inode row, in order."""
+        return [r[0] for r in self._query("SELECT DISTINCT ino FROM blocks WHERE ino NOT IN "
+                                          "(SELECT ino FROM inodes) ORDER BY ino")]
+
+    def block_rows(self) -> list[tuple[int, str, str]]:
+        """(ino, block id, checksum) of every block-map entry, in (ino, index) order."""
+        return self._query("SELECT ino, block_id, checksum FROM blocks ORDER BY ino, idx")
+
+    def referenced_blocks(self) -> set[str]:
+        """The block ids the metadata references: every id in a block map. These are the
+        file data a reader may still fetch; no other rule says which data blocks are live
+        (garbage ids are not: see `garbage_ids`)."""
+        return {r[0] for r in self._query("SELECT block_id FROM blocks")}
+
+    def garbage_ids(self) -> set[str]:
+        """Every block id waiting in `garbage` to be deleted from the cluster (no block map
+        references them; `garbage(limit)` hands them out in batches)."""
+        return {r[0] for r in self._query("SELECT block_id FROM garbage")}
+
     # -- repairs (fsck) ---------------------------------------------------------------------
 
     def set_nlink(self, ino: int, nlink: int) -> None:
@@ -645,7 +694,12 @@ class Metadata:
         self._record("remove_dentry", parent, name)
 
     def query(self, sql: str, args=()) -> list[tuple]:
-        """A read-only query over the whole database (fsck and tests)."""
+        """A read-only query over the whole database (being replaced by the named reads
+        above: tests use `_query`)."""
+        return self._query(sql, args)
+
+    def _query(self, sql: str, args=()) -> list[tuple]:
+        """Any read-only query, for the named reads and for tests."""
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 

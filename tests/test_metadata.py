@@ -230,3 +230,29 @@ def test_a_punch_record_replays_to_the_same_block_map_and_garbage(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_the_named_reads_answer_what_fsck_and_the_sweep_ask(md):
+    """Each whole-filesystem read against a small tree with a hard link, a subdirectory, a
+    block map, garbage, a dangling name and blocks of a missing inode."""
+    f = md.create(ROOT_INO, b"f", FILE, 0, 0).ino
+    d = md.create(ROOT_INO, b"d", stat.S_IFDIR | 0o755, 0, 0).ino
+    md.link(f, d, b"g")
+    md.commit_blocks(f, {0: BlockRef("a" * 32, "1" * 32, 10), 1: BlockRef("b" * 32, "2" * 32, 5)},
+                     15, 1, 1)
+    md.commit_blocks(f, {0: BlockRef("c" * 32, "3" * 32, 10)}, 15, 2, 2)  # "a..." is garbage
+    gone = md.create(d, b"gone", FILE, 0, 0).ino
+    md.commit_blocks(gone, {0: BlockRef("d" * 32, "4" * 32, 1)}, 1, 3, 3)
+    md._db.execute("DELETE FROM inodes WHERE ino=?", (gone,))  # damage, as fsck meets it
+    md._forget_cached()
+    assert md.inode_modes() == [(ROOT_INO, stat.S_IFDIR | 0o755, 3), (f, FILE, 2),
+                                (d, stat.S_IFDIR | 0o755, 2)]
+    assert md.dentries() == [(ROOT_INO, b"d", d), (ROOT_INO, b"f", f), (d, b"g", f),
+                             (d, b"gone", gone)] and md.named_inodes() == {d, f, gone}
+    assert md.name_counts() == {f: 2, d: 1} and md.subdir_counts() == {ROOT_INO: 1}
+    assert md.blocks_without_inode() == [gone]
+    assert md.block_rows() == [(f, "c" * 32, "3" * 32), (f, "b" * 32, "2" * 32),
+                               (gone, "d" * 32, "4" * 32)]
+    assert md.referenced_blocks() == {"b" * 32, "c" * 32, "d" * 32}
+    assert md.garbage_ids() == {"a" * 32}
+    assert md.names(f) == [(ROOT_INO, b"f"), (d, b"g")]

@@ -8,9 +8,10 @@ position of a follower).
 
 Every change appends a journal record `[seq, op, args]` in the same transaction
 (sequence numbers have no gaps). A record holds all the change needs — the times, the
-new inode number — and the `_op_*` function that made the change is the one that replays
-it, so a database built from a checkpoint plus the records after it is the database the
-writer had (see docs/journal.md).
+new inode number — and the function that made the change is the one that replays it, so a
+database built from a checkpoint plus the records after it is the database the writer had
+(see docs/journal.md). Each kind of record is declared once, in the registry at the end of
+this module (`Op`, `_op`): how it applies and which inode rows and names it writes.
 
 Group commit: changes are not committed one by one. The first change opens a transaction
 (the group), each change is a savepoint inside it, and the group is committed at most
@@ -43,7 +44,9 @@ import sqlite3
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import MetadataFailed
 
@@ -132,8 +135,8 @@ class Metadata:
         self._committer: threading.Thread | None = None
         self._closing = False
         self._failed: str | None = None  # why changes are refused (a group was lost)
-        # Caches, guarded by _lock. A change forgets the rows it writes (_TOUCHES) and
-        # records the names it writes (_NAMES); anything else that may write those tables
+        # Caches, guarded by _lock. A change forgets the rows and records the names that
+        # its Op declares it writes (_learn); anything else that may write those tables
         # (replay, a rollback, a new database) forgets everything (_forget_cached).
         # Rows of the inodes table read lately:
         self._rows: dict[int, tuple] = {}
@@ -211,6 +214,7 @@ class Metadata:
         The record holds everything the change needs (times, the new inode number), so
         applying it again to the state before it gives the same state (see `replay`).
         """
+        spec = _OPS[op]
         with self._lock:
             if self._failed:
                 raise MetadataFailed(self._failed)
@@ -221,7 +225,7 @@ class Metadata:
                 self._wake_committer()
             self._db.execute("SAVEPOINT change")
             try:
-                result = _OPS[op](self._db, *args)
+                result = spec.apply(self._db, *args)
                 self._db.execute("INSERT INTO journal VALUES (?, ?)",
                                  (seq, encode_record(seq, op, args)))
                 self._db.execute("RELEASE change")
@@ -229,13 +233,7 @@ class Metadata:
                 self._forget_cached()
                 self._undo_change()
                 raise
-            for ino in _TOUCHES[op](*args):
-                self._rows.pop(ino, None)
-            if len(self._names) >= MAX_CACHED_NAMES:
-                self._names.clear()
-            self._names.update(_NAMES[op](*args))
-            if op == "set_xattr" and self._xattr_inos is not None:
-                self._xattr_inos.add(args[0])
+            self._learn(spec, args)
             self._seq = seq
             self._group_changes += 1
             if self.group_seconds <= 0:
@@ -243,6 +241,18 @@ class Metadata:
         if self.on_record is not None:
             self.on_record(seq)
         return result
+
+    def _learn(self, spec: Op, args: tuple) -> None:
+        """Expects _lock: a change `spec` with `args` was applied; update the caches with
+        what it declares it wrote (the rows it may have written are forgotten, the names
+        it wrote are known)."""
+        for ino in spec.inodes(*args):
+            self._rows.pop(ino, None)
+        if len(self._names) >= MAX_CACHED_NAMES:
+            self._names.clear()
+        self._names.update(spec.names(*args))
+        if spec.xattr_owner is not None and self._xattr_inos is not None:
+            self._xattr_inos.add(spec.xattr_owner(*args))
 
     def _forget_cached(self) -> None:
         """Expects _lock: the database may have changed in any way (a transaction, a
@@ -363,7 +373,7 @@ class Metadata:
                     continue
                 if rec_seq != seq + 1:
                     raise JournalGap(f"journal record {rec_seq} follows {seq}")
-                _OPS[op](db, *args)
+                _OPS[op].apply(db, *args)
                 seq = rec_seq
                 applied += 1
             db.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)",
@@ -705,14 +715,59 @@ class Metadata:
 
 
 # -- the changes a journal record can carry ---------------------------------------------------
-# Each takes the connection (inside the caller's transaction) and the record's arguments,
-# and depends on nothing else: replaying a record reproduces the change exactly.
+# Each kind of record is declared once, by `@_op(...)` on the function that applies it: its
+# name in the record, the inode rows and the directory entries it writes (what the caches
+# must learn), and the function itself. The function takes the connection (inside the
+# caller's transaction) and the record's arguments, and depends on nothing else: replaying
+# a record reproduces the change exactly. Its parameters after `db` are the record's
+# arguments in order: they are the format on disk and on the cluster, never reorder them
+# (a new argument goes last, with a default, so that older records still apply).
 
+
+def _nothing(*_) -> tuple:
+    return ()
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One kind of journal record, as `_op` declared it.
+
+    `apply(db, *args)` makes the change and returns what the Metadata method returns.
+    `inodes(*args)`: every inode whose row it may write (the cache of rows forgets exactly
+    these). `names(*args)`: every directory entry it writes, as ((parent, name), ino), ino
+    None for a name now absent (the cache of names takes exactly these). `xattr_owner(*args)`:
+    set only for an op that adds xattr rows, the inode that gets them (the set of inodes
+    that may have xattrs must include it).
+    """
+
+    name: str
+    apply: Callable[..., Any]
+    inodes: Callable[..., tuple]
+    names: Callable[..., tuple]
+    xattr_owner: Callable[..., int] | None = None
+
+
+_OPS: dict[str, Op] = {}  # the registry: a record's op name -> its Op
+
+
+def _op(name: str, *, inodes, names, xattr_owner=None):
+    """Declare the decorated function as the change `name` (see Op)."""
+    def register(apply):
+        if name in _OPS:
+            raise ValueError(f"journal op {name!r} declared twice")
+        _OPS[name] = Op(name, apply, inodes, names, xattr_owner)
+        return apply
+    return register
+
+
+@_op("format", inodes=lambda *_: (ROOT_INO,), names=_nothing)
 def _op_format(db, uid, gid, mode, t):
     db.execute("INSERT INTO inodes VALUES (?,?,?,?,?,?,?,?,?,0,NULL)",
                (ROOT_INO, stat.S_IFDIR | mode, uid, gid, 2, 0, t, t, t))
 
 
+@_op("create", inodes=lambda ino, parent, *_: (ino, parent),
+     names=lambda ino, parent, name, *_: (((parent, name), ino),))
 def _op_create(db, ino, parent, name, mode, uid, gid, rdev, target, t):
     is_dir = stat.S_ISDIR(mode)
     db.execute("INSERT INTO inodes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -723,12 +778,16 @@ def _op_create(db, ino, parent, name, mode, uid, gid, rdev, target, t):
                (t, t, 1 if is_dir else 0, parent))
 
 
+@_op("link", inodes=lambda ino, parent, *_: (ino, parent),
+     names=lambda ino, parent, name, *_: (((parent, name), ino),))
 def _op_link(db, ino, parent, name, t):
     db.execute("INSERT INTO dentries VALUES (?,?,?)", (parent, name, ino))
     db.execute("UPDATE inodes SET nlink=nlink+1, ctime_ns=? WHERE ino=?", (t, ino))
     db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE ino=?", (t, t, parent))
 
 
+@_op("unlink", inodes=lambda parent, name, ino, *_: (parent, ino),
+     names=lambda parent, name, *_: (((parent, name), None),))
 def _op_unlink(db, parent, name, ino, is_dir, t, remove=False):
     db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
     drop = 2 if is_dir else 1  # a directory also loses its "." link
@@ -743,6 +802,11 @@ def _op_unlink(db, parent, name, ino, is_dir, t, remove=False):
     return left
 
 
+@_op("rename",
+     inodes=lambda old_parent, old_name, new_parent, new_name, ino, is_dir, replaced, *_:
+     (old_parent, new_parent, ino, replaced),
+     names=lambda old_parent, old_name, new_parent, new_name, ino, *_:
+     (((old_parent, old_name), None), ((new_parent, new_name), ino)))
 def _op_rename(db, old_parent, old_name, new_parent, new_name, ino, is_dir, replaced,
                replaced_is_dir, t):
     left = None
@@ -768,6 +832,7 @@ def _op_rename(db, old_parent, old_name, new_parent, new_name, ino, is_dir, repl
     return left
 
 
+@_op("set_attrs", inodes=lambda ino, *_: (ino,), names=_nothing)
 def _op_set_attrs(db, ino, fields):
     if not set(fields) <= set(_INODE_COLUMNS[1:]):
         raise ValueError(f"not inode attributes: {sorted(fields)}")
@@ -775,12 +840,15 @@ def _op_set_attrs(db, ino, fields):
     db.execute(f"UPDATE inodes SET {columns} WHERE ino=?", (*fields.values(), ino))
 
 
+@_op("remove_inode", inodes=lambda ino: (ino,),
+     names=_nothing)  # only an inode without names is removed
 def _op_remove_inode(db, ino):
     db.execute("INSERT OR IGNORE INTO garbage SELECT block_id FROM blocks WHERE ino=?", (ino,))
     for table in ("blocks", "xattrs", "inodes"):
         db.execute(f"DELETE FROM {table} WHERE ino=?", (ino,))
 
 
+@_op("commit_blocks", inodes=lambda ino, *_: (ino,), names=_nothing)
 def _op_commit_blocks(db, ino, refs, size, mtime_ns, ctime_ns):
     if db.execute("SELECT 1 FROM inodes WHERE ino=?", (ino,)).fetchone() is None:
         db.executemany("INSERT OR IGNORE INTO garbage VALUES (?)", [(r[1],) for r in refs])
@@ -795,6 +863,7 @@ def _op_commit_blocks(db, ino, refs, size, mtime_ns, ctime_ns):
                (size, mtime_ns, ctime_ns, ino))
 
 
+@_op("truncate_blocks", inodes=lambda ino, *_: (ino,), names=_nothing)
 def _op_truncate_blocks(db, ino, keep_below, size, t, last_length):
     db.execute("INSERT OR IGNORE INTO garbage SELECT block_id FROM blocks "
                "WHERE ino=? AND idx>=?", (ino, keep_below))
@@ -806,6 +875,7 @@ def _op_truncate_blocks(db, ino, keep_below, size, t, last_length):
                (size, t, t, ino))
 
 
+@_op("punch_blocks", inodes=lambda ino, *_: (ino,), names=_nothing)
 def _op_punch_blocks(db, ino, first, last, t):
     db.execute("INSERT OR IGNORE INTO garbage SELECT block_id FROM blocks "
                "WHERE ino=? AND idx>=? AND idx<?", (ino, first, last))
@@ -813,11 +883,14 @@ def _op_punch_blocks(db, ino, first, last, t):
     db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE ino=?", (t, t, ino))
 
 
+@_op("set_xattr", inodes=lambda ino, *_: (ino,), names=_nothing,
+     xattr_owner=lambda ino, *_: ino)
 def _op_set_xattr(db, ino, name, value, t):
     db.execute("INSERT OR REPLACE INTO xattrs VALUES (?,?,?)", (ino, name, value))
     db.execute("UPDATE inodes SET ctime_ns=? WHERE ino=?", (t, ino))
 
 
+@_op("remove_xattr", inodes=lambda ino, *_: (ino,), names=_nothing)
 def _op_remove_xattr(db, ino, name, t):
     gone = db.execute("DELETE FROM xattrs WHERE ino=? AND name=?", (ino, name)).rowcount
     if gone:
@@ -825,56 +898,15 @@ def _op_remove_xattr(db, ino, name, t):
     return bool(gone)
 
 
+@_op("set_nlink", inodes=lambda ino, _: (ino,), names=_nothing)
 def _op_set_nlink(db, ino, nlink):
     db.execute("UPDATE inodes SET nlink=? WHERE ino=?", (nlink, ino))
 
 
+@_op("remove_dentry", inodes=_nothing,  # a name only
+     names=lambda parent, name: (((parent, name), None),))
 def _op_remove_dentry(db, parent, name):
     db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
-
-
-_OPS = {name[4:]: fn for name, fn in globals().items() if name.startswith("_op_")}
-
-# The inodes whose rows each change may write: the cache of rows forgets exactly these.
-_TOUCHES = {
-    "format": lambda *_: (ROOT_INO,),
-    "create": lambda ino, parent, *_: (ino, parent),
-    "link": lambda ino, parent, *_: (ino, parent),
-    "unlink": lambda parent, name, ino, *_: (parent, ino),
-    "rename": lambda old_parent, old_name, new_parent, new_name, ino, is_dir, replaced, *_:
-        (old_parent, new_parent, ino, replaced),
-    "set_attrs": lambda ino, *_: (ino,),
-    "remove_inode": lambda ino: (ino,),
-    "commit_blocks": lambda ino, *_: (ino,),
-    "truncate_blocks": lambda ino, *_: (ino,),
-    "punch_blocks": lambda ino, *_: (ino,),
-    "set_xattr": lambda ino, *_: (ino,),
-    "remove_xattr": lambda ino, *_: (ino,),
-    "set_nlink": lambda ino, _: (ino,),
-    "remove_dentry": lambda *_: (),  # a name only
-}
-assert _TOUCHES.keys() == _OPS.keys(), "every change must say which inode rows it writes"
-
-# The directory entries each change writes, with what they name afterwards (None: absent):
-# the cache of names takes exactly these (the next lookup of a new name is a hit).
-_NAMES = {
-    "format": lambda *_: (),
-    "create": lambda ino, parent, name, *_: (((parent, name), ino),),
-    "link": lambda ino, parent, name, *_: (((parent, name), ino),),
-    "unlink": lambda parent, name, *_: (((parent, name), None),),
-    "rename": lambda old_parent, old_name, new_parent, new_name, ino, *_:
-        (((old_parent, old_name), None), ((new_parent, new_name), ino)),
-    "set_attrs": lambda *_: (),
-    "remove_inode": lambda *_: (),  # only an inode without names is removed
-    "commit_blocks": lambda *_: (),
-    "truncate_blocks": lambda *_: (),
-    "punch_blocks": lambda *_: (),
-    "set_xattr": lambda *_: (),
-    "remove_xattr": lambda *_: (),
-    "set_nlink": lambda *_: (),
-    "remove_dentry": lambda parent, name: (((parent, name), None),),
-}
-assert _NAMES.keys() == _OPS.keys(), "every change must say which names it writes"
 
 
 # -- the record format ------------------------------------------------------------------------

@@ -29,9 +29,12 @@ that callers were told had happened are gone from the local copy: the database r
 every later change with MetadataFailed (EIO), and the log says to mount again, which
 rebuilds from what the cluster holds.
 
-Threads: one connection, used under `_lock`. Callers never hold `_lock` (it is private);
-they may hold an inode lock while calling in. `on_record` is called with no lock held.
-The committer thread takes `_lock` only to commit. Nothing here touches the network.
+Threads: one connection, every use of it under `_lock` (private, so no caller holds it).
+While holding `_lock` this module takes no other lock of fusefs, does no network I/O and
+calls nothing outside itself; `sync`'s fsync and `snapshot`'s work on its copy run without
+it. The committer thread holds it except while it waits for a group's deadline.
+`on_record` runs after `_lock` is released, on the thread that made the change, which may
+still hold its own locks. Lock order: docs/filesystem.md, Lock order.
 """
 
 from __future__ import annotations
@@ -92,6 +95,10 @@ _INODE_COLUMNS = ("ino", "mode", "uid", "gid", "nlink", "size", "atime_ns", "mti
 
 @dataclass
 class Inode:
+    """One inode's attributes as a row of `inodes` holds them, plus `stored` (computed from
+    its block map). A copy: each call makes a new one, which later changes never update;
+    an open file's live size and times are in its FileData until committed."""
+
     ino: int
     mode: int
     uid: int
@@ -112,6 +119,10 @@ class Inode:
 
 @dataclass(frozen=True)
 class BlockRef:
+    """One entry of a file's block map: the block id on the cluster, the checksum of its
+    bytes, and how many of them belong to the file (a last or cut block may be shorter
+    than the block size; the rest reads as zeros)."""
+
     block_id: str
     checksum: str
     length: int
@@ -122,6 +133,14 @@ def now_ns() -> int:
 
 
 class Metadata:
+    """The metadata database of one filesystem (see the module docstring): namespace,
+    attributes, block maps, xattrs and garbage, each change journaled as it is applied.
+
+    Changes (`create`, `rename`, `commit_blocks`, ...) are journal records applied through
+    `_record`; reads of one inode or name answer from caches; whole-filesystem reads serve
+    fsck and the journal's sweep; `unshipped`/`shipped`/`replay`/`snapshot`/`replace_with`
+    serve the journal. Thread-safe; the rules are in the module docstring."""
+
     def __init__(self, path: str, group_seconds: float = GROUP_SECONDS):
         self.path = path
         self._lock = threading.Lock()
@@ -155,7 +174,9 @@ class Metadata:
                         .fetchone()[0])
         self._next_ino = self._db.execute(
             "SELECT COALESCE(MAX(ino), 0) + 1 FROM inodes").fetchone()[0]
-        self.on_record = None  # called (no lock held) after each new record: wakes a shipper
+        # Called with the new record's seq after each change, once _lock is released (the
+        # caller's own locks may still be held): wakes a shipper.
+        self.on_record = None
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)

@@ -1,4 +1,5 @@
-"""The metadata database on its own: group commit, what a kill -9 keeps, the inode-row cache.
+"""The metadata database on its own: group commit, what a kill -9 keeps, the caches, the
+record format byte for byte, the named whole-filesystem reads.
 
 These use a real SQLite file and, for the crash, a real process killed with SIGKILL.
 """
@@ -190,18 +191,18 @@ def test_cached_rows_names_and_xattr_owners_always_match_the_database(tmp_path):
             except FsError:
                 pass
             for ino in known:
-                rows = md.query("SELECT *, (SELECT COALESCE(SUM(length), 0) FROM blocks "
-                                "WHERE ino=?) FROM inodes WHERE ino=?", (ino, ino))
+                rows = md._query("SELECT *, (SELECT COALESCE(SUM(length), 0) FROM blocks "
+                                 "WHERE ino=?) FROM inodes WHERE ino=?", (ino, ino))
                 cached = md.inode(ino)  # its last field: the bytes its blocks hold
                 got = tuple(vars(cached).values()) if cached else None
                 assert got == (rows[0] if rows else None), f"step {step} ({action}): inode {ino}"
             for d in dirs:  # every name that may exist, and some that never do
                 for name in [b"n%d" % i for i in range(9)]:
-                    rows = md.query("SELECT ino FROM dentries WHERE parent=? AND name=?",
-                                    (d, name))
+                    rows = md._query("SELECT ino FROM dentries WHERE parent=? AND name=?",
+                                     (d, name))
                     assert md.lookup(d, name) == (rows[0][0] if rows else None), \
                         f"step {step} ({action}): name {name!r} in {d}"
-            owners = {r[0] for r in md.query("SELECT DISTINCT ino FROM xattrs")}
+            owners = {r[0] for r in md._query("SELECT DISTINCT ino FROM xattrs")}
             for ino in owners:
                 assert md.xattr_names(ino), f"step {step} ({action}): xattrs of {ino} hidden"
     finally:

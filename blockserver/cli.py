@@ -15,8 +15,8 @@ from . import __version__, protocol
 from .api import Api, ApiConfig
 from .http11 import Limits, Server
 from .metrics import Metrics
+from .protocol import size_argument
 from .store import BlockStore
-from .units import size_argument
 
 log = logging.getLogger("blockserver")
 

@@ -9,19 +9,17 @@ that is already stored succeeds, deleting a missing block succeeds. Implementati
 from __future__ import annotations
 
 import abc
-import os
 
-# The first 8 hex digits of every block id this process creates: a mount's sweep for
-# leftover blocks (journal.Journal.sweep) never touches what its own process uploaded.
-PROCESS_TAG = os.urandom(4).hex()
+# The block-id generator belongs to the wire contract; these names stay importable from
+# here until the modules that import them from `.blocks` take them from the contract.
+from blockserver.protocol import PROCESS_TAG, new_block_id
 
-
-def new_block_id() -> str:
-    """A fresh random block id, tagged with this process."""
-    return PROCESS_TAG + os.urandom(12).hex()
+__all__ = ["BlockStore", "PROCESS_TAG", "new_block_id"]
 
 
 class BlockStore(abc.ABC):
+    """Where the filesystem's blocks live: immutable, checksummed, idempotent calls."""
+
     @abc.abstractmethod
     def put(self, block_id: str, data: bytes, checksum: str, metadata: bool = False) -> None:
         """Store a block durably (on W servers) or raise a StorageError; nothing in between.

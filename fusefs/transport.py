@@ -1,5 +1,9 @@
 """HTTP to block servers. The only module of fusefs that imports `requests`.
 
+What goes on the wire (paths, queries, headers, what a status means, signatures, batch
+framing, block ids) is the wire contract's, `blockserver.protocol`, the one module of
+`blockserver` that fusefs imports: this module spells none of it, it only carries it.
+
 One `requests` HTTPAdapter per Transport, shared by all threads, with one pool per server
 of at most `pool_size` connections; a semaphore per server keeps the requests in flight to
 it at that bound too, so a process never holds more than `pool_size` connections to one
@@ -39,6 +43,8 @@ from . import errors
 
 @dataclass(frozen=True)
 class TransportConfig:
+    """How a Transport talks to servers: timeouts, the key it signs with, TLS, pool size."""
+
     connect_timeout: float = 2.0
     read_timeout: float = 10.0
     secret: bytes | None = None  # the cluster secret, or the read-only key (role "read")
@@ -75,18 +81,19 @@ _EXCEPTIONS = (
     (OSError, errors.Unavailable, "network error"),
 )
 
-# HTTP status -> our exception. Statuses not listed: 5xx are Unavailable, 4xx Rejected.
+# Status (its meaning: blockserver.protocol.statuses) -> our exception. Statuses not
+# listed: 5xx are Unavailable, 4xx Rejected.
 _STATUSES = {
-    401: errors.AuthenticationFailed,
-    # 403: the read-only key was used to write or delete. Rejected, not AuthenticationFailed:
+    protocol.UNAUTHENTICATED: errors.AuthenticationFailed,
+    # The read-only key was used to write or delete. Rejected, not AuthenticationFailed:
     # the server is healthy and must not be taken for down (a read repair of a read-only
     # client meets this).
-    403: errors.Rejected,
-    404: errors.BlockMissing,
-    409: errors.Conflict,
-    410: errors.BlockCorrupt,
-    422: errors.BlockCorrupt,  # the bytes the server received do not match their checksum
-    507: errors.StorageFull,
+    protocol.READ_ONLY: errors.Rejected,
+    protocol.MISSING: errors.BlockMissing,
+    protocol.CONFLICT: errors.Conflict,
+    protocol.CORRUPT: errors.BlockCorrupt,
+    protocol.CHECKSUM_MISMATCH: errors.BlockCorrupt,
+    protocol.FULL: errors.StorageFull,
 }
 
 
@@ -103,6 +110,8 @@ def _translate(exc: BaseException, url: str) -> errors.StorageError:
 
 
 class Reply:
+    """A server's answer once checked: status, headers and the whole body."""
+
     __slots__ = ("status", "headers", "content")
 
     def __init__(self, status: int, headers, content: bytes):
@@ -112,9 +121,6 @@ class Reply:
         return json.loads(self.content)
 
 
-# Statuses a server gives before it has checked a signature, hence unsigned. A forged one
-# can only make a request fail, as dropping it could; every other answer must be signed.
-_UNSIGNED_REFUSALS = frozenset({400, 401, 405, 411, 413, 414, 431, 501, 503, 505})
 _DIGEST_MEMO = 256  # bodies whose SHA-256 is kept for the next replica's request
 
 
@@ -154,14 +160,14 @@ class Transport:
 
     def _server_id(self, member: Member, path: str) -> str:
         """The id a request to `member` is signed for; asked once when only its URL is known."""
-        if member.id or path == "/v1/status" or self.config.secret is None:
+        if member.id or path == protocol.STATUS or self.config.secret is None:
             return member.id
         with self._lock:
             known = self._ids.get(member.url)
         return known or self.status(member)["server_id"]
 
     def call(self, member: Member, method: str, path: str, body=b"", *, headers=None,
-             ok=(200,), timeout: float | None = None, body_digest: str | None = None,
+             ok=(protocol.OK,), timeout: float | None = None, body_digest: str | None = None,
              body_checksum: str | None = None) -> Reply:
         """One request to one server. Raises a StorageError for any status not in `ok`.
 
@@ -185,7 +191,7 @@ class Transport:
             raise wrong_server(member.url, served_by, member.id)
         if nonce is not None:
             self._check_answer(member, status, reply_headers, content, nonce, served_by)
-            if status == 401 and not member.id:
+            if status == protocol.UNAUTHENTICATED and not member.id:
                 with self._lock:  # the URL may now lead to another server: ask again
                     self._ids.pop(member.url, None)
         if status not in ok:
@@ -201,7 +207,7 @@ class Transport:
             {n: headers.get(n, "") for n in protocol.SIGNED_RESPONSE_HEADERS})
         if not (served_by and hmac.compare_digest(given.encode("latin-1", "replace"),
                                                   expected.encode())):
-            if status in _UNSIGNED_REFUSALS:
+            if status in protocol.UNSIGNED_REFUSALS:
                 return  # refused before the signature was checked; _status_error explains
             raise errors.AuthenticationFailed(
                 f"{member.url}: the answer ({status}) is not signed with this cluster's key: "
@@ -238,7 +244,7 @@ class Transport:
         except (ValueError, AttributeError):
             message = ""
         what = f"{member.url}: {method} {path[:60]} answered {status}"
-        if status == 401:
+        if status == protocol.UNAUTHENTICATED:
             message = (message or "refused") + "; check that client and servers use the same " \
                                                "--secret-file"
         cls = _STATUSES.get(status) or (errors.Unavailable if status >= 500 else errors.Rejected)
@@ -247,7 +253,7 @@ class Transport:
     # -- the block server API, one method per endpoint --------------------------------------
 
     def status(self, member: Member, timeout: float | None = None) -> dict:
-        return self.call(member, "GET", "/v1/status", timeout=timeout).json()
+        return self.call(member, "GET", protocol.STATUS, timeout=timeout).json()
 
     def put_block(self, member: Member, block_id: str, data: bytes, checksum: str,
                   metadata: bool = False) -> bool:
@@ -256,17 +262,16 @@ class Transport:
         digest = None
         if self.config.secret is not None:
             digest = self._digest(("block", block_id, checksum, len(data)), (data,))
-        target = f"/v1/blocks/{block_id}" + ("?use=metadata" if metadata else "")
-        reply = self.call(member, "PUT", target, data,
-                          headers={protocol.H_CHECKSUM: checksum}, ok=(200, 201),
-                          body_digest=digest)
-        return reply.status == 201
+        reply = self.call(member, "PUT", protocol.block_path(block_id, metadata), data,
+                          headers={protocol.H_CHECKSUM: checksum},
+                          ok=(protocol.ALREADY_STORED, protocol.STORED), body_digest=digest)
+        return reply.status == protocol.STORED
 
     def get_block(self, member: Member, block_id: str, timeout: float | None = None) -> bytes:
-        return self.call(member, "GET", f"/v1/blocks/{block_id}", timeout=timeout).content
+        return self.call(member, "GET", protocol.block_path(block_id), timeout=timeout).content
 
     def delete_block(self, member: Member, block_id: str) -> None:
-        self.call(member, "DELETE", f"/v1/blocks/{block_id}", ok=(204,))
+        self.call(member, "DELETE", protocol.block_path(block_id), ok=(protocol.DONE,))
 
     def batch_put(self, member: Member, items) -> list[int]:
         """Store (id, data, checksum) items in one request; the status of each item."""
@@ -276,7 +281,7 @@ class Transport:
         digest = None
         if self.config.secret is not None:
             digest = self._digest(("batch", parts[0]), (body,))  # the manifest names it all
-        results = self.call(member, "POST", "/v1/batch/put", body,
+        results = self.call(member, "POST", protocol.BATCH_PUT, body,
                             body_digest=digest).json()["results"]
         return [r["status"] for r in results]
 
@@ -284,12 +289,12 @@ class Transport:
                   timeout: float | None = None) -> dict[str, bytes | int]:
         """id -> bytes for blocks returned, or id -> status (404, 410, 413) for the rest."""
         body = b"".join(protocol.encode_batch({"ids": ids}))
-        reply = self.call(member, "POST", "/v1/batch/get", body, timeout=timeout)
+        reply = self.call(member, "POST", protocol.BATCH_GET, body, timeout=timeout)
         manifest, payload = protocol.decode_batch(reply.content)
         found: dict[str, bytes | int] = {}
         offset = 0
         for entry in manifest["blocks"]:
-            if entry["status"] == 200:
+            if entry["status"] == protocol.OK:
                 found[entry["id"]] = bytes(payload[offset:offset + entry["size"]])
                 offset += entry["size"]
             else:
@@ -298,22 +303,22 @@ class Transport:
 
     def batch_check(self, member: Member, ids: list[str], verify: bool = False) -> list[dict]:
         body = b"".join(protocol.encode_batch({"ids": ids, "verify": verify}))
-        return self.call(member, "POST", "/v1/batch/check", body).json()["blocks"]
+        return self.call(member, "POST", protocol.BATCH_CHECK, body).json()["blocks"]
 
     def batch_delete(self, member: Member, ids: list[str]) -> int:
         body = b"".join(protocol.encode_batch({"ids": ids}))
-        return self.call(member, "POST", "/v1/batch/delete", body).json()["deleted"]
+        return self.call(member, "POST", protocol.BATCH_DELETE, body).json()["deleted"]
 
-    def list_blocks(self, member: Member, after: str = "", limit: int = 1000):
+    def list_blocks(self, member: Member, after: str = "",
+                    limit: int = protocol.DEFAULT_LIST_LIMIT):
         """([{id, size, checksum}], next id or None)."""
-        path = f"/v1/blocks?limit={limit}" + (f"&after={after}" if after else "")
-        page = self.call(member, "GET", path).json()
+        page = self.call(member, "GET", protocol.listing_path(after, limit)).json()
         return page["blocks"], page["next"]
 
     def register_get(self, member: Member, name: str) -> tuple[int, bytes] | None:
         """(generation, value), or None when the register does not exist there."""
         try:
-            reply = self.call(member, "GET", f"/v1/registers/{name}")
+            reply = self.call(member, "GET", protocol.register_path(name))
         except errors.BlockMissing:
             return None
         return int(reply.headers[protocol.H_GENERATION]), reply.content
@@ -325,9 +330,9 @@ class Transport:
         headers = {protocol.H_GENERATION: str(generation)}
         if expect is not None:
             headers[protocol.H_EXPECT_GENERATION] = str(expect)
-        reply = self.call(member, "PUT", f"/v1/registers/{name}", value, headers=headers,
-                          ok=(204, 409))
-        if reply.status == 409:
+        reply = self.call(member, "PUT", protocol.register_path(name), value, headers=headers,
+                          ok=(protocol.DONE, protocol.CONFLICT))
+        if reply.status == protocol.CONFLICT:
             conflict = errors.Conflict(f"{member.url}: register {name} is not at generation "
                                        f"{expect if expect is not None else '< ' + str(generation)}",
                                        server=member.url)

@@ -1,9 +1,13 @@
-"""Imports point down only (docs/promises.md, "The data path"): blockserver never imports fusefs."""
+"""Imports point down only (docs/promises.md, "The data path"). fusefs and blockserver meet
+only at the wire contract, `blockserver.protocol`: blockserver never imports fusefs, fusefs
+imports nothing of blockserver but the contract, and the contract imports neither side."""
 
 import ast
 import pathlib
+import sys
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+CONTRACT = "blockserver.protocol"
 
 
 def imported_modules(package: str):
@@ -15,6 +19,59 @@ def imported_modules(package: str):
                     yield path, alias.name
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 yield path, node.module
+
+
+def _is_ours(dotted: str) -> bool:
+    """True if `dotted` names a module or package of this repository."""
+    where = REPO.joinpath(*dotted.split("."))
+    return where.with_suffix(".py").exists() or (where / "__init__.py").exists()
+
+
+def resolved_imports(path: pathlib.Path):
+    """Every module the file at `path` imports, by its absolute name: relative imports are
+    resolved, and `from P import N` names P.N when that is a module of ours, else P."""
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    package = parts[:-1]  # the package the file belongs to (for __init__: itself)
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:
+                sub = f"{module}.{alias.name}"
+                yield sub if _is_ours(sub) else module
+
+
+def _inside(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+# All that fusefs may import of blockserver. One entry is temporary: remove it once
+# fusefs/cli.py takes its sizes from blockserver.protocol (blockserver/units.py then goes).
+FUSEFS_MAY_IMPORT = {
+    CONTRACT,
+    "blockserver.units",  # TEMPORARY: fusefs/cli.py's `from blockserver.units import ...`
+}
+
+
+def test_fusefs_imports_nothing_of_blockserver_but_the_contract():
+    offenders = [f"{p.relative_to(REPO)} imports {m}"
+                 for p in sorted((REPO / "fusefs").rglob("*.py")) for m in resolved_imports(p)
+                 if _inside(m, "blockserver") and m not in FUSEFS_MAY_IMPORT]
+    assert offenders == []
+
+
+def test_the_contract_imports_neither_side():
+    """Only itself, the standard library and xxhash: a client in another program can take
+    the contract without the server or fusefs."""
+    offenders = []
+    for path in sorted((REPO / CONTRACT.replace(".", "/")).rglob("*.py")):
+        for m in resolved_imports(path):
+            top = m.split(".")[0]
+            if not (_inside(m, CONTRACT) or top in sys.stdlib_module_names or top == "xxhash"):
+                offenders.append(f"{path.relative_to(REPO)} imports {m}")
+    assert offenders == []
 
 
 def test_blockserver_never_imports_fusefs():
@@ -34,9 +91,9 @@ def test_blockserver_uses_no_http_client_library():
 # be placed here, so the map stays the truth.
 FUSEFS_LAYERS = [
     {"__main__", "cli", "daemon", "local", "fsck"},
-    {"fuse_glue", "fuse_ops", "kernel_attrs"},
+    {"fuse_glue", "fuse_ops", "kernel_attrs", "paths"},
     {"filesystem"},
-    {"metadata", "cache", "flusher", "journal"},
+    {"metadata", "cache", "flusher", "filedata", "journal"},
     {"cluster", "memstore", "health", "placement", "blocks", "superblock"},
     {"transport"},
     {"errors", "__init__"},

@@ -132,6 +132,11 @@ def now_ns() -> int:
     return time.time_ns()
 
 
+def _free_ino(db: sqlite3.Connection) -> int:
+    """The number after the highest inode in use (1 in an empty database)."""
+    return db.execute("SELECT COALESCE(MAX(ino), 0) + 1 FROM inodes").fetchone()[0]
+
+
 class Metadata:
     """The metadata database of one filesystem (see the module docstring): namespace,
     attributes, block maps, xattrs and garbage, each change journaled as it is applied.
@@ -172,8 +177,7 @@ class Metadata:
         self._seq = max(int(self.setting("seq", "0")), int(self.setting("shipped", "0")),
                         self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM journal")
                         .fetchone()[0])
-        self._next_ino = self._db.execute(
-            "SELECT COALESCE(MAX(ino), 0) + 1 FROM inodes").fetchone()[0]
+        self._next_ino = _free_ino(self._db)
         # Called with the new record's seq after each change, once _lock is released (the
         # caller's own locks may still be held): wakes a shipper.
         self.on_record = None
@@ -400,8 +404,7 @@ class Metadata:
             db.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)",
                            [("seq", str(seq)), ("shipped", str(seq)), *position.items()])
             self._seq = seq
-            self._next_ino = max(self._next_ino, db.execute(
-                "SELECT COALESCE(MAX(ino), 0) + 1 FROM inodes").fetchone()[0])
+            self._next_ino = max(self._next_ino, _free_ino(db))
         return applied
 
     def snapshot(self, dest: str) -> int:
@@ -440,8 +443,7 @@ class Metadata:
                                  settings.items())
             self._seq = int(dict(settings).get("seq") or self._db.execute(
                 "SELECT value FROM settings WHERE key='seq'").fetchone()[0])
-            self._next_ino = self._db.execute(
-                "SELECT COALESCE(MAX(ino), 0) + 1 FROM inodes").fetchone()[0]
+            self._next_ino = _free_ino(self._db)
             self._forget_cached()
 
     # -- settings ---------------------------------------------------------------------------

@@ -47,6 +47,9 @@ def _store_status(error: StoreError) -> tuple[int, str]:
 
 @dataclass(frozen=True)
 class ApiConfig:
+    """The limits and options of the HTTP API: block and batch sizes, the cluster secret
+    (None: no signatures), metrics without a signature, an access log, nonces kept."""
+
     max_block_size: int = 16 << 20
     max_batch_bytes: int = 64 << 20
     secret: bytes | None = None
@@ -56,6 +59,9 @@ class ApiConfig:
 
 
 class Api:
+    """The server's answers: routes a request by the contract's paths, checks identifiers,
+    size and signature in that order, calls the store, and signs what it answers."""
+
     def __init__(self, store: BlockStore, config: ApiConfig, metrics: Metrics):
         self.store = store
         self.config = config

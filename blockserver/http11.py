@@ -58,6 +58,9 @@ class HttpError(Exception):
 
 @dataclass(frozen=True)
 class Limits:
+    """What one server allows a connection: time per phase, head sizes, connection counts
+    (for strangers and signed clients) and body bytes held in memory."""
+
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
     body_timeout: float = 30.0
@@ -78,6 +81,9 @@ class Limits:
 
 @dataclass
 class Request:
+    """One parsed request head; the body is read only when the app asks (`read_body`).
+    The app notes on it what the signature check found, to sign the answer with."""
+
     method: str
     target: str  # path and query exactly as sent (what a signature covers)
     path: str
@@ -99,6 +105,9 @@ class Request:
 
 @dataclass
 class Response:
+    """What the app answers: a status, headers and the body as parts sent in order (HEAD:
+    no parts, `length` gives the Content-Length)."""
+
     status: int
     body: list = field(default_factory=list)  # bytes-like parts, sent in order
     headers: dict = field(default_factory=dict)
@@ -110,6 +119,9 @@ class Response:
 
 
 class Connection:
+    """One client connection, served by one thread: reads requests, writes answers, and
+    holds the deadline of the phase it is in (`state`), which the server's reaper enforces."""
+
     def __init__(self, sock: socket.socket, peer: str, server: "Server"):
         self.sock = sock
         self.peer = peer

@@ -15,6 +15,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 
 class Metrics:
+    """Counters of one server's requests, bytes, latencies and closed connections; the
+    gauges (blocks, bytes, connections) are passed in when rendered."""
+
     def __init__(self):
         self._lock = threading.Lock()
         self._requests: dict[tuple[str, str, int], int] = {}  # (method, route, status)

@@ -37,6 +37,10 @@ AHEAD_FILE_LINES = 100_000  # the nonces-ahead file is rewritten beyond this (ab
 
 
 class NonceBook:
+    """The nonces taken within the signature window, so a signed request is taken once.
+    Nonces dated ahead of the clock are also kept on disk (`nonces-ahead`), so a restart
+    inside their window still refuses them."""
+
     def __init__(self, data_dir: str | None, capacity: int = DEFAULT_CAPACITY):
         self.capacity = capacity
         self.floor = math.ceil(time.time())  # see wait_for_floor

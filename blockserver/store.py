@@ -76,26 +76,28 @@ class StoreError(Exception):
 
 
 class NotFound(StoreError):
-    pass
+    """No such block or register."""
 
 
 class Corrupt(StoreError):
-    pass
+    """The stored copy failed verification and was quarantined."""
 
 
 class Conflict(StoreError):
-    pass
+    """The id exists with a different checksum: blocks are immutable."""
 
 
 class ChecksumMismatch(StoreError):
-    pass
+    """The bytes received do not match the checksum sent with them."""
 
 
 class StoreFull(StoreError):
-    pass
+    """Not enough free space (after the configured reserve)."""
 
 
 class StaleGeneration(StoreError):
+    """A register write that does not advance the generation; `current` is the stored one."""
+
     def __init__(self, current: int):
         super().__init__(f"register is at generation {current}")
         self.current = current
@@ -113,6 +115,12 @@ def _sync_filesystem_fn():
 
 
 class BlockStore:
+    """The blocks and registers of one data directory (docs/blockserver-store.md): each
+    block a file under blocks/<first two hex digits>/, written in tmp/, made durable, then
+    linked into place; failed copies go to quarantine/, empty files of deleted blocks wait
+    in spare/ for new ones. Locks: one per two-digit prefix (its names, count and bytes),
+    one for the spares, and one that makes a register write a compare-and-swap."""
+
     def __init__(self, root: str, *, reserve_bytes: int = 0):
         self.root = os.path.abspath(root)
         self.reserve_bytes = reserve_bytes

@@ -8,10 +8,10 @@ position of a follower).
 
 Every change appends a journal record `[seq, op, args]` in the same transaction
 (sequence numbers have no gaps). A record holds all the change needs — the times, the
-new inode number — and the function that made the change is the one that replays it, so a
-database built from a checkpoint plus the records after it is the database the writer had
-(see docs/journal.md). Each kind of record is declared once, in the registry at the end of
-this module (`Op`, `_op`): how it applies and which inode rows and names it writes.
+new inode number — and the function that made the change is the one that replays it, so
+a database built from a checkpoint plus the records after it is the database the writer
+had (see docs/journal.md). Each kind of record is declared once, in the registry below
+the Metadata class (`Op`, `_op`): how it applies, which inode rows and names it writes.
 
 Group commit: changes are not committed one by one. The first change opens a transaction
 (the group), each change is a savepoint inside it, and the group is committed at most
@@ -30,9 +30,9 @@ every later change with MetadataFailed (EIO), and the log says to mount again, w
 rebuilds from what the cluster holds.
 
 Threads: one connection, every use of it under `_lock` (private, so no caller holds it).
-While holding `_lock` this module takes no other lock of fusefs, does no network I/O and
-calls nothing outside itself; `sync`'s fsync and `snapshot`'s work on its copy run without
-it. The committer thread holds it except while it waits for a group's deadline.
+While holding `_lock` this module takes no other lock of fusefs, does no network I/O
+and calls no callback; `sync`'s fsync and `snapshot`'s work on its copy run without it.
+The committer thread holds it except while it waits for a group's deadline.
 `on_record` runs after `_lock` is released, on the thread that made the change, which may
 still hold its own locks. Lock order: docs/filesystem.md, Lock order.
 """

@@ -264,7 +264,7 @@ class Transport:
             digest = self._digest(("block", block_id, checksum, len(data)), (data,))
         reply = self.call(member, "PUT", protocol.block_path(block_id, metadata), data,
                           headers={protocol.H_CHECKSUM: checksum},
-                          ok=(protocol.ALREADY_STORED, protocol.STORED), body_digest=digest)
+                          ok=protocol.PUT_OK, body_digest=digest)
         return reply.status == protocol.STORED
 
     def get_block(self, member: Member, block_id: str, timeout: float | None = None) -> bytes:

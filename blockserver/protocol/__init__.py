@@ -35,7 +35,7 @@ from .paths import (API_PREFIX, BATCH_CHECK, BATCH_DELETE, BATCH_GET, BATCH_PUT,
 from .signing import (SIGNATURE_MAX_SKEW, SIGNED_HEADERS, SIGNED_RESPONSE_HEADERS,
                       response_signature, sign_request, signature)
 from .statuses import (ALREADY_STORED, BUSY, CHECKSUM_MISMATCH, CONFLICT, CORRUPT, DONE, FULL,
-                       MISSING, OK, READ_ONLY, STORED, TOO_LARGE, UNAUTHENTICATED,
+                       MISSING, OK, PUT_OK, READ_ONLY, STORED, TOO_LARGE, UNAUTHENTICATED,
                        UNSIGNED_REFUSALS)
 from .units import format_size, parse_size, size_argument
 
@@ -51,7 +51,7 @@ __all__ = [
     "AUTH_SCHEME",
     # statuses
     "OK", "STORED", "ALREADY_STORED", "DONE", "UNAUTHENTICATED", "READ_ONLY", "MISSING",
-    "CONFLICT", "CORRUPT", "TOO_LARGE", "CHECKSUM_MISMATCH", "BUSY", "FULL",
+    "CONFLICT", "CORRUPT", "TOO_LARGE", "CHECKSUM_MISMATCH", "BUSY", "FULL", "PUT_OK",
     "UNSIGNED_REFUSALS",
     # ids
     "BLOCK_ID_LEN", "REGISTER_NAME_RULE", "MAX_GENERATION", "MAX_DIGITS", "PROCESS_TAG",

@@ -15,6 +15,7 @@ TOO_LARGE = 413  # a body over the limit; a batch item that did not fit in this 
 CHECKSUM_MISMATCH = 422  # the bytes received do not match their checksum; nothing stored
 BUSY = 503  # too many connections, nonces or bodies in memory: try again
 FULL = 507  # no space for file data (journal blocks may still use the reserve)
+PUT_OK = (ALREADY_STORED, STORED)  # a block PUT (or batch put item) that succeeded
 
 # Statuses a server may give before it has checked a signature, hence unsigned. A forged
 # one can only make a request fail, as dropping it could; every other answer is signed.

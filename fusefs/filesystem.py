@@ -1,21 +1,15 @@
 """POSIX semantics on inode numbers: no FUSE, no HTTP.
 
 `Filesystem` answers every call the FUSE adapter makes, raising `FsError(errno)` for
-POSIX failures and `StorageError` when block servers fail. Names are bytes. Metadata calls
-go to the local SQLite database only; file data goes through the live `FileData` of the
-flusher (dirty blocks in memory) and the block cache (clean blocks).
+POSIX failures and `StorageError` when block servers fail. Names are bytes. It owns the
+namespace, attributes, extended attributes and open handles; metadata calls go to the
+local SQLite database only. File data is delegated: `DataPath` (filedata.py) reads and
+changes the live `FileData` of each open file (dirty blocks in memory, clean blocks
+through the block cache), and the flusher uploads it.
 
-A file's bytes: block i covers [i*B, (i+1)*B). A block is dirty (in memory), clean (a
-BlockRef in the block map), or absent (a hole: zeros). A clean block may be shorter than
-B; whatever lies between its end and the file's size reads as zeros. Truncating into a
-block cuts that block, so bytes beyond the size never come back when the file grows.
-
-Locks, in order: `_ns` (namespace changes: check and change as one step), then a file's
-`FileData.lock`, then the flusher's and the metadata's own locks. Block fetches (network)
-happen with none of them held: a writer that must merge into a clean block fetches it
-first, then re-checks under the file lock that the block is still the one it fetched.
 The adapter's refresh of a hard-linked file's other names (nested GETATTR calls back into
 this class, see kernel_attrs.py) starts only after the change returned, with no lock held.
+The order of all locks: docs/filesystem.md, "Locks".
 """
 
 from __future__ import annotations
@@ -27,7 +21,8 @@ import threading
 from dataclasses import dataclass
 
 from .errors import FsError
-from .flusher import DirtyBlock, FileData, Flusher
+from .filedata import DataPath, FileData
+from .flusher import Flusher
 from .metadata import ROOT_INO, Inode, Metadata, now_ns
 
 NAME_MAX = 255
@@ -38,21 +33,26 @@ FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 @dataclass
 class Handle:
+    """An open file description: the inode, its live state (held open by this handle) and
+    the open flags."""
+
     ino: int
-    fd: FileData
+    live: FileData
     flags: int
 
 
 class Filesystem:
+    """The POSIX core: namespace, attributes, xattrs and handles, with file data delegated
+    to `data` (a DataPath). `_ns` makes a namespace change's checks and change one step;
+    `_handles_lock` and `_space_lock` protect the handle table and the statfs sample."""
+
     def __init__(self, metadata: Metadata, cache, flusher: Flusher, block_size: int, *,
                  capacity=None, readahead_blocks: int = 4, sync_on_close: bool = False,
                  gate=None, durable=None, read_only: str | None = None, changes=None):
         self.metadata = metadata
-        self.cache = cache
         self.flusher = flusher
-        self.block_size = block_size
+        self.data = DataPath(metadata, cache, flusher, block_size, readahead_blocks)
         self.capacity = capacity or (lambda: (1 << 50, 1 << 50))  # (total, free) bytes
-        self.readahead_blocks = readahead_blocks
         self.sync_on_close = sync_on_close  # close(2) of a writer waits as fsync does
         # fsync's last step: the journal's wait on a mount, a local fsync without one
         self.durable = durable or metadata.sync
@@ -90,23 +90,13 @@ class Filesystem:
         inode = self.metadata.inode(ino)
         if inode is None:
             raise FsError(errno.ENOENT, f"inode {ino} does not exist")
-        fd = self.flusher.live(ino)
-        if fd is not None:
-            with fd.lock:  # the Inode is ours: metadata.inode() makes a new one each call
-                inode.size, inode.mtime_ns, inode.ctime_ns = fd.size, fd.mtime_ns, fd.ctime_ns
-                inode.stored = self._stored(fd)
+        live = self.flusher.live(ino)
+        if live is not None:
+            with live.lock:  # the Inode is ours: metadata.inode() makes a new one each call
+                inode.size, inode.mtime_ns = live.size, live.mtime_ns
+                inode.ctime_ns = live.ctime_ns
+                inode.stored = self.data.stored(live)
         return inode
-
-    def _stored(self, fd: FileData) -> int:
-        """Expects fd.lock held: bytes the file holds in blocks, dirty or clean, up to its
-        size (a hole holds none): what st_blocks counts, so `du` sees sparse files."""
-        bs, total = self.block_size, 0
-        for idx, blk in fd.dirty.items():
-            total += min(len(blk.data), max(0, fd.size - idx * bs))
-        for idx, ref in fd.refs.items():
-            if idx not in fd.dirty:
-                total += min(ref.length, max(0, fd.size - idx * bs))
-        return total
 
     def getattr(self, ino: int) -> Inode:
         return self._inode(ino)
@@ -159,7 +149,7 @@ class Filesystem:
                 raise FsError(errno.EISDIR)
             if size < 0:
                 raise FsError(errno.EINVAL)
-            self._truncate(ino, size)
+            self.data.truncate(ino, size)
         fields = {}
         if mode is not None:
             fields["mode"] = (inode.mode & ~0o7777) | (mode & 0o7777)
@@ -173,12 +163,12 @@ class Filesystem:
             fields["mtime_ns"] = mtime_ns
         if fields or size is not None:
             fields["ctime_ns"] = t
-            fd = self.flusher.live(ino)
-            if fd is not None:
-                with fd.lock:
-                    fd.ctime_ns = t
+            live = self.flusher.live(ino)
+            if live is not None:
+                with live.lock:
+                    live.ctime_ns = t
                     if mtime_ns is not None:
-                        fd.mtime_ns = mtime_ns
+                        live.mtime_ns = mtime_ns
                     self.metadata.set_attrs(ino, **fields)
             else:
                 self.metadata.set_attrs(ino, **fields)
@@ -324,31 +314,31 @@ class Filesystem:
         return self._is_open(ino)
 
     def _is_open(self, ino: int) -> bool:
-        fd = self.flusher.live(ino)
-        if fd is None:
+        live = self.flusher.live(ino)
+        if live is None:
             return False
-        with fd.lock:
-            return fd.open_count > 0
+        with live.lock:
+            return live.open_count > 0
 
     def _ctime_changed(self, ino: int | None) -> None:
         """The metadata moved an inode's ctime; an open file's live state must follow, or
         getattr (and the next upload) would show the older one."""
-        fd = self.flusher.live(ino) if ino is not None else None
-        inode = self.metadata.inode(ino) if fd is not None else None
+        live = self.flusher.live(ino) if ino is not None else None
+        inode = self.metadata.inode(ino) if live is not None else None
         if inode is not None:
-            with fd.lock:
-                fd.ctime_ns = max(fd.ctime_ns, inode.ctime_ns)
+            with live.lock:
+                live.ctime_ns = max(live.ctime_ns, inode.ctime_ns)
 
     def _release_inode(self, ino: int, removed: bool = False) -> None:
         """The inode lost its last name: remove it now, or at the last close if open.
         `removed`: the metadata already removed it (unlink did); forget its live state."""
-        fd = self.flusher.live(ino)
-        if fd is not None and not removed:
-            with fd.lock:
-                if fd.open_count > 0:
+        live = self.flusher.live(ino)
+        if live is not None and not removed:
+            with live.lock:
+                if live.open_count > 0:
                     return  # still readable through open descriptors; removed at release
-        if fd is not None:
-            self.flusher.drop(fd)
+        if live is not None:
+            self.flusher.drop(live)
         if not removed:
             self.metadata.remove_inode(ino)
 
@@ -390,17 +380,17 @@ class Filesystem:
         if inode.is_dir and flags & os.O_ACCMODE != os.O_RDONLY:
             raise FsError(errno.EISDIR)
         while True:
-            fd = self.flusher.file(ino)
-            with fd.lock:
-                if self.flusher.registered(fd):  # not forgotten since file() returned it
-                    fd.open_count += 1
+            live = self.flusher.file(ino)
+            with live.lock:
+                if self.flusher.registered(live):  # not forgotten since file() returned it
+                    live.open_count += 1
                     break
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY and inode.size:
-            self._truncate(ino, 0)
+            self.data.truncate(ino, 0)
         with self._handles_lock:
             fh = self._next_fh
             self._next_fh += 1
-            self._handles[fh] = Handle(ino, fd, flags)
+            self._handles[fh] = Handle(ino, live, flags)
         return fh
 
     def handle_ino(self, fh: int) -> int:
@@ -420,17 +410,17 @@ class Filesystem:
         With `sync_on_close`, a descriptor opened for writing returns only once the file
         is durable, exactly as after fsync (an upload failure is its error then)."""
         handle = self._handle(fh)
-        fd = handle.fd
+        live = handle.live
         if handle.flags & os.O_ACCMODE == os.O_RDONLY:
-            self.flusher.request(fd)
+            self.flusher.request(live)
             return  # a reader wrote nothing: a writer's failed upload is not its error
         if self.sync_on_close:
-            self.flusher.flush(fd)
+            self.flusher.flush(live)
             self.durable()
             return
-        self.flusher.request(fd)
-        with fd.lock:
-            failed = fd.error if fd.dirty else None
+        self.flusher.request(live)
+        with live.lock:
+            failed = live.error if live.dirty else None
         if failed is not None:
             raise failed
 
@@ -439,10 +429,10 @@ class Filesystem:
             handle = self._handles.pop(fh, None)
         if handle is None:
             return
-        fd = handle.fd
-        with fd.lock:
-            fd.open_count -= 1
-            last = fd.open_count == 0
+        live = handle.live
+        with live.lock:
+            live.open_count -= 1
+            last = live.open_count == 0
         if not last:
             return
         inode = self.metadata.inode(handle.ino)
@@ -452,16 +442,16 @@ class Filesystem:
                 if now is None or now.nlink <= 1:
                     self._linked.discard(handle.ino)
         if inode is None or inode.nlink <= 0:
-            self.flusher.drop(fd)
+            self.flusher.drop(live)
             if inode is not None:
                 self.metadata.remove_inode(handle.ino)
             return
-        self.flusher.request(fd)
-        self.flusher.forget_if_idle(fd)
+        self.flusher.request(live)
+        self.flusher.forget_if_idle(live)
 
     def fsync(self, fh: int, datasync: bool = False) -> None:
         """Return only when the file's data is on W servers and its metadata is durable."""
-        self.flusher.flush(self._handle(fh).fd)
+        self.flusher.flush(self._handle(fh).live)
         self.durable()
 
     def fsyncdir(self) -> None:
@@ -481,229 +471,49 @@ class Filesystem:
     def external_change(self) -> None:
         """Another mount changed the metadata (a follower applied journal records): open
         files take their new size and block map, and listeners forget cached paths."""
-        for fd in self.flusher.live_files():
-            inode = self.metadata.inode(fd.ino)
-            refs = self.metadata.block_refs(fd.ino, 0, 2**62) if inode else {}
-            with fd.lock:
-                if inode is not None and not fd.dirty:
-                    fd.size, fd.mtime_ns, fd.ctime_ns = inode.size, inode.mtime_ns, \
+        for live in self.flusher.live_files():
+            inode = self.metadata.inode(live.ino)
+            refs = self.metadata.block_refs(live.ino, 0, 2**62) if inode else {}
+            with live.lock:
+                if inode is not None and not live.dirty:
+                    live.size, live.mtime_ns, live.ctime_ns = inode.size, inode.mtime_ns, \
                         inode.ctime_ns
-                    fd.refs = refs
+                    live.refs = refs
         with self._ns:
             self._linked = self.metadata.multi_linked()
         for listener in self._listeners:
             listener()
 
-    # -- data -------------------------------------------------------------------------------
+    # -- data (DataPath does the work) ------------------------------------------------------
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
-        fd = self._handle(fh).fd
-        bs = self.block_size
-        pieces: list = []  # bytes, or (BlockRef, start, end) to fetch, or an int of zeros
-        with fd.lock:
-            end = min(offset + size, fd.size)
-            pos = offset
-            while pos < end:
-                idx, within = divmod(pos, bs)
-                n = min(bs - within, end - pos)
-                blk = fd.dirty.get(idx)
-                if blk is not None:
-                    piece = bytes(blk.data[within:within + n])
-                    pieces.append(piece + bytes(n - len(piece)))
-                elif idx in fd.refs:
-                    pieces.append((fd.refs[idx], within, n))
-                else:
-                    pieces.append(n)
-                pos += n
-            # Read ahead when a sequential reader enters a block (not at each of the eight
-            # 128 KiB reads inside it: the cache ignores what it has or fetches anyway).
-            sequential = offset == fd.last_read_end
-            fd.last_read_end = end
-            entering = offset % bs == 0 or offset // bs != (end - 1) // bs
-            ahead = self._readahead(fd, end) if sequential and entering else []
-        if ahead:
-            self.cache.prefetch(ahead)
-        out = []
-        for piece in pieces:
-            if isinstance(piece, int):
-                out.append(bytes(piece))
-            elif isinstance(piece, tuple):
-                ref, within, n = piece  # bytes past ref.length were cut off: zeros
-                data = memoryview(self.cache.get(ref.block_id, ref.checksum))[
-                    within:min(within + n, ref.length)]  # the join below is the one copy
-                out.append(data)
-                if len(data) < n:
-                    out.append(bytes(n - len(data)))
-            else:
-                out.append(piece)
-        return b"".join(out)
+        return self.data.read(self._handle(fh).live, offset, size)
 
-    def _readahead(self, fd: FileData, end: int) -> list[tuple[str, str]]:
-        """Expects fd.lock held: the clean blocks just after `end`."""
-        first = end // self.block_size + 1
-        refs = (fd.refs.get(i) for i in range(first, first + self.readahead_blocks))
-        return [(r.block_id, r.checksum) for r in refs if r is not None]
-
-    def write(self, fh: int, offset: int, data: bytes) -> int:
+    def write(self, fh: int, offset: int, data: bytes, append: bool = False) -> int:
+        """Write `data` at `offset`, or with `append` (an O_APPEND write, not the kernel
+        writing back mmap pages) at the file's end, whatever `offset` says."""
         self._writable()
-        fd = self._handle(fh).fd
-        self.flusher.wait_for_room()
-        bs = self.block_size
-        view = memoryview(data)
-        pos = 0
-        while pos < len(data):
-            idx, within = divmod(offset + pos, bs)
-            n = min(bs - within, len(data) - pos)
-            self._write_block(fd, idx, within, view[pos:pos + n])
-            pos += n
-        return len(data)
-
-    def _write_block(self, fd: FileData, idx: int, within: int, chunk) -> None:
-        whole = within == 0 and len(chunk) == self.block_size
-        while True:
-            with fd.lock:
-                if idx in fd.dirty or whole or idx not in fd.refs:
-                    self._apply(fd, idx, within, chunk, None)
-                    return
-                ref = fd.refs[idx]
-            base = bytearray(self.cache.get(ref.block_id, ref.checksum))  # no lock held
-            del base[ref.length:]  # bytes a truncation cut off do not come back
-            with fd.lock:
-                if idx in fd.dirty or fd.refs.get(idx) == ref:
-                    self._apply(fd, idx, within, chunk, base)
-                    return
-
-    def _apply(self, fd: FileData, idx: int, within: int, chunk, base) -> None:
-        """Expects fd.lock held: put `chunk` into dirty block idx at `within`."""
-        blk = fd.dirty.get(idx)
-        if blk is None:
-            blk = fd.dirty[idx] = DirtyBlock(base if base is not None else bytearray())
-            grown = len(blk.data)
-        else:
-            grown = 0
-            blk.version += 1
-        data = blk.writable()
-        before = len(data)
-        if within >= before:  # appending (sequential writes): grow in place
-            if within > before:
-                data.extend(bytes(within - before))
-            # `+=` (in place), not a slice assignment past the end, which reallocates the
-            # whole buffer at every append: 419 us instead of 28 us per MiB here.
-            data += chunk
-        else:
-            data[within:within + len(chunk)] = chunk
-        grown += len(data) - before
-        blk.ready = within + len(chunk) == self.block_size
-        fd.size = max(fd.size, idx * self.block_size + within + len(chunk))
-        fd.mtime_ns = fd.ctime_ns = now_ns()
-        if grown:
-            self.flusher.account(grown)
-
-    def _truncate(self, ino: int, size: int) -> None:
-        bs = self.block_size
-        idx, within = divmod(size, bs)
-        while True:
-            fd = self.flusher.file(ino)
-            with fd.lock:
-                if not self.flusher.registered(fd):
-                    continue  # forgotten since file() returned it
-                ref = fd.refs.get(idx) if within and idx not in fd.dirty else None
-                if ref is None or ref.length <= within:
-                    self._cut(fd, size)
-                    break
-            base = bytearray(self.cache.get(ref.block_id, ref.checksum)[:within])
-            with fd.lock:
-                if (self.flusher.registered(fd) and fd.refs.get(idx) == ref
-                        and idx not in fd.dirty):
-                    fd.dirty[idx] = DirtyBlock(base)
-                    self.flusher.account(len(base))
-                    self._cut(fd, size)
-                    break
-        self.flusher.forget_if_idle(fd)
-
-    def _cut(self, fd: FileData, size: int) -> None:
-        """Expects fd.lock held: set the size, dropping and cutting blocks beyond it."""
-        bs = self.block_size
-        keep = -(-size // bs)  # blocks that still hold bytes below `size`
-        freed = 0
-        for idx in [i for i in fd.dirty if i >= keep]:
-            freed += len(fd.dirty.pop(idx).data)
-        last = fd.dirty.get(size // bs)
-        if last is not None and len(last.data) > size % bs:
-            freed += len(last.data) - size % bs
-            del last.writable()[size % bs:]
-            last.version += 1
-        for idx in [i for i in fd.refs if i >= keep]:
-            del fd.refs[idx]
-        fd.size = size
-        fd.mtime_ns = fd.ctime_ns = now_ns()
-        # The size recorded never covers a block still only in memory (crash states are
-        # prefixes): the flusher's rule, which its commits follow too.
-        self.metadata.truncate_blocks(fd.ino, keep, self.flusher.recordable_size(fd),
-                                      fd.mtime_ns, size % bs or None)
-        if freed:
-            self.flusher.account(-freed)
+        live = self._handle(fh).live
+        if append:
+            return self.data.append(live, data)
+        return self.data.write(live, offset, data)
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         """fallocate(2). Mode 0 (and KEEP_SIZE alone) reserves nothing (blocks are stored
         as they are written) but succeeds, growing the file to offset+length if mode 0
-        asks past its end. PUNCH_HOLE|KEEP_SIZE frees the range (`_punch`). Other modes:
-        EOPNOTSUPP."""
+        asks past its end. PUNCH_HOLE|KEEP_SIZE frees the range (`DataPath.punch`). Other
+        modes: EOPNOTSUPP."""
         if offset < 0 or length <= 0:
             raise FsError(errno.EINVAL)
         handle = self._handle(fh)
         self._writable()
         if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
-            self._punch(handle.fd, offset, offset + length)
+            self.data.punch(handle.live, offset, offset + length)
         elif mode == 0:
             if offset + length > self._inode(handle.ino).size:
                 self.setattr(handle.ino, size=offset + length)
         elif mode != FALLOC_FL_KEEP_SIZE:
             raise FsError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} is not supported")
-
-    def _punch(self, fd: FileData, start: int, stop: int) -> None:
-        """Make [start, stop) a hole, the size unchanged: the blocks entirely inside (and
-        the last one, when the range reaches the size) are dropped, dirty or clean, by a
-        journaled record (their stored copies become garbage); the partial blocks at the
-        edges get zeros written over the range, as any write."""
-        bs = self.block_size
-        with fd.lock:
-            end = min(stop, fd.size)
-            if start >= end:
-                return
-            first = -(-start // bs)
-            last = -(-end // bs) if end == fd.size else end // bs
-            edges = [i for i in {start // bs, (end - 1) // bs} if not first <= i < last]
-            freed = self._drop_blocks(fd, first, last) if first < last else 0
-        if freed:
-            self.flusher.account(-freed)
-        for idx in sorted(edges):
-            self._zero(fd, idx, max(start - idx * bs, 0), min(end - idx * bs, bs))
-
-    def _drop_blocks(self, fd: FileData, first: int, last: int) -> int:
-        """Expects fd.lock held: forget blocks first..last-1 (dirty data too: a crash must
-        never bring back what the punch removed) and record it. Returns the dirty bytes
-        freed."""
-        freed = 0
-        for idx in [i for i in fd.dirty if first <= i < last]:
-            freed += len(fd.dirty.pop(idx).data)
-        for idx in [i for i in fd.refs if first <= i < last]:
-            del fd.refs[idx]
-        fd.mtime_ns = fd.ctime_ns = now_ns()
-        self.metadata.punch_blocks(fd.ino, first, last, fd.mtime_ns)
-        fd.changed.notify_all()  # an fsync waiting for a dropped block stops waiting
-        return freed
-
-    def _zero(self, fd: FileData, idx: int, lo: int, hi: int) -> None:
-        """Write zeros over [lo, hi) of block idx, only where the block holds bytes (past
-        its end it reads as zeros already; a hole stays a hole)."""
-        with fd.lock:
-            blk = fd.dirty.get(idx)
-            ref = fd.refs.get(idx)
-            held = len(blk.data) if blk is not None else ref.length if ref else 0
-        hi = min(hi, held)
-        if lo < hi:
-            self._write_block(fd, idx, lo, memoryview(bytes(hi - lo)))
 
     # -- extended attributes ----------------------------------------------------------------
 

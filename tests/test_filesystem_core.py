@@ -835,8 +835,8 @@ def test_size_and_mtime_are_visible_while_dirty(core):
     assert fs.getattr(ino).mtime_ns == 1_000_000_007
     core.store.fail_with = errors.Unavailable("down")  # keep what follows dirty
     fs.write(fh, 2 * BS, b"more")
-    fd = core.flusher.live(ino)
-    assert fd is not None and fd.dirty
+    live = core.flusher.live(ino)
+    assert live is not None and live.dirty
     attrs = fs.getattr(ino)
     assert attrs.size == 2 * BS + 4
     assert attrs.mtime_ns > 1_000_000_007
@@ -1126,8 +1126,8 @@ def test_background_upload_failure_is_reported_to_close(make_core):
     fs = core.fs
     core.store.fail_with = errors.Unavailable("down")
     ino, fh = new_file(fs, b"f", b"data")
-    fd = core.flusher.live(ino)
-    wait_until(lambda: fd.error is not None, what="a background upload to fail")
+    live = core.flusher.live(ino)
+    wait_until(lambda: live.error is not None, what="a background upload to fail")
     with pytest.raises(errors.Unavailable):
         fs.flush(fh)
     assert fs.read(fh, 0, 10) == b"data"
@@ -1432,11 +1432,11 @@ def test_state_forgotten_just_after_lookup_is_not_used(make_core, action):
     results = []
 
     def file_then_pause(i):
-        fd = original(i)
+        live = original(i)
         if threading.current_thread() is worker and not go.is_set():
             paused.set()
             go.wait(GUARD)
-        return fd
+        return live
 
     def work():
         if action == "open":
@@ -1532,9 +1532,9 @@ class PartialStore(MemoryBlockStore):
 
 
 def no_upload_running(core, ino):
-    fd = core.flusher.live(ino)
-    with fd.lock:
-        return not any(b.uploading for b in fd.dirty.values())
+    live = core.flusher.live(ino)
+    with live.lock:
+        return not any(b.uploading for b in live.dirty.values())
 
 
 def test_recorded_size_never_covers_a_block_still_in_memory(make_core):

@@ -5,10 +5,12 @@ anything else is a bug, logged with its traceback and answered EIO, so nothing e
 escapes a callback (fusepy would turn it into EINVAL, or abort the mount on an OSError
 without an errno).
 
-fusepy's API is path based; the core works on inode numbers. `_paths` maps paths to
-inodes; every namespace change bumps `_generation`, and a lookup that raced a change does
-not store its answer, so a stale mapping is never kept. Paths are decoded as latin-1 so
-any byte sequence survives the round trip (names are bytes in the core).
+fusepy's API is path based; the core works on inode numbers. A `PathCache` (paths.py,
+with its invalidation rules) maps paths to inodes; every callback that changes the
+namespace tells it which paths changed. Paths are decoded as latin-1 so any byte sequence
+survives the round trip (names are bytes in the core). Every callback is mechanical:
+convert the arguments, call the core, tell the path cache and the refresher what changed,
+convert the answer.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from fuse import FuseOSError, Operations, fuse_get_context
 from . import errors
 from .filesystem import Filesystem
 from .metadata import ROOT_INO
+from .paths import PathCache
 
 log = logging.getLogger("fusefs.fuse")
 
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
-MAX_CACHED_PATHS = 200_000
 
 
 def _b(text: str) -> bytes:
@@ -90,6 +92,11 @@ STAT_KEYS = ("st_ino", "st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st
 
 
 class FuseOps(Operations):
+    """fusepy's Operations over a `Filesystem`: paths to inodes (`paths`), errors to errnos
+    (`_op`), libfuse's hidden names of open files whose name is gone (`_hidden`), and the
+    refresh of a hard-linked file's other names after a change (`refresher`). `_lock`
+    protects `_renames`, `_last_rename` and `_hidden`; it is a leaf."""
+
     use_ns = True  # times as integer nanoseconds
     flag_utime_omit_ok = 1  # receive UTIME_OMIT/UTIME_NOW: touch -m, tar x keep mtimes
     flag_nullpath_ok = 1  # calls on open-but-unlinked files arrive without a path
@@ -104,12 +111,8 @@ class FuseOps(Operations):
         self._last_rename = 0.0
         if refresher is not None:
             refresher.busy = self._renaming
-        self._paths: dict[str, int] = {}
-        self._generation = 0
-        self._lock = threading.Lock()  # guards _paths, _generation and _seen
-        # path -> (ino, mtime, ctime, size) when the file was last opened by that path
-        self._seen: dict[str, tuple[int, int, int, int]] = {}
-        self._append_locks = [threading.Lock() for _ in range(64)]  # striped by inode
+        self._lock = threading.Lock()
+        self.paths = PathCache(self._lookup, ROOT_INO, pinned=self._hidden_ino)
         # hidden name -> inode of an open file whose last name is gone. libfuse makes each
         # name unique in the mount (node id and a counter), so the name alone is the key:
         # the file stays reachable when its directory is renamed or removed.
@@ -117,47 +120,24 @@ class FuseOps(Operations):
 
     def forget_paths(self) -> None:
         """Another mount changed the namespace: no cached path may be trusted."""
-        with self._lock:
-            self._paths.clear()
-            self._generation += 1
+        self.paths.forget()
 
     # -- paths ------------------------------------------------------------------------------
 
-    def _resolve(self, path: str) -> int:
-        if path == "/":
-            return ROOT_INO
-        if _hidden_name(path):
-            with self._lock:
-                ino = self._hidden.get(_b(path.rpartition("/")[2]))
-            if ino is not None:
-                return ino  # else a file that really has such a name: looked up as any
+    def _lookup(self, parent: int, name: str) -> int:
+        return self.fs.lookup(parent, _b(name)).ino
+
+    def _hidden_ino(self, path: str) -> int | None:
+        """The open file a hidden name stands for; None for any other path (a file that
+        really has such a name is looked up as any)."""
+        if not _hidden_name(path):
+            return None
         with self._lock:
-            ino = self._paths.get(path)
-            generation = self._generation
-        if ino is not None:
-            return ino
-        parent, _, name = path.rpartition("/")
-        ino = self.fs.lookup(self._resolve(parent or "/"), _b(name)).ino
-        with self._lock:
-            if generation == self._generation:
-                if len(self._paths) >= MAX_CACHED_PATHS:
-                    self._paths.clear()
-                self._paths[path] = ino
-        return ino
+            return self._hidden.get(_b(path.rpartition("/")[2]))
 
     def _parent(self, path: str) -> tuple[int, bytes]:
         parent, _, name = path.rpartition("/")
-        return self._resolve(parent or "/"), _b(name)
-
-    def _changed(self, *paths: str, subtree: bool = False) -> None:
-        with self._lock:
-            self._generation += 1
-            if subtree:
-                self._paths.clear()
-                self._seen.clear()
-            for p in paths:
-                self._paths.pop(p, None)
-                self._seen.pop(p, None)  # another kernel inode may now answer to that name
+        return self.paths.resolve(parent or "/"), _b(name)
 
     def _linked(self, path: str) -> int | None:
         """The inode at path if it is a file with other names (its change must reach the
@@ -165,7 +145,7 @@ class FuseOps(Operations):
         if self.refresher is None or not path or not self.fs.has_hard_links():
             return None
         try:
-            ino = self._resolve(path)
+            ino = self.paths.resolve(path)
         except errors.FsError:
             return None
         return ino if self.fs.has_other_names(ino) else None
@@ -196,7 +176,7 @@ class FuseOps(Operations):
         for the glue (fuse_glue.py), which translates errors with `errno_of`."""
         if fh is not None and not isinstance(fh, int):
             fh = fh.fh
-        i = self.fs.getattr(self.fs.handle_ino(fh) if fh else self._resolve(path))
+        i = self.fs.getattr(self.fs.handle_ino(fh) if fh else self.paths.resolve(path))
         return (i.ino, i.mode, i.nlink, i.uid, i.gid, i.rdev, i.size, 131072,
                 (i.stored + 511) // 512, i.atime_ns, i.mtime_ns, i.ctime_ns)
 
@@ -206,26 +186,26 @@ class FuseOps(Operations):
 
     @_op
     def access(self, path, amode):
-        self._resolve(path)  # permissions are the kernel's (default_permissions)
+        self.paths.resolve(path)  # permissions are the kernel's (default_permissions)
         return 0
 
     @_op
     def chmod(self, path, mode):
-        ino = self._resolve(path)
+        ino = self.paths.resolve(path)
         self.fs.setattr(ino, mode=mode)
         self._after_change(ino, path)
         return 0
 
     @_op
     def chown(self, path, uid, gid):
-        ino = self._resolve(path)
+        ino = self.paths.resolve(path)
         self.fs.setattr(ino, uid=uid, gid=gid)
         self._after_change(ino, path)
         return 0
 
     @_op
     def truncate(self, path, length, fh=None):
-        ino = self.fs.handle_ino(fh.fh) if fh is not None else self._resolve(path)
+        ino = self.fs.handle_ino(fh.fh) if fh is not None else self.paths.resolve(path)
         self.fs.setattr(ino, size=length)
         self._after_change(ino, path)
         return 0
@@ -235,7 +215,7 @@ class FuseOps(Operations):
         now = self.fs.now_ns()
         atime, mtime = times if times is not None else (UTIME_NOW, UTIME_NOW)
         pick = {UTIME_NOW: now, UTIME_OMIT: None}
-        ino = self._resolve(path)
+        ino = self.paths.resolve(path)
         self.fs.setattr(ino, atime_ns=pick.get(atime, atime), mtime_ns=pick.get(mtime, mtime))
         self._after_change(ino, path)
         return 0
@@ -247,7 +227,7 @@ class FuseOps(Operations):
         uid, gid, _ = fuse_get_context()
         parent, name = self._parent(path)
         self.fs.mkdir(parent, name, mode, uid, gid)
-        self._changed(path)
+        self.paths.changed(path)
         return 0
 
     @_op
@@ -255,7 +235,7 @@ class FuseOps(Operations):
         uid, gid, _ = fuse_get_context()
         parent, name = self._parent(path)
         self.fs.mknod(parent, name, mode, dev, uid, gid)
-        self._changed(path)
+        self.paths.changed(path)
         return 0
 
     @_op
@@ -263,19 +243,19 @@ class FuseOps(Operations):
         uid, gid, _ = fuse_get_context()
         parent, name = self._parent(target)
         self.fs.symlink(parent, name, _b(source), uid, gid)
-        self._changed(target)
+        self.paths.changed(target)
         return 0
 
     @_op
     def readlink(self, path):
-        return _s(self.fs.readlink(self._resolve(path)))
+        return _s(self.fs.readlink(self.paths.resolve(path)))
 
     @_op
     def link(self, target, source):  # fusepy: target is the new name, source the existing
         parent, name = self._parent(target)
-        ino = self._resolve(source)
+        ino = self.paths.resolve(source)
         self.fs.link(ino, parent, name)
-        self._changed(target)
+        self.paths.changed(target)
         if self.refresher is not None:
             # The kernel keeps what it cached for `source` (its link count included), so
             # every older name is refreshed; the new one got its attributes in the reply.
@@ -288,23 +268,23 @@ class FuseOps(Operations):
         if not _hidden_name(new):
             return False
         try:
-            self._resolve(new)
+            self.paths.resolve(new)
             return False  # the name exists: an ordinary rename over it
         except errors.FsError:
             pass
-        return self.fs.is_open(self._resolve(old))
+        return self.fs.is_open(self.paths.resolve(old))
 
     def _hide(self, path: str, hidden: str) -> int:
         """libfuse hides an open file whose name goes away: the name is unlinked, and the
         hidden name answers for the inode until libfuse unlinks it after the last close."""
         parent, name = self._parent(path)
-        ino = self._resolve(path)
+        ino = self.paths.resolve(path)
         linked = self._linked(path)
         key = _b(hidden.rpartition("/")[2])
         self.fs.unlink(parent, name)
         with self._lock:
             self._hidden[key] = ino
-        self._changed(path)
+        self.paths.changed(path)
         self._refresh_others(linked, path)
         return 0
 
@@ -318,7 +298,7 @@ class FuseOps(Operations):
         parent, name = self._parent(path)
         linked = self._linked(path)
         self.fs.unlink(parent, name)
-        self._changed(path)
+        self.paths.changed(path)
         self._refresh_others(linked, path)
         return 0
 
@@ -326,7 +306,7 @@ class FuseOps(Operations):
     def rmdir(self, path):
         parent, name = self._parent(path)
         self.fs.rmdir(parent, name)
-        self._changed(path, subtree=True)
+        self.paths.changed(path, subtree=True)
         return 0
 
     @_op
@@ -344,7 +324,7 @@ class FuseOps(Operations):
             with self._lock:
                 self._renames -= 1
                 self._last_rename = time.monotonic()
-        self._changed(old, new, subtree=is_dir)
+        self.paths.changed(old, new, subtree=is_dir)
         if moved != replaced:  # renaming a name over another name of the same file: no-op
             self._refresh_others(moved, old, new)  # its ctime moved
             self._refresh_others(replaced, new)  # it lost a name
@@ -352,13 +332,13 @@ class FuseOps(Operations):
 
     @_op
     def opendir(self, path):
-        self._resolve(path)
+        self.paths.resolve(path)
         return 0
 
     def entries(self, path) -> list[tuple[bytes, int]]:
         """readdir's answer as (name, inode number) pairs, "." and ".." first (0: libfuse
         fills in nothing for them). Raises what the core raises: for the glue."""
-        ino = self._resolve(path)
+        ino = self.paths.resolve(path)
         return [(b".", 0), (b"..", 0)] + self.fs.readdir_entries(ino)
 
     @_op
@@ -379,25 +359,20 @@ class FuseOps(Operations):
         Hard-linked files never keep their pages.
         """
         inode = self.fs.getattr(ino)
-        now = (ino, inode.mtime_ns, inode.ctime_ns, inode.size)
-        with self._lock:
-            keep = self._seen.get(path) == now
-            if len(self._seen) >= MAX_CACHED_PATHS:
-                self._seen.clear()
-            self._seen[path] = now
-        return keep and inode.nlink == 1
+        same = self.paths.opened(path, (ino, inode.mtime_ns, inode.ctime_ns, inode.size))
+        return same and inode.nlink == 1
 
     @_op
     def create(self, path, mode, fi):
         uid, gid, _ = fuse_get_context()
         parent, name = self._parent(path)
         inode, fi.fh = self.fs.create(parent, name, mode, fi.flags, uid, gid)
-        self._changed(path)
+        self.paths.changed(path)
         return 0
 
     @_op
     def open(self, path, fi):
-        ino = self._resolve(path)
+        ino = self.paths.resolve(path)
         fi.fh = self.fs.open(ino, fi.flags)
         fi.keep_cache = 1 if self._keep_cache(path, ino) else 0
         return 0
@@ -408,16 +383,9 @@ class FuseOps(Operations):
 
     @_op
     def write(self, path, data, offset, fi):
-        if fi.flags & os.O_APPEND and not fi.writepage:
-            # O_APPEND writes go at the end of the file. The kernel took `offset` from the
-            # size it caches for this name, which is stale when the file grew through
-            # another of its names (each name is its own kernel inode in libfuse 2):
-            # writing there would overwrite that data. mmap write-back keeps its offset.
-            ino = self.fs.handle_ino(fi.fh)
-            with self._append_locks[ino % len(self._append_locks)]:
-                written = self.fs.write(fi.fh, self.fs.getattr(ino).size, data)
-        else:
-            written = self.fs.write(fi.fh, offset, data)
+        # O_APPEND: the core writes at the file's end; mmap write-back keeps its offset
+        append = bool(fi.flags & os.O_APPEND) and not fi.writepage
+        written = self.fs.write(fi.fh, offset, data, append)
         if self.refresher is not None and self.fs.has_hard_links():
             self._after_change(self.fs.handle_ino(fi.fh), path)
         return written
@@ -458,7 +426,7 @@ class FuseOps(Operations):
 
     def xattr_value(self, path, name) -> bytes:
         """getxattr's answer; raises what the core raises (for the glue, like attributes)."""
-        return self.fs.getxattr(self._resolve(path), _b(name))
+        return self.fs.getxattr(self.paths.resolve(path), _b(name))
 
     @_op
     def getxattr(self, path, name, position=0):
@@ -466,18 +434,18 @@ class FuseOps(Operations):
 
     @_op
     def listxattr(self, path):
-        return [_s(n) for n in self.fs.listxattr(self._resolve(path))]
+        return [_s(n) for n in self.fs.listxattr(self.paths.resolve(path))]
 
     @_op
     def setxattr(self, path, name, value, options, position=0):
-        ino = self._resolve(path)
+        ino = self.paths.resolve(path)
         self.fs.setxattr(ino, _b(name), bytes(value), options)
         self._after_change(ino, path)
         return 0
 
     @_op
     def removexattr(self, path, name):
-        ino = self._resolve(path)
+        ino = self.paths.resolve(path)
         self.fs.removexattr(ino, _b(name))
         self._after_change(ino, path)
         return 0

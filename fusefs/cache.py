@@ -112,13 +112,13 @@ class BlockCache:
     read-ahead runs on `prefetch_threads` daemon threads fed by a bounded queue.
 
     `_lock` guards `_memory`, `_disk` (the index of the disk files), `_flights`, `_queued`
-    and `_counts`. It is a leaf in the client's lock order (docs/filesystem.md, "Locks") and
-    is never held across disk or store I/O: decisions are made under it, files are read,
-    written and unlinked after it is released. The disk index and the files may therefore
-    disagree for a moment; "index before file" keeps that harmless: a file is unlinked only
-    after its entry left the index, and an entry is added only after its file was renamed
-    into place. So the index may name a missing file (read as a miss), but a file outlives
-    its entry only while it is being written.
+    and `_counts`. It is a leaf in the client's lock order (docs/filesystem.md, "Lock
+    order") and is never held across disk or store I/O: decisions are made under it, files
+    are read, written and unlinked after it is released. The disk index and the files may
+    therefore disagree for a moment; "index before file" keeps that harmless: a file is
+    unlinked only after its entry left the index, and an entry is added only after its file
+    was renamed into place. So the index may name a missing file (read as a miss), but a
+    file outlives its entry only while it is being written.
     """
 
     def __init__(self, store: BlockStore, *, memory_bytes: int, disk_dir: str | None,

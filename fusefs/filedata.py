@@ -16,7 +16,7 @@ Every method says which lock it expects: "caller holds live.lock", or "takes liv
 (the caller must hold neither it nor any lock after it in the order). Block fetches (network) happen with no
 lock held: a writer that must merge into a clean block fetches it first, then re-checks
 under the file's lock that the block is still the one it fetched. The order of all locks:
-docs/filesystem.md, "Locks".
+docs/filesystem.md, "Lock order".
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ through the block cache), and the flusher uploads it.
 
 The adapter's refresh of a hard-linked file's other names (nested GETATTR calls back into
 this class, see kernel_attrs.py) starts only after the change returned, with no lock held.
-The order of all locks: docs/filesystem.md, "Locks".
+The order of all locks: docs/filesystem.md, "Lock order".
 """
 
 from __future__ import annotations

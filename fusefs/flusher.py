@@ -21,7 +21,7 @@ States of a dirty block: dirty → uploading → (committed: gone from `dirty`),
 changed during the upload (its version moved) or the upload failed.
 
 Which locks each method expects is said on it; the order of all locks, and why none is
-held across network I/O: docs/filesystem.md, "Locks".
+held across network I/O: docs/filesystem.md, "Lock order".
 """
 
 from __future__ import annotations

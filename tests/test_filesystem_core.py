@@ -1763,3 +1763,22 @@ def test_statfs_free_space_drops_by_what_is_stored_between_server_reports(core):
     fs.fallocate(fh, PUNCH, 0, 3 * BS)  # punched: the space comes back
     assert free() == (1 << 29)
     close(fs, fh)
+
+
+def test_an_append_goes_at_the_files_end_whatever_offset_it_carries(fs):
+    """O_APPEND placement is the core's: the adapter passes the kernel's offset, which may
+    come from a stale size (another name of the file grew it), and `append` says where."""
+    ino, fh = new_file(fs, b"log", b"first ")
+    other = fs.open(ino, os.O_WRONLY)
+    fs.write(other, 6, b"second ")  # grows the file through another descriptor
+    assert fs.write(fh, 0, b"third", append=True) == 5
+    assert read_all(fs, fh, ino) == b"first second third"
+    writers = [threading.Thread(target=fs.write, args=(fh, 0, b"x" * 1000),
+                                kwargs={"append": True}) for _ in range(8)]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join(GUARD)
+    assert fs.getattr(ino).size == 18 + 8 * 1000  # no two appends picked the same end
+    close(fs, other)
+    close(fs, fh)

@@ -147,3 +147,36 @@ def test_changes_refresh_exactly_the_other_names(tmp_path):
         assert refresher.asked == []  # one name again
     finally:
         core.close()
+
+
+def test_the_path_cache_forgets_what_changed_and_stores_no_raced_lookup():
+    """PathCache's invalidation rules (fusefs/paths.py): a changed path is looked up again,
+    a lookup that raced a change is not kept, forget() drops every path."""
+    from fusefs.paths import PathCache
+
+    names = {(1, "d"): 2, (2, "f"): 3}
+    calls = []
+
+    def lookup(parent, name):
+        calls.append((parent, name))
+        return names[(parent, name)]
+
+    paths = PathCache(lookup, 1)
+    assert paths.resolve("/d/f") == 3 and len(calls) == 2
+    assert paths.resolve("/d/f") == 3 and len(calls) == 2  # cached
+    names[(2, "f")] = 4
+    paths.changed("/d/f")
+    assert paths.resolve("/d/f") == 4 and len(calls) == 3  # the parent stays cached
+    names[(1, "d")] = 5
+    names[(5, "f")] = 6
+    paths.changed("/d", subtree=True)
+    assert paths.resolve("/d/f") == 6
+    raced = PathCache(lambda parent, name: (raced.changed(), 7)[1], 1)
+    assert raced.resolve("/x") == 7
+    assert raced._paths == {}  # the answer raced a change: not kept
+    paths.forget()
+    assert paths._paths == {}
+    assert paths.opened("/d/f", (6, 1, 1, 0)) is False
+    assert paths.opened("/d/f", (6, 1, 1, 0)) is True
+    paths.changed("/d/f")
+    assert paths.opened("/d/f", (6, 1, 1, 0)) is False  # a changed name starts afresh

@@ -240,8 +240,8 @@ def _first_checkpoint(transport, sb) -> dict:
     """An empty filesystem (a root directory owned by the caller), stored as checkpoint 1."""
     import tempfile
 
+    from .checkpoint import write_checkpoint
     from .cluster import ClusterConfig, ReplicatedStore
-    from .journal import write_checkpoint
     from .metadata import Metadata
 
     store = ReplicatedStore(sb.members, transport,
@@ -262,7 +262,7 @@ def _first_checkpoint(transport, sb) -> dict:
 # -- mount ------------------------------------------------------------------------------------
 
 def _is_mounted(path: str) -> bool:
-    from .daemon import is_mounted
+    from .mounts import is_mounted
 
     return is_mounted(path)
 
@@ -292,7 +292,7 @@ def _mount_config(args):
              if isinstance(s, dict)}
     members = tuple(Member(m.id, given.get(m.id, m.url)) for m in sb.members)
     if not args.read_only:
-        from .journal import refusal
+        from .lease import refusal
 
         why = refusal(sb)
         if why:
@@ -314,7 +314,7 @@ def _mount_config(args):
 
 
 def _mount_state(path: str) -> str:
-    from .daemon import mount_state
+    from .mounts import mount_state
 
     return mount_state(path)
 
@@ -328,7 +328,7 @@ def _foreign_dead(path: str) -> CliError:
 
 def _detach_dead(path: str) -> None:
     """Lazily detach the dead fusefs mount at `path` (its daemon died)."""
-    from .daemon import forget_stale, unmount
+    from .mounts import forget_stale, unmount
 
     if not unmount(path, lazy=True):
         raise CliError(f"could not detach the dead fusefs mount at {path}; try "
@@ -408,7 +408,6 @@ def _log_to(path: str, verbose: bool, also_stderr: bool = False) -> None:
 def cmd_fsck(args) -> int:
     from .cluster import ClusterConfig, ReplicatedStore
     from .fsck import Fsck, format_report
-    from .journal import LeaseHeld
 
     urls = _need_servers(args)
     transport = _transport(args, writes=args.repair)
@@ -430,7 +429,7 @@ def cmd_fsck(args) -> int:
         store.start()
         report = Fsck(store, transport, sb, repair=args.repair,
                       progress=lambda m: print(f"fsck: {m}", file=sys.stderr)).run()
-    except LeaseHeld as e:
+    except errors.LeaseHeld as e:
         print(f"fusefs fsck: cannot repair: {e}. Unmount it first; a check without "
               "--repair works while it is mounted", file=sys.stderr)
         return 2
@@ -463,7 +462,7 @@ def cmd_read_key(args) -> int:
 # -- umount and status ------------------------------------------------------------------------
 
 def cmd_umount(args) -> int:
-    from .daemon import read_registry
+    from .mounts import read_registry
 
     path = os.path.abspath(args.mountpoint)
     state = _mount_state(path)
@@ -498,14 +497,14 @@ def cmd_umount(args) -> int:
 
 
 def _run_unmount(path: str) -> None:
-    from .daemon import unmount
+    from .mounts import unmount
 
     if not unmount(path):
         raise CliError(f"could not unmount {path}; is it busy? (`lsof +D {path}`)")
 
 
 def _alive(pid: int) -> bool:
-    from .journal import process_alive
+    from .host import process_alive
 
     return process_alive(pid)
 
@@ -538,7 +537,7 @@ def cmd_status(args) -> int:
 
 def _status_of(path: str) -> tuple[list[dict], list[dict]]:
     """The registry record of the mount at `path` (if alive) or its dead-mount report."""
-    from .daemon import read_registry
+    from .mounts import read_registry
 
     state = _mount_state(path)
     if state == "dead":
@@ -554,7 +553,7 @@ def _status_of(path: str) -> tuple[list[dict], list[dict]]:
 def _status_of_all() -> tuple[list[dict], list[dict]]:
     """Every registered mount, and a report for every dead fusefs mount (registered or
     only seen in the mount table)."""
-    from .daemon import fusefs_mountpoints, runtime_dir
+    from .mounts import fusefs_mountpoints, runtime_dir
 
     records = []
     for name in sorted(os.listdir(runtime_dir())):
@@ -570,7 +569,7 @@ def _status_of_all() -> tuple[list[dict], list[dict]]:
 
 
 def _dead_report(path: str) -> dict:
-    from .daemon import read_registry
+    from .mounts import read_registry
 
     record = read_registry(path) or {}
     last = _read_status(record) if record else None

@@ -7,7 +7,9 @@
     │                                      accepted; it refuses more until a new mount
     └── StorageError (EIO)                 talking to block servers went wrong
         ├── Unavailable (EIO)              connection refused, reset, or server 5xx
-        │   └── Timeout (EIO)              no answer within the configured timeout
+        │   ├── Timeout (EIO)              no answer within the configured timeout
+        │   └── JournalGap (EIO)           a journal segment is missing although a later
+        │                                  one exists: copies were lost or are out of reach
         ├── AuthenticationFailed (EACCES)  the server refused our signature (401)
         ├── WrongServer (EIO)              the server's stable id is not the expected one
         ├── BlockMissing (EIO)             the server has no such block (404)
@@ -15,8 +17,11 @@
         ├── Conflict (EIO)                 the id exists with other bytes (409)
         ├── Rejected (EIO)                 the server refused the request as malformed (4xx)
         ├── StorageFull (ENOSPC)           no space left on the server (507)
-        └── QuorumNotReached (EIO)         fewer than W servers stored a block, or no
-                                           replica could return it
+        ├── QuorumNotReached (EIO)         fewer than W servers stored a block, or no
+        │                                  replica could return it
+        ├── LeaseHeld (EIO)                another read-write mount holds the writer lease
+        └── Fenced (EROFS)                 this mount lost its writer lease: it may change
+                                           nothing any more
 
 Library exceptions (requests, urllib3, OSError) are translated into these by a table in
 `fusefs.transport` and nowhere else.
@@ -89,3 +94,18 @@ class StorageFull(StorageError):
 
 class QuorumNotReached(StorageError):
     pass
+
+
+class LeaseHeld(StorageError):
+    """Another read-write mount holds the filesystem."""
+
+
+class Fenced(StorageError):
+    """This mount lost its writer lease: it may not change the filesystem any more."""
+
+    errno = errno.EROFS
+
+
+class JournalGap(Unavailable):
+    """A segment of a journal chain is missing although a later one exists: copies were
+    lost (or are on servers out of reach), and taking the end there would drop changes."""

@@ -35,8 +35,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from . import errors, journal, superblock
+from . import errors, superblock
+from .checkpoint import checkpoint_blocks, write_checkpoint
+from .host import new_mount_id
+from .lease import acquire, new_lease
+from .leftovers import list_everything, live_blocks
+from .loading import open_metadata
 from .metadata import ROOT_INO, Metadata
+from .segments import segment_id
 
 log = logging.getLogger("fusefs.fsck")
 
@@ -74,20 +80,20 @@ class Fsck:
             sb = self.sb
             renewer = None
             if self.repair:
-                lease = journal.new_lease(journal.new_mount_id(), LEASE_SECONDS)
+                lease = new_lease(new_mount_id(), LEASE_SECONDS)
                 lease["holder"] = f"fusefs fsck --repair ({lease['holder']})"
-                sb = self.sb = journal.acquire(self.transport, sb, lease)
+                sb = self.sb = acquire(self.transport, sb, lease)
                 renewer = threading.Thread(target=self._renew_loop, name="fsck-lease",
                                            daemon=True)
                 renewer.start()
             try:
                 self.progress(f"loading metadata (checkpoint of record {sb.checkpoint['seq']})")
-                metadata, _, end = journal.open_metadata(self.store, sb,
-                                                         os.path.join(work, "metadata.db"))
+                metadata, _, end = open_metadata(self.store, sb,
+                                                 os.path.join(work, "metadata.db"))
                 try:
                     self._check_names(metadata)
-                    referenced = self._check_blocks(metadata)
-                    self._check_leftovers(metadata, referenced, end)
+                    self._check_blocks(metadata)
+                    self._check_leftovers(metadata, end)
                     if self.repair:
                         self._write_back(metadata, end, work)
                 finally:
@@ -230,7 +236,7 @@ class Fsck:
 
     # -- blocks -----------------------------------------------------------------------------
 
-    def _check_blocks(self, md: Metadata) -> set[str]:
+    def _check_blocks(self, md: Metadata) -> None:
         rows = md.query("SELECT ino, block_id, checksum FROM blocks")
         wanted: dict[str, str] = {}
         users: dict[str, int] = {}
@@ -275,7 +281,6 @@ class Fsck:
                 text + (" (copied again)" if self.repair else
                         "; `fusefs fsck --repair` copies them again"))
         self.report.counts["under_replicated"] = under
-        return set(wanted)
 
     def _re_replicate(self, block_id: str, checksum: str, holders: list) -> None:
         data = self.store.get(block_id, checksum)
@@ -292,17 +297,15 @@ class Fsck:
                 self.report.warnings.append(f"could not copy block {block_id} to "
                                             f"{member.url}: {e}")
 
-    def _check_leftovers(self, md: Metadata, referenced: set[str], end: int) -> None:
-        """Blocks on the servers that nothing references."""
+    def _check_leftovers(self, md: Metadata, end: int) -> None:
+        """Blocks on the servers that nothing references (garbage included: every record
+        of the loaded state is shipped, so the records that dropped it are durable)."""
         self.progress("listing the blocks on every server")
         cp = self.sb.checkpoint
-        known = set(referenced)
-        known.update(journal.checkpoint_blocks(self.store, cp))
-        known.update(f for f in [cp.get("fence")] if f)  # an old writer's chain, fenced
-        known.update(journal.segment_id(self.sb.fs_id, cp["chain"], n)
-                     for n in range(cp["segment"], end + 1))
-        garbage = {r[0] for r in md.query("SELECT block_id FROM garbage")}
-        listed, failures = journal.list_everything(self.transport, self.sb.members)
+        known = live_blocks(md, self.store, cp, self.sb.fs_id, chain=cp["chain"],
+                            segments=range(cp["segment"], end + 1), keep_garbage=False)
+        garbage = md.garbage_ids()
+        listed, failures = list_everything(self.transport, self.sb.members)
         for url, e in failures.items():
             self.report.warnings.append(f"server {url} could not be listed: {e}")
         leftovers = listed - known
@@ -332,13 +335,12 @@ class Fsck:
             return
         old = self.sb.checkpoint
         self.progress("writing the repaired metadata as a new checkpoint")
-        cp = journal.write_checkpoint(self.store, md, self.sb.fs_id, self.sb.lease["mount"],
-                                      1, work)
+        cp = write_checkpoint(self.store, md, self.sb.fs_id, self.sb.lease["mount"], 1, work)
         if old.get("fence"):
             cp["fence"] = old["fence"]  # the fenced chain's writer may still be running
         self._set_superblock(checkpoint=cp, lease=None)
-        obsolete = journal.checkpoint_blocks(self.store, old) + [
-            journal.segment_id(self.sb.fs_id, old["chain"], n)
+        obsolete = checkpoint_blocks(self.store, old) + [
+            segment_id(self.sb.fs_id, old["chain"], n)
             for n in range(old["segment"], end)]
         try:
             self.store.delete_many(obsolete)

@@ -51,7 +51,7 @@ class Superblock:
     replicas: int
     write_quorum: int
     members: tuple[Member, ...]
-    # {"manifest", "checksum", "seq", "chain", "segment"}: see journal.py
+    # {"manifest", "checksum", "seq", "chain", "segment"}: see checkpoint.py
     checkpoint: dict | None = None
     # {"mount", "holder", "host", "boot", "pid", "expires", "seconds"} or None when free
     lease: dict | None = None

@@ -580,7 +580,7 @@ def crash(m, writer: Writer | None = None) -> None:
     The daemon dies first, so the writer meets the crash in the middle of whatever it was
     doing; it is killed before the mountpoint is detached, so it never sees the empty
     directory underneath (its paths would fail with ENOENT there)."""
-    from fusefs.daemon import unmount
+    from fusefs.mounts import unmount
 
     pid = m.daemon_pid()
     assert pid and alive(pid), "no daemon to kill"
@@ -732,7 +732,7 @@ def verify(m, manifest_path: str, where: str) -> int:
 def daemon_status(m) -> dict:
     """The running daemon's status report (what `fusefs status --json` shows; rewritten
     every second). Read from the file directly: polling it must be cheap."""
-    from fusefs.daemon import read_registry
+    from fusefs.mounts import read_registry
 
     record = read_registry(m.path)
     try:

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from fusefs.daemon import is_mounted as mounted
+from fusefs.mounts import is_mounted as mounted
 
 from .conftest import REPO
 

@@ -26,7 +26,11 @@ import time
 import pytest
 
 from blockserver import protocol
-from fusefs import cli, errors, fsck, journal, superblock
+from fusefs import cli, errors, fsck, superblock
+from fusefs.host import new_mount_id
+from fusefs.lease import acquire, holder_gone, new_lease
+from fusefs.loading import open_metadata
+from fusefs.segments import encode_segment, fence_chain, segment_id
 from fusefs.cluster import ClusterConfig, ReplicatedStore
 from fusefs.metadata import ROOT_INO
 from fusefs.transport import Transport, TransportConfig
@@ -97,7 +101,7 @@ def poison_on_disk(server, generation: int, value: bytes) -> None:
 
 
 def short_lease(seconds: float = 3.0) -> dict:
-    return journal.new_lease(journal.new_mount_id(), seconds, "/mnt/first")
+    return new_lease(new_mount_id(), seconds, "/mnt/first")
 
 
 def wait_expired(cluster: Cluster) -> None:
@@ -120,7 +124,7 @@ def test_a_writer_paused_before_its_put_is_not_acknowledged_after_a_takeover(
         a.metadata.create(ROOT_INO, b"v1", stat.S_IFREG | 0o644, 0, 0)
         a.journal.wait_durable(timeout=60)
 
-        pausing.trigger = journal.segment_id(cluster.fs_id, a.journal.chain,
+        pausing.trigger = segment_id(cluster.fs_id, a.journal.chain,
                                              a.journal.stats()["segment"])
         a.metadata.create(ROOT_INO, b"fsynced after the takeover", stat.S_IFREG | 0o644,
                           0, 0)
@@ -170,10 +174,10 @@ def test_a_takeover_fences_the_old_chain_at_the_storage_layer(cluster, writers, 
     assert cluster.superblock().checkpoint["chain"] == b.journal.chain
 
     # A's late segment (what its ship thread would put when it resumes) reaches no W
-    late = journal.encode_segment(cluster.fs_id, a.journal.chain, nxt,
+    late = encode_segment(cluster.fs_id, a.journal.chain, nxt,
                                   [b'[999999, "noop", []]'])
     with pytest.raises(errors.StorageError):
-        cluster.store.put(journal.segment_id(cluster.fs_id, a.journal.chain, nxt), late,
+        cluster.store.put(segment_id(cluster.fs_id, a.journal.chain, nxt), late,
                           protocol.checksum(late))
 
 
@@ -187,20 +191,20 @@ def test_a_segment_stored_after_the_new_writer_looked_is_replayed_not_lost(
     a.journal.wait_durable(timeout=60)
     cut.cut.set()
     wait_expired(cluster)
-    sb = journal.acquire(new_transport(), cluster.superblock(),
-                         journal.new_lease(journal.new_mount_id(), 30.0))
+    sb = acquire(new_transport(), cluster.superblock(),
+                         new_lease(new_mount_id(), 30.0))
     os.makedirs(tmp_path / "b")
-    md, replayed, end = journal.open_metadata(cluster.store, sb, str(tmp_path / "b" / "m.db"))
+    md, replayed, end = open_metadata(cluster.store, sb, str(tmp_path / "b" / "m.db"))
     try:
         # now A's ship thread stores its next segment, on every server
         a.metadata.create(ROOT_INO, b"late but durable", stat.S_IFREG | 0o644, 0, 0)
         rows = a.metadata.unshipped(a.journal.stats()["shipped"])
-        data = journal.encode_segment(cluster.fs_id, a.journal.chain, end,
+        data = encode_segment(cluster.fs_id, a.journal.chain, end,
                                       [r for _, r in rows])
         for member in cluster.members:
-            cluster.transport.put_block(member, journal.segment_id(
+            cluster.transport.put_block(member, segment_id(
                 cluster.fs_id, a.journal.chain, end), data, protocol.checksum(data))
-        late, fenced_at = journal.fence_chain(cluster.store, cluster.transport, md,
+        late, fenced_at = fence_chain(cluster.store, cluster.transport, md,
                                               cluster.fs_id, a.journal.chain, end)
         assert (late, fenced_at) == (len(rows), end + 1)
         assert md.lookup(ROOT_INO, b"late but durable") is not None
@@ -213,11 +217,12 @@ def test_a_segment_stored_after_the_new_writer_looked_is_replayed_not_lost(
 def test_a_live_holder_in_another_pid_namespace_is_not_declared_gone(cluster):
     if os.geteuid() != 0:
         pytest.skip("unshare --pid needs root")
-    mine = journal.new_lease(journal.new_mount_id(), 30.0, "/mnt/live")  # this process
+    mine = new_lease(new_mount_id(), 30.0, "/mnt/live")  # this process
     sb = superblock.update(new_transport(), cluster.superblock().with_changes(lease=mine))
-    script = ("import json, sys; from fusefs import journal, superblock;"
+    script = ("import json, sys; from fusefs import superblock;"
+              "from fusefs.lease import holder_gone, refusal;"
               "lease = json.loads(sys.argv[1]);"
-              "print(journal.holder_gone(lease), journal.refusal("
+              "print(holder_gone(lease), refusal("
               "superblock.Superblock.decode(sys.argv[2].encode(), 5), 'other') is not None)")
     result = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable,
                              "-c", script, json.dumps(mine), sb.encode().decode()],
@@ -229,15 +234,15 @@ def test_a_live_holder_in_another_pid_namespace_is_not_declared_gone(cluster):
 
 
 def test_a_holder_is_gone_only_when_its_very_process_ended():
-    lease = journal.new_lease("m", 30.0)
-    assert not journal.holder_gone(lease)  # this process: alive
+    lease = new_lease("m", 30.0)
+    assert not holder_gone(lease)  # this process: alive
     reused = {**lease, "start": lease["start"] + 1}  # the pid now names another process
-    assert journal.holder_gone(reused)
+    assert holder_gone(reused)
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
-    assert journal.holder_gone({**lease, "pid": ended.pid})
+    assert holder_gone({**lease, "pid": ended.pid})
     older = {k: v for k, v in lease.items() if k not in ("pidns", "start")}
-    assert not journal.holder_gone({**older, "pid": ended.pid})  # cannot tell: not gone
+    assert not holder_gone({**older, "pid": ended.pid})  # cannot tell: not gone
 
 
 # -- 3. fsck --repair keeps its lease -------------------------------------------------------------
@@ -253,7 +258,7 @@ def test_fsck_repair_keeps_its_lease_for_its_whole_run(cluster, writers, tmp_pat
         time.sleep(3.0)  # longer than the lease: a large filesystem takes that long
         try:
             attempts.append(writers("intruder"))
-        except journal.LeaseHeld as e:
+        except errors.LeaseHeld as e:
             attempts.append(e)
         return found
 
@@ -261,7 +266,7 @@ def test_fsck_repair_keeps_its_lease_for_its_whole_run(cluster, writers, tmp_pat
     report = fsck.Fsck(cluster.store, new_transport(), cluster.superblock(),
                        repair=True).run()
     assert report.clean, report
-    assert isinstance(attempts[0], journal.LeaseHeld), \
+    assert isinstance(attempts[0], errors.LeaseHeld), \
         "a writer mounted while fsck --repair was running"
     assert "fsck" in str(attempts[0])
     assert cluster.superblock().lease is None  # given back at the end
@@ -298,7 +303,7 @@ def test_a_retried_superblock_update_does_not_conflict_with_itself(cluster):
     cluster.servers[2].stop()  # one server down ...
     flaky = LostAnswerTransport(cluster.members[1].url)
     flaky.fail_once.set()  # ... and one lost answer
-    wanted = sb.with_changes(lease=journal.new_lease("me", 30.0))
+    wanted = sb.with_changes(lease=new_lease("me", 30.0))
     with pytest.raises(errors.Unavailable):
         superblock.update(flaky, wanted)
     done = superblock.update(flaky, wanted)  # the same value again: it is ours
@@ -369,7 +374,7 @@ def test_a_lost_segment_is_never_taken_for_the_end_of_the_chain(cluster, writers
         Workload(w.metadata, seed=seed).run(5)
         w.journal.wait_durable(timeout=60)
     assert w.journal.stats()["segment"] >= 4
-    lost = journal.segment_id(cluster.fs_id, w.journal.chain, 2)
+    lost = segment_id(cluster.fs_id, w.journal.chain, 2)
     for member in cluster.members:  # every copy of segment 2 is gone; 3 is still there
         cluster.transport.delete_block(member, lost)
     with pytest.raises(errors.StorageError, match="segment 2"):

@@ -26,8 +26,13 @@ import pytest
 import xxhash
 
 from blockserver import protocol
-from fusefs import errors, journal, superblock
+from fusefs import errors, superblock
+from fusefs.checkpoint import checkpoint_blocks, write_checkpoint
+from fusefs.host import new_mount_id
+from fusefs.lease import acquire, new_lease
+from fusefs.loading import open_metadata
 from fusefs.metadata import ROOT_INO
+from fusefs.segments import segment_id
 
 from .conftest import Mount, check_files, wait_until
 
@@ -100,7 +105,7 @@ def load_metadata(store, work_dir: str):
     """The metadata a new mount would load, in a private database (nothing is written to
     the cluster). The caller closes it."""
     sb = superblock.read_quorum(store.transport, store.members)
-    md, _, _ = journal.open_metadata(store, sb, os.path.join(work_dir, "metadata.db"))
+    md, _, _ = open_metadata(store, sb, os.path.join(work_dir, "metadata.db"))
     return md
 
 
@@ -129,15 +134,15 @@ def unreferenced_and_garbage(store, work_dir: str) -> tuple[set[str], set[str]]:
     journal use, ids the metadata lists as garbage to delete). The garbage list may name
     blocks already deleted: a mount forgets them only locally, until its next checkpoint."""
     sb = superblock.read_quorum(store.transport, store.members)
-    md, _, end = journal.open_metadata(store, sb, os.path.join(work_dir, "listing.db"))
+    md, _, end = open_metadata(store, sb, os.path.join(work_dir, "listing.db"))
     try:
         used = set(referenced_blocks(md))
         garbage = {r[0] for r in md.query("SELECT block_id FROM garbage")}
     finally:
         md.close()
     cp = sb.checkpoint
-    used.update(journal.checkpoint_blocks(store, cp))
-    used.update(journal.segment_id(sb.fs_id, cp["chain"], n) for n in range(cp["segment"], end))
+    used.update(checkpoint_blocks(store, cp))
+    used.update(segment_id(sb.fs_id, cp["chain"], n) for n in range(cp["segment"], end))
     used.update(f for f in [cp.get("fence")] if f)  # the tombstone ending the last chain
     stored = set()
     for member in store.members:
@@ -455,14 +460,14 @@ def publish_damaged_metadata(store, work_dir: str, damage) -> None:
     the filesystem's checkpoint: what a buggy writer could leave behind."""
     transport = store.transport
     sb = superblock.read_quorum(transport, store.members)
-    lease = journal.new_lease(journal.new_mount_id(), 60.0)
+    lease = new_lease(new_mount_id(), 60.0)
     lease["holder"] = f"the test that damages the metadata ({lease['holder']})"
-    sb = journal.acquire(transport, sb, lease)
+    sb = acquire(transport, sb, lease)
     try:
-        md, _, _ = journal.open_metadata(store, sb, os.path.join(work_dir, "damaged.db"))
+        md, _, _ = open_metadata(store, sb, os.path.join(work_dir, "damaged.db"))
         try:
             damage(md)
-            cp = journal.write_checkpoint(store, md, sb.fs_id, lease["mount"], 1, work_dir)
+            cp = write_checkpoint(store, md, sb.fs_id, lease["mount"], 1, work_dir)
         finally:
             md.close()
         sb = superblock.update(transport, sb.with_changes(checkpoint=cp, lease=None))

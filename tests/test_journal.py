@@ -22,9 +22,15 @@ import pytest
 
 from blockserver import protocol
 from fusefs import cli, errors, journal, superblock
+from fusefs.checkpoint import checkpoint_blocks, write_checkpoint
+from fusefs.host import new_mount_id
+from fusefs.lease import Lease, acquire, new_lease
+from fusefs.loading import open_metadata, replay_chain
 from fusefs.memstore import MemoryBlockStore
 from fusefs.metadata import (ROOT_INO, BlockRef, JournalGap, Metadata, decode_record,
                              encode_record)
+from fusefs.segments import (SEGMENT_MAGIC, decode_segment, encode_segment, read_segment,
+                             segment_id)
 from fusefs.transport import Member, Transport, TransportConfig
 
 from .conftest import members_of, wait_until
@@ -357,15 +363,15 @@ def test_replay_skips_records_it_has_and_refuses_a_gap_whole(tmp_path):
 def sample_segment() -> tuple[bytes, list[bytes]]:
     records = [encode_record(seq, "set_xattr", [1, b"user.\xff", b"v\nw" * seq, seq])
                for seq in range(10, 16)]
-    return journal.encode_segment("fs-1", "chain-a", 3, records), records
+    return encode_segment("fs-1", "chain-a", 3, records), records
 
 
 def test_a_segment_round_trips():
     raw, records = sample_segment()
-    assert journal.decode_segment(raw, "fs-1", "chain-a", 3) == [decode_record(r)
+    assert decode_segment(raw, "fs-1", "chain-a", 3) == [decode_record(r)
                                                                  for r in records]
-    empty = journal.encode_segment("fs-1", "chain-a", 1, [])
-    assert journal.decode_segment(empty, "fs-1", "chain-a", 1) == []
+    empty = encode_segment("fs-1", "chain-a", 1, [])
+    assert decode_segment(empty, "fs-1", "chain-a", 1) == []
 
 
 @pytest.mark.parametrize("fs_id, chain, number", [
@@ -374,7 +380,7 @@ def test_a_segment_round_trips():
 def test_a_segment_of_another_filesystem_chain_or_number_is_refused(fs_id, chain, number):
     raw, _ = sample_segment()
     with pytest.raises(ValueError):
-        journal.decode_segment(raw, fs_id, chain, number)
+        decode_segment(raw, fs_id, chain, number)
 
 
 def test_every_flipped_byte_and_every_truncation_of_a_segment_is_refused():
@@ -382,10 +388,10 @@ def test_every_flipped_byte_and_every_truncation_of_a_segment_is_refused():
     for pos in range(len(raw)):
         flipped = raw[:pos] + bytes([raw[pos] ^ 0x01]) + raw[pos + 1:]
         with pytest.raises(ValueError):
-            journal.decode_segment(flipped, "fs-1", "chain-a", 3)
+            decode_segment(flipped, "fs-1", "chain-a", 3)
     for length in range(len(raw)):
         with pytest.raises(ValueError):
-            journal.decode_segment(raw[:length], "fs-1", "chain-a", 3)
+            decode_segment(raw[:length], "fs-1", "chain-a", 3)
 
 
 def test_a_segment_missing_records_its_header_counts_is_refused():
@@ -393,22 +399,22 @@ def test_a_segment_missing_records_its_header_counts_is_refused():
     body = b"\n".join(records[:-1])  # a consistent checksum, but one record short
     header = {"fs_id": "fs-1", "chain": "chain-a", "segment": 3, "count": len(records),
               "checksum": protocol.checksum(body)}
-    raw = journal.SEGMENT_MAGIC + json.dumps(header).encode() + b"\n" + body
+    raw = SEGMENT_MAGIC + json.dumps(header).encode() + b"\n" + body
     with pytest.raises(ValueError, match="truncated"):
-        journal.decode_segment(raw, "fs-1", "chain-a", 3)
+        decode_segment(raw, "fs-1", "chain-a", 3)
 
 
 @pytest.mark.parametrize("header", [b"[]", b"null", b"5", b'"fs-1"'])
 def test_a_segment_whose_header_is_not_an_object_is_refused(header):
     with pytest.raises(ValueError):
-        journal.decode_segment(journal.SEGMENT_MAGIC + header + b"\n", "fs-1", "chain-a", 3)
+        decode_segment(SEGMENT_MAGIC + header + b"\n", "fs-1", "chain-a", 3)
 
 
 def test_segment_ids_are_deterministic_valid_block_ids_unique_per_position():
     keys = [(f, c, n) for f in ("fs-1", "fs-2") for c in ("chain-a", "chain-b", "mkfs")
             for n in range(1, 6)]
-    ids = [journal.segment_id(*k) for k in keys]
-    assert ids == [journal.segment_id(*k) for k in keys]
+    ids = [segment_id(*k) for k in keys]
+    assert ids == [segment_id(*k) for k in keys]
     assert len(set(ids)) == len(keys)
     assert all(protocol.is_block_id(i) for i in ids)
 
@@ -424,31 +430,31 @@ def test_replay_chain_reads_segments_until_one_is_missing(tmp_path):
         rows = a.unshipped(0)
         parts = [rows[:10], rows[10:11], rows[11:]]
         for number, part in enumerate(parts, 1):
-            data = journal.encode_segment("fs", "c", number, [r for _, r in part])
-            store.put(journal.segment_id("fs", "c", number), data, protocol.checksum(data))
+            data = encode_segment("fs", "c", number, [r for _, r in part])
+            store.put(segment_id("fs", "c", number), data, protocol.checksum(data))
 
-        assert journal.replay_chain(store, b, "fs", "c", 1) == (len(rows), 4)
+        assert replay_chain(store, b, "fs", "c", 1) == (len(rows), 4)
         assert dump(b) == dump(a)
         assert (b.setting("chain"), b.setting("segment")) == ("c", "4")
-        assert journal.replay_chain(store, b, "fs", "c", 4) == (0, 4)
-        assert journal.read_segment(store, "other-fs", "c", 1) is None
-        assert journal.read_segment(store, "fs", "other-chain", 1) is None
+        assert replay_chain(store, b, "fs", "c", 4) == (0, 4)
+        assert read_segment(store, "other-fs", "c", 1) is None
+        assert read_segment(store, "fs", "other-chain", 1) is None
 
         # a block at the next segment's id that is not that segment is never applied
-        junk = journal.encode_segment("fs", "c", 9, [encode_record(a.seq + 1, "format",
+        junk = encode_segment("fs", "c", 9, [encode_record(a.seq + 1, "format",
                                                                     [0, 0, 0o755, 1])])
-        store.put(journal.segment_id("fs", "c", 4), junk, protocol.checksum(junk))
+        store.put(segment_id("fs", "c", 4), junk, protocol.checksum(junk))
         with pytest.raises(errors.BlockCorrupt):
-            journal.replay_chain(store, b, "fs", "c", 4)
+            replay_chain(store, b, "fs", "c", 4)
         assert dump(b) == dump(a) and b.seq == a.seq
 
         # a chain that skips records stops at the gap; the segments before it stay applied
         store2 = MemoryBlockStore()
         for number, part in enumerate([parts[0], parts[2]], 1):
-            data = journal.encode_segment("fs", "c", number, [r for _, r in part])
-            store2.put(journal.segment_id("fs", "c", number), data, protocol.checksum(data))
+            data = encode_segment("fs", "c", number, [r for _, r in part])
+            store2.put(segment_id("fs", "c", number), data, protocol.checksum(data))
         with pytest.raises(JournalGap):
-            journal.replay_chain(store2, gap, "fs", "c", 1)
+            replay_chain(store2, gap, "fs", "c", 1)
         assert gap.seq == 10 and gap.setting("segment") == "2"
     finally:
         for md in (a, b, gap):
@@ -462,13 +468,13 @@ def test_open_metadata_loads_a_checkpoint_or_brings_a_current_local_copy_up_to_d
 
     def ship(number: int) -> None:
         rows = writer.unshipped(0)
-        data = journal.encode_segment("fs", "c", number, [r for _, r in rows])
-        store.put(journal.segment_id("fs", "c", number), data, protocol.checksum(data))
+        data = encode_segment("fs", "c", number, [r for _, r in rows])
+        store.put(segment_id("fs", "c", number), data, protocol.checksum(data))
         writer.shipped(rows[-1][0], {})
 
     def open_at(path, sb=None):
         progress: list[str] = []
-        md, applied, end = journal.open_metadata(store, sb or good, path, progress.append)
+        md, applied, end = open_metadata(store, sb or good, path, progress.append)
         opened.append(md)
         return md, applied, end, progress
 
@@ -479,7 +485,7 @@ def test_open_metadata_loads_a_checkpoint_or_brings_a_current_local_copy_up_to_d
     try:
         writer.format(uid=0, gid=0)
         Workload(writer, seed=11).run(20)
-        cp = journal.write_checkpoint(store, writer, "fs", "c", 1, str(tmp_path))
+        cp = write_checkpoint(store, writer, "fs", "c", 1, str(tmp_path))
         writer.shipped(writer.seq, {})
         good = superblock.Superblock("fs", 1 << 20, 3, 2, (), checkpoint=cp)
         workload = Workload(writer, seed=12)
@@ -714,7 +720,7 @@ class Cluster:
         """What a new mount on another machine loads: (tables, records replayed, the
         next segment of the chain)."""
         os.makedirs(path)
-        md, applied, end = journal.open_metadata(self.store, self.superblock(),
+        md, applied, end = open_metadata(self.store, self.superblock(),
                                                  os.path.join(path, "metadata.db"))
         try:
             return dump(md), applied, end
@@ -751,22 +757,21 @@ class Writer:
                  transport=None, **options):
         registry.append(self)  # closed at teardown whatever happens below
         self.journal = self.metadata = None
-        self.lost_calls: list[str] = []
         self.transport = transport or new_transport()
-        self.lease = lease or journal.new_lease(journal.new_mount_id(), 30.0)
+        self.lease = lease or new_lease(new_mount_id(), 30.0)
         self.db_path = os.path.join(work_dir, "metadata.db")
         os.makedirs(work_dir)
-        sb = journal.acquire(self.transport, cluster.superblock(), self.lease)
-        self.metadata, self.replayed, end = journal.open_metadata(cluster.store, sb,
-                                                                  self.db_path)
-        self.journal = journal.Journal(cluster.store, self.transport, sb, self.metadata,
-                                       work_dir, ship_delay=0.05,
-                                       on_lost=self.lost_calls.append, **options)
+        # the gate a mount's filesystem asks before each change
+        self.gate = Lease.take(self.transport, cluster.superblock(), self.lease)
+        self.metadata, self.replayed, end = open_metadata(cluster.store, self.gate.superblock,
+                                                          self.db_path)
+        self.journal = journal.Journal(cluster.store, self.transport, self.gate, self.metadata,
+                                       work_dir, ship_delay=0.05, **options)
         self.journal.start(self.replayed, end)
 
     def segments(self, cluster: Cluster, first: int = 1) -> list[str]:
         """The ids of this writer's shipped segments."""
-        return [journal.segment_id(cluster.fs_id, self.journal.chain, n)
+        return [segment_id(cluster.fs_id, self.journal.chain, n)
                 for n in range(first, self.journal.stats()["segment"])]
 
     def close(self, **options) -> None:
@@ -802,7 +807,7 @@ def writers(cluster, tmp_path):
 def test_shipped_changes_are_what_another_machine_loads(cluster, writers, tmp_path):
     sb = cluster.superblock()
     assert sb.checkpoint["chain"] == "mkfs" and sb.lease is None
-    mkfs_blocks = journal.checkpoint_blocks(cluster.store, sb.checkpoint)
+    mkfs_blocks = checkpoint_blocks(cluster.store, sb.checkpoint)
 
     first = writers("machine1")
     md = first.metadata
@@ -832,7 +837,7 @@ def test_shipped_changes_are_what_another_machine_loads(cluster, writers, tmp_pa
 
     # the same machine mounting again brings its own database up to date: no download
     progress = []
-    again, applied, _ = journal.open_metadata(cluster.store, cluster.superblock(),
+    again, applied, _ = open_metadata(cluster.store, cluster.superblock(),
                                               first.db_path, progress.append)
     try:
         assert progress == [] and applied == 0
@@ -866,7 +871,7 @@ def test_a_checkpoint_is_named_by_the_superblock_and_replaces_old_blocks(cluster
         writer.journal.wait_durable(timeout=60)
 
     old_cp = cluster.superblock().checkpoint
-    old_blocks = journal.checkpoint_blocks(cluster.store, old_cp)
+    old_blocks = checkpoint_blocks(cluster.store, old_cp)
     old_segments = writer.segments(cluster)
     assert old_segments and all(cluster.store.has_many(old_blocks + old_segments).values())
     next_segment = writer.journal.stats()["segment"]
@@ -875,7 +880,7 @@ def test_a_checkpoint_is_named_by_the_superblock_and_replaces_old_blocks(cluster
     assert cluster.superblock().checkpoint == cp
     assert (cp["chain"], cp["segment"], cp["seq"]) == (writer.journal.chain, next_segment,
                                                        md.seq)
-    new_blocks = journal.checkpoint_blocks(cluster.store, cp)
+    new_blocks = checkpoint_blocks(cluster.store, cp)
     assert all(cluster.store.has_many(new_blocks).values())
     assert not any(cluster.store.has_many(old_blocks + old_segments).values())
     assert not (set(old_blocks) | set(old_segments)) & cluster.on_servers()
@@ -903,16 +908,16 @@ def test_a_checkpoint_is_named_by_the_superblock_and_replaces_old_blocks(cluster
 
 def test_a_writer_whose_lease_was_taken_over_is_fenced(cluster, writers, tmp_path):
     cut = CutTransport()
-    a = writers("a", transport=cut, lease=journal.new_lease(journal.new_mount_id(), 3.0,
+    a = writers("a", transport=cut, lease=new_lease(new_mount_id(), 3.0,
                                                             "/mnt/a"))
     Workload(a.metadata, seed=13).run(30)
     a.journal.wait_durable(timeout=60)
     durable = dump(a.metadata)
 
     # while A's lease is live, nobody else gets it, and the refusal names the holder
-    lease_b = journal.new_lease(journal.new_mount_id(), 30.0, "/mnt/b")
-    with pytest.raises(journal.LeaseHeld) as held:
-        journal.acquire(new_transport(), cluster.superblock(), lease_b)
+    lease_b = new_lease(new_mount_id(), 30.0, "/mnt/b")
+    with pytest.raises(errors.LeaseHeld) as held:
+        acquire(new_transport(), cluster.superblock(), lease_b)
     assert "/mnt/a" in str(held.value) and f"pid {os.getpid()}" in str(held.value)
     assert cluster.superblock().lease["mount"] == a.lease["mount"]
 
@@ -926,7 +931,7 @@ def test_a_writer_whose_lease_was_taken_over_is_fenced(cluster, writers, tmp_pat
     with pytest.raises(errors.Unavailable, match="lease"):
         a.journal.wait_durable(timeout=60)
     unshipped = a.journal.stats()["segment"]
-    assert journal.read_segment(cluster.store, cluster.fs_id, a.journal.chain,
+    assert read_segment(cluster.store, cluster.fs_id, a.journal.chain,
                                 unshipped) is None
     a_segments = a.segments(cluster)
 
@@ -940,14 +945,17 @@ def test_a_writer_whose_lease_was_taken_over_is_fenced(cluster, writers, tmp_pat
     # A reaches the servers again: its next renewal finds the superblock changed
     cut.cut.clear()
     wait_until(lambda: a.journal.lost, "A to notice it lost its lease", timeout=60)
-    assert a.lost_calls == [a.journal.lost]
+    told = a.journal.lost
+    with pytest.raises(errors.Fenced) as fenced:  # what A's filesystem hears: read-only
+        a.gate.check_writable()
+    assert str(fenced.value) == told
     assert "/mnt/b" in a.journal.lost
-    with pytest.raises(journal.Fenced):
+    with pytest.raises(errors.Fenced):
         a.journal.wait_durable(timeout=60)
-    with pytest.raises(journal.Fenced):
+    with pytest.raises(errors.Fenced):
         a.journal.checkpoint()
     a.close()  # a fenced writer does not give up a lease it no longer holds
-    assert a.lost_calls == [a.journal.lost]
+    assert a.journal.lost == told  # lost once, for that reason
     sb = cluster.superblock()
     assert sb.lease == lease_b and sb.checkpoint["chain"] == b.journal.chain
 
@@ -963,28 +971,28 @@ def test_a_writer_whose_lease_was_taken_over_is_fenced(cluster, writers, tmp_pat
 def test_a_lease_is_refused_while_its_holder_lives_and_taken_when_it_is_gone(cluster):
     transport = new_transport()
     stale = cluster.superblock()
-    mine = journal.new_lease(journal.new_mount_id(), 30.0, "/mnt/mine")
+    mine = new_lease(new_mount_id(), 30.0, "/mnt/mine")
 
-    remote = journal.new_lease("remote-mount", 600.0, "/mnt/remote")
+    remote = new_lease("remote-mount", 600.0, "/mnt/remote")
     remote["host"] = "another-machine.invalid"
     sb = superblock.update(transport, stale.with_changes(lease=remote))
-    with pytest.raises(journal.LeaseHeld, match="/mnt/remote"):
-        journal.acquire(transport, sb, mine)
+    with pytest.raises(errors.LeaseHeld, match="/mnt/remote"):
+        acquire(transport, sb, mine)
     # a superblock read before someone else wrote cannot take the lease either
-    with pytest.raises(journal.LeaseHeld):
-        journal.acquire(transport, stale, mine)
+    with pytest.raises(errors.LeaseHeld):
+        acquire(transport, stale, mine)
     assert cluster.superblock().lease == remote
 
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
-    gone = journal.new_lease("gone-mount", 600.0, "/mnt/gone")
+    gone = new_lease("gone-mount", 600.0, "/mnt/gone")
     gone["pid"] = ended.pid  # this machine, this boot, a process that has exited
     sb = superblock.update(transport, sb.with_changes(lease=gone))
-    sb = journal.acquire(transport, sb, mine)
+    sb = acquire(transport, sb, mine)
     assert cluster.superblock().lease == mine == sb.lease
 
     renewed = {**mine, "expires": time.time() + 60}  # the holder itself is never refused
-    assert journal.acquire(transport, sb, renewed).lease == renewed
+    assert acquire(transport, sb, renewed).lease == renewed
 
 
 # -- 7. a server dies while the journal ships -------------------------------------------------

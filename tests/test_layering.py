@@ -93,8 +93,9 @@ FUSEFS_LAYERS = [
     {"__main__", "cli", "daemon", "local", "fsck"},
     {"fuse_glue", "fuse_ops", "kernel_attrs", "paths"},
     {"filesystem"},
-    {"metadata", "cache", "flusher", "filedata", "journal"},
-    {"cluster", "memstore", "health", "placement", "blocks", "superblock"},
+    {"metadata", "cache", "flusher", "filedata", "journal", "follower", "loading", "lease",
+     "checkpoint", "segments", "leftovers"},
+    {"cluster", "memstore", "health", "placement", "blocks", "superblock", "host", "mounts"},
     {"transport"},
     {"errors", "__init__"},
 ]

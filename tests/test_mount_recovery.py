@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from fusefs.daemon import is_mounted
-from fusefs.journal import process_alive
+from fusefs.host import process_alive
+from fusefs.mounts import is_mounted
 
 from .test_embedded import fusefs
 
@@ -94,7 +94,7 @@ def test_umount_detaches_a_dead_mount_even_while_a_process_sits_in_it(fusefs_mou
 
 
 def test_up_after_the_daemon_was_killed_mounts_again_with_the_data(tmp_path):
-    from fusefs.daemon import read_registry
+    from fusefs.mounts import read_registry
 
     root = str(tmp_path / "data")
     mnt = os.path.join(root, "mnt")

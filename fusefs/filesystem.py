@@ -20,7 +20,7 @@ import stat
 import threading
 from dataclasses import dataclass
 
-from .errors import FsError
+from .errors import Fenced, FsError
 from .filedata import DataPath, FileData
 from .flusher import Flusher
 from .metadata import ROOT_INO, Inode, Metadata, now_ns
@@ -462,7 +462,11 @@ class Filesystem:
         if self.read_only:
             raise FsError(errno.EROFS, self.read_only)
         if self.gate is not None:
-            self.gate.check_writable()
+            try:
+                self.gate.check_writable()
+            except Fenced as e:  # the lease is lost for good: read-only from now on
+                self.read_only = str(e)
+                raise FsError(errno.EROFS, str(e)) from None
 
     def subscribe(self, listener) -> None:
         """Call `listener()` after each external change (the adapter forgets its paths)."""

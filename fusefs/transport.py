@@ -2,7 +2,8 @@
 
 What goes on the wire (paths, queries, headers, what a status means, signatures, batch
 framing, block ids) is the wire contract's, `blockserver.protocol`, the one module of
-`blockserver` that fusefs imports: this module spells none of it, it only carries it.
+`blockserver` that fusefs imports: this module takes all of it from there. Only the field
+names of the JSON bodies are written here, as docs/blockserver-api.md lists them.
 
 One `requests` HTTPAdapter per Transport, shared by all threads, with one pool per server
 of at most `pool_size` connections; a semaphore per server keeps the requests in flight to

@@ -1,4 +1,5 @@
-"""The block server's HTTP API (contract: docs/blockserver-api.md).
+"""The block server's HTTP API (contract: docs/blockserver-api.md, in code
+`blockserver.protocol`, whose paths, headers and statuses the router and handlers use).
 
 `Api` turns requests into store calls and store errors into statuses. Checks happen in
 the cheapest order: route and identifiers, then the size limit, then the signature over

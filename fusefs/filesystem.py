@@ -150,6 +150,15 @@ class Filesystem:
             if size < 0:
                 raise FsError(errno.EINVAL)
             self.data.truncate(ino, size)
+        fields = self._attr_fields(inode, mode, uid, gid, atime_ns, mtime_ns)
+        if fields or size is not None:
+            fields["ctime_ns"] = t
+            self._set_attrs(ino, fields)
+        return self._inode(ino)
+
+    @staticmethod
+    def _attr_fields(inode: Inode, mode, uid, gid, atime_ns, mtime_ns) -> dict:
+        """The metadata fields a setattr changes (-1 for uid or gid: unchanged)."""
         fields = {}
         if mode is not None:
             fields["mode"] = (inode.mode & ~0o7777) | (mode & 0o7777)
@@ -161,18 +170,20 @@ class Filesystem:
             fields["atime_ns"] = atime_ns
         if mtime_ns is not None:
             fields["mtime_ns"] = mtime_ns
-        if fields or size is not None:
-            fields["ctime_ns"] = t
-            live = self.flusher.live(ino)
-            if live is not None:
-                with live.lock:
-                    live.ctime_ns = t
-                    if mtime_ns is not None:
-                        live.mtime_ns = mtime_ns
-                    self.metadata.set_attrs(ino, **fields)
-            else:
-                self.metadata.set_attrs(ino, **fields)
-        return self._inode(ino)
+        return fields
+
+    def _set_attrs(self, ino: int, fields: dict) -> None:
+        """Record attribute changes. An open file's live times follow, under its lock held
+        around the record, so that an upload's commit never records the older ones."""
+        live = self.flusher.live(ino)
+        if live is None:
+            self.metadata.set_attrs(ino, **fields)
+            return
+        with live.lock:
+            live.ctime_ns = fields["ctime_ns"]
+            if "mtime_ns" in fields:
+                live.mtime_ns = fields["mtime_ns"]
+            self.metadata.set_attrs(ino, **fields)
 
     # -- namespace --------------------------------------------------------------------------
 

@@ -151,10 +151,9 @@ class Fsck:
         root cannot reach is moved into /lost+found (never deleted, unless it was an
         unlinked file whose last close never came)."""
         self.progress("checking names and link counts")
-        inodes = {ino: (mode, nlink) for ino, mode, nlink in
-                  md.query("SELECT ino, mode, nlink FROM inodes")}
+        inodes = {ino: (mode, nlink) for ino, mode, nlink in md.inode_modes()}
         self.report.counts["inodes"] = len(inodes)
-        for parent, name, ino in md.query("SELECT parent, name, ino FROM dentries"):
+        for parent, name, ino in md.dentries():
             shown = name.decode(errors="replace")
             if ino not in inodes:
                 self._problem(f"name {shown!r} in directory {parent} points to missing inode "
@@ -166,7 +165,7 @@ class Fsck:
         for parent, name, ino in extra:
             self._problem(f"directory {ino} has a second name {name.decode(errors='replace')!r} "
                           f"in {parent}", lambda p=parent, n=name: md.remove_dentry(p, n))
-        named = {r[0] for r in md.query("SELECT DISTINCT ino FROM dentries")}
+        named = md.named_inodes()
         writer_running = self.sb.lease is not None and not self.repair
         lost = []
         for ino, (mode, nlink) in sorted(inodes.items()):
@@ -187,8 +186,7 @@ class Fsck:
             self.report.repaired.append(f"moved {moved} lost trees or files into "
                                         "/lost+found, named by inode number")
         self._check_link_counts(md)
-        for (ino,) in md.query("SELECT DISTINCT ino FROM blocks WHERE ino NOT IN "
-                               "(SELECT ino FROM inodes)"):
+        for ino in md.blocks_without_inode():
             self._problem(f"blocks recorded for missing inode {ino}",
                           lambda i=ino: md.remove_inode(i))
 
@@ -205,12 +203,11 @@ class Fsck:
             unreached = sorted(i for i in inodes if i not in reached)
             if not unreached:
                 return moved
-            named = {r[0] for r in md.query("SELECT DISTINCT ino FROM dentries")}
+            named = md.named_inodes()
             tops = [i for i in unreached if i not in named]
             if not tops:  # only cycles are left: cut one open
                 top = next((i for i in unreached if stat.S_ISDIR(inodes[i][0])), unreached[0])
-                for parent, name in md.query("SELECT parent, name FROM dentries WHERE ino=?",
-                                             (top,)):
+                for parent, name in md.names(top):
                     md.remove_dentry(parent, name)
                 tops = [top]
             for ino in tops:
@@ -218,15 +215,10 @@ class Fsck:
                 moved += 1
 
     def _check_link_counts(self, md: Metadata) -> None:
-        names: dict[int, int] = {}
-        subdirs: dict[int, int] = {}
-        for parent, ino, mode in md.query("SELECT d.parent, d.ino, i.mode FROM dentries d "
-                                          "JOIN inodes i ON i.ino = d.ino"):
-            names[ino] = names.get(ino, 0) + 1
-            if stat.S_ISDIR(mode):
-                subdirs[parent] = subdirs.get(parent, 0) + 1
+        names = md.name_counts()
+        subdirs = md.subdir_counts()
         self.report.counts["names"] = sum(names.values())
-        for ino, mode, nlink in md.query("SELECT ino, mode, nlink FROM inodes"):
+        for ino, mode, nlink in md.inode_modes():
             if ino != ROOT_INO and ino not in names:
                 continue  # reported above
             want = 2 + subdirs.get(ino, 0) if stat.S_ISDIR(mode) else names.get(ino, 0)
@@ -237,7 +229,7 @@ class Fsck:
     # -- blocks -----------------------------------------------------------------------------
 
     def _check_blocks(self, md: Metadata) -> None:
-        rows = md.query("SELECT ino, block_id, checksum FROM blocks")
+        rows = md.block_rows()
         wanted: dict[str, str] = {}
         users: dict[str, int] = {}
         for ino, block_id, checksum in rows:
@@ -355,8 +347,7 @@ def _walk(md: Metadata, inodes: dict) -> tuple[set[int], list]:
     todo = [ROOT_INO]
     while todo:
         parent = todo.pop()
-        for name, ino in md.query("SELECT name, ino FROM dentries WHERE parent=? "
-                                  "ORDER BY name", (parent,)):
+        for name, ino in md.child_entries(parent):
             if ino not in inodes:
                 continue
             is_dir = stat.S_ISDIR(inodes[ino][0])

@@ -1,266 +1,177 @@
-"""Shared test harness: real block-server processes on loopback ports.
+"""Fixtures and hooks of the test suite (the helpers they use are in tests/support.py).
 
-`blockservers(n, **options)` starts n `blockserver serve` processes, each with its own data
-directory under the test's tmp_path and its own log file, on ports the kernel picks. It
-waits until each answers, and at teardown always stops every one (SIGTERM, then SIGKILL),
-even when the test failed. Teardown then fails the test if any server logged an ERROR or a
-traceback that the test did not declare with `servers.allow(regex)`. When a test fails,
-each server's log tail is attached to the report.
+Tiers: every test module belongs to one tier in `TIERS` below, and its tests get that
+tier's marker: `unit` (no server, no FUSE), `server` (block-server processes), `cluster`
+(several servers and a client), `mount` (a real FUSE mount), `crash` (kill -9 and
+power-loss style faults). Collection runs the tiers in that order (`-m unit` runs without
+FUSE in seconds); a module missing from the table stops collection, and a unit-tier test
+that starts a server or a mount fails.
+
+Fixtures:
+- `blockservers(n, secret=None, args=())`: real `blockserver serve` processes, each with
+  its own data directory and log under the test's tmp_path; teardown stops every one;
+- `fusefs_mount(servers=3, secret=None, mkfs=(), mount=())`: servers, mkfs and a real
+  mount; `fusefs_mount.track(path, cache_dir)` hands the teardown a mount the test expects
+  to be refused, so it is taken down if it happens anyway;
+- `shared_mount`: a fresh directory on one mount that serves a whole module, for checks
+  that do not need a fresh filesystem (`m, here = shared_mount`);
+- `make_cluster(servers, ...)`: a started ReplicatedStore, closed at teardown.
+
+Every teardown step runs even when an earlier one fails; the failures are reported
+together at the end.
+
+Log policy (one for block servers and fusefs daemons): after a test, a logged ERROR or
+CRITICAL line or a traceback fails it unless the test declared it expected, with
+`servers.allow(regex)` (servers and daemons), `mount.expect_log(regex)` (that mount's
+daemon) or `@pytest.mark.expect_log(regex, ...)` (every log of the test). A failed test
+gets the log tails of its servers and daemons attached to its report.
+
+Leftovers: at session start, mounts and block-server or daemon processes left under the
+directories of ended pytest sessions are taken down; after each test, anything still
+running or mounted under its tmp_path is taken down and reported as a warning.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import pickle
 import re
-import signal
-import subprocess
-import sys
-import threading
-import time
-import traceback
+import warnings
 
 import pytest
-import requests
 
-from blockserver import protocol
+from . import support
+from .support import MountSet, ServerSet, Workspace, cleanup_all
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_PROBLEM = re.compile(r"^\S+ \S+ (ERROR|CRITICAL) |^Traceback ", re.M)
+# -- temporary re-exports until every test imports tests.support ---------------------------
+from .support import (
+    NOBODY, REPO, Mount, alive, as_user, check_files, members_of, read_through,
+    self_signed_cert, sha256_of, wait_until,
+)
 
-
-class BlockServer:
-    """One real `blockserver serve` process, restartable on the same port and data."""
-
-    def __init__(self, data_dir: str, log_path: str, args: list[str], secret: bytes | None):
-        self.data_dir = data_dir
-        self.log_path = log_path
-        self.args = args
-        self.secret = secret
-        self.port = 0
-        self.url = None
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 20.0) -> "BlockServer":
-        cmd = [sys.executable, "-m", "blockserver", "serve", "--data", self.data_dir,
-               "--listen", f"127.0.0.1:{self.port}", *self.args]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, cwd=REPO)
-        line = _read_line(self.proc.stdout, timeout)
-        if not line.startswith("serving "):
-            self.stop()
-            raise RuntimeError(f"blockserver did not start: {line!r}\n{self.log_tail()}")
-        self.url = line.split()[1]
-        self.port = int(self.url.rsplit(":", 1)[1])
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                status = requests.get(self.url + "/v1/status", timeout=2,
-                                      verify=False).status_code
-                if status in (200, 401):
-                    return self
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"blockserver at {self.url} never answered\n{self.log_tail()}")
-            time.sleep(0.05)
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, wait, then SIGKILL. Returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(signal.SIGCONT)  # a paused server cannot hear SIGTERM
-                self.proc.terminate()
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.proc.stdout:
-            self.proc.stdout.close()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        """kill -9: no chance to clean up."""
-        self.proc.kill()
-        self.proc.wait(5)
-
-    def pause(self) -> None:
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-
-    def restart(self) -> "BlockServer":
-        self.stop()
-        return self.start()
-
-    def log_text(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def session(self, verify=False) -> requests.Session:
-        """A requests session that signs every request for this server when it has a
-        secret (its id is asked first, from a status answer signed for no server)."""
-        s = requests.Session()
-        if self.secret is not None:
-            s.auth = SigningAuth(self.secret)
-            s.auth.server_id = s.get(self.url + "/v1/status", timeout=10,
-                                     verify=verify).json()["server_id"]
-        return s
+__all__ = ["NOBODY", "REPO", "Mount", "alive", "as_user", "check_files", "members_of",
+           "read_through", "self_signed_cert", "sha256_of", "wait_until"]
+# -- end of the temporary re-exports -------------------------------------------------------
 
 
-class SigningAuth(requests.auth.AuthBase):
-    """Signs each request as fusefs.transport does, for raw protocol tests: for one
-    server, over the body's SHA-256 and the headers with meaning."""
+# -- tiers ---------------------------------------------------------------------------------
 
-    def __init__(self, secret: bytes, server_id: str = ""):
-        self.secret, self.server_id = secret, server_id
+TIER_ORDER = ("unit", "server", "cluster", "mount", "crash")
 
-    def __call__(self, r):
-        body = r.body or b""
-        body = body.encode() if isinstance(body, str) else body
-        meaning = {k: v for k, v in r.headers.items()
-                   if k.lower() in {h.lower() for h in protocol.SIGNED_HEADERS}}
-        r.headers.update(protocol.sign_request(self.secret, r.method, r.path_url,
-                                               protocol.content_digest(body),
-                                               server_id=self.server_id, headers=meaning))
-        return r
+# Test module -> tier. Within a tier, modules run in the order listed here (the quickest
+# checks of the most basic parts first).
+TIERS = {
+    "test_layering": "unit",
+    "test_fuse_ops": "unit",
+    "test_cache": "unit",
+    "test_metadata": "unit",
+    "test_filesystem_core": "unit",
+    "test_blockserver_spares": "unit",
+    "test_blockserver_api": "server",
+    "test_blockserver_durability": "server",
+    "test_blockserver_hostile": "server",
+    "test_wire_security": "cluster",
+    "test_blockstore_contract": "cluster",
+    "test_cluster": "cluster",
+    "test_journal": "cluster",
+    "test_mount_smoke": "mount",
+    "test_fuse_glue": "mount",
+    "test_kernel_attrs": "mount",
+    "test_mount_limits": "mount",
+    "test_mount_space": "mount",
+    "test_mount_posix": "mount",
+    "test_mount_open_files": "mount",
+    "test_mount_model": "mount",
+    "test_mount_random": "mount",
+    "test_mount_tools": "mount",
+    "test_fsck": "mount",
+    "test_writer_lease": "mount",
+    "test_embedded": "mount",
+    "test_fencing": "mount",
+    "test_mount_promises": "crash",
+    "test_mount_failures": "crash",
+    "test_mount_recovery": "crash",
+    "test_crash_consistency": "crash",
+}
+_RANK = {module: (TIER_ORDER.index(tier), i) for i, (module, tier) in enumerate(TIERS.items())}
 
 
-def _read_line(stream, timeout: float) -> str:
-    result: list[bytes] = []
-    reader = threading.Thread(target=lambda: result.append(stream.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    return result[0].decode(errors="replace").strip() if result else ""
+def _module_of(item) -> str:
+    return item.module.__name__.rsplit(".", 1)[-1]
 
 
-class ServerSet(list):
-    """The servers one test started, and the log problems it expects."""
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    missing = sorted({_module_of(i) for i in items if _module_of(i) not in TIERS})
+    if missing:
+        raise pytest.UsageError(f"test modules in no tier (add them to TIERS in "
+                                f"tests/conftest.py): {', '.join(missing)}")
+    for item in items:
+        item.add_marker(getattr(pytest.mark, TIERS[_module_of(item)]))
+    items.sort(key=lambda item: _RANK[_module_of(item)])  # stable: order within a module kept
 
-    def __init__(self):
-        super().__init__()
-        self.allowed: list[re.Pattern] = []
 
-    def allow(self, pattern: str) -> None:
-        """Declare an expected ERROR/traceback line (regex) so teardown does not fail on it."""
-        self.allowed.append(re.compile(pattern))
+# -- leftovers -----------------------------------------------------------------------------
 
-    def unexpected_problems(self) -> list[str]:
-        found = []
-        for server in self:
-            text = server.log_text()
-            for match in _PROBLEM.finditer(text):
-                line = text[match.start():text.find("\n", match.start())]
-                if not any(p.search(line) for p in self.allowed):
-                    found.append(f"{server.url}: {line}")
-        return found
+@pytest.fixture(scope="session", autouse=True)
+def _sweep_stale_sessions(tmp_path_factory):
+    """Take down what ended pytest sessions left behind (never another live session's)."""
+    found = support.sweep_stale(str(tmp_path_factory.getbasetemp()))
+    if found:
+        warnings.warn(pytest.PytestWarning(
+            "took down what earlier test runs left behind:\n" + "\n".join(found[:20])))
+
+
+@pytest.fixture(autouse=True)
+def _tier_and_leftovers(request):
+    """Tell the helpers the running test's tier; afterwards take down whatever is still
+    running or mounted under the test's tmp_path (the fixtures should have)."""
+    support.current_tier = TIERS.get(_module_of(request.node))
+    try:
+        yield
+    finally:
+        support.current_tier = None
+    tmp = request.node.funcargs.get("tmp_path")
+    found = support.leftovers_under(str(tmp)) if tmp is not None else []
+    if found:
+        warnings.warn(pytest.PytestWarning(
+            "the test left these behind (taken down now):\n" + "\n".join(found[:20])))
+
+
+# -- block servers -------------------------------------------------------------------------
+
+_SERVERS = pytest.StashKey[ServerSet]()
+_MOUNTS = pytest.StashKey[MountSet]()
+
+
+def _expected_lines(request) -> list[re.Pattern]:
+    """The patterns of the test's `@pytest.mark.expect_log(regex, ...)` markers."""
+    return [re.compile(p) for mark in request.node.iter_markers("expect_log") for p in mark.args]
 
 
 @pytest.fixture
 def blockservers(tmp_path, request):
-    """Factory: `blockservers(n, secret=None, args=[...])` -> list of running BlockServer."""
-    started = ServerSet()
+    """Factory: `blockservers(n, secret=None, args=[...])` -> list of running BlockServer.
+    `blockservers.servers` is the ServerSet of every server the test started."""
+    started = ServerSet(str(tmp_path))
     request.node.stash[_SERVERS] = started
 
-    def start(n: int = 1, *, secret: bytes | None = None, args=()) -> list[BlockServer]:
-        extra = list(args)
-        if secret is not None:
-            secret_file = tmp_path / "secret"
-            secret_file.write_bytes(secret)
-            extra += ["--secret-file", str(secret_file)]
-        new = []
-        for _ in range(n):
-            i = len(started)
-            server = BlockServer(str(tmp_path / f"server{i}"), str(tmp_path / f"server{i}.log"),
-                                 extra, secret)
-            started.append(server)
-            new.append(server.start())
-        return new
+    def start(n: int = 1, *, secret: bytes | None = None, args=()):
+        return started.start(n, secret=secret, args=args)
 
     start.servers = started
     try:
         yield start
     finally:
-        for server in started:
-            server.stop()
-    problems = started.unexpected_problems()
+        started.stop_all()
+    problems = started.unexpected_problems(_expected_lines(request))
     if problems:
         pytest.fail("block server logged unexpected errors:\n" + "\n".join(problems[:20]))
 
 
 @pytest.fixture
-def server(blockservers) -> BlockServer:
+def server(blockservers):
     """One running block server without authentication."""
     return blockservers(1)[0]
-
-
-_SERVERS = pytest.StashKey[ServerSet]()
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item, call):
-    report = yield
-    servers = item.stash.get(_SERVERS, None)
-    if report.failed and servers:
-        for server in servers:
-            report.sections.append((f"log of block server {server.url}", server.log_tail(60)))
-    return report
-
-
-def self_signed_cert(directory) -> tuple[str, str]:
-    """(certificate, key) PEM files of a throwaway certificate for 127.0.0.1, made with
-    the openssl command; skips the test where it cannot be made."""
-    import shutil
-
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed")
-    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
-    made = subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-keyout", key, "-out", cert, "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"], capture_output=True, timeout=60)
-    if made.returncode != 0:
-        pytest.skip(f"openssl cannot make a certificate: {made.stderr[-300:]!r}")
-    return cert, key
-
-
-def wait_until(condition, what: str = "condition", timeout: float = 60.0,
-               interval: float = 0.02):
-    """Poll `condition` until it is true and return its value. The timeout only stops a
-    hang; no test asserts how long anything took."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting for {what}")
-        time.sleep(interval)
-
-
-def members_of(servers) -> list:
-    """The cluster membership (stable id + URL) of running BlockServer objects."""
-    from fusefs.transport import Member
-
-    ids = []
-    for server in servers:
-        s = server.session()
-        ids.append(s.get(server.url + "/v1/status", timeout=5).json()["server_id"])
-    return [Member(i, s.url) for i, s in zip(ids, servers)]
 
 
 @pytest.fixture
@@ -277,7 +188,7 @@ def make_cluster():
                                               connect_timeout=2.0))
         config.setdefault("probe_min", 0.1)
         config.setdefault("probe_max", 0.5)
-        store = ReplicatedStore(members or members_of(servers), transport,
+        store = ReplicatedStore(members or support.members_of(servers), transport,
                                 ClusterConfig(**config))
         stores.append(store)
         store.start()
@@ -286,211 +197,97 @@ def make_cluster():
     try:
         yield make
     finally:
-        for store in stores:
-            store.close()
+        cleanup_all([store.close for store in stores], "closing cluster stores")
 
 
-def sha256_of(path: str) -> str:
-    """The file's digest, read through the daemon (the kernel's cached pages dropped)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+# -- mounts --------------------------------------------------------------------------------
 
-
-def check_files(root: str, expected: dict[str, str]) -> None:
-    """Every relative path in `expected` exists under root with that sha256."""
-    bad = {}
-    for rel, want in expected.items():
-        path = os.path.join(root, rel)
-        if not os.path.exists(path):
-            bad[rel] = "missing"
-        elif sha256_of(path) != want:
-            bad[rel] = "differs"
-    assert not bad, f"{len(bad)} of {len(expected)} files wrong under {root}: {bad}"
-
-
-def alive(pid: int) -> bool:
-    """True while `pid` runs (stopped counts; a zombie does not)."""
-    from fusefs.journal import process_alive
-
-    return process_alive(pid)
-
-
-def _is_fusefs_daemon(pid: int) -> bool:
-    """True while `pid` is a live fusefs mount daemon (not a reused pid, not a zombie)."""
-    from fusefs.journal import process_alive
-
+def _take_down(mounts: MountSet, servers: ServerSet, allowed) -> None:
+    """Unmount every mount (each one even if another fails), then apply the log policy to
+    their daemons; fail with everything that went wrong."""
+    errors = []
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except OSError:
-        return False
-    return b"fusefs" in cmdline and b"mount" in cmdline and process_alive(pid)
-
-
-class Mount:
-    """A real `fusefs mount` of a filesystem on real block servers (see `fusefs_mount`)."""
-
-    def __init__(self, servers, path: str, cache_dir: str, secret_file: str | None):
-        self.servers = servers
-        self.path = path
-        self.cache_dir = cache_dir
-        self.secret_file = secret_file
-
-    @property
-    def urls(self) -> str:
-        return ",".join(s.url for s in self.servers)
-
-    def cli(self, *args: str, check: bool = True, timeout: float = 120):
-        """Run `fusefs ARGS` (with this mount's servers and secret where they apply)."""
-        result = subprocess.run([sys.executable, "-m", "fusefs", *args], capture_output=True,
-                                text=True, timeout=timeout, cwd=REPO)
-        if check and result.returncode != 0:
-            raise AssertionError(f"fusefs {' '.join(args)} failed:\n{result.stderr}")
-        return result
-
-    def cluster_args(self) -> list[str]:
-        args = ["--servers", self.urls]
-        return args + (["--secret-file", self.secret_file] if self.secret_file else [])
-
-    def mount(self, *extra: str, cache_dir: str | None = None) -> None:
-        os.makedirs(self.path, exist_ok=True)
-        self.cli("mount", *self.cluster_args(), "--cache-dir", cache_dir or self.cache_dir,
-                 *extra, self.path)
-
-    def umount(self) -> None:
-        self.cli("umount", self.path)
-
-    @property
-    def mounted(self) -> bool:
-        from fusefs.daemon import is_mounted
-
-        return is_mounted(self.path)
-
-    def daemon_pid(self) -> int | None:
-        from fusefs.daemon import read_registry
-
-        record = read_registry(self.path)
-        return record["pid"] if record else None
-
-    def force_unmount(self) -> None:
-        """A crash of the client: SIGKILL the daemon, wait for it to die, then detach the
-        dead mount. (Detaching first would let a live daemon start a clean shutdown.)"""
-        pid = self.daemon_pid()
-        if pid and _is_fusefs_daemon(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            deadline = time.monotonic() + 30
-            while _is_fusefs_daemon(pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
-        subprocess.run(["fusermount", "-u", "-z", self.path], capture_output=True)
-        subprocess.run(["umount", "-l", self.path], capture_output=True)
-
-    def logs(self) -> str:
-        out = []
-        for root, _, files in os.walk(self.cache_dir):
-            for name in files:
-                if name == "fusefs.log":
-                    with open(os.path.join(root, name), errors="replace") as f:
-                        out.append(f.read())
-        return "\n".join(out)
+        mounts.cleanup()
+    except RuntimeError as e:
+        errors.append(str(e))
+    problems = mounts.unexpected_problems(servers.allowed + list(allowed))
+    if problems:
+        errors.append("fusefs daemon logged unexpected errors:\n" + "\n".join(problems[:20]))
+    if errors:
+        pytest.fail("\n".join(errors))
 
 
 @pytest.fixture
 def fusefs_mount(blockservers, tmp_path, request):
     """Factory: `fusefs_mount(servers=3, secret=None, mkfs=[...], mount=[...])` -> Mount.
 
-    Starts the block servers, formats, mounts at tmp_path/mnt and returns once mounted.
-    Teardown always unmounts (umount, then lazy unmount and SIGKILL), and fails the test
-    if the daemon logged an ERROR or a traceback the test did not allow with
-    `blockservers.servers.allow(regex)`.
+    Starts the block servers, formats, mounts at tmp_path/mnt<i> and returns once mounted.
+    Teardown always unmounts every mount (umount, then SIGKILL and a lazy unmount), then
+    applies the log policy to their daemons. `fusefs_mount.track(path, cache_dir)` returns
+    a Mount the teardown also takes down (for a mount that should have been refused).
     """
-    mounts: list[Mount] = []
+    mounts = MountSet(blockservers.servers, str(tmp_path))
+    request.node.stash[_MOUNTS] = mounts
 
-    def make(servers: int = 3, *, secret: bytes | None = None, mkfs=(), mount=()) -> Mount:
-        started = blockservers(servers, secret=secret)
-        m = Mount(started, str(tmp_path / f"mnt{len(mounts)}"),
-                  str(tmp_path / f"cache{len(mounts)}"),
-                  str(tmp_path / "secret") if secret else None)
-        mounts.append(m)
-        m.cli("mkfs", *m.cluster_args(), *mkfs)
-        m.mount(*mount)
-        return m
+    def make(servers: int = 3, *, secret: bytes | None = None, mkfs=(), mount=()):
+        return mounts.make(servers, secret=secret, mkfs=mkfs, mount=mount)
 
+    make.track = mounts.track
     try:
         yield make
     finally:
-        for m in mounts:
-            if m.mounted:
-                try:
-                    m.cli("umount", m.path, check=False, timeout=120)
-                except subprocess.TimeoutExpired:
-                    pass
-            if m.mounted or m.daemon_pid():
-                m.force_unmount()
-    problems = []
-    for m in mounts:
-        for match in _PROBLEM.finditer(m.logs()):
-            text = m.logs()
-            line = text[match.start():text.find("\n", match.start())]
-            if not any(p.search(line) for p in blockservers.servers.allowed):
-                problems.append(line)
-    if problems:
-        pytest.fail("fusefs daemon logged unexpected errors:\n" + "\n".join(problems[:20]))
+        _take_down(mounts, blockservers.servers, _expected_lines(request))
 
 
-NOBODY = 65534
-
-
-def as_user(fn, uid: int = NOBODY, gid: int = NOBODY):
-    """Run fn() in a forked child with all ids dropped to uid/gid.
-
-    Returns ("ok", value) or ("errno", errno). The child reaches the mount through file
-    descriptors the parent opened (dir_fd), because the pytest tmp directories above the
-    mountpoint are not searchable by other users.
-    """
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never return into pytest
-        try:
-            os.close(r)
-            try:
-                os.setgroups([])
-                os.setresgid(gid, gid, gid)
-                os.setresuid(uid, uid, uid)
-                result = ("ok", fn())
-            except OSError as e:
-                result = ("errno", e.errno)
-            except BaseException:  # noqa: BLE001 - report it to the parent
-                result = ("crash", traceback.format_exc())
-            payload = pickle.dumps(result)
-            while payload:
-                payload = payload[os.write(w, payload):]
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        payload = f.read()
-    os.waitpid(pid, 0)
-    result = pickle.loads(payload)
-    assert result[0] != "crash", result[1]
-    return result
-
-
-def read_through(path: str) -> bytes:
-    """Read a whole file from the daemon, not from pages the kernel kept (a symlink is
-    not followed: the read then fails with ELOOP)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+@pytest.fixture(scope="module")
+def _module_mount(tmp_path_factory, request):
+    """One mount (three new servers) that serves every test of a module."""
+    directory = str(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]))
+    servers = ServerSet(directory)
+    mounts = MountSet(servers, directory)
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
+        mounts.make()
+        yield mounts
     finally:
-        os.close(fd)
+        try:
+            _take_down(mounts, servers, ())
+        finally:
+            servers.stop_all()
+    problems = servers.unexpected_problems()
+    if problems:
+        pytest.fail("block server logged unexpected errors:\n" + "\n".join(problems[:20]))
+
+
+@pytest.fixture
+def shared_mount(_module_mount, request):
+    """`(mount, directory)`: a new directory of its own on the module's mount, for a check
+    that needs no fresh filesystem. The log policy applies to what this test's part of
+    the logs holds; expectations it declares end with it."""
+    mounts, servers = _module_mount, _module_mount.servers
+    m = mounts[0]
+    request.node.stash[_SERVERS], request.node.stash[_MOUNTS] = servers, mounts
+    if not m.mounted:  # an earlier test's remount may have failed
+        m.mount()
+    here = os.path.join(m.path, request.node.name.replace("/", "_")[:100])
+    os.mkdir(here)
+    m.mark_logs()
+    servers.mark()
+    yield Workspace(m, here)
+    allowed = _expected_lines(request)
+    problems = m.unexpected_problems(allowed) + servers.unexpected_problems(allowed)
+    m.expected.clear()
+    m.mark_logs()
+    servers.mark()
+    if problems:
+        pytest.fail("unexpected errors logged during the test:\n" + "\n".join(problems[:20]))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        for server in item.stash.get(_SERVERS, None) or ():
+            report.sections.append((f"log of block server {server.url}", server.log_tail(60)))
+        for m in item.stash.get(_MOUNTS, None) or ():
+            report.sections.append((f"log of the fusefs daemon of {m.path}", m.log_tail(60)))
+    return report

@@ -6,7 +6,6 @@ import errno
 import logging
 import os
 import stat
-import subprocess
 import threading
 import time
 
@@ -14,10 +13,9 @@ import pytest
 from fuse import FuseOSError, Operations, c_stat
 
 from fusefs import errors, fuse_glue
-from fusefs.daemon import is_mounted
 from fusefs.fuse_ops import STAT_KEYS
 
-from .conftest import wait_until
+from .support import is_mounted, unmount, wait_until
 
 
 def test_the_stat_buffer_gets_every_field_and_zeros_elsewhere():
@@ -98,9 +96,9 @@ def test_each_libfuse_thread_keeps_one_python_thread_state_until_it_ends(tmp_pat
         # are reused by later threads, which start empty: count generously.
         assert probe.fresh < probe.calls / 5, (probe.fresh, probe.calls)
     finally:
-        subprocess.run(["fusermount", "-u", mnt], capture_output=True)
+        unmount(mnt)
         if is_mounted(mnt):
-            subprocess.run(["fusermount", "-u", "-z", mnt], capture_output=True)
+            unmount(mnt, lazy=True)
         loop.join(10)
     assert not loop.is_alive()
     assert fuse_glue.THREAD_STATES.kept == before  # every kept state was deleted

@@ -17,12 +17,10 @@ import pytest
 
 from fusefs import kernel_attrs
 
-from .conftest import as_user
+from .support import as_user
 
 pytestmark = pytest.mark.skipif(not kernel_attrs.supported(),
                                 reason="needs openat2 RESOLVE_CACHED (Linux 5.12)")
-
-LATE = "refreshing the kernel's view"
 
 
 def names_agree(paths, **expected) -> None:
@@ -133,7 +131,6 @@ def test_a_directory_whose_attributes_expired_is_walked(fusefs_mount):
         assert os.stat(b).st_size == 7
     finally:
         os.close(fd)
-    assert LATE not in m.logs()
 
 
 def test_names_not_in_the_kernel_cache_are_skipped_without_waiting(fusefs_mount):
@@ -153,7 +150,9 @@ def test_names_not_in_the_kernel_cache_are_skipped_without_waiting(fusefs_mount)
     for i in range(50):
         st = os.stat(os.path.join(d, f"b{i}"))
         assert (st.st_nlink, st.st_size) == (1, i)
-    assert LATE not in m.logs()
+    # Not asserted: that no refresh logged "refreshing the kernel's view ... took over 1 s"
+    # (fusefs/kernel_attrs.py). That warning measures time, which a loaded machine stretches;
+    # a refresh that waited for the unlink's lock would hang the unlinks above instead.
 
 
 def test_concurrent_changes_and_directory_renames_do_not_hang(fusefs_mount):

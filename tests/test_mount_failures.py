@@ -30,7 +30,7 @@ import time
 
 import pytest
 
-from .conftest import REPO, alive, read_through, sha256_of, wait_until
+from .support import REPO, alive, read_through, sha256_of, wait_until
 
 KiB, MiB = 1 << 10, 1 << 20
 GUARD = 120.0  # seconds a single guarded call may take before we call it a hang
@@ -323,7 +323,12 @@ def test_unmount_while_servers_are_down_waits_calmly(fusefs_mount):
             assert umount.poll() is None, "umount returned while the data could not be saved"
         finally:
             restart_stopped(m)
-            _, err = umount.communicate(timeout=GUARD)
+            try:
+                _, err = umount.communicate(timeout=GUARD)
+            finally:
+                if umount.poll() is None:  # hung: do not leave it behind
+                    umount.kill()
+                    umount.wait()
         assert umount.returncode == 0, err
     finally:
         restart_stopped(m)
@@ -446,6 +451,8 @@ def test_mount_and_mkfs_refusals_say_why(fusefs_mount, tmp_path):
     marker = os.path.join(m.path, "marker")
     write_file(marker, b"still here", fsync=True)
 
+    # Mounts that must be refused are tracked: if one happens anyway, teardown ends it.
+    fusefs_mount.track(m.path, tmp_path / "other-cache")
     busy = m.cli("mount", *m.cluster_args(), "--cache-dir", str(tmp_path / "other-cache"),
                  m.path, check=False)
     assert busy.returncode != 0
@@ -454,6 +461,7 @@ def test_mount_and_mkfs_refusals_say_why(fusefs_mount, tmp_path):
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    fusefs_mount.track(elsewhere, tmp_path / "c2")
     dead = f"http://127.0.0.1:{closed_port()}"
     unreachable = m.cli("mount", "--servers", dead, "--cache-dir", str(tmp_path / "c2"),
                         str(elsewhere), check=False)
@@ -477,6 +485,7 @@ def test_mount_with_a_wrong_secret_says_so(fusefs_mount, tmp_path):
     wrong.write_bytes(b"w" * 32)
     other = tmp_path / "other"
     other.mkdir()
+    fusefs_mount.track(other, tmp_path / "c3")
     for secret_args in (["--secret-file", str(wrong)], []):
         result = m.cli("mount", "--servers", m.urls, *secret_args, "--cache-dir",
                        str(tmp_path / "c3"), str(other), check=False)

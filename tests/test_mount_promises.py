@@ -30,7 +30,7 @@ import time
 
 import pytest
 
-from .conftest import alive, read_through, wait_until
+from .support import alive, read_through, wait_until
 from .test_fsck import intact_copy
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -38,9 +38,7 @@ KiB, MiB = 1 << 10, 1 << 20
 
 def state_dir(m) -> str:
     """The mount's state directory (metadata.db, fusefs.log, blocks/, status.json)."""
-    from fusefs.daemon import read_registry
-
-    record = read_registry(m.path)
+    record = m.registry_record()
     if record is not None:
         return record["state_dir"]
     [name] = [n for n in os.listdir(m.cache_dir) if "-ro-" not in n]

@@ -1,6 +1,9 @@
 """`df` and `du` tell the truth, through a real mount: statfs follows what is stored,
 st_blocks counts stored bytes (sparse files stay sparse), fallocate punches holes, and
 readdir gives each entry's real inode number.
+
+One mount serves the module (`shared_mount`: each test works in a directory of its own);
+only the free-space test, which needs a filesystem nobody else writes to, mounts its own.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import errno
 import os
 import subprocess
 
-from .conftest import wait_until
+from .support import wait_until
 
 KiB, MiB = 1 << 10, 1 << 20
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_COLLAPSE_RANGE = 0x01, 0x02, 0x08
@@ -48,20 +51,20 @@ def test_df_free_space_drops_when_64_mib_are_written(fusefs_mount):
     assert 48 * MiB <= dropped <= 200 * MiB, dropped
 
 
-def test_df_counts_a_disk_shared_by_the_servers_once(fusefs_mount):
+def test_df_counts_a_disk_shared_by_the_servers_once(shared_mount):
     """All three servers of the test share one disk: the filesystem can hold a third of
     it (each block is stored three times), not all of it."""
-    m = fusefs_mount()
+    m, here = shared_mount
     disk = os.statvfs(m.servers[0].data_dir)
-    st = os.statvfs(m.path)
+    st = os.statvfs(here)
     total = st.f_blocks * st.f_frsize
     assert abs(total - disk.f_blocks * disk.f_frsize // 3) <= 0.02 * total, \
         (total, disk.f_blocks * disk.f_frsize)
 
 
-def test_du_of_a_sparse_file_is_small_and_cp_sparse_keeps_it_sparse(fusefs_mount):
-    m = fusefs_mount()
-    path = os.path.join(m.path, "sparse")
+def test_du_of_a_sparse_file_is_small_and_cp_sparse_keeps_it_sparse(shared_mount):
+    m, here = shared_mount
+    path = os.path.join(here, "sparse")
     with open(path, "wb") as f:
         f.write(b"a" * 4096)
         f.seek(100 * MiB)
@@ -72,7 +75,7 @@ def test_du_of_a_sparse_file_is_small_and_cp_sparse_keeps_it_sparse(fusefs_mount
     assert st.st_blocks * 512 <= 64 * KiB, st.st_blocks
     du = subprocess.run(["du", "-k", path], capture_output=True, text=True, check=True)
     assert int(du.stdout.split()[0]) <= 64, du.stdout
-    copy = os.path.join(m.path, "copy")
+    copy = os.path.join(here, "copy")
     subprocess.run(["cp", "--sparse=always", path, copy], check=True)
     assert os.stat(copy).st_size == st.st_size
     assert os.stat(copy).st_blocks * 512 <= 2 * MiB, os.stat(copy).st_blocks
@@ -82,9 +85,9 @@ def test_du_of_a_sparse_file_is_small_and_cp_sparse_keeps_it_sparse(fusefs_mount
         assert f.read() == b"z" * 4096
 
 
-def test_st_blocks_counts_the_bytes_written_not_the_size(fusefs_mount):
-    m = fusefs_mount()
-    path = os.path.join(m.path, "f")
+def test_st_blocks_counts_the_bytes_written_not_the_size(shared_mount):
+    m, here = shared_mount
+    path = os.path.join(here, "f")
     with open(path, "wb") as f:
         f.write(b"x" * 3 * MiB)
         assert os.fstat(f.fileno()).st_blocks * 512 >= 3 * MiB  # dirty bytes count too
@@ -93,9 +96,9 @@ def test_st_blocks_counts_the_bytes_written_not_the_size(fusefs_mount):
     assert 3 * MiB <= os.stat(path).st_blocks * 512 < 4 * MiB
 
 
-def test_punch_hole_frees_whole_blocks_and_zeroes_the_edges(fusefs_mount):
-    m = fusefs_mount()
-    path = os.path.join(m.path, "img")
+def test_punch_hole_frees_whole_blocks_and_zeroes_the_edges(shared_mount):
+    m, here = shared_mount
+    path = os.path.join(here, "img")
     data = bytes(range(256)) * (8 * MiB // 256)
     with open(path, "wb") as f:
         f.write(data)
@@ -118,9 +121,9 @@ def test_punch_hole_frees_whole_blocks_and_zeroes_the_edges(fusefs_mount):
     assert os.stat(path).st_blocks == st.st_blocks
 
 
-def test_punch_hole_of_unsynced_data_and_at_the_end(fusefs_mount):
-    m = fusefs_mount()
-    path = os.path.join(m.path, "db")
+def test_punch_hole_of_unsynced_data_and_at_the_end(shared_mount):
+    m, here = shared_mount
+    path = os.path.join(here, "db")
     with open(path, "w+b") as f:
         f.write(b"q" * (3 * MiB + 100))  # dirty, not uploaded yet
         fallocate(f.fileno(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, MiB, 10 * MiB)
@@ -136,9 +139,9 @@ def test_punch_hole_of_unsynced_data_and_at_the_end(fusefs_mount):
     assert os.stat(path).st_blocks * 512 <= MiB + 4096
 
 
-def test_plain_fallocate_succeeds_and_grows_other_modes_are_refused(fusefs_mount):
-    m = fusefs_mount()
-    path = os.path.join(m.path, "f")
+def test_plain_fallocate_succeeds_and_grows_other_modes_are_refused(shared_mount):
+    m, here = shared_mount
+    path = os.path.join(here, "f")
     with open(path, "w+b") as f:
         f.write(b"abc")
         os.posix_fallocate(f.fileno(), 0, 5 * MiB)
@@ -156,25 +159,25 @@ def test_plain_fallocate_succeeds_and_grows_other_modes_are_refused(fusefs_mount
     assert os.stat(path).st_size == 5 * MiB
 
 
-def test_readdir_inode_numbers_match_stat(fusefs_mount):
-    m = fusefs_mount()
+def test_readdir_inode_numbers_match_stat(shared_mount):
+    m, here = shared_mount
     for i in range(20):
-        open(os.path.join(m.path, f"f{i}"), "w").close()
-    os.mkdir(os.path.join(m.path, "d"))
-    os.link(os.path.join(m.path, "f3"), os.path.join(m.path, "hard"))
-    entries = list(os.scandir(m.path))
+        open(os.path.join(here, f"f{i}"), "w").close()
+    os.mkdir(os.path.join(here, "d"))
+    os.link(os.path.join(here, "f3"), os.path.join(here, "hard"))
+    entries = list(os.scandir(here))
     assert len(entries) == 22
     for entry in entries:
         assert entry.inode() == os.stat(entry.path, follow_symlinks=False).st_ino, entry.name
-    listed = subprocess.run(["ls", "-i", m.path], capture_output=True, text=True, check=True)
+    listed = subprocess.run(["ls", "-i", here], capture_output=True, text=True, check=True)
     for line in listed.stdout.splitlines():
         ino, name = line.split()
-        assert int(ino) == os.stat(os.path.join(m.path, name)).st_ino, line
+        assert int(ino) == os.stat(os.path.join(here, name)).st_ino, line
 
 
-def test_punch_hole_through_one_name_shows_through_another(fusefs_mount):
-    m = fusefs_mount()
-    a, b = os.path.join(m.path, "a"), os.path.join(m.path, "b")
+def test_punch_hole_through_one_name_shows_through_another(shared_mount):
+    m, here = shared_mount
+    a, b = os.path.join(here, "a"), os.path.join(here, "b")
     with open(a, "wb") as f:
         f.write(b"x" * 4 * MiB)
         os.fsync(f.fileno())
@@ -186,14 +189,14 @@ def test_punch_hole_through_one_name_shows_through_another(fusefs_mount):
                       what="b's st_blocks refreshed"), before
 
 
-def test_tar_sparse_archives_a_sparse_file_as_sparse(fusefs_mount, tmp_path):
-    m = fusefs_mount()
-    path = os.path.join(m.path, "sparse")
+def test_tar_sparse_archives_a_sparse_file_as_sparse(shared_mount, tmp_path):
+    m, here = shared_mount
+    path = os.path.join(here, "sparse")
     with open(path, "wb") as f:
         f.write(b"a" * 4096)
         f.truncate(50 * MiB)
     archive, out = tmp_path / "a.tar", tmp_path / "out"
-    subprocess.run(["tar", "-S", "-cf", str(archive), "-C", m.path, "sparse"], check=True)
+    subprocess.run(["tar", "-S", "-cf", str(archive), "-C", here, "sparse"], check=True)
     assert archive.stat().st_size < MiB  # tar stored the hole as a hole
     out.mkdir()
     subprocess.run(["tar", "-xf", str(archive), "-C", str(out)], check=True)

@@ -10,6 +10,9 @@ test's tmp_path first, so edits made meanwhile cannot make the two sides differ)
 few awkward extras: an empty file, files larger than one block, unusual modes, a symlink,
 a deep directory, a name with spaces and non-ASCII bytes, fixed old mtimes with a
 nanosecond part.
+
+One mount serves the module (`shared_mount`): each test works in a directory of its own,
+and the tests that remount remount that shared mount.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import subprocess
 
 import pytest
 
-from .conftest import REPO
+from .support import REPO
 
 SOURCE_DIRS = ("fusefs", "blockserver", "tests")
 
@@ -105,11 +108,11 @@ def assert_same_tree(a: str, b: str, mtime_precision_ns: int = 1) -> None:
             f"{rel}: mtime {mtime} became {mtime_b}"
 
 
-def test_cp_a_tree_identical_with_modes_and_mtimes(fusefs_mount, tmp_path):
+def test_cp_a_tree_identical_with_modes_and_mtimes(shared_mount, tmp_path):
     need("cp", "diff")
     src = make_tree(str(tmp_path / "src"))
-    m = fusefs_mount()
-    dst = os.path.join(m.path, "copy")
+    m, here = shared_mount
+    dst = os.path.join(here, "copy")
     run("cp", "-a", src, dst)
     assert_same_tree(src, dst)
     # ...and the other way: out of the mount into a native directory, after a remount.
@@ -120,13 +123,13 @@ def test_cp_a_tree_identical_with_modes_and_mtimes(fusefs_mount, tmp_path):
     assert_same_tree(src, back)
 
 
-def test_tar_round_trip_on_the_mount(fusefs_mount, tmp_path):
+def test_tar_round_trip_on_the_mount(shared_mount, tmp_path):
     need("tar", "diff")
     src = make_tree(str(tmp_path / "src"))
-    m = fusefs_mount()
-    archive = os.path.join(m.path, "tree.tar")
+    m, here = shared_mount
+    archive = os.path.join(here, "tree.tar")
     run("tar", "cf", archive, "-C", src, ".")
-    out = os.path.join(m.path, "extracted")
+    out = os.path.join(here, "extracted")
     os.mkdir(out)
     run("tar", "xf", archive, "-C", out)
     # The default (gnu) format keeps whole seconds only.
@@ -136,13 +139,13 @@ def test_tar_round_trip_on_the_mount(fusefs_mount, tmp_path):
     assert listed == set(tree_stats(src))
 
 
-def test_tar_x_of_an_archive_made_elsewhere_keeps_mtimes(fusefs_mount, tmp_path):
+def test_tar_x_of_an_archive_made_elsewhere_keeps_mtimes(shared_mount, tmp_path):
     need("tar", "diff")
     src = make_tree(str(tmp_path / "src"))
     archive = str(tmp_path / "tree.tar")
     run("tar", "--format=posix", "-cf", archive, "-C", src, ".")  # pax: nanosecond mtimes
-    m = fusefs_mount()
-    out = os.path.join(m.path, "x")
+    m, here = shared_mount
+    out = os.path.join(here, "x")
     os.mkdir(out)
     run("tar", "xf", archive, "-C", out)
     assert_same_tree(src, out)
@@ -160,12 +163,12 @@ def git_env(tmp_path) -> dict:
     return env
 
 
-def test_git_repository_and_local_clone_on_the_mount(fusefs_mount, tmp_path):
+def test_git_repository_and_local_clone_on_the_mount(shared_mount, tmp_path):
     need("git", "diff")
     env = git_env(tmp_path)
     src = make_tree(str(tmp_path / "src"))
-    m = fusefs_mount()
-    repo = os.path.join(m.path, "repo")
+    m, here = shared_mount
+    repo = os.path.join(here, "repo")
     os.mkdir(repo)
 
     def git(*args, cwd=repo):
@@ -198,7 +201,7 @@ def test_git_repository_and_local_clone_on_the_mount(fusefs_mount, tmp_path):
     assert packs, "git gc wrote no pack"
     git("fsck", "--full", "--strict")
 
-    clone = os.path.join(m.path, "clone")
+    clone = os.path.join(here, "clone")
     run("git", "clone", "-q", repo, clone, env=env)  # a local clone hard-links the objects
     pack = packs[0]
     a = os.stat(os.path.join(repo, ".git", "objects", "pack", pack))
@@ -267,9 +270,9 @@ def check_sqlite(path: str, expected: dict[int, str]) -> None:
 
 
 @pytest.mark.parametrize("journal_mode", ["DELETE", "WAL"])
-def test_sqlite_many_transactions_then_integrity_check(fusefs_mount, journal_mode):
-    m = fusefs_mount()
-    path = os.path.join(m.path, "db", "test.sqlite")
+def test_sqlite_many_transactions_then_integrity_check(shared_mount, journal_mode):
+    m, here = shared_mount
+    path = os.path.join(here, "db", "test.sqlite")
     os.mkdir(os.path.dirname(path))
     expected = sqlite_workload(path, journal_mode)
     assert len(expected) > 500
@@ -279,11 +282,11 @@ def test_sqlite_many_transactions_then_integrity_check(fusefs_mount, journal_mod
     check_sqlite(path, expected)
 
 
-def test_rsync_second_run_transfers_nothing(fusefs_mount, tmp_path):
+def test_rsync_second_run_transfers_nothing(shared_mount, tmp_path):
     need("rsync")
     src = make_tree(str(tmp_path / "src"))
-    m = fusefs_mount()
-    dst = os.path.join(m.path, "r")
+    m, here = shared_mount
+    dst = os.path.join(here, "r")
     run("rsync", "-a", src + "/", dst + "/")
     # -c compares every file's content read back from the mount; -i prints a line for
     # anything (content, size, time, mode, link) it would still change.
@@ -294,7 +297,7 @@ def test_rsync_second_run_transfers_nothing(fusefs_mount, tmp_path):
     assert run("rsync", "-a", "-c", "--itemize-changes", src + "/", dst + "/") == ""
 
 
-def test_rsync_H_keeps_hard_links(fusefs_mount, tmp_path):
+def test_rsync_H_keeps_hard_links(shared_mount, tmp_path):
     need("rsync")
     src = tmp_path / "links"
     (src / "sub").mkdir(parents=True)
@@ -302,8 +305,8 @@ def test_rsync_H_keeps_hard_links(fusefs_mount, tmp_path):
     os.link(src / "a", src / "b")
     os.link(src / "a", src / "sub" / "c")
     (src / "single").write_bytes(b"alone")
-    m = fusefs_mount()
-    dst = os.path.join(m.path, "h")
+    m, here = shared_mount
+    dst = os.path.join(here, "h")
     run("rsync", "-aH", f"{src}/", dst + "/")
     stats = {n: os.stat(os.path.join(dst, n)) for n in ("a", "b", "sub/c", "single")}
     assert stats["a"].st_ino == stats["b"].st_ino == stats["sub/c"].st_ino
@@ -356,10 +359,10 @@ def fnv1a(data: bytes) -> int:
     return h
 
 
-def test_gcc_builds_and_runs_a_program_from_the_mount(fusefs_mount):
+def test_gcc_builds_and_runs_a_program_from_the_mount(shared_mount):
     need("gcc")
-    m = fusefs_mount()
-    work = os.path.join(m.path, "prog")
+    m, here = shared_mount
+    work = os.path.join(here, "prog")
     os.mkdir(work)
     for name, text in (("main.c", C_MAIN), ("sum.c", C_SUM), ("sum.h", C_HEADER)):
         with open(os.path.join(work, name), "w") as f:

@@ -31,14 +31,12 @@ import logging
 import os
 import stat
 import tempfile
-import threading
-import time
 from dataclasses import dataclass, field
 
 from . import errors, superblock
 from .checkpoint import checkpoint_blocks, write_checkpoint
 from .host import new_mount_id
-from .lease import acquire, new_lease
+from .lease import Lease, new_lease
 from .leftovers import list_everything, live_blocks
 from .loading import open_metadata
 from .metadata import ROOT_INO, Metadata
@@ -66,27 +64,32 @@ class Report:
 
 
 class Fsck:
+    """One check (and with `repair`, one repair) of the filesystem the superblock names.
+
+    A repair holds a `Lease` (lease.py) for its whole run, as a writer does: renewed from
+    a thread, renewed once more between listing the servers and deleting, and given
+    back with the repaired checkpoint (or at the end)."""
+
     def __init__(self, store, transport, sb: superblock.Superblock, *, repair: bool = False,
                  progress=lambda message: None):
-        self.store, self.transport, self.sb = store, transport, sb
+        self.store, self.transport = store, transport
+        self._sb = sb
+        self.lease: Lease | None = None  # held by a repair
         self.repair = repair
         self.progress = progress
         self.report = Report()
-        self._sb_lock = threading.Lock()  # guards self.sb while the lease is renewed
-        self._done = threading.Event()
+
+    @property
+    def sb(self) -> superblock.Superblock:
+        """The superblock as read, or as the repair's last change left it."""
+        return self.lease.superblock if self.lease is not None else self._sb
 
     def run(self) -> Report:
         with tempfile.TemporaryDirectory(prefix="fusefs-fsck-") as work:
-            sb = self.sb
-            renewer = None
             if self.repair:
-                lease = new_lease(new_mount_id(), LEASE_SECONDS)
-                lease["holder"] = f"fusefs fsck --repair ({lease['holder']})"
-                sb = self.sb = acquire(self.transport, sb, lease)
-                renewer = threading.Thread(target=self._renew_loop, name="fsck-lease",
-                                           daemon=True)
-                renewer.start()
+                self.lease = self._take_lease()
             try:
+                sb = self.sb
                 self.progress(f"loading metadata (checkpoint of record {sb.checkpoint['seq']})")
                 metadata, _, end = open_metadata(self.store, sb,
                                                  os.path.join(work, "metadata.db"))
@@ -99,42 +102,20 @@ class Fsck:
                 finally:
                     metadata.close()
             finally:
-                self._done.set()
-                if renewer is not None:
-                    renewer.join(timeout=30)
-                if self.repair and self.sb.lease is not None:
-                    self._set_superblock(lease=None)
+                if self.lease is not None:
+                    self.lease.stop()
+                    if self.sb.lease is not None:
+                        self.lease.release()
         return self.report
 
-    # -- the lease --------------------------------------------------------------------------
-
-    def _set_superblock(self, **changes) -> None:
-        """Compare-and-swap the superblock; Conflict means someone else wrote it."""
-        with self._sb_lock:
-            self.sb = superblock.update(self.transport, self.sb.with_changes(**changes))
-
-    def renew(self) -> None:
-        """Extend the lease now; raises Conflict if it was taken over meanwhile."""
-        with self._sb_lock:
-            lease = self.sb.lease
-        if lease is None:
-            return  # given back already (the repaired checkpoint is written)
-        self._set_superblock(lease={**lease, "expires": time.time() + lease["seconds"]})
-
-    def _renew_loop(self) -> None:
-        period = every = float(self.sb.lease["seconds"]) / 3
-        while not self._done.wait(period):
-            try:
-                self.renew()
-            except errors.Conflict:
-                log.error("fsck --repair lost its lease: another mount or command wrote "
-                          "the superblock; nothing more is deleted")
-                return
-            except errors.StorageError as e:
-                log.warning("could not renew the fsck lease (will retry): %s", e)
-                period = 1.0
-            else:
-                period = every
+    def _take_lease(self) -> Lease:
+        """The writer lease, named for fsck, renewed until the run ends."""
+        lease = new_lease(new_mount_id(), LEASE_SECONDS)
+        lease["holder"] = f"fusefs fsck --repair ({lease['holder']})"
+        taken = Lease.take(self.transport, self._sb, lease)
+        taken.subscribe(_say_lost)
+        taken.start()
+        return taken
 
     def _problem(self, text: str, fix=None) -> None:
         """Report an inconsistency; with --repair, fix it and say so."""
@@ -308,7 +289,7 @@ class Fsck:
             ids = sorted(leftovers)
             # Every id listed existed before this renewal; if it succeeds, no writer came
             # since fsck took the lease, so none of them is a newer writer's block.
-            self.renew()
+            self.lease.renew()
             self.store.delete_many(ids)
             self.report.repaired.append(f"deleted {len(ids)} unreferenced blocks")
             md.forget_garbage([b for b in ids if b in garbage])
@@ -330,7 +311,7 @@ class Fsck:
         cp = write_checkpoint(self.store, md, self.sb.fs_id, self.sb.lease["mount"], 1, work)
         if old.get("fence"):
             cp["fence"] = old["fence"]  # the fenced chain's writer may still be running
-        self._set_superblock(checkpoint=cp, lease=None)
+        self.lease.update(checkpoint=cp, lease=None)
         obsolete = checkpoint_blocks(self.store, old) + [
             segment_id(self.sb.fs_id, old["chain"], n)
             for n in range(old["segment"], end)]
@@ -338,6 +319,12 @@ class Fsck:
             self.store.delete_many(obsolete)
         except errors.StorageError:
             pass  # the next fsck --repair finds them
+
+
+def _say_lost(lost: str | None) -> None:
+    if lost:
+        log.error("fsck --repair lost its lease: another mount or command wrote the "
+                  "superblock; nothing more is deleted")
 
 
 def _walk(md: Metadata, inodes: dict) -> tuple[set[int], list]:

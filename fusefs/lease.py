@@ -97,14 +97,16 @@ def acquire(transport, sb: superblock.Superblock, lease: dict) -> superblock.Sup
 
 
 class Lease:
-    """A running writer's lease, and the only way it changes the superblock.
+    """A running writer's lease (a mount's, or fsck --repair's), and the only way that
+    writer changes the superblock.
 
     Built from the superblock that `acquire` returned (`Lease.take` does both). `start`
-    renews it from a thread every third of the lease time; `check_writable` is the gate
-    the filesystem asks before each change; `confirm` proves by a quorum read that no
-    one took over; `update` is every superblock change of this writer (checkpoints,
-    release), each a compare-and-swap that loses the lease on a conflict. Listeners
-    (`subscribe`) hear of each renewal (`None`) and of the loss (why, once)."""
+    renews it from a thread every third of the lease time (`renew` does it at once);
+    `check_writable` is the gate the filesystem asks before each change; `confirm`
+    proves by a quorum read that no one took over; `update` is every superblock change
+    of this writer (checkpoints, release), each a compare-and-swap that loses the lease
+    on a conflict. Listeners (`subscribe`) hear of each renewal (`None`) and of the
+    loss (why, once)."""
 
     def __init__(self, transport, sb: superblock.Superblock):
         self.transport = transport
@@ -209,12 +211,11 @@ class Lease:
         while self._wait_due(due):
             started = time.monotonic()
             due = started + 1.0  # until this attempt succeeds
-            if self._renew(started):
+            if self._try_renew(started):
                 due = started + period
 
-    def _renew(self, started: float) -> bool:
-        """One renewal attempt; True if it succeeded."""
-        lease = {**self.superblock.lease, "expires": time.time() + self.seconds}
+    def _try_renew(self, started: float) -> bool:
+        """One renewal attempt of the loop; True if it succeeded."""
         with self._lock:
             lapsed = started - self._valid_until
         if lapsed > 0:
@@ -224,17 +225,26 @@ class Lease:
                         "for %.0f s); checking whether it was taken over",
                         lapsed + VALID_PART * self.seconds)
         try:
-            self.update(lease=lease)
+            self.renew(started)
         except Fenced:
             return False
         except errors.StorageError as e:
             log.warning("could not renew the writer lease (will retry): %s", e)
             return False
+        return True
+
+    def renew(self, started: float | None = None) -> None:
+        """Extend the lease now (a compare-and-swap: Fenced if anyone else wrote the
+        superblock since our last change). Nothing to do once it was given back."""
+        started = time.monotonic() if started is None else started
+        held = self.superblock.lease
+        if held is None:
+            return
+        self.update(lease={**held, "expires": time.time() + self.seconds})
         with self._lock:
             self._valid_until = started + VALID_PART * self.seconds
             self._changed.notify_all()
         self._tell(None)
-        return True
 
     # -- the writer's checks ----------------------------------------------------------------
 

@@ -48,8 +48,8 @@ log = logging.getLogger("fusefs.journal")
 SEGMENT_RECORDS = 5000  # records per segment at most
 SEGMENT_BYTES = 4 << 20  # bytes per segment at most (servers refuse blocks over 16 MiB)
 
-# Moved to fusefs.host; stays here only for importers not yet moved (fusefs/local.py,
-# tests/conftest.py). Remove once they import it from fusefs.host.
+# Moved to fusefs.host; stays here only for fusefs/local.py, not yet moved. Remove once it
+# imports it from fusefs.host.
 process_alive = host.process_alive
 
 

@@ -551,6 +551,7 @@ def as_user(fn, uid: int = NOBODY, gid: int = NOBODY, timeout: float = 60.0):
         finally:
             os._exit(0)
     os.close(w)
+    payload = None
     try:
         payload = _read_all(r, timeout)
     finally:

@@ -68,8 +68,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from blockserver.units import parse_size  # noqa: E402
-from fusefs.daemon import is_mounted, read_registry  # noqa: E402
+from blockserver.protocol import parse_size  # noqa: E402
+from fusefs.mounts import is_mounted, read_registry  # noqa: E402
 from servers import filesystem_of, load_average  # noqa: E402
 from servers import process_cpu_seconds as cpu_seconds  # noqa: E402
 

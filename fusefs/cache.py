@@ -29,7 +29,7 @@ from collections import OrderedDict
 
 from blockserver import protocol
 
-from .blocks import BlockStore
+from .blockstore import BlockStore
 
 log = logging.getLogger("fusefs.cache")
 

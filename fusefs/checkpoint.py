@@ -22,9 +22,9 @@ import tempfile
 import zlib
 
 from blockserver import protocol
+from blockserver.protocol import new_block_id
 
 from . import errors
-from .blocks import new_block_id
 from .metadata import Metadata
 
 log = logging.getLogger("fusefs.checkpoint")

@@ -13,7 +13,7 @@ import sys
 import time
 
 from blockserver import protocol
-from blockserver.units import format_size, size_argument
+from blockserver.protocol import format_size, size_argument
 
 from . import __version__, errors, superblock
 from .transport import Member, Transport, TransportConfig
@@ -617,13 +617,13 @@ def _journal_line(j: dict | None) -> str:
 
 
 def cmd_up(args) -> int:
-    from .local import up
+    from .embedded import up
 
     return up(args.dir)
 
 
 def cmd_down(args) -> int:
-    from .local import down
+    from .embedded import down
 
     return down(args.dir)
 

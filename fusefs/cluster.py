@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from blockserver import protocol
 
 from . import errors
-from .blocks import BlockStore
+from .blockstore import BlockStore
 from .health import Health
 from .placement import rank
 from .transport import Member, Transport, wrong_server

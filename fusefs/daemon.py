@@ -41,11 +41,6 @@ from .transport import Member, Transport, TransportConfig
 
 log = logging.getLogger("fusefs.daemon")
 
-# The mount registry moved to fusefs.mounts; these names stay here only for importers not
-# yet moved (fusefs/local.py, benchmarks/fs_bench.py). Remove once they import mounts.
-is_mounted, mount_state, read_registry = mounts.is_mounted, mounts.mount_state, \
-    mounts.read_registry
-
 
 @dataclass(frozen=True)
 class MountConfig:

@@ -34,9 +34,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from blockserver import protocol
+from blockserver.protocol import new_block_id
 
 from . import errors
-from .blocks import new_block_id
 from .filedata import DirtyBlock, FileData
 from .metadata import BlockRef, Metadata
 

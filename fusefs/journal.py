@@ -33,9 +33,9 @@ import threading
 import time
 
 from blockserver import protocol
+from blockserver.protocol import PROCESS_TAG
 
-from . import errors, host, superblock
-from .blocks import PROCESS_TAG
+from . import errors, superblock
 from .checkpoint import checkpoint_blocks, write_checkpoint
 from .errors import Fenced
 from .lease import Lease
@@ -47,10 +47,6 @@ log = logging.getLogger("fusefs.journal")
 
 SEGMENT_RECORDS = 5000  # records per segment at most
 SEGMENT_BYTES = 4 << 20  # bytes per segment at most (servers refuse blocks over 16 MiB)
-
-# Moved to fusefs.host; stays here only for fusefs/local.py, not yet moved. Remove once it
-# imports it from fusefs.host.
-process_alive = host.process_alive
 
 
 class Journal:

@@ -11,7 +11,7 @@ import threading
 from blockserver import protocol
 
 from . import errors
-from .blocks import BlockStore
+from .blockstore import BlockStore
 
 
 class MemoryBlockStore(BlockStore):

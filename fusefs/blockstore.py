@@ -10,12 +10,6 @@ from __future__ import annotations
 
 import abc
 
-# The block-id generator belongs to the wire contract; these names stay importable from
-# here until the modules that import them from `.blocks` take them from the contract.
-from blockserver.protocol import PROCESS_TAG, new_block_id
-
-__all__ = ["BlockStore", "PROCESS_TAG", "new_block_id"]
-
 
 class BlockStore(abc.ABC):
     """Where the filesystem's blocks live: immutable, checksummed, idempotent calls."""

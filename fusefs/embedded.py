@@ -24,8 +24,8 @@ import subprocess
 import sys
 import time
 
-from .daemon import mount_state
-from .journal import process_alive as _alive
+from .host import process_alive as _alive
+from .mounts import mount_state
 
 SERVERS = 3
 

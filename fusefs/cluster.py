@@ -355,7 +355,7 @@ class ReplicatedStore(BlockStore):
                 member_id, chunk = pending.pop(future)
                 if future.exception() is None:
                     for index, status in zip(chunk, future.result()):
-                        if status in (200, 201):
+                        if status in protocol.PUT_OK:
                             acks[index].add(member_id)
         for future, (member_id, chunk) in pending.items():
             self._left_behind(future, sum(len(items[i][1]) for i in chunk))
@@ -374,7 +374,7 @@ class ReplicatedStore(BlockStore):
     def _background_batch_done(self, future: Future, member: Member, items) -> None:
         statuses = future.result() if future.exception() is None else [0] * len(items)
         for (block_id, _, checksum), status in zip(items, statuses):
-            if status not in (200, 201):
+            if status not in protocol.PUT_OK:
                 self._remember_missing(member, block_id, checksum)
 
     def _chunks(self, indexes: list[int], items) -> Iterable[list[int]]:
@@ -564,7 +564,7 @@ class ReplicatedStore(BlockStore):
                 continue
             reached += 1
             for entry in entries:
-                if entry["status"] == 200:
+                if entry["status"] == protocol.OK:
                     answer[entry["id"]] = True
         if not reached and block_ids:
             raise errors.Unavailable("no block server could be asked")
@@ -699,14 +699,14 @@ class ReplicatedStore(BlockStore):
                               [(b, blocks[b], c) for b, c in chunk])
         landed = 0
         for (block_id, checksum), status in zip(chunk, statuses):
-            if status == 409:  # other bytes under this id there: replace them
+            if status == protocol.CONFLICT:  # other bytes under this id there: replace them
                 try:
                     self._repair_copy(member, block_id, blocks[block_id], checksum)
-                    status = 201
+                    status = protocol.STORED
                 except errors.StorageError as e:
                     log.warning("repair of block %s on %s failed: %s", block_id,
                                 member.url, e)
-            if status not in (200, 201):
+            if status not in protocol.PUT_OK:
                 continue
             landed += 1
             with self._lock:

@@ -33,6 +33,8 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 
+from blockserver import protocol
+
 from . import errors, superblock
 from .checkpoint import checkpoint_blocks, write_checkpoint
 from .host import new_mount_id
@@ -226,7 +228,7 @@ class Fsck:
                 for start in range(0, len(ids), 500):
                     chunk = ids[start:start + 500]
                     for entry in self.transport.batch_check(member, chunk, verify=True):
-                        if entry["status"] == 200 and \
+                        if entry["status"] == protocol.OK and \
                                 entry.get("checksum") == wanted[entry["id"]]:
                             good[entry["id"]].append(member)
                 reachable.append(member)

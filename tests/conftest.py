@@ -42,16 +42,6 @@ import pytest
 from . import support
 from .support import MountSet, ServerSet, Workspace, cleanup_all
 
-# -- temporary re-exports until every test imports tests.support ---------------------------
-from .support import (
-    NOBODY, REPO, Mount, alive, as_user, check_files, members_of, read_through,
-    self_signed_cert, sha256_of, wait_until,
-)
-
-__all__ = ["NOBODY", "REPO", "Mount", "alive", "as_user", "check_files", "members_of",
-           "read_through", "self_signed_cert", "sha256_of", "wait_until"]
-# -- end of the temporary re-exports -------------------------------------------------------
-
 
 # -- tiers ---------------------------------------------------------------------------------
 

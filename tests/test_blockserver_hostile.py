@@ -22,7 +22,7 @@ import requests
 
 from blockserver import protocol
 
-from .conftest import self_signed_cert, wait_until
+from .support import self_signed_cert, wait_until
 
 GUARD = 10.0  # seconds: upper bound on anything that should happen "soon"
 SECRET = b"0123456789abcdef0123456789abcdef"  # 32 bytes

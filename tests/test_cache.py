@@ -17,7 +17,7 @@ from fusefs import errors
 from fusefs.cache import PREFETCH_QUEUE, BlockCache
 from fusefs.memstore import MemoryBlockStore
 
-from .conftest import wait_until
+from .support import wait_until
 
 
 class CountingStore(MemoryBlockStore):

@@ -17,7 +17,7 @@ from fusefs import errors
 from fusefs.placement import rank
 from fusefs.transport import Member, Transport, TransportConfig
 
-from .conftest import members_of, wait_until
+from .support import members_of, wait_until
 
 
 def random_block(size: int, rng=random):

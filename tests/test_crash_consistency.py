@@ -104,7 +104,7 @@ import traceback
 
 import pytest
 
-from .conftest import REPO, alive, read_through, wait_until
+from .support import REPO, alive, read_through, wait_until
 
 KiB, MiB = 1 << 10, 1 << 20
 BS = 64 * KiB  # the block size the tests format with

@@ -7,7 +7,7 @@ import sys
 
 from fusefs.mounts import is_mounted as mounted
 
-from .conftest import REPO
+from .support import REPO
 
 
 def fusefs(*args, check=True):

@@ -35,7 +35,7 @@ from fusefs.cluster import ClusterConfig, ReplicatedStore
 from fusefs.metadata import ROOT_INO
 from fusefs.transport import Transport, TransportConfig
 
-from .conftest import REPO, members_of, wait_until
+from .support import REPO, members_of, wait_until
 from .test_journal import Cluster, CutTransport, Workload, Writer, dump, new_transport
 from .test_journal import cluster, writers  # noqa: F401 - fixtures used by name
 

@@ -28,7 +28,7 @@ from fusefs.flusher import Flusher
 from fusefs.memstore import MemoryBlockStore
 from fusefs.metadata import ROOT_INO, Metadata
 
-from .conftest import wait_until
+from .support import wait_until
 
 BS = 65536  # small blocks so that multi-block cases are cheap
 RW_CREATE = os.O_RDWR | os.O_CREAT

@@ -34,7 +34,7 @@ from fusefs.loading import open_metadata
 from fusefs.metadata import ROOT_INO
 from fusefs.segments import segment_id
 
-from .conftest import Mount, check_files, wait_until
+from .support import Mount, check_files, wait_until
 
 KiB, MiB = 1 << 10, 1 << 20
 BS = 64 * KiB  # the block size these filesystems are formatted with

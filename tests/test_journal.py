@@ -33,7 +33,7 @@ from fusefs.segments import (SEGMENT_MAGIC, decode_segment, encode_segment, read
                              segment_id)
 from fusefs.transport import Member, Transport, TransportConfig
 
-from .conftest import members_of, wait_until
+from .support import members_of, wait_until
 
 # -- helpers ----------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import tempfile
 
 import pytest
 
-from .conftest import alive, wait_until
+from .support import alive, wait_until
 from .test_mount_posix import inode_row_exists, metadata_db
 
 KiB, MiB = 1 << 10, 1 << 20

@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from .conftest import NOBODY, as_user, wait_until
+from .support import NOBODY, as_user, wait_until
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -141,7 +141,7 @@ FUSE(Operations(), sys.argv[1], foreground=True, fsname="otherfs", subtype="othe
 
 def test_a_dead_mount_of_another_filesystem_is_left_alone(tmp_path):
     """fusefs detaches only its own dead mounts: another program's is named, with what to do."""
-    from .conftest import wait_until
+    from .support import wait_until
 
     mnt = str(tmp_path / "other")
     os.mkdir(mnt)

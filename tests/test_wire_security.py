@@ -24,7 +24,7 @@ from blockserver import protocol
 from fusefs import errors
 from fusefs.transport import Member, Transport, TransportConfig
 
-from .conftest import REPO, members_of, self_signed_cert
+from .support import REPO, members_of, self_signed_cert
 
 GUARD = 10.0
 SECRET = b"wire-security-secret-0123456789ab"

@@ -26,7 +26,7 @@ import pytest
 from fusefs import superblock
 from fusefs.transport import Transport, TransportConfig
 
-from .conftest import Mount, alive, check_files, members_of, sha256_of, wait_until
+from .support import Mount, alive, check_files, members_of, sha256_of, wait_until
 
 KiB, MiB = 1 << 10, 1 << 20
 FOLLOW = 20.0  # a reader shows a writer's change within this (the poll's hang guard)

@@ -206,12 +206,10 @@ class _Signing(requests.auth.AuthBase):
         self.secret, self.server_id = secret, ""
 
     def __call__(self, r):
-        body = r.body or b""
-        meaning = {k: v for k, v in r.headers.items()
-                   if k.lower() in {h.lower() for h in protocol.SIGNED_HEADERS}}
+        # sign_request signs exactly the headers of protocol.SIGNED_HEADERS found here
         r.headers.update(protocol.sign_request(self.secret, r.method, r.path_url,
-                                               protocol.content_digest(body),
-                                               server_id=self.server_id, headers=meaning))
+                                               protocol.content_digest(r.body or b""),
+                                               server_id=self.server_id, headers=r.headers))
         return r
 
 

@@ -3,9 +3,9 @@ it that follow its journal, and what happens when the writer unmounts, pauses or
 
 Every mount here is a real `fusefs mount` daemon on real block servers. A second mount of
 the same filesystem gets its own mountpoint and its own cache directory (the `beside`
-fixture), as it would on another machine; teardown continues, unmounts and, as a last
-resort, kills every daemon a test started, and fails the test if one of them logged an
-ERROR or a traceback the test did not declare. Nothing asserts how long anything took:
+fixture), as it would on another machine; the fusefs_mount fixture's teardown takes every
+one down and applies the suite's log policy to each daemon's log (an ERROR or a traceback
+the test did not declare fails it). Nothing asserts how long anything took:
 waits poll with `wait_until`, whose timeout only stops a hang.
 """
 
@@ -30,13 +30,9 @@ from .support import Mount, alive, check_files, members_of, sha256_of, wait_unti
 
 KiB, MiB = 1 << 10, 1 << 20
 FOLLOW = 20.0  # a reader shows a writer's change within this (the poll's hang guard)
-# The harness's pattern for a logged problem: "<date> <time> ERROR ..." or a traceback.
-PROBLEM = re.compile(r"^\S+ \S+ (ERROR|CRITICAL) |^Traceback ", re.M)
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -53,16 +49,6 @@ def write_file(path: str, data: bytes, fsync: bool = True) -> str:
     return digest(data)
 
 
-
-
-def send(pid: int | None, sig: int) -> None:
-    if pid:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
 def read_superblock(m: Mount) -> superblock.Superblock:
     """What the cluster holds now (a majority read, as a mount does)."""
     return superblock.read_quorum(Transport(TransportConfig()), members_of(m.servers))
@@ -73,8 +59,6 @@ def try_mount(m: Mount, *extra: str) -> subprocess.CompletedProcess:
     os.makedirs(m.path, exist_ok=True)
     return m.cli("mount", *m.cluster_args(), "--cache-dir", m.cache_dir, *extra, m.path,
                  check=False)
-
-
 
 
 def matches(root: str, expected: dict[str, str], absent=()) -> bool:
@@ -109,42 +93,18 @@ def open_for_writing(path: str) -> None:
 # -- a second mount of the same filesystem ------------------------------------------------------
 
 @pytest.fixture
-def beside(fusefs_mount, blockservers, tmp_path):
+def beside(fusefs_mount, tmp_path):
     """Factory: `beside(first, name)` -> a Mount of first's filesystem at another mountpoint
-    with another cache directory (not mounted yet). Teardown (before the servers stop):
-    continue, unmount and if need be kill each one, then check their logs."""
-    made: list[Mount] = []
+    with another cache directory (not mounted yet). The fusefs_mount fixture tracks it: its
+    teardown takes it down and applies the log policy to its daemon's log."""
 
     def make(first: Mount, name: str) -> Mount:
-        other = Mount(first.servers, str(tmp_path / f"mnt-{name}"),
-                      str(tmp_path / f"cache-{name}"), first.secret_file)
+        other = fusefs_mount.track(tmp_path / f"mnt-{name}", tmp_path / f"cache-{name}",
+                                   first.servers, first.secret_file)
         os.makedirs(other.path, exist_ok=True)
-        made.append(other)
         return other
 
-    try:
-        yield make
-    finally:
-        for m in made:
-            pid = m.daemon_pid()
-            send(pid, signal.SIGCONT)
-            if m.mounted:
-                try:
-                    m.cli("umount", m.path, check=False, timeout=120)
-                except subprocess.TimeoutExpired:
-                    pass
-            if m.mounted or (pid and alive(pid)):
-                m.force_unmount()
-    problems = []
-    for m in made:
-        text = m.logs()
-        for match in PROBLEM.finditer(text):
-            line = text[match.start():text.find("\n", match.start())]
-            if not any(p.search(line) for p in blockservers.servers.allowed):
-                problems.append(line)
-    if problems:
-        pytest.fail("a second fusefs daemon logged unexpected errors:\n" +
-                    "\n".join(problems[:20]))
+    return make
 
 
 # -- one writer at a time -----------------------------------------------------------------------

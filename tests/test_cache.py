@@ -8,7 +8,6 @@ import os
 import random
 import sys
 import threading
-import time
 
 import pytest
 
@@ -361,13 +360,31 @@ def join_all(threads):
         assert not t.is_alive()
 
 
+def joined_a_fetch(thread) -> bool:
+    """True while `thread` waits for a fetch another thread leads (in _Flight.result)."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_qualname == "_Flight.result":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def all_parked(threads, store, other_fetches: int = 0) -> bool:
+    """Every thread has joined a fetch under way or started one of its own (the store
+    counted it, beside `other_fetches` started elsewhere): past the moment at which a
+    second fetch would start."""
+    joined = sum(joined_a_fetch(t) for t in threads)
+    return joined + store.gets - other_fetches >= len(threads)
+
+
 def test_concurrent_misses_make_one_fetch(store, make_cache, tmp_path):
     cache = make_cache(disk_dir=str(tmp_path), disk_bytes=1 << 20)
     block_id, data, checksum = stored(store)
     store.gate.clear()  # the first fetch waits here while the others pile up
     threads, results = run_threads(16, lambda: cache.get(block_id, checksum))
     wait_until(lambda: store.gets >= 1, "the first fetch")
-    time.sleep(0.2)  # widen the window in which a second fetch would start
+    wait_until(lambda: all_parked(threads, store), "every get joined or started a fetch")
     store.gate.set()
     join_all(threads)
     assert store.gets == 1
@@ -383,7 +400,7 @@ def test_single_flight_shares_the_error_and_a_later_get_retries(store, make_cach
     store.gate.clear()
     threads, results = run_threads(16, lambda: cache.get(block_id, checksum))
     wait_until(lambda: store.gets >= 1, "the first fetch")
-    time.sleep(0.2)
+    wait_until(lambda: all_parked(threads, store), "every get joined or started a fetch")
     store.gate.set()
     join_all(threads)
     assert store.gets == 1
@@ -462,7 +479,8 @@ def test_a_get_joins_the_read_ahead_fetch(store, make_cache):
     cache.prefetch([(block_id, checksum)])
     wait_until(lambda: store.gets == 1, "the read-ahead fetch")
     threads, results = run_threads(1, lambda: cache.get(block_id, checksum))
-    time.sleep(0.1)
+    wait_until(lambda: all_parked(threads, store, other_fetches=1),
+               "the get joined the read-ahead fetch or started its own")
     store.gate.set()
     join_all(threads)
     assert results == [("ok", data)] and store.gets == 1

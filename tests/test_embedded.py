@@ -1,4 +1,10 @@
-"""`fusefs up` / `fusefs down`: the embedded default, as the README's main command runs it."""
+"""`fusefs up` / `fusefs down`: the embedded default, as the README's main command runs it.
+
+The servers and the daemon that `up` starts log under the test's directory (servers/sN.log,
+cache/.../fusefs.log); the suite's log policy applies to them (`support.problem_lines`).
+Whatever `down` does - fail, hang past its timeout - the mount is detached and every
+process `up` started is ended before the test ends.
+"""
 
 import hashlib
 import os
@@ -7,7 +13,7 @@ import sys
 
 from fusefs.mounts import is_mounted as mounted
 
-from .support import REPO
+from .support import REPO, cleanup_all, leftovers_under, problem_lines, unmount
 
 
 def fusefs(*args, check=True):
@@ -17,6 +23,32 @@ def fusefs(*args, check=True):
     return result
 
 
+def take_down(root: str, mnt: str) -> None:
+    """`fusefs down`, then a lazy unmount and an end to the processes `up` started, each
+    step run even when an earlier one failed or timed out."""
+
+    def down():
+        fusefs("down", root, check=False)
+
+    def detach():
+        if mounted(mnt):
+            unmount(mnt, lazy=True)
+
+    def end_processes():
+        leftovers_under(root)
+
+    cleanup_all([down, detach, end_processes], "taking the embedded filesystem down")
+
+
+def logged_problems(root: str) -> list[str]:
+    """ERROR lines and tracebacks in the logs of the servers and the daemon under root."""
+    found = []
+    for part in ("servers", "cache"):
+        for dirpath, _, names in os.walk(os.path.join(root, part)):
+            for name in (n for n in names if n.endswith(".log")):
+                with open(os.path.join(dirpath, name), errors="replace") as f:
+                    found += [f"{name}: {line}" for line in problem_lines(f.read(), ())]
+    return found
 
 
 def test_up_down_up_keeps_the_data(tmp_path):
@@ -38,7 +70,7 @@ def test_up_down_up_keeps_the_data(tmp_path):
         status = fusefs("status", mnt)
         assert status.stdout.count(": up") == 3
     finally:
-        fusefs("down", root, check=False)
-        if mounted(mnt):
-            subprocess.run(["umount", "-l", mnt], capture_output=True)
+        take_down(root, mnt)
     assert not mounted(mnt)
+    problems = logged_problems(root)
+    assert not problems, "fusefs up's servers or daemon logged errors:\n" + "\n".join(problems[:20])

@@ -9,14 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from fusefs.host import process_alive
 from fusefs.mounts import is_mounted
 
-from .test_embedded import fusefs
+from .support import alive, wait_until
+from .test_embedded import fusefs, take_down
 
 
 def _write_synced(path: str, data: bytes) -> None:
@@ -29,12 +28,10 @@ def _write_synced(path: str, data: bytes) -> None:
 def _kill_daemon(m) -> int:
     """kill -9 the mount's daemon and wait until it is gone; the mount stays, dead."""
     pid = m.daemon_pid()
-    assert pid and process_alive(pid)
+    assert pid and alive(pid)
     os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not process_alive(pid)
+    wait_until(lambda: not alive(pid), "the killed daemon to be gone", timeout=30)
+    assert not alive(pid)
     with pytest.raises(OSError) as e:
         os.statvfs(m.path)  # (stat may still answer from the kernel's attribute cache)
     assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # the dead mount
@@ -69,7 +66,7 @@ def test_mount_over_a_dead_mount_keeps_every_fsynced_file(fusefs_mount):
     result = m.cli("mount", *m.cluster_args(), "--cache-dir", m.cache_dir, m.path, check=False)
     assert result.returncode == 0, result.stderr
     assert "dead" in result.stdout + result.stderr  # it says what it did
-    assert process_alive(m.daemon_pid())
+    assert alive(m.daemon_pid())
     for name, data in files.items():
         with open(os.path.join(m.path, "sub", name), "rb") as f:
             assert f.read() == data, name
@@ -104,32 +101,16 @@ def test_up_after_the_daemon_was_killed_mounts_again_with_the_data(tmp_path):
         _write_synced(os.path.join(mnt, "kept.bin"), data)
         pid = read_registry(mnt)["pid"]
         os.kill(pid, signal.SIGKILL)
-        while process_alive(pid):
-            time.sleep(0.02)
+        wait_until(lambda: not alive(pid), "the killed daemon to be gone")
         result = fusefs("up", root, check=False)
         assert result.returncode == 0, result.stderr
-        assert process_alive(read_registry(mnt)["pid"])
+        assert alive(read_registry(mnt)["pid"])
         with open(os.path.join(mnt, "kept.bin"), "rb") as f:
             assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
         assert "dead" in result.stderr  # it says what it found
     finally:
-        fusefs("down", root, check=False)
-        if is_mounted(mnt):
-            subprocess.run(["umount", "-l", mnt], capture_output=True)
-        _stop_servers(root)
+        take_down(root, mnt)  # `down` stops the servers only once the unmount worked
     assert not is_mounted(mnt)
-
-
-def _stop_servers(root: str) -> None:
-    """`down` stops the servers only once the unmount worked; never leave them running."""
-    try:
-        with open(os.path.join(root, "cluster.json")) as f:
-            servers = json.load(f)["servers"]
-    except (FileNotFoundError, ValueError, KeyError):
-        return
-    for server in servers:
-        if process_alive(server.get("pid")):
-            os.kill(server["pid"], signal.SIGKILL)
 
 
 _OTHER_FS = """
@@ -141,8 +122,6 @@ FUSE(Operations(), sys.argv[1], foreground=True, fsname="otherfs", subtype="othe
 
 def test_a_dead_mount_of_another_filesystem_is_left_alone(tmp_path):
     """fusefs detaches only its own dead mounts: another program's is named, with what to do."""
-    from .support import wait_until
-
     mnt = str(tmp_path / "other")
     os.mkdir(mnt)
     other = subprocess.Popen([sys.executable, "-c", _OTHER_FS, mnt])

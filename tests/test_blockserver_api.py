@@ -11,11 +11,12 @@ import json
 import random
 import re
 import socket
-import time
 
 import pytest
 
 from blockserver import __version__, protocol
+
+from .support import wait_until
 
 CK = protocol.H_CHECKSUM
 GEN = protocol.H_GENERATION
@@ -640,16 +641,15 @@ def test_metrics(server, session, rng):
     assert session.get(block_url(server, protocol.new_block_id()), timeout=10).status_code == 404
     assert session.get(server.url + "/v1/status", timeout=10).status_code == 200
 
-    # The server records a request after answering it; poll until all five are counted.
-    deadline = time.monotonic() + 10
-    while True:
+    # The server records a request after answering it; poll until all five are counted
+    # (wait_until's timeout only stops a hang: a slow machine just takes longer).
+    def counted():
         r = session.get(server.url + "/metrics", timeout=10)
         assert r.status_code == 200
-        text = r.text
-        if metric_value(text, "blockserver_request_seconds_count") >= 5 or \
-                time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+        return (r, r.text) if metric_value(r.text, "blockserver_request_seconds_count") >= 5 \
+            else None
+
+    r, text = wait_until(counted, "the five requests counted in the metrics", interval=0.05)
     assert r.headers["Content-Type"].startswith("text/plain")
 
     route = 'route="/v1/blocks/{id}"'

@@ -507,6 +507,8 @@ def test_server_really_closes_after_connection_close(blockservers):
                 request_bytes("GET", "/v1/status", {"Connection": "close"}),
                 b"GET /v1/status HTTP/1.0\r\n\r\n"):
         with connect(server) as sock:
+            # A deliberate window, not synchronisation: nothing outside shows the supervisor's
+            # passes (every 0.1 s), so the connection stays open across several of them.
             time.sleep(0.5)
             sock.sendall(raw)
             r = read_response(sock)

@@ -1161,6 +1161,7 @@ def test_writers_block_on_back_pressure_and_finish_when_the_store_recovers(make_
     wait_until(lambda: core.flusher.dirty_bytes > limit or not thread.is_alive(),
                what="dirty memory to reach its bound")
     stuck_at = len(progress)
+    # A deliberate window (the check is that nothing happens, so there is nothing to poll):
     time.sleep(0.5)  # give a non-blocking writer every chance to run on
     assert thread.is_alive(), f"the writer did not block (failures: {failures})"
     assert not failures
@@ -1310,6 +1311,8 @@ def test_open_racing_with_forgetting_an_idle_file_loses_nothing(make_core):
     opener = threading.Thread(target=lambda: opened.append(fs.open(ino, os.O_RDWR)),
                               daemon=True)
     opener.start()
+    # Returns as soon as the open finishes; the bound is a deliberate window for an open
+    # that waits for the forgetter (nothing to poll: either outcome is allowed here).
     opener.join(1.0)  # a racing open gets every chance to slip into the window
     gate.go.set()
     forgetter.join(GUARD)

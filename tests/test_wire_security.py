@@ -190,6 +190,8 @@ def test_unauthenticated_connections_cannot_lock_out_signed_clients(blockservers
                 held.append(_stranger(server, f"127.0.0.{2 + i % 8}", send=i % 2 == 0))
             except OSError:
                 pass  # refused or cut: the server defends itself
+        # A deliberate pause, not synchronisation (the accept queue already puts every
+        # stranger before the signed client): the strangers hold their slots a while.
         time.sleep(0.3)
         for _ in range(3):
             r = get(server, sid, "/v1/status")

@@ -54,6 +54,7 @@ TIERS = {
     "test_fuse_ops": "unit",
     "test_cache": "unit",
     "test_metadata": "unit",
+    "test_journal_records": "unit",
     "test_filesystem_core": "unit",
     "test_blockserver_spares": "unit",
     "test_blockserver_api": "server",

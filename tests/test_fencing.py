@@ -35,8 +35,9 @@ from fusefs.cluster import ClusterConfig, ReplicatedStore
 from fusefs.metadata import ROOT_INO
 from fusefs.transport import Transport, TransportConfig
 
+from .journal_workload import Workload, dump
 from .support import REPO, members_of, wait_until
-from .test_journal import Cluster, CutTransport, Workload, Writer, dump, new_transport
+from .test_journal import Cluster, CutTransport, Writer, new_transport
 from .test_journal import cluster, writers  # noqa: F401 - fixtures used by name
 
 # -- helpers ----------------------------------------------------------------------------------

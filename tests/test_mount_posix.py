@@ -1,8 +1,12 @@
 """POSIX behaviour of a real fusefs mount, through the kernel, with exact errnos.
 
-Each test starts real block servers, formats and mounts (the `fusefs_mount` fixture, which
-always unmounts at teardown and fails the test if the daemon logged an error). A mount costs
-a few seconds, so each test covers one area thoroughly rather than one assertion.
+The checks that need no fresh filesystem share one mount for the module (`shared_mount`):
+each works in a directory of its own, and its listings and link counts are of that
+directory. The others start real block servers, format and mount (the `fusefs_mount`
+fixture): those that need special mkfs options, a remount or to kill the daemon. Either
+way teardown unmounts what the test mounted and the test fails if a daemon logged an error
+it did not declare. A mount costs a few seconds, so each test covers one area thoroughly
+rather than one assertion.
 
 Known limits of the libfuse 2 high-level API that the tests respect rather than assert:
 an open() racing a rename() over the same name may see ENOENT, so rename atomicity is
@@ -85,9 +89,10 @@ def inode_row_exists(m, ino: int) -> bool:
 
 # -- regular files --------------------------------------------------------------------------
 
-def check_append(m) -> None:
-    """O_APPEND: descriptors interleave, none overwrites another's records."""
-    path = os.path.join(m.path, "log")
+def check_append(root: str) -> None:
+    """O_APPEND in directory `root`: descriptors interleave, none overwrites another's
+    records."""
+    path = os.path.join(root, "log")
     write_file(path, b"HEAD\n")
 
     a = os.open(path, os.O_WRONLY | os.O_APPEND)
@@ -141,16 +146,16 @@ def check_append(m) -> None:
         assert f.read() == data + b"END"
 
 
-def test_regular_files_excl_trunc_append_and_errnos(fusefs_mount):
-    m = fusefs_mount()
-    p = lambda *names: os.path.join(m.path, *names)  # noqa: E731
+def test_regular_files_excl_trunc_append_and_errnos(shared_mount):
+    here = shared_mount.path
+    p = lambda *names: os.path.join(here, *names)  # noqa: E731
 
     data = pattern(2 * MiB + 123)  # spans three 1 MiB blocks
     write_file(p("f"), data)
     st = os.stat(p("f"))
     assert stat.S_ISREG(st.st_mode) and st.st_size == len(data)
     assert read_file(p("f")) == data
-    assert os.listdir(m.path) == ["f"]
+    assert os.listdir(here) == ["f"]
 
     # O_EXCL: the file exists, and even a dangling symlink counts as existing.
     with pytest.raises(FileExistsError) as e:
@@ -215,9 +220,9 @@ def test_regular_files_excl_trunc_append_and_errnos(fusefs_mount):
     expect_errno(errno.ENAMETOOLONG, os.mkdir, p(too_long))
     expect_errno(errno.ENAMETOOLONG, os.symlink, "t", p(too_long))
     expect_errno(errno.ENAMETOOLONG, os.link, p("g"), p(too_long))
-    assert too_long not in os.listdir(m.path)
+    assert too_long not in os.listdir(here)
 
-    check_append(m)
+    check_append(here)
 
 
 def test_directories_statfs_and_names(fusefs_mount):
@@ -312,9 +317,9 @@ def test_directories_statfs_and_names(fusefs_mount):
 
 # -- links ----------------------------------------------------------------------------------
 
-def test_symlinks_and_hard_links(fusefs_mount):
-    m = fusefs_mount()
-    p = lambda *names: os.path.join(m.path, *names)  # noqa: E731
+def test_symlinks_and_hard_links(shared_mount):
+    here = shared_mount.path
+    p = lambda *names: os.path.join(here, *names)  # noqa: E731
 
     # Symbolic links
     write_file(p("target"), b"through the link")
@@ -420,9 +425,9 @@ def test_symlinks_and_hard_links(fusefs_mount):
 
 # -- rename ---------------------------------------------------------------------------------
 
-def test_rename(fusefs_mount):
-    m = fusefs_mount()
-    p = lambda *names: os.path.join(m.path, *names)  # noqa: E731
+def test_rename(shared_mount):
+    here = shared_mount.path
+    p = lambda *names: os.path.join(here, *names)  # noqa: E731
 
     # Simple rename keeps the inode.
     write_file(p("one"), b"1")
@@ -443,7 +448,7 @@ def test_rename(fusefs_mount):
     assert not os.path.exists(p("victim.tmp"))
     assert os.pread(old_fd, 100, 0) == b"old contents"
     os.close(old_fd)
-    assert sorted(os.listdir(m.path)) == ["two", "victim"]
+    assert sorted(os.listdir(here)) == ["two", "victim"]
 
     # Over one name of a hard-linked file: the other name keeps the data, one link fewer.
     write_file(p("h1"), b"linked")
@@ -463,7 +468,7 @@ def test_rename(fusefs_mount):
     write_file(p("d1", "sub", "f"), b"deep")
     os.mkdir(p("d2"))
     os.mkdir(p("empty"))
-    root_links = os.stat(m.path).st_nlink
+    root_links = os.stat(here).st_nlink
     os.rename(p("d1", "sub"), p("d2", "moved"))
     assert read_file(p("d2", "moved", "f")) == b"deep"
     expect_errno(errno.ENOENT, os.stat, p("d1", "sub", "f"))
@@ -474,7 +479,7 @@ def test_rename(fusefs_mount):
     os.rename(p("d2"), p("empty"))  # over an empty directory
     assert read_file(p("empty", "moved", "f")) == b"deep"
     expect_errno(errno.ENOENT, os.stat, p("d2"))
-    assert os.stat(m.path).st_nlink == root_links - 1
+    assert os.stat(here).st_nlink == root_links - 1
 
     # Error cases; nothing changes when they fail.
     write_file(p("file"), b"f")
@@ -548,9 +553,9 @@ def test_unlinked_open_file_stays_usable_until_close(fusefs_mount):
     assert os.listdir(m.path) == ["doomed"]
 
 
-def test_fstat_of_unlinked_open_file(fusefs_mount):
-    m = fusefs_mount()
-    path = os.path.join(m.path, "tmp")
+def test_fstat_of_unlinked_open_file(shared_mount):
+    here = shared_mount.path
+    path = os.path.join(here, "tmp")
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         os.write(fd, b"12345")
@@ -563,9 +568,9 @@ def test_fstat_of_unlinked_open_file(fusefs_mount):
 
 # -- attributes and extended attributes ----------------------------------------------------
 
-def check_xattrs(m) -> None:
-    """user.* attributes with their flags and errnos; no POSIX ACLs."""
-    p = lambda *names: os.path.join(m.path, "x", *names)  # noqa: E731
+def check_xattrs(root: str) -> None:
+    """user.* attributes (in directory `root`) with their flags and errnos; no POSIX ACLs."""
+    p = lambda *names: os.path.join(root, "x", *names)  # noqa: E731
     os.mkdir(p())
     write_file(p("f"), b"x")
     os.mkdir(p("d"))
@@ -635,9 +640,9 @@ def check_xattrs(m) -> None:
     assert os.listxattr(p("f")) == []
 
 
-def test_chmod_chown_utime_touch_and_xattrs(fusefs_mount):
-    m = fusefs_mount()
-    p = lambda *names: os.path.join(m.path, *names)  # noqa: E731
+def test_chmod_chown_utime_touch_and_xattrs(shared_mount):
+    here = shared_mount.path
+    p = lambda *names: os.path.join(here, *names)  # noqa: E731
     write_file(p("f"), b"attrs")
     os.mkdir(p("d"))
 
@@ -719,12 +724,12 @@ def test_chmod_chown_utime_touch_and_xattrs(fusefs_mount):
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (7, 42, 0o755)
     assert read_file(p("f")) == b"Attrs+"
 
-    check_xattrs(m)
+    check_xattrs(here)
 
 
-def test_ctime_moves_on_link_and_xattr_while_open(fusefs_mount):
-    m = fusefs_mount()
-    path = os.path.join(m.path, "f")
+def test_ctime_moves_on_link_and_xattr_while_open(shared_mount):
+    here = shared_mount.path
+    path = os.path.join(here, "f")
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     try:
         os.write(fd, b"x" * 100)

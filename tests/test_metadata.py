@@ -18,6 +18,7 @@ from fusefs.errors import FsError, MetadataFailed
 from fusefs import metadata as metadata_module
 from fusefs.metadata import ROOT_INO, BlockRef, Metadata, decode_record, encode_record
 
+from .journal_workload import dump, records_of
 from .test_filesystem_core import Core
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -212,8 +213,6 @@ def test_cached_rows_names_and_xattr_owners_always_match_the_database(tmp_path):
 def test_a_punch_record_replays_to_the_same_block_map_and_garbage(tmp_path):
     """punch_blocks is a journal record: replaying the journal on the formatted state
     gives the same blocks, garbage and times as the database that applied it."""
-    from .test_journal import dump, records_of
-
     a = Metadata(str(tmp_path / "a.db"))
     a.format(uid=0, gid=0)
     a.snapshot(str(tmp_path / "b.db"))
@@ -326,8 +325,6 @@ def test_records_keep_their_bytes_and_old_records_replay_to_the_same_state(tmp_p
     """The record format is byte for byte what it was: the same calls write the same
     records, each decodes and encodes back to itself, and replaying the old records on an
     empty database gives the state the calls made."""
-    from .test_journal import dump
-
     clock = iter(range(1000, 2000))
     monkeypatch.setattr(metadata_module, "now_ns", lambda: next(clock))
     a = Metadata(str(tmp_path / "a.db"))

@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from fusefs.errors import FsError, MetadataFailed
 from fusefs import metadata as metadata_module
+from fusefs.errors import FsError, MetadataFailed
 from fusefs.metadata import ROOT_INO, BlockRef, Metadata, decode_record, encode_record
 
 from .journal_workload import dump, records_of

@@ -727,8 +727,8 @@ class Metadata:
         self._record("remove_dentry", parent, name)
 
     def query(self, sql: str, args=()) -> list[tuple]:
-        """A read-only query over the whole database (being replaced by the named reads
-        above: tests use `_query`)."""
+        """A read-only query over the whole database, for tests only: fusefs uses the
+        named reads above. It goes once the tests that still call it use `_query`."""
         return self._query(sql, args)
 
     def _query(self, sql: str, args=()) -> list[tuple]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import operator
+import signal
 import struct
 import threading
 
@@ -112,6 +113,18 @@ _pythonapi.PyThreadState_Next.argtypes = [ctypes.c_void_p]
 _libc = ctypes.CDLL(None)  # pthread_key_create, pthread_setspecific
 _libc.pthread_setspecific.argtypes = [ctypes.c_uint, ctypes.c_void_p]
 _KEY_DESTRUCTOR = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_libc.signal.restype = ctypes.c_void_p
+_libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_SIG_IGN = 1  # the C handler value that means "ignore"
+
+
+def _ignore_sigpipe() -> None:
+    """Ignore SIGPIPE again, as Python does from its start. libfuse 2 ignores it while it
+    serves and sets it back to "terminate" when it stops: a write to a closed connection
+    afterwards (the daemon closing its stores, or any later work in the process) would kill
+    the process without a word instead of raising EPIPE. Through libc, because Python's
+    `signal` module works only in the main thread and only knows what Python set."""
+    _libc.signal(int(signal.SIGPIPE), _SIG_IGN)
 
 
 class ThreadStates:
@@ -173,6 +186,12 @@ THREAD_STATES = ThreadStates()
 
 class Mount(FUSE):
     """Mounts `operations` (a FuseOps) and serves it until unmounted, like fusepy's FUSE."""
+
+    def __init__(self, *args, **kwargs):
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            _ignore_sigpipe()
 
     @staticmethod
     def _wrapper(func, *args, **kwargs):

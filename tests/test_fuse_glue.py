@@ -5,6 +5,7 @@ import ctypes
 import errno
 import logging
 import os
+import signal
 import stat
 import threading
 import time
@@ -102,6 +103,16 @@ def test_each_libfuse_thread_keeps_one_python_thread_state_until_it_ends(tmp_pat
         loop.join(10)
     assert not loop.is_alive()
     assert fuse_glue.THREAD_STATES.kept == before  # every kept state was deleted
+    # libfuse puts SIGPIPE back to "terminate" on its way out; a write to a closed socket
+    # after that (the daemon closing its connections) would kill the process silently.
+    assert _ignored(signal.SIGPIPE), "SIGPIPE no longer ignored after the mount ended"
+
+
+def _ignored(signum: int) -> bool:
+    """The kernel's view (Python's signal.getsignal only knows what Python set)."""
+    with open("/proc/self/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    return bool(mask & (1 << (signum - 1)))
 
 
 class _Stub:

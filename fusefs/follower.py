@@ -19,7 +19,7 @@ import time
 from . import errors, superblock
 from .checkpoint import load_checkpoint
 from .loading import remove_database, replay_chain
-from .metadata import JournalGap as RecordGap  # a record that does not follow the last one
+from .metadata import RecordGap  # a record that does not follow the last one
 from .metadata import Metadata
 
 log = logging.getLogger("fusefs.follower")

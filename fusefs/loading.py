@@ -22,7 +22,7 @@ import os
 from . import errors, superblock
 from .checkpoint import load_checkpoint
 from .segments import FENCED, chain_end, lookup_segment
-from .metadata import JournalGap as RecordGap  # a record that does not follow the last one
+from .metadata import RecordGap  # a record that does not follow the last one
 from .metadata import Metadata
 
 log = logging.getLogger("fusefs.loading")

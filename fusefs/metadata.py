@@ -388,7 +388,7 @@ class Metadata:
         """Apply records shipped by a writer, in one transaction; returns how many applied.
 
         Records at or below the current sequence number are skipped (a checkpoint may
-        already hold them); a gap raises JournalGap and applies nothing.
+        already hold them); a gap raises RecordGap and applies nothing.
         """
         applied = 0
         with self._txn(writes_namespace=True) as db:
@@ -397,7 +397,7 @@ class Metadata:
                 if rec_seq <= seq:
                     continue
                 if rec_seq != seq + 1:
-                    raise JournalGap(f"journal record {rec_seq} follows {seq}")
+                    raise RecordGap(f"journal record {rec_seq} follows {seq}")
                 _OPS[op].apply(db, *args)
                 seq = rec_seq
                 applied += 1
@@ -726,11 +726,6 @@ class Metadata:
         """Drop a name whose inode is gone (fsck); nothing else changes."""
         self._record("remove_dentry", parent, name)
 
-    def query(self, sql: str, args=()) -> list[tuple]:
-        """A read-only query over the whole database, for tests only: fusefs uses the
-        named reads above. It goes once the tests that still call it use `_query`."""
-        return self._query(sql, args)
-
     def _query(self, sql: str, args=()) -> list[tuple]:
         """Any read-only query, for the named reads and for tests."""
         with self._lock:
@@ -967,7 +962,7 @@ def decode_record(raw: bytes | str) -> tuple[int, str, list]:
     return seq, op, args
 
 
-class JournalGap(Exception):
+class RecordGap(Exception):
     """Replay met a record that does not follow the last one applied."""
 
 

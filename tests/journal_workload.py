@@ -19,7 +19,7 @@ TABLES = {"inodes": "ino", "dentries": "parent, name", "blocks": "ino, idx",
 
 def dump(md: Metadata) -> dict[str, list[tuple]]:
     """Every row of every table that a checkpoint or the journal carries, in key order."""
-    return {table: md.query(f"SELECT * FROM {table} ORDER BY {key}")
+    return {table: md._query(f"SELECT * FROM {table} ORDER BY {key}")
             for table, key in TABLES.items()}
 
 
@@ -42,7 +42,7 @@ class Workload:
                 made += 1
 
     def _ids(self, sql: str, args=()) -> list[int]:
-        return [row[0] for row in self.md.query(sql, args)]
+        return [row[0] for row in self.md._query(sql, args)]
 
     def _remove(self, ino: int) -> None:
         self.md.remove_inode(ino)
@@ -55,7 +55,7 @@ class Workload:
         dirs = self._ids(f"SELECT ino FROM inodes WHERE {live}", (stat.S_IFDIR,))
         files = self._ids(f"SELECT ino FROM inodes WHERE {live}", (stat.S_IFREG,))
         inodes = self._ids("SELECT ino FROM inodes ORDER BY ino")
-        entries = md.query("SELECT d.parent, d.name, d.ino, i.mode FROM dentries d "
+        entries = md._query("SELECT d.parent, d.name, d.ino, i.mode FROM dentries d "
                            "JOIN inodes i ON i.ino = d.ino ORDER BY d.parent, d.name")
         t = rng.randrange(1, 1 << 62)
         op = rng.choice(["file", "file", "dir", "symlink", "link", "unlink", "unlink", "rename",
@@ -125,7 +125,7 @@ class Workload:
             md.set_xattr(rng.choice(inodes), rng.choice(XATTR_NAMES),
                          rng.randbytes(rng.randrange(0, 40)))
         elif op == "rmxattr":
-            rows = md.query("SELECT ino, name FROM xattrs ORDER BY ino, name")
+            rows = md._query("SELECT ino, name FROM xattrs ORDER BY ino, name")
             if not rows:
                 return False
             assert md.remove_xattr(*rng.choice(rows))

@@ -112,7 +112,7 @@ def load_metadata(store, work_dir: str):
 def ino_of(md, rel: str) -> int:
     ino = ROOT_INO
     for name in rel.split("/"):
-        rows = md.query("SELECT ino FROM dentries WHERE parent=? AND name=?",
+        rows = md._query("SELECT ino FROM dentries WHERE parent=? AND name=?",
                         (ino, name.encode()))
         assert rows, f"{rel}: no {name!r} in inode {ino}"
         ino = rows[0][0]
@@ -121,12 +121,12 @@ def ino_of(md, rel: str) -> int:
 
 def blocks_of(md, ino: int) -> list[tuple[str, str]]:
     """(block id, checksum) of the inode's blocks, in file order."""
-    return [(b, c) for b, c in md.query(
+    return [(b, c) for b, c in md._query(
         "SELECT block_id, checksum FROM blocks WHERE ino=? ORDER BY idx", (ino,))]
 
 
 def referenced_blocks(md) -> dict[str, str]:
-    return dict(md.query("SELECT block_id, checksum FROM blocks"))
+    return dict(md._query("SELECT block_id, checksum FROM blocks"))
 
 
 def unreferenced_and_garbage(store, work_dir: str) -> tuple[set[str], set[str]]:
@@ -137,7 +137,7 @@ def unreferenced_and_garbage(store, work_dir: str) -> tuple[set[str], set[str]]:
     md, _, end = open_metadata(store, sb, os.path.join(work_dir, "listing.db"))
     try:
         used = set(referenced_blocks(md))
-        garbage = {r[0] for r in md.query("SELECT block_id FROM garbage")}
+        garbage = {r[0] for r in md._query("SELECT block_id FROM garbage")}
     finally:
         md.close()
     cp = sb.checkpoint

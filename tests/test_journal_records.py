@@ -20,7 +20,7 @@ from fusefs import errors, superblock
 from fusefs.checkpoint import write_checkpoint
 from fusefs.loading import open_metadata, replay_chain
 from fusefs.memstore import MemoryBlockStore
-from fusefs.metadata import ROOT_INO, JournalGap, Metadata, decode_record, encode_record
+from fusefs.metadata import ROOT_INO, Metadata, RecordGap, decode_record, encode_record
 from fusefs.segments import (SEGMENT_MAGIC, decode_segment, encode_segment, read_segment,
                              segment_id)
 
@@ -120,7 +120,7 @@ def test_replaying_the_journal_rebuilds_the_same_database(tmp_path):
         assert dump(c) == dump(a)
 
         # a replica continues with inode numbers past every replayed one
-        top = max(r[0] for r in c.query("SELECT ino FROM inodes"))
+        top = max(r[0] for r in c._query("SELECT ino FROM inodes"))
         assert c.create(ROOT_INO, b"after replay", stat.S_IFREG | 0o644, 0, 0).ino == top + 1
     finally:
         for md in (a, b, c):
@@ -145,14 +145,14 @@ def test_replay_skips_records_it_has_and_refuses_a_gap_whole(tmp_path):
         assert b.seq == 30
 
         state = dump(b)
-        settings = b.query("SELECT * FROM settings ORDER BY key")
-        with pytest.raises(JournalGap):
+        settings = b._query("SELECT * FROM settings ORDER BY key")
+        with pytest.raises(RecordGap):
             b.replay(records[31:40], {"segment": "99"})  # 32 does not follow 30
-        with pytest.raises(JournalGap):  # 31 applies, 33 does not follow: neither stays
+        with pytest.raises(RecordGap):  # 31 applies, 33 does not follow: neither stays
             b.replay([records[30], records[32]], {"segment": "99"})
         assert dump(b) == state
         assert b.seq == 30
-        assert b.query("SELECT * FROM settings ORDER BY key") == settings
+        assert b._query("SELECT * FROM settings ORDER BY key") == settings
 
         assert b.replay(records[30:], {"segment": "5"}) == len(records) - 30
         assert dump(b) == dump(a)
@@ -256,7 +256,7 @@ def test_replay_chain_reads_segments_until_one_is_missing(tmp_path):
         for number, part in enumerate([parts[0], parts[2]], 1):
             data = encode_segment("fs", "c", number, [r for _, r in part])
             store2.put(segment_id("fs", "c", number), data, protocol.checksum(data))
-        with pytest.raises(JournalGap):
+        with pytest.raises(RecordGap):
             replay_chain(store2, gap, "fs", "c", 1)
         assert gap.seq == 10 and gap.setting("segment") == "2"
     finally:

@@ -137,3 +137,15 @@ def test_only_transport_uses_requests_and_only_the_adapter_uses_fuse():
         if top == "fuse":
             assert path.stem in ("fuse_glue", "fuse_ops", "daemon"), \
                 f"{path.name} imports {module}"
+
+
+def test_every_package_is_installed():
+    """`pip install .` ships only the packages pyproject.toml lists: a new subpackage
+    (such as blockserver/protocol/) left out would be missing from an installed copy."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {str(p.parent.relative_to(REPO)).replace("/", ".")
+             for top in ("fusefs", "blockserver") for p in (REPO / top).rglob("__init__.py")}
+    assert found - listed == set()

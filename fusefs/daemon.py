@@ -270,8 +270,9 @@ def _become_writer(config: MountConfig, transport, store, lease: Lease, unclean:
                          checkpoint_records=config.checkpoint_records)
         keeper.start(replayed, end, sweep=unclean)
     except BaseException:
+        lease.stop()
         with contextlib.suppress(errors.StorageError):
-            superblock.update(transport, sb.with_changes(lease=None))
+            lease.release()  # through the lease: its newest superblock, under its lock
         raise
     log.info("writer lease taken (%s); journal chain %s", sb.lease["holder"], keeper.chain)
     return keeper, metadata

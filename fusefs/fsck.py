@@ -106,8 +106,8 @@ class Fsck:
             finally:
                 if self.lease is not None:
                     self.lease.stop()
-                    if self.sb.lease is not None:
-                        self.lease.release()
+                    if self.sb.lease is not None and self.lease.lost is None:
+                        self.lease.release()  # (a lost lease: the first error tells why)
         return self.report
 
     def _take_lease(self) -> Lease:

@@ -61,8 +61,6 @@ class Filesystem:
         # Fenced (EROFS) once it is lost. None: always writable.
         self.gate = gate
         self._listeners: list = []  # called after external_change
-        if changes is not None:  # a follower: tells us when another mount changed things
-            changes.subscribe(self.external_change)
         self._ns = threading.Lock()
         # Inodes other than directories with more than one name: the adapter keeps the
         # kernel's view of their other names right after each change. Changed under _ns.
@@ -74,6 +72,8 @@ class Filesystem:
         # at the last call). Guarded by _space_lock.
         self._space: tuple | None = None
         self._space_lock = threading.Lock()
+        if changes is not None:  # last: a follower may call external_change at once
+            changes.subscribe(self.external_change)
 
     def start(self) -> None:
         """Finish what a previous run could not: inodes unlinked while open are removed."""

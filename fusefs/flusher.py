@@ -69,11 +69,9 @@ class Flusher:
 
     def __init__(self, store, cache, metadata: Metadata, *, dirty_limit: int,
                  max_age: float = 5.0, threads: int = 4, collect_garbage: bool = True,
-                 block_size: int | None = None, durable=None):
+                 block_size: int, durable=None):
         self.store = store
-        # Needed to keep recorded sizes within committed data (`_committable`); without it
-        # (old callers) every commit records the live size, as before.
-        self.block_size = block_size
+        self.block_size = block_size  # to keep recorded sizes within committed data
         self.cache = cache
         self.metadata = metadata
         self.dirty_limit = dirty_limit
@@ -395,7 +393,7 @@ class Flusher:
         frontier."""
         ready = {i: b.stored for i, b in live.dirty.items() if b.parked()}
         size = self.recordable_size(live, set(ready))
-        if self.block_size is None or size == live.size:
+        if size == live.size:
             return ready, size
         return {i: r for i, r in ready.items() if i * self.block_size + r.length <= size}, size
 
@@ -413,8 +411,6 @@ class Flusher:
         describe them before they are committed.
         """
         bs = self.block_size
-        if bs is None:
-            return live.size
         for idx in sorted(i for i in live.dirty if i not in uploaded):
             covered = self._recorded_length(live, idx)
             if len(live.dirty[idx].data) > covered:

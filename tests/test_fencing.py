@@ -430,3 +430,32 @@ def test_a_mount_from_another_pid_namespace_is_refused_while_the_writer_lives(
     with open(os.path.join(m.path, "after"), "wb") as f:  # still the writer
         f.write(b"still writable")
         os.fsync(f.fileno())
+
+
+def test_a_writer_whose_journal_fails_to_start_gives_its_lease_back(blockservers, make_cluster,
+                                                                    tmp_path, monkeypatch):
+    """The journal's start changes the superblock (its new checkpoint) before it can still
+    fail; the lease must be given back from that newest superblock, or the next mount is
+    refused until the lease expires."""
+    from types import SimpleNamespace
+
+    from fusefs import daemon, journal
+
+    servers = blockservers(3)
+    assert cli.main(["mkfs", "--servers", ",".join(s.url for s in servers)]) == 0
+    transport = new_transport()
+    store = make_cluster(servers)
+    config = SimpleNamespace(lease_seconds=30.0, mountpoint=str(tmp_path / "mnt"),
+                             state_dir=str(tmp_path), journal=True, ship_delay=0.05,
+                             checkpoint_records=1000)
+    sb = superblock.read_quorum(transport, members_of(servers))
+    lease = daemon._take_lease(config, transport, sb)
+
+    def failing_start(self, *args, **kwargs):
+        lease.update(checkpoint=dict(lease.superblock.checkpoint))  # as start does first
+        raise errors.Unavailable("planted: the journal could not start")
+
+    monkeypatch.setattr(journal.Journal, "start", failing_start)
+    with pytest.raises(errors.Unavailable, match="planted"):
+        daemon._become_writer(config, transport, store, lease, unclean=False)
+    assert superblock.read_quorum(transport, members_of(servers)).lease is None

@@ -56,11 +56,22 @@ class Superblock:
     # {"mount", "holder", "host", "boot", "pid", "expires", "seconds"} or None when free
     lease: dict | None = None
     generation: int = 0
+    # Servers being drained (`fusefs servers remove`/`replace`): still read from, never a
+    # home; they leave once they hold nothing (fusefs/membership.py).
+    leaving: tuple[Member, ...] = ()
+
+    @property
+    def servers(self) -> tuple[Member, ...]:
+        """Every server that may hold copies: the members, then those leaving."""
+        return self.members + tuple(m for m in self.leaving if m not in self.members)
 
     def encode(self) -> bytes:
         body = asdict(self)
         body.pop("generation")
         body["members"] = [asdict(m) for m in self.members]
+        body.pop("leaving")
+        if self.leaving:  # (absent otherwise: the encoding older versions wrote)
+            body["leaving"] = [asdict(m) for m in self.leaving]
         body["format"] = FORMAT_VERSION
         return json.dumps(body, indent=1, sort_keys=True).encode()
 
@@ -78,7 +89,8 @@ class Superblock:
                 "be copied off and formatted again")
         return cls(body["fs_id"], body["block_size"], body["replicas"], body["write_quorum"],
                    tuple(Member(m["id"], m["url"]) for m in body["members"]),
-                   body.get("checkpoint"), body.get("lease"), generation)
+                   body.get("checkpoint"), body.get("lease"), generation,
+                   tuple(Member(m["id"], m["url"]) for m in body.get("leaving", ())))
 
     def with_changes(self, **changes) -> "Superblock":
         return replace(self, **changes)

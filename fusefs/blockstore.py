@@ -53,5 +53,10 @@ class BlockStore(abc.ABC):
     def delete_many(self, block_ids: list[str]) -> None:
         """Remove every copy it can reach of several blocks."""
 
+    def set_membership(self, members, leaving=()) -> bool:
+        """Adopt the servers a superblock change names; True if anything changed. A store
+        without servers has nothing to do."""
+        return False
+
     def close(self) -> None:
         """Stop background work. The store is not used afterwards."""

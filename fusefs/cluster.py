@@ -18,8 +18,13 @@ What it promises (docs/promises.md P3, P4):
   periodically, backing off from `repair_min` to `repair_max` while rounds make no
   progress: a server that runs full gets its copies once space is freed.
 
-Pending repairs live in memory (`_missing`), so a client restart forgets them; a scrub
-(`fusefs scrub`, a later issue) finds what was forgotten.
+Pending repairs live in memory (`_missing`): they are only the fast path. What nobody
+remembers (a client restart, a copy lost on disk) the anti-entropy repair finds by
+comparing the metadata with what every server lists (fusefs/antientropy.py).
+
+Membership can change while the store runs (`set_membership`, from the superblock):
+`members` are the servers blocks live on (homes and write targets); `leaving` servers are
+being drained: never written to, still read from (after every member) until they are empty.
 
 Threads: calls come from many threads. `_io` runs single requests only (hedged reads and
 replica writes in parallel) and never waits for anything else; `_fanout` runs whole
@@ -47,6 +52,8 @@ from .placement import rank
 from .transport import Member, Transport, wrong_server
 
 log = logging.getLogger("fusefs.cluster")
+
+HEARTBEAT = 2.0  # seconds between status requests to every usable server
 
 # Failures that say something about the server rather than about one block.
 _SERVER_FAILURES = (errors.Unavailable, errors.WrongServer, errors.AuthenticationFailed)
@@ -98,11 +105,14 @@ class ReplicatedStore(BlockStore):
         if config.replicas > len(members):
             raise ValueError(f"{config.replicas} replicas need at least {config.replicas} "
                              f"servers; the cluster has {len(members)}")
-        self.members = list(members)
+        self.members = list(members)  # replaced whole (never changed in place) on a change
+        self.leaving: list[Member] = []
         self.transport = transport
         self.config = config
         self.health = Health([m.id for m in members], config.probe_min, config.probe_max)
         self._by_id = {m.id: m for m in members}
+        self._latencies: dict[str, float] = {}  # server id -> seconds of its last status
+        self._damage_listeners: list = []
         self._io = ThreadPoolExecutor(config.io_threads, thread_name_prefix="cluster-io")
         self._fanout = ThreadPoolExecutor(8, thread_name_prefix="cluster-fanout")
         self._repairs = ThreadPoolExecutor(2, thread_name_prefix="cluster-repair")
@@ -121,6 +131,44 @@ class ReplicatedStore(BlockStore):
         self._repair_due = {m.id: (0.0, config.repair_min) for m in members}
         self.health.on_up(self._server_back)
 
+    @property
+    def servers(self) -> list[Member]:
+        """Every server that may hold copies: the members, then the leaving ones."""
+        return self.members + self.leaving
+
+    def set_membership(self, members: Sequence[Member], leaving: Sequence[Member] = ()) -> bool:
+        """Adopt a new membership (a superblock change made by `fusefs servers`); True if
+        it changed. New servers start as usable; copies remembered for a server that left
+        are dropped (the anti-entropy repair recomputes what is missing)."""
+        members, leaving = list(members), [m for m in leaving if m not in members]
+        if members == self.members and leaving == self.leaving:
+            return False
+        if self.config.replicas > len(members):
+            raise ValueError(f"{self.config.replicas} replicas need at least "
+                             f"{self.config.replicas} members")
+        everyone = members + leaving
+        self.health.track([m.id for m in everyone])
+        with self._lock:
+            for member in everyone:
+                self._missing.setdefault(member.id, {})
+                self._repair_due.setdefault(member.id, (0.0, self.config.repair_min))
+            for member_id in set(self._missing) - {m.id for m in members}:
+                self._missing[member_id] = {}
+            self._by_id = {**self._by_id, **{m.id: m for m in everyone}}
+            self.members, self.leaving = members, leaving
+        log.info("membership is now %s%s", ", ".join(m.url for m in members),
+                 "; leaving: " + ", ".join(m.url for m in leaving) if leaving else "")
+        return True
+
+    def on_damage(self, listener) -> None:
+        """Call `listener(block_id)` when a copy is found missing or bad, or could not be
+        written to its home (the anti-entropy repair serves those first)."""
+        self._damage_listeners.append(listener)
+
+    def _damaged(self, block_id: str) -> None:
+        for listener in self._damage_listeners:
+            listener(block_id)
+
     # -- life cycle -------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -130,7 +178,7 @@ class ReplicatedStore(BlockStore):
         not the member recorded for this filesystem; unreachable servers are only marked
         down (the cluster works without them and repairs them when they return).
         """
-        futures = {self._io.submit(self.transport.status, m): m for m in self.members}
+        futures = {self._io.submit(self.transport.status, m): m for m in self.servers}
         for future, member in futures.items():
             try:
                 self._check_identity(member, future.result())
@@ -172,17 +220,28 @@ class ReplicatedStore(BlockStore):
         return sum(v[0] for v in values) // r, sum(v[1] for v in values) // r
 
     def _refresh_space(self) -> None:
-        for member in self.members:
-            if self.health.usable(member.id):
-                try:
-                    self._note_space(member, self._call(member, self.transport.status,
-                                                        timeout=2.0))
-                except errors.StorageError:
-                    pass
+        """Ask every usable server for its status: its space, its latency, and whether it
+        still answers (an idle mount learns of a stopped server within seconds)."""
+        def ask(member: Member) -> None:
+            started = time.monotonic()
+            try:
+                status = self._call(member, self.transport.status, timeout=2.0)
+            except errors.StorageError:
+                return
+            with self._lock:
+                self._latencies[member.id] = time.monotonic() - started
+            self._note_space(member, status)
+
+        usable = [m for m in self.servers if self.health.usable(m.id)]
+        for future in [self._io.submit(ask, m) for m in usable]:
+            try:
+                future.result()
+            except RuntimeError:  # shutting down
+                return
 
     def _probe_loop(self) -> None:
         while not self._stopping.wait(0.2):
-            if time.monotonic() - self._space_checked > 10:
+            if time.monotonic() - self._space_checked > HEARTBEAT:
                 self._space_checked = time.monotonic()
                 self._refresh_space()
             self._repair_backlogs()
@@ -212,7 +271,12 @@ class ReplicatedStore(BlockStore):
         return result
 
     def ranking(self, block_id: str) -> list[Member]:
+        """The members, best home first (the first R are the block's homes)."""
         return rank(block_id, self.members)
+
+    def read_order(self, block_id: str) -> list[Member]:
+        """Where to look for a copy: the ranking, then the leaving servers."""
+        return self.ranking(block_id) + rank(block_id, self.leaving)
 
     def _by_preference(self, members: Iterable[Member], skip=()) -> list[Member]:
         """Usable servers first (in the given order), then the rest, then `skip`."""
@@ -393,7 +457,7 @@ class ReplicatedStore(BlockStore):
     # -- get --------------------------------------------------------------------------------
 
     def get(self, block_id: str, checksum: str, skip=()) -> bytes:
-        ranking = self.ranking(block_id)
+        ranking = self.read_order(block_id)
         homes = ranking[:self.config.replicas]
         candidates = iter(self._by_preference(homes, skip) + self._by_preference(
             ranking[self.config.replicas:], skip))
@@ -453,7 +517,7 @@ class ReplicatedStore(BlockStore):
         few answered to tell, this raises Unavailable rather than guess.
         """
         futures = {self._io.submit(self._call, m, self.transport.get_block, block_id): m
-                   for m in self._by_preference(self.members)}
+                   for m in self._by_preference(self.servers)}
         missing, failures = 0, {}
         for future in as_completed(futures):
             member = futures[future]
@@ -472,7 +536,7 @@ class ReplicatedStore(BlockStore):
             failures[member.url] = errors.BlockCorrupt(f"{member.url}: block {block_id} "
                                                        "failed verification")
             log.warning("block %s from %s failed verification", block_id, member.url)
-        if len(self.members) - missing < self.config.write_quorum:
+        if len(futures) - missing < self.config.write_quorum:
             return None
         reasons = "; ".join(str(e) for e in failures.values())
         raise errors.Unavailable(f"cannot tell whether block {block_id} exists: {reasons}")
@@ -552,7 +616,8 @@ class ReplicatedStore(BlockStore):
         answer = {b: False for b in block_ids}
         by_server: dict[str, list[str]] = {}
         for block_id in block_ids:
-            for member in self._by_preference(self.ranking(block_id)[:self.config.replicas]):
+            homes = self.ranking(block_id)[:self.config.replicas]
+            for member in self._by_preference(homes + self.leaving):
                 by_server.setdefault(member.id, []).append(block_id)
         futures = [self._io.submit(self._call, self._by_id[m], self.transport.batch_check, ids)
                    for m, ids in by_server.items()]
@@ -573,7 +638,7 @@ class ReplicatedStore(BlockStore):
     def delete_many(self, block_ids: list[str]) -> None:
         """Delete on every reachable server (handed-off copies may sit outside the homes)."""
         futures = []
-        for member in self.members:
+        for member in self.servers:
             if self.health.usable(member.id):
                 for start in range(0, len(block_ids), self.config.batch_items):
                     futures.append(self._io.submit(self._call, member, self.transport.batch_delete,
@@ -592,9 +657,12 @@ class ReplicatedStore(BlockStore):
 
     def _remember_missing(self, member: Member, block_id: str, checksum: str) -> None:
         with self._lock:
-            self._missing[member.id][block_id] = checksum
+            self._missing.setdefault(member.id, {})[block_id] = checksum
+        self._damaged(block_id)
 
     def _read_repair(self, block_id: str, data: bytes, checksum: str, members) -> None:
+        if members:
+            self._damaged(block_id)
         for member in members:
             log.info("repairing block %s on %s", block_id, member.url)
             future = self._repairs.submit(self._repair_copy, member, block_id, data, checksum)
@@ -718,8 +786,13 @@ class ReplicatedStore(BlockStore):
         states = self.health.snapshot()
         with self._lock:
             missing = {m: len(v) for m, v in self._missing.items()}
+            latencies = dict(self._latencies)
+        leaving = set(m.id for m in self.leaving)
         return {"servers": [{"id": m.id, "url": m.url, "up": states[m.id].up,
+                             "leaving": m.id in leaving,
                              "last_error": states[m.id].last_error,
-                             "missing_copies": missing[m.id]} for m in self.members],
+                             "latency_ms": round(1000 * latencies[m.id], 2)
+                             if m.id in latencies else None,
+                             "missing_copies": missing.get(m.id, 0)} for m in self.servers],
                 "repair_backlog": sum(missing.values()),
                 "copies_behind_bytes": self.behind_bytes}

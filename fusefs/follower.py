@@ -93,6 +93,7 @@ class Follower:
         if cp["chain"] != self.chain or cp["segment"] > self.segment:
             self._reload(sb)  # a new writer, or we fell behind what the writer keeps
         self.sb = sb
+        self.store.set_membership(sb.members, sb.leaving)  # servers added or drained
 
     def _reload(self, sb: superblock.Superblock) -> None:
         cp = sb.checkpoint

@@ -35,6 +35,12 @@ class Health:
         """Call `callback(member_id)` whenever a server comes back up."""
         self._listeners.append(callback)
 
+    def track(self, member_ids) -> None:
+        """Start tracking servers not known yet (a membership change), as usable."""
+        with self._lock:
+            for member_id in member_ids:
+                self._states.setdefault(member_id, ServerState())
+
     def usable(self, member_id: str) -> bool:
         with self._lock:
             return self._states[member_id].up

@@ -29,6 +29,8 @@ import socket
 import threading
 import time
 
+from blockserver import protocol
+
 from . import errors, superblock
 from .errors import Fenced, LeaseHeld
 from .host import boot_id, pid_namespace, process_alive, process_start
@@ -61,12 +63,16 @@ def holder_gone(lease: dict) -> bool:
 
 
 def new_lease(mount_id: str, seconds: float, mountpoint: str = "") -> dict:
+    """A lease for this process. "tag" is the prefix of every block id this process
+    creates (protocol.PROCESS_TAG): `fusefs gc` leaves the holder's blocks alone, since
+    its uploads not yet recorded or shipped carry it."""
     host = socket.gethostname()
     return {"mount": mount_id, "host": host, "boot": boot_id(), "pid": os.getpid(),
             "pidns": pid_namespace(), "start": process_start(os.getpid()),
             "holder": f"pid {os.getpid()} on {host}" + (f" at {mountpoint}" if mountpoint
                                                          else ""),
-            "seconds": seconds, "expires": time.time() + seconds}
+            "seconds": seconds, "expires": time.time() + seconds,
+            "tag": protocol.PROCESS_TAG}
 
 
 def refusal(sb: superblock.Superblock, mount_id: str = "") -> str | None:
@@ -172,8 +178,41 @@ class Lease:
                 current = None
                 with contextlib.suppress(errors.StorageError):
                     current = superblock.read_quorum(self.transport, self.members)
+                if current is not None and self._still_ours(current):
+                    return self._rebase(current, changes)
                 self._lose(f"the superblock was changed by {_holder(current)}")
                 raise Fenced(self.lost) from None
+
+    def _still_ours(self, current: superblock.Superblock) -> bool:
+        """The superblock changed under us, but only where others may change it (the
+        membership, by `fusefs servers`): our lease and checkpoint are still there."""
+        mine = self._unsure or self._sb
+        return bool(current.lease and current.lease.get("mount") == self.mount
+                    and current.checkpoint in (mine.checkpoint, self._sb.checkpoint))
+
+    def _rebase(self, current: superblock.Superblock, changes: dict) -> superblock.Superblock:
+        """Apply `changes` over `current` (under _sb_lock), again over the newest value
+        while others keep changing only the membership; Fenced once anything else did."""
+        for _ in range(superblock.RACED_RETRIES):
+            log.info("the superblock's membership changed: now %s",
+                     ", ".join(m.url for m in current.members))
+            self._unsure = None
+            self.members = current.members
+            wanted = current.with_changes(**changes)
+            try:
+                self._sb = superblock.update(self.transport, wanted)
+                return self._sb
+            except errors.Unavailable:
+                self._sb, self._unsure = current, wanted
+                raise
+            except errors.Conflict:
+                self._sb = current
+                with contextlib.suppress(errors.StorageError):
+                    current = superblock.read_quorum(self.transport, self.members)
+                if not self._still_ours(current):
+                    break
+        self._lose(f"the superblock was changed by {_holder(current)}")
+        raise Fenced(self.lost)
 
     def release(self) -> None:
         """Give the lease up, so the next mount need not wait for it to expire."""

@@ -243,16 +243,20 @@ def write_all(transport: Transport, sb: Superblock, generation: int) -> Superblo
     return replace(sb, generation=generation)
 
 
-def update(transport: Transport, sb: Superblock) -> Superblock:
+def update(transport: Transport, sb: Superblock, previous=()) -> Superblock:
     """Compare-and-swap: replace generation `sb.generation` by `sb` at the next one.
 
     Succeeds when a majority of members accepted; returns `sb` with its new generation.
     Raises Conflict when the superblock changed meanwhile (someone else wrote it), and
     Unavailable when too few servers answered to know. Calling it again with the same
     `sb` after Unavailable is safe: servers that took the first try count as accepting.
+
+    `previous`: the members before a membership change. The value then goes to both sets
+    and needs a majority of each, so a reader that still knows only the old members (a
+    mount that has not picked the change up) sees it as surely as one that knows the new.
     """
     for _ in range(RACED_RETRIES + 1):
-        done, raced = _update_once(transport, sb)
+        done, raced = _update_once(transport, sb, tuple(previous))
         if not raced:
             return done
         sb = done  # a loser's value sits at our generation on a minority: overwrite it
@@ -260,11 +264,12 @@ def update(transport: Transport, sb: Superblock) -> Superblock:
                           "(another mount or command keeps writing it)")
 
 
-def _update_once(transport: Transport, sb: Superblock) -> tuple[Superblock, bool]:
+def _update_once(transport: Transport, sb: Superblock,
+                 previous: tuple = ()) -> tuple[Superblock, bool]:
     """One compare-and-swap round: (sb at its new generation, whether a racing loser's
     value sits at that generation on some server)."""
-    members = list(sb.members)
-    majority = len(members) // 2 + 1
+    members = list(sb.members) + [m for m in previous if m not in sb.members]
+    groups = [list(sb.members)] + ([list(previous)] if previous else [])
     expect, generation = sb.generation, sb.generation + 1
     if generation >= GENERATION_LIMIT:
         raise errors.Rejected(f"superblock generation {generation} is out of range")
@@ -273,8 +278,11 @@ def _update_once(transport: Transport, sb: Superblock) -> tuple[Superblock, bool
                        lambda m: _cas(transport, m, expect, generation, raw))
     accepted = [m for m, a in answers.items() if a is None]
     conflicts = {m: a for m, a in answers.items() if isinstance(a, errors.Conflict)}
-    if len(accepted) < majority:
-        if len(conflicts) > len(members) - majority:  # no majority can accept any more
+    for group in groups:
+        majority = len(group) // 2 + 1
+        if len([m for m in group if m in accepted]) >= majority:
+            continue
+        if len([m for m in group if m in conflicts]) > len(group) - majority:
             raise errors.Conflict(f"the superblock changed since generation {expect} "
                                   "(another mount or command wrote it)")
         failures = "; ".join(str(a) for a in answers.values() if a is not None)

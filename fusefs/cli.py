@@ -33,6 +33,7 @@ commands, in the order you meet them:
   fusefs umount MNT                     upload everything dirty, then unmount
   fusefs mount --read-only ... MNT      follow the writer from another machine
   fusefs fsck --servers URL [--repair]  check (and repair) metadata against the blocks
+  fusefs gc --servers URL [--delete]    find (and delete) blocks nothing references
   fusefs read-key --secret-file F OUT   a key for --read-only mounts that cannot write
 
 environment: FUSEFS_SERVERS, FUSEFS_SECRET_FILE and FUSEFS_CACHE_DIR stand in for
@@ -122,6 +123,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fix what can be fixed safely (needs the filesystem unmounted: "
                         "fsck takes the writer lease while it repairs)")
     p.add_argument("--json", action="store_true", help="machine-readable report")
+
+    p = sub.add_parser("gc", help="delete blocks that no metadata can reference",
+                       description="Find the blocks on the servers that nothing can read "
+                       "again (uploads of a client that crashed or lost its lease, "
+                       "checkpoints and journal segments nobody deleted) and, with "
+                       "--delete, delete them. A dry run by default: it shows per server "
+                       "how many blocks and bytes would go. Safe while the filesystem is "
+                       "mounted: the running writer's blocks (their ids carry its tag) are "
+                       "left alone, and nothing is deleted if another writer came meanwhile. "
+                       "Exit status: 0 nothing left to collect (none found, or --delete "
+                       "deleted them all), 1 a dry run found leftovers, 2 could not finish "
+                       "(a server unreachable, a writer starting or changing): run it again.")
+    _add_cluster_args(p)
+    p.add_argument("--delete", action="store_true",
+                   help="delete the leftovers found (default: only report them)")
+    p.add_argument("--cache-dir", default=os.environ.get("FUSEFS_CACHE_DIR"), metavar="DIR",
+                   help="the cache directory of a mount whose daemon died on this machine "
+                        "(default ~/.cache/fusefs): what its local metadata still names is "
+                        "kept, so its other uploads can be collected")
+    p.add_argument("--json", action="store_true", help="machine-readable report on stdout")
 
     p = sub.add_parser("read-key", help="write a read-only key file for --read-only mounts",
                        description="Derive the cluster's read-only key from its secret and "
@@ -443,6 +464,56 @@ def cmd_fsck(args) -> int:
     return 0 if report.clean else 1
 
 
+# -- gc ---------------------------------------------------------------------------------------
+
+def cmd_gc(args) -> int:
+    import tempfile
+
+    from .cluster import ClusterConfig, ReplicatedStore
+    from .gc import Collector, Refused, format_plan
+
+    urls = _need_servers(args)
+    transport = _transport(args, writes=args.delete)
+    try:
+        found = superblock.read(transport, urls)
+        if found is None:
+            raise CliError("no filesystem on these servers")
+        given = {s["server_id"]: url for url, s in superblock.probe(transport, urls).items()
+                 if isinstance(s, dict)}
+        members = [Member(m.id, given.get(m.id, m.url)) for m in found.members]
+        sb = superblock.read_quorum(transport, members)
+    except errors.StorageError as e:
+        return _gc_failed(args, f"cannot read the superblock: {_explain(e)}")
+    members = [Member(m.id, given.get(m.id, m.url)) for m in sb.members]
+    store = ReplicatedStore(members, transport, ClusterConfig(replicas=sb.replicas,
+                                                              write_quorum=sb.write_quorum))
+    try:
+        store.start()
+        with tempfile.TemporaryDirectory(prefix="fusefs-gc-") as work:
+            collector = Collector(store, transport, members, work_dir=work,
+                                  progress=lambda m: print(f"gc: {m}", file=sys.stderr),
+                                  cache_dirs=[args.cache_dir] if args.cache_dir else [])
+            plan = collector.survey()
+            if args.delete and plan.ids:
+                collector.delete(plan)
+    except Refused as e:
+        return _gc_failed(args, str(e))
+    except errors.StorageError as e:
+        return _gc_failed(args, f"could not finish: {_explain(e)}; run it again")
+    finally:
+        store.close()
+    print(json.dumps(plan.as_dict(), indent=1) if args.json else format_plan(plan))
+    return plan.exit_status
+
+
+def _gc_failed(args, why: str) -> int:
+    print(f"fusefs gc: {why}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"complete": False, "deleted": False, "exit_status": 2,
+                          "error": why}, indent=1))
+    return 2
+
+
 # -- read-key ---------------------------------------------------------------------------------
 
 def cmd_read_key(args) -> int:
@@ -629,7 +700,7 @@ def cmd_down(args) -> int:
 
 
 COMMANDS = {"fsck": cmd_fsck, "mkfs": cmd_mkfs, "mount": cmd_mount, "umount": cmd_umount,
-            "read-key": cmd_read_key,
+            "gc": cmd_gc, "read-key": cmd_read_key,
             "status": cmd_status, "up": cmd_up, "down": cmd_down}
 
 

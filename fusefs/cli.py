@@ -33,6 +33,7 @@ commands, in the order you meet them:
   fusefs umount MNT                     upload everything dirty, then unmount
   fusefs mount --read-only ... MNT      follow the writer from another machine
   fusefs fsck --servers URL [--repair]  check (and repair) metadata against the blocks
+  fusefs scrub --servers URL [--rate R] verify every copy on every server, repair bad ones
   fusefs gc --servers URL [--delete]    find (and delete) blocks nothing references
   fusefs read-key --secret-file F OUT   a key for --read-only mounts that cannot write
 
@@ -107,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close() of a file opened for writing returns only once the file "
                         "is durable, as after fsync (slower; for programs that never fsync)")
     p.add_argument("--unsafe-no-journal", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--scrub-interval", type=float, default=0.0, metavar="SECONDS",
+                   help="scrub in the background: verify every copy on every server slowly "
+                        "(a few MiB/s) and repair bad ones, one pass every SECONDS (default "
+                        "0: off; `fusefs up` uses a day). Read-write mounts only")
     p.add_argument("-o", dest="options", default="", metavar="OPT[,OPT...]",
                    help="extra FUSE mount options, e.g. -o allow_other. A writer lets the "
                         "kernel cache attributes and names for 60 s (hard links stay right); "
@@ -142,6 +147,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the cache directory of a mount whose daemon died on this machine "
                         "(default ~/.cache/fusefs): what its local metadata still names is "
                         "kept, so its other uploads can be collected")
+    p.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+
+    p = sub.add_parser("scrub", help="verify every copy on every server; repair bad ones",
+                       description="Read and verify every copy of every block on every "
+                       "server of the filesystem (each server re-reads its files and checks "
+                       "their checksums; a bad copy is quarantined there), and put a copy "
+                       "verified on another server back where one was bad. Needs no "
+                       "metadata and is safe while the filesystem is mounted. Resumable: "
+                       "where each server's scrub stands is saved as it goes, so a scrub "
+                       "stopped by Ctrl-C or a failure continues there at its next run. "
+                       "Exit status: 0 every copy good or repaired, 1 some block has no "
+                       "intact copy anywhere (listed by id), 2 could not finish (a server "
+                       "unreachable): run it again.")
+    _add_cluster_args(p)
+    p.add_argument("--rate", type=size_argument, default=None, metavar="BYTES/S",
+                   help="read at most this much per second from the servers, e.g. 50MiB "
+                        "(default: as fast as they answer)")
+    p.add_argument("--state", metavar="FILE",
+                   help="where the scrub's progress is kept (default "
+                        "CACHE_DIR/<filesystem id>/scrub.json, shared with a mount's "
+                        "background scrub)")
+    p.add_argument("--cache-dir", default=os.environ.get("FUSEFS_CACHE_DIR"), metavar="DIR",
+                   help="the mount's cache directory, where the state lives (default "
+                        "~/.cache/fusefs)")
+    p.add_argument("--restart", action="store_true",
+                   help="start a new pass from the beginning instead of continuing an "
+                        "interrupted one")
     p.add_argument("--json", action="store_true", help="machine-readable report on stdout")
 
     p = sub.add_parser("read-key", help="write a read-only key file for --read-only mounts",
@@ -331,7 +363,8 @@ def _mount_config(args):
         tls_verify=transport.config.tls_verify,
         memory_cache=args.memory_cache, disk_cache=args.cache_size,
         dirty_limit=args.dirty_limit, read_only=args.read_only,
-        sync_on_close=args.sync_on_close, fuse_options=_parse_options(args.options))
+        sync_on_close=args.sync_on_close, fuse_options=_parse_options(args.options),
+        scrub_interval=0.0 if args.read_only else args.scrub_interval)
 
 
 def _mount_state(path: str) -> str:
@@ -512,6 +545,44 @@ def _gc_failed(args, why: str) -> int:
         print(json.dumps({"complete": False, "deleted": False, "exit_status": 2,
                           "error": why}, indent=1))
     return 2
+
+
+# -- scrub ------------------------------------------------------------------------------------
+
+def cmd_scrub(args) -> int:
+    from .scrub import ProgressPrinter, ScrubBusy, Scrubber, format_report
+
+    urls = _need_servers(args)
+    transport = _transport(args, writes=True)
+    try:
+        found = superblock.read(transport, urls)
+        if found is None:
+            raise CliError("no filesystem on these servers")
+        given = {s["server_id"]: url for url, s in superblock.probe(transport, urls).items()
+                 if isinstance(s, dict)}
+        sb = superblock.read_quorum(
+            transport, [Member(m.id, given.get(m.id, m.url)) for m in found.members])
+    except errors.StorageError as e:
+        print(f"fusefs scrub: cannot read the superblock: {_explain(e)}", file=sys.stderr)
+        return 2
+    servers = [Member(m.id, given.get(m.id, m.url)) for m in sb.servers]
+    cache_root = args.cache_dir or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fusefs")
+    state = args.state or os.path.join(os.path.abspath(cache_root), sb.fs_id, "scrub.json")
+    if not args.verbose:  # the progress lines say it all
+        logging.getLogger("fusefs.scrub").setLevel(logging.CRITICAL)
+    printer = ProgressPrinter(sys.stderr)
+    scrubber = Scrubber(transport, lambda: servers, state, sb.fs_id, rate=args.rate,
+                        progress=printer)
+    try:
+        report = scrubber.run_pass(restart=args.restart)
+    except ScrubBusy as e:
+        print(f"fusefs scrub: {e}", file=sys.stderr)
+        return 2
+    finally:
+        printer.close()
+    print(json.dumps(report.as_dict(), indent=1) if args.json else format_report(report))
+    return report.exit_status
 
 
 # -- read-key ---------------------------------------------------------------------------------
@@ -700,7 +771,7 @@ def cmd_down(args) -> int:
 
 
 COMMANDS = {"fsck": cmd_fsck, "mkfs": cmd_mkfs, "mount": cmd_mount, "umount": cmd_umount,
-            "gc": cmd_gc, "read-key": cmd_read_key,
+            "gc": cmd_gc, "read-key": cmd_read_key, "scrub": cmd_scrub,
             "status": cmd_status, "up": cmd_up, "down": cmd_down}
 
 

@@ -62,6 +62,7 @@ class MountConfig:
     checkpoint_records: int = 100_000
     journal: bool = True  # False only to measure what the journal costs
     sync_on_close: bool = False  # close(2) of a writer waits until the file is durable
+    scrub_interval: float = 0  # seconds between background scrub passes; 0: no scrubbing
 
 
 def private_dir(path: str) -> None:
@@ -154,6 +155,7 @@ def run(config: MountConfig) -> None:
             stack.callback(metadata.close)
             keeper = writer
             gate = lease if writer is not None else None  # None also for a local store
+            _start_scrubber(config, stack, transport, lease)
         _serve(config, stack, sb, store, metadata, keeper, gate, writer)
 
 
@@ -223,6 +225,24 @@ def _mount(config: MountConfig, stack, sb, fs: Filesystem, finish) -> None:
     mountpoint = os.fsencode(os.path.abspath(config.mountpoint)).decode("latin-1")
     Mount(ops, mountpoint, raw_fi=True, foreground=True, encoding="latin-1", **options)
     log.info("unmounted %s", config.mountpoint)
+
+
+def _start_scrubber(config: MountConfig, stack, transport, lease: Lease):
+    """The background scrub of a read-write mount (fusefs/scrub.py), slow and resumable
+    from `scrub.json` in the state directory; stopped before the transport closes. The
+    servers are the lease's newest superblock's, at the URLs this mount was given."""
+    if config.scrub_interval <= 0:
+        return None
+    from .scrub import BACKGROUND_RATE, Scrubber
+
+    given = {m.id: m.url for m in config.members}
+    scrubber = Scrubber(transport, lambda: [Member(m.id, given.get(m.id, m.url))
+                                            for m in lease.superblock.servers],
+                        os.path.join(config.state_dir, "scrub.json"),
+                        lease.superblock.fs_id, rate=BACKGROUND_RATE)
+    scrubber.start(config.scrub_interval)
+    stack.callback(scrubber.stop)
+    return scrubber
 
 
 def _db_path(config: MountConfig) -> str:

@@ -28,6 +28,7 @@ from .host import process_alive as _alive
 from .mounts import mount_state
 
 SERVERS = 3
+SCRUB_INTERVAL = 24 * 3600  # the mount verifies every copy in the background once a day
 
 
 def _free_port() -> int:
@@ -98,7 +99,8 @@ def up(directory: str) -> int:
         sys.stderr.write(mkfs.stderr)
         return 1
     mnt = os.path.join(root, "mnt")
-    if _mount(mnt, [*common, "--cache-dir", os.path.join(root, "cache")]) != 0:
+    if _mount(mnt, [*common, "--cache-dir", os.path.join(root, "cache"),
+                    "--scrub-interval", str(SCRUB_INTERVAL)]) != 0:
         return 1
     print(f"""fusefs is up: a filesystem on {SERVERS} local block servers, mounted at
   {mnt}

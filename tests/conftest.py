@@ -75,6 +75,7 @@ TIERS = {
     "test_mount_random": "mount",
     "test_mount_tools": "mount",
     "test_fsck": "mount",
+    "test_scrub": "mount",
     "test_writer_lease": "mount",
     "test_embedded": "mount",
     "test_fencing": "mount",

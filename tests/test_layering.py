@@ -90,7 +90,7 @@ FUSEFS_LAYERS = [
     {"fuse_glue", "fuse_ops", "kernel_attrs", "paths"},
     {"filesystem"},
     {"metadata", "cache", "flusher", "filedata", "journal", "follower", "loading", "lease",
-     "checkpoint", "segments", "leftovers"},
+     "checkpoint", "segments", "leftovers", "scrub"},
     {"cluster", "memstore", "health", "placement", "blockstore", "superblock", "host", "mounts"},
     {"transport"},
     {"errors", "__init__"},

@@ -64,6 +64,17 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", metavar="PEM", help="CA bundle to verify https servers with")
 
 
+def metrics_address(text: str) -> str:
+    """argparse type of --metrics: "ADDR:PORT", checked here, parsed by the daemon."""
+    from .metrics import parse_address
+
+    try:
+        parse_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusefs", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-on-close", action="store_true",
                    help="close() of a file opened for writing returns only once the file "
                         "is durable, as after fsync (slower; for programs that never fsync)")
+    p.add_argument("--metrics", type=metrics_address, default=None, metavar="ADDR:PORT",
+                   help="serve Prometheus metrics at http://ADDR:PORT/metrics: operation "
+                        "counts and latencies, block requests, cache, upload backlog, "
+                        "servers and repair state (docs/metrics.md). Off by default. Binds "
+                        "exactly ADDR and has no authentication: use 127.0.0.1 unless the "
+                        "network is trusted")
     p.add_argument("--unsafe-no-journal", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--scrub-interval", type=float, default=0.0, metavar="SECONDS",
                    help="scrub in the background: verify every copy on every server slowly "
@@ -362,7 +379,7 @@ def _mount_config(args):
         secret=transport.config.secret, role=transport.config.role,
         tls_verify=transport.config.tls_verify,
         memory_cache=args.memory_cache, disk_cache=args.cache_size,
-        dirty_limit=args.dirty_limit, read_only=args.read_only,
+        dirty_limit=args.dirty_limit, read_only=args.read_only, metrics=args.metrics,
         sync_on_close=args.sync_on_close, fuse_options=_parse_options(args.options),
         scrub_interval=0.0 if args.read_only else args.scrub_interval)
 

@@ -37,6 +37,7 @@ from .host import new_mount_id
 from .journal import Journal
 from .lease import LEASE_SECONDS, Lease, new_lease
 from .loading import open_metadata
+from .metrics import MetricsError, MountMetrics, oldest_dirty_seconds, parse_address, status_file
 from .transport import Member, Transport, TransportConfig
 
 log = logging.getLogger("fusefs.daemon")
@@ -62,6 +63,7 @@ class MountConfig:
     checkpoint_records: int = 100_000
     journal: bool = True  # False only to measure what the journal costs
     sync_on_close: bool = False  # close(2) of a writer waits until the file is durable
+    metrics: str | None = None  # ADDR:PORT of the Prometheus endpoint (metrics.py); None: off
     scrub_interval: float = 0  # seconds between background scrub passes; 0: no scrubbing
 
 
@@ -137,8 +139,10 @@ def run(config: MountConfig) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # before any thread starts
     with contextlib.ExitStack() as stack:
         stack.enter_context(_lock_state_dir(config.state_dir))
+        meter = _start_metrics(config, stack)
         transport = Transport(TransportConfig(secret=config.secret, role=config.role,
-                                              tls_verify=config.tls_verify))
+                                              tls_verify=config.tls_verify),
+                              observe=meter.request if meter is not None else None)
         sb = config.superblock
         store = ReplicatedStore(config.members, transport,
                                 ClusterConfig(replicas=sb.replicas, write_quorum=sb.write_quorum))
@@ -156,10 +160,11 @@ def run(config: MountConfig) -> None:
             keeper = writer
             gate = lease if writer is not None else None  # None also for a local store
             _start_scrubber(config, stack, transport, lease)
-        _serve(config, stack, sb, store, metadata, keeper, gate, writer)
+        _serve(config, stack, sb, store, metadata, keeper, gate, writer, meter)
 
 
-def _serve(config: MountConfig, stack, sb, store, metadata, keeper, gate, writer) -> None:
+def _serve(config: MountConfig, stack, sb, store, metadata, keeper, gate, writer,
+           meter=None) -> None:
     """Build the cache, flusher, filesystem and adapter over the loaded metadata, and
     serve the mount until it is unmounted. `keeper` is the journal (or follower)."""
     cache = BlockCache(store, memory_bytes=config.memory_cache,
@@ -202,10 +207,12 @@ def _serve(config: MountConfig, stack, sb, store, metadata, keeper, gate, writer
             keeper.close()
         log.info("all data and metadata uploaded")
 
-    _mount(config, stack, sb, fs, finish)
+    if meter is not None:
+        meter.dirty_age = lambda: oldest_dirty_seconds(flusher)
+    _mount(config, stack, sb, fs, finish, meter)
 
 
-def _mount(config: MountConfig, stack, sb, fs: Filesystem, finish) -> None:
+def _mount(config: MountConfig, stack, sb, fs: Filesystem, finish, meter=None) -> None:
     """The FUSE adapter over `fs`: serve until unmounted; `finish` uploads everything."""
     refresher = None
     if not config.read_only:
@@ -215,7 +222,7 @@ def _mount(config: MountConfig, stack, sb, fs: Filesystem, finish) -> None:
         else:
             log.warning("this kernel has no openat2 RESOLVE_CACHED (Linux 5.12): the "
                         "kernel will cache no attributes, which makes metadata slower")
-    ops = FuseOps(fs, on_destroy=finish, refresher=refresher)
+    ops = FuseOps(fs, on_destroy=finish, refresher=refresher, meter=meter)
     fs.subscribe(ops.forget_paths)  # a follower's changes
     _stop_on_signal(config.mountpoint, finish)
     options = mount_options(config.read_only, config.fuse_options,
@@ -243,6 +250,21 @@ def _start_scrubber(config: MountConfig, stack, transport, lease: Lease):
     scrubber.start(config.scrub_interval)
     stack.callback(scrubber.stop)
     return scrubber
+
+
+def _start_metrics(config: MountConfig, stack) -> MountMetrics | None:
+    """With --metrics: the mount's metrics (fusefs/metrics.py), served from now on, before
+    anything is mounted, so a port in use fails the mount at once. Gauges are read from
+    status.json at each scrape: the figures `fusefs status` shows."""
+    if config.metrics is None:
+        return None
+    meter = MountMetrics(status=status_file(os.path.join(config.state_dir, "status.json")))
+    try:
+        meter.serve(*parse_address(config.metrics))
+    except (MetricsError, ValueError) as e:
+        raise SystemExit(f"fusefs: {e}") from None
+    stack.callback(meter.close)
+    return meter
 
 
 def _db_path(config: MountConfig) -> str:

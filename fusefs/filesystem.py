@@ -20,6 +20,7 @@ import stat
 import threading
 from dataclasses import dataclass
 
+from . import replicas
 from .errors import Fenced, FsError
 from .filedata import DataPath, FileData
 from .flusher import Flusher
@@ -533,17 +534,31 @@ class Filesystem:
     # -- extended attributes ----------------------------------------------------------------
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        self._inode(ino)
+        inode = self._inode(ino)
+        if name == replicas.NAME:  # computed, never stored: ENODATA for all but files
+            if not stat.S_ISREG(inode.mode):
+                raise FsError(errno.ENODATA)
+            live = self.flusher.live(ino)
+            pending = []
+            if live is not None:
+                with live.lock:
+                    pending = list(live.dirty)
+            refs = self.metadata.block_refs(ino, 0, 2**62)
+            return replicas.report(self.flusher.store, refs, pending).encode()
         value = self.metadata.xattr(ino, name)
         if value is None:
             raise FsError(errno.ENODATA)
         return value
 
     def listxattr(self, ino: int) -> list[bytes]:
+        """The stored attributes; never `user.fusefs.replicas`, so that copying tools
+        (cp -a, rsync -X) do not try to copy it."""
         self._inode(ino)
-        return self.metadata.xattr_names(ino)
+        return [n for n in self.metadata.xattr_names(ino) if n != replicas.NAME]
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        if name == replicas.NAME:
+            raise FsError(errno.EPERM, "user.fusefs.replicas is computed, read-only")
         self._writable()
         self._inode(ino)
         if name.startswith(b"system."):
@@ -564,6 +579,8 @@ class Filesystem:
         self._ctime_changed(ino)
 
     def removexattr(self, ino: int, name: bytes) -> None:
+        if name == replicas.NAME:
+            raise FsError(errno.EPERM, "user.fusefs.replicas is computed, read-only")
         self._writable()
         self._inode(ino)
         if not self.metadata.remove_xattr(ino, name):

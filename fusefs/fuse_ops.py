@@ -25,13 +25,14 @@ import time
 
 from fuse import FuseOSError, Operations, fuse_get_context
 
-from . import errors
+from . import errors, replicas
 from .filesystem import Filesystem
 from .metadata import ROOT_INO
 from .paths import PathCache
 
 log = logging.getLogger("fusefs.fuse")
 
+REPLICAS_MEMO = 2.0  # seconds a computed user.fusefs.replicas value is answered again
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
@@ -58,18 +59,63 @@ def errno_of(e: Exception, call: str, args: tuple) -> int:
     return errno.EIO
 
 
-def _op(fn):
-    """Run a callback; turn every failure into an errno (EIO for the unexpected)."""
+def _quiet_errno(e: Exception) -> int:
+    """The errno `errno_of` answers `e` with, without logging (for counting)."""
+    if isinstance(e, (errors.FsError, errors.StorageError, errors.MetadataFailed,
+                      FuseOSError)):
+        return e.errno
+    return errno.EIO
+
+
+def _op(fn, timed: bool = True):
+    """Run a callback; turn every failure into an errno (EIO for the unexpected). With a
+    meter (`--metrics`), count it and its errors under its name (unless `timed` is False:
+    the glue calls another, timed, method for it)."""
+    name = fn.__name__
 
     @functools.wraps(fn)
     def callback(self, *args):
+        meter = self.meter if timed else None
+        started = time.perf_counter() if meter is not None else 0.0
         try:
             return fn(self, *args)
         except Exception as e:  # noqa: BLE001 - the contract: an errno, never an escape
-            raise FuseOSError(errno_of(e, fn.__name__, args)) from None
+            code = errno_of(e, name, args)
+            if meter is not None:
+                meter.op_failed(name, code)
+            raise FuseOSError(code) from None
+        finally:
+            if meter is not None:
+                meter.op_done(name, time.perf_counter() - started)
 
     callback.errno_wrapper = True  # what tests check: this wrapper, not any functools.wraps
     return callback
+
+
+def _glue_op(fn):
+    """A callback that fuse_glue.Mount answers through another method (timed there)."""
+    return _op(fn, timed=False)
+
+
+def _timed(name: str):
+    """Count a method that fuse_glue.Mount calls directly for the operation `name`; its
+    errors go on to the glue, which turns them into errnos."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def timed(self, *args):
+            meter = self.meter
+            if meter is None:
+                return fn(self, *args)
+            started = time.perf_counter()
+            try:
+                return fn(self, *args)
+            except Exception as e:
+                meter.op_failed(name, _quiet_errno(e))
+                raise
+            finally:
+                meter.op_done(name, time.perf_counter() - started)
+        return timed
+    return decorate
 
 
 # libfuse 2 keeps a file that is unlinked (or renamed over) while open reachable: it renames
@@ -94,16 +140,20 @@ STAT_KEYS = ("st_ino", "st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st
 class FuseOps(Operations):
     """fusepy's Operations over a `Filesystem`: paths to inodes (`paths`), errors to errnos
     (`_op`), libfuse's hidden names of open files whose name is gone (`_hidden`), and the
-    refresh of a hard-linked file's other names after a change (`refresher`). `_lock`
-    protects `_renames`, `_last_rename` and `_hidden`; it is a leaf."""
+    refresh of a hard-linked file's other names after a change (`refresher`). With a
+    `meter` (fusefs/metrics.py), every callback is counted and timed under its name, and
+    its errors under their errno. `_lock` protects `_renames`, `_last_rename`, `_hidden`
+    and `_replicas` (the memo of the computed xattr); it is a leaf."""
 
     use_ns = True  # times as integer nanoseconds
     flag_utime_omit_ok = 1  # receive UTIME_OMIT/UTIME_NOW: touch -m, tar x keep mtimes
     flag_nullpath_ok = 1  # calls on open-but-unlinked files arrive without a path
 
-    def __init__(self, fs: Filesystem, on_destroy=None, refresher=None):
+    def __init__(self, fs: Filesystem, on_destroy=None, refresher=None, meter=None):
         self.fs = fs
         self.on_destroy = on_destroy
+        self.meter = meter  # metrics.MountMetrics with --metrics, else None
+        self._replicas: dict[int, tuple[float, bytes]] = {}  # guarded by _lock
         # With kernel attribute caching on, refreshes the other names of hard-linked files
         # after a change (see kernel_attrs.py); None when the kernel caches no attributes.
         self.refresher = refresher
@@ -171,6 +221,7 @@ class FuseOps(Operations):
 
     # -- attributes -------------------------------------------------------------------------
 
+    @_timed("getattr")
     def attributes(self, path, fh=None) -> tuple:
         """getattr's answer as a tuple in STAT_KEYS order. Raises what the core raises:
         for the glue (fuse_glue.py), which translates errors with `errno_of`."""
@@ -180,7 +231,7 @@ class FuseOps(Operations):
         return (i.ino, i.mode, i.nlink, i.uid, i.gid, i.rdev, i.size, 131072,
                 (i.stored + 511) // 512, i.atime_ns, i.mtime_ns, i.ctime_ns)
 
-    @_op
+    @_glue_op
     def getattr(self, path, fh=None):
         return dict(zip(STAT_KEYS, self.attributes(path, fh)))
 
@@ -335,13 +386,14 @@ class FuseOps(Operations):
         self.paths.resolve(path)
         return 0
 
+    @_timed("readdir")
     def entries(self, path) -> list[tuple[bytes, int]]:
         """readdir's answer as (name, inode number) pairs, "." and ".." first (0: libfuse
         fills in nothing for them). Raises what the core raises: for the glue."""
         ino = self.paths.resolve(path)
         return [(b".", 0), (b"..", 0)] + self.fs.readdir_entries(ino)
 
-    @_op
+    @_glue_op
     def readdir(self, path, fh):
         return [(_s(name), {"st_ino": ino} if ino else None, 0)
                 for name, ino in self.entries(path)]
@@ -390,6 +442,7 @@ class FuseOps(Operations):
             self._after_change(self.fs.handle_ino(fi.fh), path)
         return written
 
+    @_timed("fallocate")
     def allocate(self, path, mode, offset, length, fh) -> None:
         """fallocate(2) through an open file (the glue calls this; it raises what the core
         raises)."""
@@ -397,7 +450,7 @@ class FuseOps(Operations):
         if self.refresher is not None and self.fs.has_hard_links():
             self._after_change(self.fs.handle_ino(fh), path)
 
-    @_op
+    @_glue_op
     def fallocate(self, path, mode, offset, length, fh):
         self.allocate(path, mode, offset, length, fh)
         return 0
@@ -424,11 +477,31 @@ class FuseOps(Operations):
 
     # -- extended attributes ----------------------------------------------------------------
 
+    @_timed("getxattr")
     def xattr_value(self, path, name) -> bytes:
         """getxattr's answer; raises what the core raises (for the glue, like attributes)."""
-        return self.fs.getxattr(self.paths.resolve(path), _b(name))
+        ino, raw = self.paths.resolve(path), _b(name)
+        if raw == replicas.NAME:
+            return self._replicas_value(ino)
+        return self.fs.getxattr(ino, raw)
 
-    @_op
+    def _replicas_value(self, ino: int) -> bytes:
+        """The computed `user.fusefs.replicas`, kept for REPLICAS_MEMO seconds: a reader
+        asks for the size first, then for the value, and both must agree (and the second
+        should not ask every server again)."""
+        now = time.monotonic()
+        with self._lock:
+            memo = self._replicas.get(ino)
+        if memo is not None and now - memo[0] < REPLICAS_MEMO:
+            return memo[1]
+        value = self.fs.getxattr(ino, replicas.NAME)  # asks the servers: no lock held
+        with self._lock:
+            if len(self._replicas) >= 64:
+                self._replicas.clear()
+            self._replicas[ino] = (now, value)
+        return value
+
+    @_glue_op
     def getxattr(self, path, name, position=0):
         return self.xattr_value(path, name)
 

@@ -22,6 +22,12 @@ headers we act on: a man in the middle or a server without the key cannot forge 
 registers or errors (`AuthenticationFailed`), and an answer from another server is
 `WrongServer`. Every failure leaves this module as one of the project's own
 `fusefs.errors` exceptions, translated by the two tables below.
+
+`observe`, when given, hears of every request once it ended (the mount's metrics,
+fusefs/metrics.py): method, endpoint (`endpoint_of`, one of a few names), outcome ("ok"
+or the class of the error raised: "BlockMissing", "Timeout", ...), bytes sent and
+received, seconds. It runs on the caller's thread after the answer was read, so it must
+be quick; what it raises is ignored (counting never fails a request).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import hmac
 import http.client
 import json
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -124,12 +131,30 @@ class Reply:
 
 _DIGEST_MEMO = 256  # bodies whose SHA-256 is kept for the next replica's request
 
+# Endpoint names for `observe`, by path prefix (one block's path before the listing's): a
+# bounded set, never a block id or register name.
+_ENDPOINTS = (
+    (protocol.BLOCKS + "/", "block"), (protocol.BLOCKS, "listing"),
+    (protocol.REGISTERS, "register"), (protocol.BATCH_PUT, "batch_put"),
+    (protocol.BATCH_GET, "batch_get"), (protocol.BATCH_CHECK, "batch_check"),
+    (protocol.BATCH_DELETE, "batch_delete"), (protocol.STATUS, "status"),
+)
+
+
+def endpoint_of(path: str) -> str:
+    """The name of the endpoint a request path is for ("block", "batch_put", ...)."""
+    for prefix, name in _ENDPOINTS:
+        if path.startswith(prefix):
+            return name
+    return "other"
+
 
 class Transport:
     """Signed HTTP calls to block servers, with the project's exceptions and timeouts."""
 
-    def __init__(self, config: TransportConfig):
+    def __init__(self, config: TransportConfig, observe=None):
         self.config = config
+        self._observe = observe  # (method, endpoint, outcome, sent, received, seconds)
         self._adapter = requests.adapters.HTTPAdapter(
             pool_connections=64, pool_maxsize=max(1, config.pool_size), max_retries=0)
         self._lock = threading.Lock()  # guards the three dicts below; never held over I/O
@@ -175,6 +200,30 @@ class Transport:
         `body_digest`, when the caller already has it (content_digest of the body), saves
         hashing the body again. (`body_checksum` is ignored: the signature needs the
         SHA-256, not the block's xxh3.)"""
+        if self._observe is None:
+            return self._call(member, method, path, body, headers, ok, timeout, body_digest)
+        started = time.perf_counter()
+        outcome, received = "ok", 0
+        try:
+            reply = self._call(member, method, path, body, headers, ok, timeout, body_digest)
+            received = len(reply.content)
+            return reply
+        except Exception as e:
+            outcome = type(e).__name__  # BlockMissing, Timeout, Unavailable, ...
+            raise
+        finally:
+            self._report(method, path, outcome, len(body), received,
+                         time.perf_counter() - started)
+
+    def _report(self, method: str, path: str, outcome: str, sent: int, received: int,
+                seconds: float) -> None:
+        try:
+            self._observe(method, endpoint_of(path), outcome, sent, received, seconds)
+        except Exception:  # noqa: BLE001 - counting must never fail a request
+            pass
+
+    def _call(self, member: Member, method: str, path: str, body, headers, ok, timeout,
+              body_digest) -> Reply:
         sent = dict(headers or {})
         nonce = None
         if self.config.secret is not None:

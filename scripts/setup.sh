@@ -28,7 +28,8 @@ if command -v dpkg-query >/dev/null; then
   if have_pkg libfuse2 || have_pkg libfuse2t64; then :
   elif apt-cache show libfuse2t64 >/dev/null 2>&1; then apt_install libfuse2t64
   else apt_install libfuse2; fi
-  apt_install fuse3 ${FUSEFS_EXTRA_PACKAGES:-}
+  # attr: getfattr shows a file's health (user.fusefs.replicas, docs/metrics.md)
+  apt_install fuse3 attr ${FUSEFS_EXTRA_PACKAGES:-}
 else
   echo "setup: not a Debian/Ubuntu machine; install libfuse 2 and fuse3 yourself" >&2
 fi

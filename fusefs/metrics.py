@@ -119,8 +119,10 @@ class MountMetrics:
         self._request_bytes = Counter(
             "fusefs_block_request_bytes", "Bytes of request and answer bodies",
             ["method", "endpoint", "direction"], registry=self.registry)
+        # Children resolved once per label set: labels() costs more than the update.
         self._ops: dict[str, object] = {}  # op name -> its histogram child
-        self._ops_lock = threading.Lock()
+        self._errors: dict[tuple[str, int], object] = {}  # (op, errno) -> counter child
+        self._children_lock = threading.Lock()
         self.registry.register(_StatusCollector(self))
         self._server = None
         self._thread = None
@@ -130,12 +132,17 @@ class MountMetrics:
     def op_done(self, name: str, seconds: float) -> None:
         child = self._ops.get(name)
         if child is None:
-            with self._ops_lock:
+            with self._children_lock:
                 child = self._ops[name] = self._op_seconds.labels(name)
         child.observe(seconds)
 
     def op_failed(self, name: str, code: int) -> None:
-        self._op_errors.labels(name, errno.errorcode.get(code, str(code))).inc()
+        child = self._errors.get((name, code))
+        if child is None:
+            with self._children_lock:
+                child = self._errors[name, code] = self._op_errors.labels(
+                    name, errno.errorcode.get(code, str(code)))
+        child.inc()
 
     def request(self, method: str, endpoint: str, outcome: str, sent: int, received: int,
                 seconds: float) -> None:

@@ -79,6 +79,8 @@ TIERS = {
     "test_writer_lease": "mount",
     "test_embedded": "mount",
     "test_fencing": "mount",
+    "test_metrics": "mount",
+    "test_replicas_xattr": "mount",
     "test_mount_promises": "crash",
     "test_mount_failures": "crash",
     "test_mount_recovery": "crash",

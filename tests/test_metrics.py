@@ -1,0 +1,140 @@
+"""The mounted client's Prometheus endpoint (`fusefs mount --metrics`, fusefs/metrics.py):
+a real mount on real servers, scraped over 127.0.0.1 and read with prometheus_client's own
+parser. Counters must move by what the test did; gauges come from the mount's status."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from fusefs.metrics import parse_address
+
+from .support import wait_until
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict:
+    """{(sample name, frozenset of labels): value} of everything the endpoint serves."""
+    reply = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    assert reply.status_code == 200
+    assert reply.headers["Content-Type"].startswith("text/plain")
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(reply.text)
+            for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    """One sample's value (0 when the series does not exist yet)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    """The sum of every sample `name` whose labels include `labels`."""
+    return sum(v for (n, ls), v in samples.items()
+               if n == name and set(labels.items()) <= set(ls))
+
+
+def op_count(samples: dict, op: str) -> float:
+    return value(samples, "fusefs_fuse_op_seconds_count", op=op)
+
+
+def puts(samples: dict) -> tuple[float, float]:
+    """(block PUT requests that succeeded, bytes they sent)."""
+    count = bytes_sent = 0.0
+    for method, endpoint in (("PUT", "block"), ("POST", "batch_put")):
+        count += value(samples, "fusefs_block_request_seconds_count", method=method,
+                       endpoint=endpoint, outcome="ok")
+        bytes_sent += value(samples, "fusefs_block_request_bytes_total", method=method,
+                            endpoint=endpoint, direction="sent")
+    return count, bytes_sent
+
+
+def test_operations_requests_and_gauges_of_a_real_mount(fusefs_mount):
+    port = free_port()
+    m = fusefs_mount(mount=["--metrics", f"127.0.0.1:{port}"])
+    wait_until(lambda: total(scrape(port), "fusefs_server_up") == 3, "the first status")
+    before = scrape(port)
+
+    os.mkdir(os.path.join(m.path, "d"))
+    data = os.urandom(300_000)
+    for i in range(4):
+        fd = os.open(os.path.join(m.path, "d", f"f{i}"), os.O_CREAT | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    with pytest.raises(FileNotFoundError):
+        os.stat(os.path.join(m.path, "d", "no-such-file"))
+    assert sorted(os.listdir(os.path.join(m.path, "d"))) == [f"f{i}" for i in range(4)]
+
+    after = scrape(port)
+    assert op_count(after, "mkdir") - op_count(before, "mkdir") == 1
+    assert op_count(after, "create") - op_count(before, "create") == 4
+    assert op_count(after, "fsync") - op_count(before, "fsync") == 4
+    assert op_count(after, "write") - op_count(before, "write") >= 4
+    assert op_count(after, "readdir") > op_count(before, "readdir")
+    missing = ("fusefs_fuse_op_errors_total", "getattr", "ENOENT")
+    assert value(after, missing[0], op=missing[1], errno=missing[2]) \
+        > value(before, missing[0], op=missing[1], errno=missing[2])
+    # A latency histogram per operation: its +Inf bucket holds every call.
+    assert value(after, "fusefs_fuse_op_seconds_bucket", op="fsync", le="+Inf") \
+        == op_count(after, "fsync")
+
+    # fsync returned: W=2 copies of each file's block are on the servers.
+    (puts_before, sent_before), (puts_after, sent_after) = puts(before), puts(after)
+    assert puts_after - puts_before >= 4 * 2
+    assert sent_after - sent_before >= 4 * 2 * len(data)
+
+    # Gauges from the mount's status (and the cache's counters): every server up.
+    gauges = scrape(port)
+    assert ("fusefs_dirty_bytes", frozenset()) in gauges
+    for name in ("fusefs_repair_backlog_copies", "fusefs_copies_behind_bytes",
+                 "fusefs_dirty_oldest_seconds", "fusefs_status_age_seconds"):
+        assert (name, frozenset()) in gauges, name
+    for tier in ("memory", "disk"):
+        assert ("fusefs_cache_hits_total", frozenset({("tier", tier)})) in gauges
+    assert ("fusefs_cache_misses_total", frozenset()) in gauges
+    for server in m.servers:
+        assert total(gauges, "fusefs_server_up", url=server.url) == 1
+
+    # A stopped server: its up gauge goes to 0 within seconds, the others stay 1.
+    stopped = m.servers[2]
+    stopped.stop()
+    wait_until(lambda: total(scrape(port), "fusefs_server_up", url=stopped.url) == 0,
+               "the stopped server's up gauge at 0")
+    final = scrape(port)
+    assert [total(final, "fusefs_server_up", url=s.url) for s in m.servers[:2]] == [1, 1]
+
+
+def test_a_port_in_use_fails_the_mount_saying_so(fusefs_mount):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        m = fusefs_mount()
+        m.umount()
+        result = m.cli("mount", *m.cluster_args(), "--cache-dir", m.cache_dir,
+                       "--metrics", f"127.0.0.1:{port}", m.path, check=False)
+    assert result.returncode != 0
+    assert "port is in use" in result.stderr, result.stderr
+    assert f"127.0.0.1:{port}" in result.stderr, result.stderr
+    assert not m.mounted
+
+
+def test_the_address_must_name_host_and_port():
+    assert parse_address("127.0.0.1:9110") == ("127.0.0.1", 9110)
+    assert parse_address("[::1]:9110") == ("::1", 9110)
+    for wrong in ("9110", ":9110", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:http",
+                  "127.0.0.1:70000"):
+        with pytest.raises(ValueError):
+            parse_address(wrong)

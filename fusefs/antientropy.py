@@ -279,7 +279,8 @@ class Repairer:
                 self._kick.clear()
                 seen = states
                 try:
-                    self.run_pass()
+                    if self.run_pass().fixed:
+                        self._kick.set()  # survey again: what is left, and fresh figures
                 except Exception as e:  # noqa: BLE001 - the next pass tries again
                     log.warning("repair pass failed (retried later): %s", e,
                                 exc_info=not isinstance(e, errors.StorageError))
@@ -296,7 +297,8 @@ class Repairer:
         self.last_survey = found
         return found
 
-    def run_pass(self) -> PassReport:
+    def run_pass(self, move: bool = True) -> PassReport:
+        """Survey, then repair; `move` False leaves hand-off copies where they are."""
         report = PassReport(started=time.time())
         self.current = report
         try:
@@ -307,7 +309,7 @@ class Repairer:
             for server, why in found.unlisted.items():
                 report.errors.append(f"server {server} could not be listed: {why}")
             if found.damage:
-                self._repair(self._ordered(found.damage), report)
+                self._repair(self._ordered(found.damage), report, move)
         finally:
             report.finished = time.time()
             self.current = None
@@ -327,7 +329,7 @@ class Repairer:
         rest = sorted((d for d in damage if d.block_id not in order), key=lambda d: d.block_id)
         return first + rest
 
-    def _repair(self, damage: list[Damage], report: PassReport) -> None:
+    def _repair(self, damage: list[Damage], report: PassReport, move: bool) -> None:
         throttle = _Throttle(self.rate, self._stop)
         total = sum(len(d.missing) for d in damage)
         by_target: dict[str, list[Damage]] = {}
@@ -342,7 +344,8 @@ class Repairer:
                 self._copy_chunk(target, chunk, report, throttle)
                 self.progress(f"copied {report.copied} of {total} missing copies "
                               f"({protocol.format_size(report.bytes_copied)})")
-        self._move_handoffs([d for d in damage if d.extra], report)
+        if move:
+            self._move_handoffs([d for d in damage if d.extra], report)
         with self._lock:
             for item in damage:
                 self._reported.pop(item.block_id, None)

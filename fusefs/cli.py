@@ -36,6 +36,9 @@ commands, in the order you meet them:
   fusefs scrub --servers URL [--rate R] verify every copy on every server, repair bad ones
   fusefs gc --servers URL [--delete]    find (and delete) blocks nothing references
   fusefs read-key --secret-file F OUT   a key for --read-only mounts that cannot write
+  fusefs repair --servers URL           give every live block its R copies on its homes
+  fusefs servers list|add|remove|replace  change the servers, online (drains first)
+  fusefs status --servers URL           the whole cluster's health (exit 1 if not healthy)
 
 environment: FUSEFS_SERVERS, FUSEFS_SECRET_FILE and FUSEFS_CACHE_DIR stand in for
 --servers, --secret-file and --cache-dir. Sizes take units: 4KiB, 1MiB, 2GiB."""
@@ -146,26 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "fsck takes the writer lease while it repairs)")
     p.add_argument("--json", action="store_true", help="machine-readable report")
 
-    p = sub.add_parser("gc", help="delete blocks that no metadata can reference",
-                       description="Find the blocks on the servers that nothing can read "
-                       "again (uploads of a client that crashed or lost its lease, "
-                       "checkpoints and journal segments nobody deleted) and, with "
-                       "--delete, delete them. A dry run by default: it shows per server "
-                       "how many blocks and bytes would go. Safe while the filesystem is "
-                       "mounted: the running writer's blocks (their ids carry its tag) are "
-                       "left alone, and nothing is deleted if another writer came meanwhile. "
-                       "Exit status: 0 nothing left to collect (none found, or --delete "
-                       "deleted them all), 1 a dry run found leftovers, 2 could not finish "
-                       "(a server unreachable, a writer starting or changing): run it again.")
-    _add_cluster_args(p)
-    p.add_argument("--delete", action="store_true",
-                   help="delete the leftovers found (default: only report them)")
-    p.add_argument("--cache-dir", default=os.environ.get("FUSEFS_CACHE_DIR"), metavar="DIR",
-                   help="the cache directory of a mount whose daemon died on this machine "
-                        "(default ~/.cache/fusefs): what its local metadata still names is "
-                        "kept, so its other uploads can be collected")
-    p.add_argument("--json", action="store_true", help="machine-readable report on stdout")
-
     p = sub.add_parser("scrub", help="verify every copy on every server; repair bad ones",
                        description="Read and verify every copy of every block on every "
                        "server of the filesystem (each server re-reads its files and checks "
@@ -193,6 +176,63 @@ def build_parser() -> argparse.ArgumentParser:
                         "interrupted one")
     p.add_argument("--json", action="store_true", help="machine-readable report on stdout")
 
+    p = sub.add_parser("gc", help="delete blocks that no metadata can reference",
+                       description="Find the blocks on the servers that nothing can read "
+                       "again (uploads of a client that crashed or lost its lease, "
+                       "checkpoints and journal segments nobody deleted) and, with "
+                       "--delete, delete them. A dry run by default: it shows per server "
+                       "how many blocks and bytes would go. Safe while the filesystem is "
+                       "mounted: the running writer's blocks (their ids carry its tag) are "
+                       "left alone, and nothing is deleted if another writer came meanwhile. "
+                       "Exit status: 0 nothing left to collect (none found, or --delete "
+                       "deleted them all), 1 a dry run found leftovers, 2 could not finish "
+                       "(a server unreachable, a writer starting or changing): run it again.")
+    _add_cluster_args(p)
+    p.add_argument("--delete", action="store_true",
+                   help="delete the leftovers found (default: only report them)")
+    p.add_argument("--cache-dir", default=os.environ.get("FUSEFS_CACHE_DIR"), metavar="DIR",
+                   help="the cache directory of a mount whose daemon died on this machine "
+                        "(default ~/.cache/fusefs): what its local metadata still names is "
+                        "kept, so its other uploads can be collected")
+    p.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+
+    p = sub.add_parser("repair", help="give every live block R healthy copies on its homes",
+                       description="Compare what the metadata names with what every server "
+                       "lists, copy every missing copy from a healthy one, and move copies "
+                       "that sit outside their homes (written while a server was down, or "
+                       "before a membership change) home. The mounted writer does the same "
+                       "continuously in the background; this runs it now. Safe while "
+                       "mounted. Exit status: 0 every live block has R healthy copies on "
+                       "its homes, 1 not (a server down, a block lost: the report says), "
+                       "2 could not run.")
+    _add_cluster_args(p)
+    p.add_argument("--rate", type=size_argument, default=None, metavar="BYTES/S",
+                   help="copy at most this much per second (default: no limit)")
+    p.add_argument("--check", action="store_true", help="only report, change nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+
+    p = sub.add_parser("servers", help="list, add, remove or replace block servers",
+                       description="Change the servers the filesystem lives on, online: "
+                       "mounts pick the change up within seconds, without a remount. "
+                       "`add URL` moves to the new server only the blocks whose homes "
+                       "changed; `remove SERVER` drains it first (every block it holds gets "
+                       "its copies elsewhere, so no block ever has fewer than R) and then "
+                       "drops it; `replace OLD NEW` puts an empty server in place of OLD, "
+                       "draining OLD if it still answers, rebuilding its copies from the "
+                       "others if it is dead. SERVER is a URL or a server id. Exit status: "
+                       "0 done (list: every server up), 1 not finished or a server down, "
+                       "2 refused or failed.")
+    p.add_argument("action", choices=("list", "add", "remove", "replace"))
+    p.add_argument("names", nargs="*", metavar="SERVER",
+                   help="add: URL; remove: SERVER; replace: OLD NEW")
+    _add_cluster_args(p)
+    p.add_argument("--rate", type=size_argument, default=None, metavar="BYTES/S",
+                   help="copy at most this much per second (default: no limit)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="add: change the membership and return; the mounted writer moves "
+                        "the blocks in the background")
+    p.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+
     p = sub.add_parser("read-key", help="write a read-only key file for --read-only mounts",
                        description="Derive the cluster's read-only key from its secret and "
                        "write it to OUT (mode 0600). A mount given that file "
@@ -216,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "`fusefs mount` or `fusefs up` mounts it again.")
     p.add_argument("mountpoint", nargs="?", metavar="MOUNTPOINT")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_cluster_args(p)
 
     p = sub.add_parser("up", help="the embedded default: local servers, mkfs, mount DIR/mnt",
                        description="Start three block servers on this machine (data under "
@@ -514,6 +555,52 @@ def cmd_fsck(args) -> int:
     return 0 if report.clean else 1
 
 
+# -- scrub ------------------------------------------------------------------------------------
+
+def cmd_scrub(args) -> int:
+    from .progress import Progress
+    from .scrub import ScrubBusy, Scrubber, format_report
+
+    urls = _need_servers(args)
+    transport = _transport(args, writes=True)
+    try:
+        found = superblock.read(transport, urls)
+        if found is None:
+            raise CliError("no filesystem on these servers")
+        given = {s["server_id"]: url for url, s in superblock.probe(transport, urls).items()
+                 if isinstance(s, dict)}
+        sb = superblock.read_quorum(
+            transport, [Member(m.id, given.get(m.id, m.url)) for m in found.members])
+    except errors.StorageError as e:
+        print(f"fusefs scrub: cannot read the superblock: {_explain(e)}", file=sys.stderr)
+        return 2
+    servers = [Member(m.id, given.get(m.id, m.url)) for m in sb.servers]
+    cache_root = args.cache_dir or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fusefs")
+    state = args.state or os.path.join(os.path.abspath(cache_root), sb.fs_id, "scrub.json")
+    if not args.verbose:  # the progress lines say it all
+        logging.getLogger("fusefs.scrub").setLevel(logging.CRITICAL)
+    shown = Progress("scrub")
+
+    def progress(done: int, total: int, nbytes: int, line: str | None) -> None:
+        if line is None:
+            shown.update(done, max(total, done), nbytes)
+        else:
+            shown.say(line)
+
+    scrubber = Scrubber(transport, lambda: servers, state, sb.fs_id, rate=args.rate,
+                        progress=progress)
+    try:
+        report = scrubber.run_pass(restart=args.restart)
+    except ScrubBusy as e:
+        print(f"fusefs scrub: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shown.end()
+    print(json.dumps(report.as_dict(), indent=1) if args.json else format_report(report))
+    return report.exit_status
+
+
 # -- gc ---------------------------------------------------------------------------------------
 
 def cmd_gc(args) -> int:
@@ -562,44 +649,6 @@ def _gc_failed(args, why: str) -> int:
         print(json.dumps({"complete": False, "deleted": False, "exit_status": 2,
                           "error": why}, indent=1))
     return 2
-
-
-# -- scrub ------------------------------------------------------------------------------------
-
-def cmd_scrub(args) -> int:
-    from .scrub import ProgressPrinter, ScrubBusy, Scrubber, format_report
-
-    urls = _need_servers(args)
-    transport = _transport(args, writes=True)
-    try:
-        found = superblock.read(transport, urls)
-        if found is None:
-            raise CliError("no filesystem on these servers")
-        given = {s["server_id"]: url for url, s in superblock.probe(transport, urls).items()
-                 if isinstance(s, dict)}
-        sb = superblock.read_quorum(
-            transport, [Member(m.id, given.get(m.id, m.url)) for m in found.members])
-    except errors.StorageError as e:
-        print(f"fusefs scrub: cannot read the superblock: {_explain(e)}", file=sys.stderr)
-        return 2
-    servers = [Member(m.id, given.get(m.id, m.url)) for m in sb.servers]
-    cache_root = args.cache_dir or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fusefs")
-    state = args.state or os.path.join(os.path.abspath(cache_root), sb.fs_id, "scrub.json")
-    if not args.verbose:  # the progress lines say it all
-        logging.getLogger("fusefs.scrub").setLevel(logging.CRITICAL)
-    printer = ProgressPrinter(sys.stderr)
-    scrubber = Scrubber(transport, lambda: servers, state, sb.fs_id, rate=args.rate,
-                        progress=printer)
-    try:
-        report = scrubber.run_pass(restart=args.restart)
-    except ScrubBusy as e:
-        print(f"fusefs scrub: {e}", file=sys.stderr)
-        return 2
-    finally:
-        printer.close()
-    print(json.dumps(report.as_dict(), indent=1) if args.json else format_report(report))
-    return report.exit_status
 
 
 # -- read-key ---------------------------------------------------------------------------------
@@ -676,22 +725,65 @@ def _read_status(record: dict) -> dict | None:
         return None
 
 
+def cmd_repair(args) -> int:
+    from .admin import run_repair
+
+    return run_repair(args, _transport(args, writes=not args.check), _need_servers(args))
+
+
+_SERVERS_ARITY = {"list": (), "add": ("url",), "remove": ("server",), "replace": ("old", "new")}
+
+
+def cmd_servers(args) -> int:
+    from .admin import run_servers
+
+    wanted = _SERVERS_ARITY[args.action]
+    if len(args.names) != len(wanted):
+        raise CliError(f"`servers {args.action}` takes {len(wanted)} argument(s): "
+                       + (" ".join(w.upper() for w in wanted) or "none"))
+    for field_name, value in zip(wanted, args.names):
+        setattr(args, field_name, value)
+    return run_servers(args, _transport(args, writes=args.action != "list"),
+                       _need_servers(args))
+
+
 def cmd_status(args) -> int:
+    if args.servers and not args.mountpoint:
+        from .admin import run_cluster_status
+
+        return run_cluster_status(args, _transport(args), args.servers)
     if args.mountpoint:
         records, dead = _status_of(os.path.abspath(args.mountpoint))
     else:
         records, dead = _status_of_all()
-    states = [s for s in (_read_status(r) for r in records if _alive(r["pid"])) if s]
+    states = [_with_health(s) for s in (_read_status(r) for r in records
+                                        if _alive(r["pid"])) if s]
+    unhealthy = bool(dead) or any(not s["healthy"] for s in states)
     if args.json:
         print(json.dumps([{**s, "state": "alive"} for s in states] + dead, indent=1))
-        return 1 if dead else 0
+        return 1 if unhealthy else 0
     if not states and not dead:
         print("no fusefs mounts are running")
     for d in dead:
         _print_dead(d)
     for s in states:
         _print_alive(s)
-    return 1 if dead else 0
+    return 1 if unhealthy else 0
+
+
+def _with_health(s: dict) -> dict:
+    """A mount's status with the figures scripts read first: `servers`,
+    `under_replicated`, `handoffs`, `errors` and `healthy` (exit status 0)."""
+    health = s.get("health") or {}
+    servers = s["cluster"]["servers"]
+    problems = [f"server {v['url']} is down: {v['last_error']}" for v in servers if not v["up"]]
+    problems += [f"upload error: {e}" for e in s.get("upload_errors", [])]
+    journal = s.get("journal") or {}
+    problems += [f"journal: {journal[k]}" for k in ("lost", "error") if journal.get(k)]
+    under = health.get("under_replicated")
+    return {**s, "servers": servers, "under_replicated": under,
+            "handoffs": health.get("handoffs"), "errors": problems,
+            "healthy": not problems and not under}
 
 
 def _status_of(path: str) -> tuple[list[dict], list[dict]]:
@@ -755,10 +847,27 @@ def _print_alive(s: dict) -> None:
           f"{format_size(s['cluster'].get('copies_behind_bytes', 0))}")
     for server in s["cluster"]["servers"]:
         state = "up" if server["up"] else f"DOWN ({server['last_error']})"
-        print(f"  server {server['url']}: {state}")
+        latency = f", {server['latency_ms']} ms" if server.get("latency_ms") is not None else ""
+        role = " (leaving: being drained)" if server.get("leaving") else ""
+        print(f"  server {server['url']}{role}: {state}{latency}")
+    print(f"  {_health_line(s.get('health'))}")
     for line in s.get("upload_errors", []):
         print(f"  upload error: {line}")
     print(f"  {_journal_line(s.get('journal'))}")
+
+
+def _health_line(h: dict | None) -> str:
+    if not h:
+        return "repair: not running here (read-only mounts leave it to the writer)"
+    if h.get("under_replicated") is None:
+        return "repair: first survey of the servers still running"
+    line = (f"under-replicated blocks: {h['under_replicated']} of {h['surveyed_blocks']}, "
+            f"copies outside their homes: {h['handoffs']}, lost: {h['lost']}")
+    last = h.get("last_repair")
+    if last and last.get("finished"):
+        when = time.strftime("%H:%M:%S", time.localtime(last["finished"]))
+        line += f"; last repair at {when}: found {last['found']}, fixed {last['fixed']}"
+    return line
 
 
 def _journal_line(j: dict | None) -> str:
@@ -788,7 +897,8 @@ def cmd_down(args) -> int:
 
 
 COMMANDS = {"fsck": cmd_fsck, "mkfs": cmd_mkfs, "mount": cmd_mount, "umount": cmd_umount,
-            "gc": cmd_gc, "read-key": cmd_read_key, "scrub": cmd_scrub,
+            "gc": cmd_gc, "read-key": cmd_read_key, "repair": cmd_repair,
+            "servers": cmd_servers, "scrub": cmd_scrub,
             "status": cmd_status, "up": cmd_up, "down": cmd_down}
 
 

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import errors, kernel_attrs, mounts, superblock
+from .antientropy import Repairer, wanted_blocks
 from .cache import BlockCache
 from .cluster import ClusterConfig, ReplicatedStore
 from .filesystem import Filesystem
@@ -64,6 +65,8 @@ class MountConfig:
     journal: bool = True  # False only to measure what the journal costs
     sync_on_close: bool = False  # close(2) of a writer waits until the file is durable
     metrics: str | None = None  # ADDR:PORT of the Prometheus endpoint (metrics.py); None: off
+    repair_rate: float | None = 32 << 20  # bytes/s the background repair copies, at most
+    repair_interval: float = 60.0  # seconds between repair passes when nothing happens
     scrub_interval: float = 0  # seconds between background scrub passes; 0: no scrubbing
 
 
@@ -187,8 +190,9 @@ def _serve(config: MountConfig, stack, sb, store, metadata, keeper, gate, writer
         if keeper is not None:
             stack.callback(keeper.close)  # (a no-op after finish() closed it)
         fs.start()
+    repairer = _start_repairer(config, stack, store, metadata, writer)
     status_path = os.path.join(config.state_dir, "status.json")
-    reporter = _StatusReporter(status_path, config, store, flusher, cache, keeper)
+    reporter = _StatusReporter(status_path, config, store, flusher, cache, keeper, repairer)
     reporter.start()
     stack.callback(reporter.stop)
     mounts.register(config.mountpoint,
@@ -250,6 +254,47 @@ def _start_scrubber(config: MountConfig, stack, transport, lease: Lease):
     scrubber.start(config.scrub_interval)
     stack.callback(scrubber.stop)
     return scrubber
+
+
+def _at_given_urls(config: MountConfig, members) -> list[Member]:
+    """`members` at the URLs this mount was given for them (servers may have moved since
+    the superblock recorded theirs); a server added since keeps its recorded URL."""
+    given = {m.id: m.url for m in config.members}
+    return [Member(m.id, given.get(m.id, m.url)) for m in members]
+
+
+def _start_repairer(config: MountConfig, stack, store, metadata, journal):
+    """The writer's background anti-entropy repair (fusefs/antientropy.py), and the
+    writer following membership changes: at each lease renewal (a change made by `fusefs
+    servers` reaches the lease as a compare-and-swap conflict it rebases over) and before
+    a repair pass deletes anything."""
+    if journal is None:
+        return None
+    lease = journal.lease
+
+    def follow(lost) -> None:
+        if lost is None:
+            sb = lease.superblock
+            store.set_membership(_at_given_urls(config, sb.members),
+                                 _at_given_urls(config, sb.leaving))
+
+    def membership():
+        sb = superblock.read_quorum(store.transport, store.members)
+        return _at_given_urls(config, sb.members), _at_given_urls(config, sb.leaving)
+
+    def wanted():
+        sb = lease.superblock
+        cp, segment = sb.checkpoint, journal.stats()["segment"]
+        first = cp["segment"] if cp["chain"] == journal.chain else 1
+        return wanted_blocks(metadata, store, cp, sb.fs_id, chain=journal.chain,
+                             segments=range(first, segment + 1))
+
+    lease.subscribe(follow)
+    repairer = Repairer(store, wanted, rate=config.repair_rate,
+                        interval=config.repair_interval, membership=membership)
+    repairer.start()
+    stack.callback(repairer.close)
+    return repairer
 
 
 def _start_metrics(config: MountConfig, stack) -> MountMetrics | None:
@@ -324,8 +369,9 @@ class _StatusReporter:
     """Writes status.json every second: servers, dirty bytes, repair backlog, errors; and
     gives the memory freed meanwhile back to the system."""
 
-    def __init__(self, path: str, config: MountConfig, store, flusher, cache, keeper):
-        self.path, self.config = path, config
+    def __init__(self, path: str, config: MountConfig, store, flusher, cache, keeper,
+                 repairer=None):
+        self.path, self.config, self.repairer = path, config, repairer
         self.store, self.flusher, self.cache, self.keeper = store, flusher, cache, keeper
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="status", daemon=True)
@@ -347,7 +393,8 @@ class _StatusReporter:
                     "dirty_bytes": self.flusher.dirty_bytes,
                     "upload_errors": self.flusher.recent_errors(),
                     "cluster": self.store.stats(), "cache": self.cache.stats(),
-                    "journal": self.keeper.stats() if self.keeper else None})
+                    "journal": self.keeper.stats() if self.keeper else None,
+                    "health": self.repairer.stats() if self.repairer else None})
             except Exception:  # noqa: BLE001 - status is best effort, never fatal
                 log.exception("could not write %s", self.path)
             _give_freed_memory_back()

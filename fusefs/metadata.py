@@ -706,6 +706,15 @@ class Metadata:
         """(ino, block id, checksum) of every block-map entry, in (ino, index) order."""
         return self._query("SELECT ino, block_id, checksum FROM blocks ORDER BY ino, idx")
 
+    def figures(self) -> dict:
+        """How much the filesystem holds: inodes, regular files and their bytes, blocks."""
+        inodes, files, size = self._query(
+            "SELECT COUNT(*), COALESCE(SUM((mode & 61440) = 32768), 0), "
+            "COALESCE(SUM(CASE WHEN (mode & 61440) = 32768 THEN size ELSE 0 END), 0) "
+            "FROM inodes")[0]
+        (blocks,) = self._query("SELECT COUNT(*) FROM blocks")[0]
+        return {"inodes": inodes, "files": files, "bytes": size, "block_refs": blocks}
+
     def referenced_blocks(self) -> set[str]:
         """The block ids the metadata references: every id in a block map. These are the
         file data a reader may still fetch; no other rule says which data blocks are live

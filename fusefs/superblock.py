@@ -13,8 +13,11 @@ missed a change are brought up to date by the next one. `read` (any server, high
 generation) only discovers the membership from the URLs a user typed.
 
 Two writers racing for the same generation (two mounts starting at once) can leave the
-loser's value on a minority; the winner then writes once more at the next generation, so
-the loser's value is never the newest anywhere.
+loser's value on a minority; a winner that sees the conflict writes once more at the next
+generation. An update returns once a majority accepted it, without waiting for a hung
+server, so a loser's value may stay at the winner's generation on a server it did not
+wait for: readers then take the value most servers hold (`_newest`), and the next change
+overwrites it.
 
 An update is idempotent: a server that answers "conflict" because it already holds our
 exact value at our generation (an earlier try of the same update whose answer was lost)
@@ -119,6 +122,38 @@ def ask_all(transport: Transport, members, fn):
     members = list(members)
     with ThreadPoolExecutor(max(1, len(members))) as pool:
         return dict(zip(members, pool.map(call, members)))
+
+
+def _ask_until(transport: Transport, members, fn, settled):
+    """Like `ask_all`, but returns once `settled(answers so far)` is true: a hung server
+    is not waited for (its request ends by its own timeout, in the background)."""
+    def call(member):
+        try:
+            return fn(member)
+        except errors.StorageError as e:
+            return e
+
+    pool = ThreadPoolExecutor(max(1, len(members)))
+    try:
+        futures = {pool.submit(call, m): m for m in members}
+        answers: dict = {}
+        for future in as_completed(futures):
+            answers[futures[future]] = future.result()
+            if settled(answers):
+                break
+        return answers
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _cas_settled(answers: dict, groups: list) -> bool:
+    """A compare-and-swap round is decided once every group has a majority that
+    accepted, without a conflict so far (a conflict waits for every answer, to tell a
+    lost race from a raced loser's leftover)."""
+    if any(isinstance(a, errors.Conflict) for a in answers.values()):
+        return False
+    return all(len([m for m in g if answers.get(m, 0) is None]) > len(g) // 2
+               for g in groups)
 
 
 def _poisoned(url: str, generation: int) -> errors.Rejected:
@@ -274,8 +309,9 @@ def _update_once(transport: Transport, sb: Superblock,
     if generation >= GENERATION_LIMIT:
         raise errors.Rejected(f"superblock generation {generation} is out of range")
     raw = sb.encode()
-    answers = ask_all(transport, members,
-                       lambda m: _cas(transport, m, expect, generation, raw))
+    answers = _ask_until(transport, members,
+                         lambda m: _cas(transport, m, expect, generation, raw),
+                         lambda got: _cas_settled(got, groups))
     accepted = [m for m, a in answers.items() if a is None]
     conflicts = {m: a for m, a in answers.items() if isinstance(a, errors.Conflict)}
     for group in groups:

@@ -75,6 +75,7 @@ TIERS = {
     "test_mount_random": "mount",
     "test_mount_tools": "mount",
     "test_fsck": "mount",
+    "test_selfheal": "crash",
     "test_scrub": "mount",
     "test_writer_lease": "mount",
     "test_embedded": "mount",
@@ -85,6 +86,7 @@ TIERS = {
     "test_mount_failures": "crash",
     "test_mount_recovery": "crash",
     "test_crash_consistency": "crash",
+    "test_gc": "crash",
 }
 _RANK = {module: (TIER_ORDER.index(tier), i) for i, (module, tier) in enumerate(TIERS.items())}
 

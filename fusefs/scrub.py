@@ -36,7 +36,6 @@ import fcntl
 import json
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -57,7 +56,6 @@ LIST_PAGE = 1000  # ids asked per listing request
 BATCH_ITEMS = 256  # ids per verify request, at most
 BATCH_BYTES = 8 << 20  # bytes per verify request, at most (fewer when throttled)
 _COUNTS = ("checked", "bytes", "corrupt", "repaired", "unrepairable")
-_ID_SPACE = 1 << 128
 
 
 class ScrubBusy(Exception):
@@ -209,26 +207,27 @@ class Scrubber:
     """Scrub passes over the servers `servers()` names (read at the start of each pass, so
     membership changes are followed), resumable through the state file at `state_path`.
 
-    `progress(done_bytes, total_bytes, line)` is called after every batch (line None) and
-    at every step worth a line of its own. `start(interval)` runs one pass per interval in
+    `progress(done, total, nbytes, line)` is called after every batch (copies verified
+    in this run, copies expected, bytes verified; line None) and at every step worth a
+    line of its own (a fusefs.progress.Progress shows them). `start(interval)` runs one pass per interval in
     a thread until `stop()`; `stats()` is safe from any thread."""
 
     def __init__(self, transport: Transport, servers: Callable[[], Sequence[Member]],
                  state_path: str, fs_id: str, *, rate: float | None = None,
-                 progress: Callable[[int, int, str | None], None] | None = None):
+                 progress: Callable[[int, int, int, str | None], None] | None = None):
         self.transport, self._servers = transport, servers
         self.state_path, self.fs_id = state_path, fs_id
         self._stop = threading.Event()
         self.throttle = Throttle(rate, self._stop)
-        self.progress = progress or (lambda done, total, line: None)
+        self.progress = progress or (lambda done, total, nbytes, line: None)
         self._lock = threading.Lock()  # guards _running and _last; never held over I/O
         self._running = False
         self._last = load_state(state_path, fs_id).get("last")
         self._thread: threading.Thread | None = None
-        self._done = self._total = 0
+        self._done = self._total = self._bytes = 0  # of this run, for progress
 
     def _say(self, line: str | None) -> None:
-        self.progress(self._done, self._total, line)
+        self.progress(self._done, self._total, self._bytes, line)
 
     # -- one pass ------------------------------------------------------------------------
 
@@ -279,19 +278,18 @@ class Scrubber:
         return report
 
     def _plan(self, run: _Run) -> None:
-        """How many bytes this run should read, from each server's status (block ids are
-        uniform, so the part after a cursor holds that share of the bytes)."""
-        self._done = self._total = 0
+        """How many copies this run should verify: what each server's status says it
+        holds, less what this pass already verified there."""
+        self._done = self._total = self._bytes = 0
         for member in run.servers:
             entry = run.entries[member.id]
             if entry["done"]:
                 continue
             try:
-                used = self.transport.status(member)["used_bytes"]
+                held = self.transport.status(member)["block_count"]
             except (errors.StorageError, KeyError, TypeError, ValueError):
                 continue
-            share = 1 - int(entry["cursor"], 16) / _ID_SPACE if entry["cursor"] else 1
-            self._total += int(used * share)
+            self._total += max(0, held - entry["checked"] - entry["corrupt"])
 
     def _scrub_server(self, run: _Run, member: Member) -> None:
         entry, counts = run.entries[member.id], run.counts[member.id]
@@ -336,17 +334,19 @@ class Scrubber:
         todo = list(listed)
         while todo:
             answers = self.transport.batch_check(member, todo, verify=True)
-            again, read = [], 0
+            again, read, verified = [], 0, 0
             for answer in answers:
                 block_id, status = answer["id"], answer["status"]
                 if status == protocol.OK:
                     counts.checked += 1
                     counts.bytes += answer["size"]
                     read += answer["size"]
+                    verified += 1
                 elif status == protocol.TOO_LARGE:
                     again.append(block_id)
                 elif status == protocol.CORRUPT:
                     read += listed[block_id]["size"]
+                    verified += 1
                     counts.corrupt += 1
                     self._fix(run, member, block_id, listed[block_id]["checksum"])
                 # MISSING: deleted since it was listed (its writer dropped it): nothing to do
@@ -354,7 +354,8 @@ class Scrubber:
                 raise errors.Unavailable(f"{member.url} verified none of {len(todo)} blocks "
                                          "asked for (its batch limit is too small)")
             todo = again
-            self._done += read
+            self._done += verified
+            self._bytes += read
             self._say(None)
             self.throttle.spend(read)
 
@@ -485,15 +486,28 @@ class Scrubber:
             self._thread.join(timeout=30)
 
     def stats(self) -> dict:
+        """{"last_scrub": {"finished": unix time or None, "checked", "corrupt",
+        "repaired", "unrepairable", "found", "fixed"}, "running": whether a pass is under
+        way}."""
         with self._lock:
-            last = dict(self._last) if self._last else None
-            running = self._running
-        if last is None:
-            last = {"finished": None, "checked": 0, "corrupt": 0, "repaired": 0,
-                    "unrepairable": 0}
-        last.pop("unrepairable_ids", None)
-        last.pop("bytes", None)
-        return {"last_scrub": last, "running": running}
+            last, running = self._last, self._running
+        return {"last_scrub": _shown(last), "running": running}
+
+
+def _shown(last: dict | None) -> dict:
+    """A last pass as status and metrics show it ("found"/"fixed": the names the other
+    background pass, repair, uses for corrupt/repaired)."""
+    last = last or {}
+    counts = {k: last.get(k, 0) for k in ("checked", "corrupt", "repaired", "unrepairable")}
+    return {"finished": last.get("finished"), **counts, "found": counts["corrupt"],
+            "fixed": counts["repaired"]}
+
+
+def last_scrub(state_path: str, fs_id: str) -> dict:
+    """The last finished pass recorded at `state_path` (by `fusefs scrub` or a mount's
+    background scrub), as `Scrubber.stats()["last_scrub"]` shows it; finished None when
+    no pass of this filesystem finished there. For `fusefs status`."""
+    return _shown(load_state(state_path, fs_id).get("last"))
 
 
 def _batches(page: list[dict], limit: int):
@@ -508,51 +522,6 @@ def _batches(page: list[dict], limit: int):
         size += entry["size"]
     if batch:
         yield batch
-
-
-# -- progress for a person ---------------------------------------------------------------------
-
-class ProgressPrinter:
-    """Progress on `stream`: on a terminal one line rewritten in place (bytes verified,
-    rate, ETA) at most a few times a second; otherwise only the step lines."""
-
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.started = time.monotonic()
-        self._shown = 0.0
-
-    def __call__(self, done: int, total: int, line: str | None) -> None:
-        now = time.monotonic()
-        if line is not None:
-            self.stream.write(("\r\033[K" if self.tty else "") + f"scrub: {line}\n")
-        elif not self.tty or now - self._shown < 0.25:
-            return
-        if self.tty:
-            self.stream.write("\r\033[K" + self._bar(done, total, now))
-            self._shown = now
-        self.stream.flush()
-
-    def _bar(self, done: int, total: int, now: float) -> str:
-        rate = done / max(now - self.started, 1e-6)
-        text = f"scrub: {format_size(done)} verified, {format_size(rate)}/s"
-        if total > done and rate > 0:
-            text += f", {100 * done / total:.0f}%, about {_duration((total - done) / rate)} left"
-        return text
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 def format_report(report: ScrubReport) -> str:

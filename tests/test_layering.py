@@ -91,7 +91,8 @@ FUSEFS_LAYERS = [
     {"filesystem"},
     {"metadata", "cache", "flusher", "filedata", "journal", "follower", "loading", "lease",
      "checkpoint", "segments", "leftovers", "scrub", "replicas"},
-    {"cluster", "memstore", "health", "placement", "blockstore", "superblock", "host", "mounts"},
+    {"cluster", "memstore", "health", "placement", "blockstore", "superblock", "host", "mounts",
+     "progress"},
     {"transport"},
     {"errors", "__init__"},
 ]

@@ -337,3 +337,89 @@ def test_the_mount_scrubs_in_the_background(fusefs_mount):
         for server in c.servers:
             assert intact(server, block_id, sums[block_id]), (server.url, block_id)
     check_files(m.path, expected)
+
+
+def test_blocks_a_server_leaves_for_another_request_are_asked_again(blockservers, tmp_path):
+    """Servers that verify at most ~160 KiB per request answer the rest 413: the scrubber
+    asks again until every copy was verified (in-process, without a filesystem)."""
+    from blockserver import protocol
+    from fusefs.scrub import Scrubber, last_scrub
+
+    servers = blockservers(3, args=["--max-batch-size", "160KiB"])
+    members = members_of(servers)
+    transport = Transport(TransportConfig(connect_timeout=2.0, read_timeout=10.0))
+    rng = random.Random(6)
+    blocks = {}
+    for _ in range(10):
+        data = rng.randbytes(BS)
+        block_id, checksum = protocol.new_block_id(), protocol.checksum(data)
+        blocks[block_id] = checksum
+        for member in members:
+            transport.put_block(member, block_id, data, checksum)
+    bad = sorted(blocks)[3:5]
+    for block_id in bad:
+        flip(servers[0], block_id)
+    answered = []
+    ask = transport.batch_check
+
+    def counted(member, ids, verify=False):
+        found = ask(member, ids, verify)
+        answered.extend(e["status"] for e in found)
+        return found
+    transport.batch_check = counted
+    state = str(tmp_path / "scrub.json")
+    scrubber = Scrubber(transport, lambda: members, state, "some-fs")
+
+    report = scrubber.run_pass()
+
+    assert report.complete and report.exit_status == 0
+    assert protocol.TOO_LARGE in answered  # the servers did leave some for later
+    counts = [(s.checked, s.corrupt, s.repaired) for s in report.servers]
+    assert counts == [(8, 2, 2), (10, 0, 0), (10, 0, 0)], counts
+    for block_id, checksum in blocks.items():
+        for server in servers:
+            assert intact(server, block_id, checksum), (server.url, block_id)
+    stats = scrubber.stats()
+    assert stats["running"] is False
+    assert {k: v for k, v in stats["last_scrub"].items() if k != "finished"} == \
+        {"checked": 28, "corrupt": 2, "repaired": 2, "unrepairable": 0, "found": 2, "fixed": 2}
+    assert stats["last_scrub"]["finished"] is not None
+    assert last_scrub(state, "some-fs") == stats["last_scrub"]
+    assert last_scrub(state, "another-fs")["finished"] is None
+
+
+def test_a_server_down_stops_the_pass_and_the_next_run_finishes_it(blockservers, tmp_path):
+    """Exit 2 while a server cannot be reached (the others are scrubbed meanwhile); once
+    it is back, the next run scrubs only it and ends the pass with exit 0."""
+    servers = blockservers(3)
+    urls = ",".join(s.url for s in servers)
+    subprocess.run([sys.executable, "-m", "fusefs", "mkfs", "--servers", urls], check=True,
+                   capture_output=True, cwd=REPO)
+    transport = Transport(TransportConfig(connect_timeout=2.0, read_timeout=10.0))
+    order = [x.id for x in superblock.read(transport, [s.url for s in servers]).servers]
+    by_id = dict(zip((x.id for x in members_of(servers)), servers))
+    down = by_id[order[1]]  # scrubbed second: the first before it, the third after it
+    state = str(tmp_path / "scrub.json")
+    command = [sys.executable, "-m", "fusefs", "scrub", "--servers", urls, "--state", state,
+               "--json"]
+    down.stop()
+
+    first = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+
+    assert first.returncode == 2, first.stderr
+    report = json.loads(first.stdout)
+    assert not report["complete"]
+    assert [s["finished"] for s in report["servers"]] == [True, False, True]
+    assert report["servers"][1]["error"] and "cannot reach" in report["servers"][1]["error"]
+    assert report["servers"][0]["checked"] > 0 and report["servers"][2]["checked"] > 0
+
+    down.start()
+    second = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+
+    assert second.returncode == 0, second.stderr
+    report = json.loads(second.stdout)
+    assert report["complete"]
+    checked = [s["checked"] for s in report["servers"]]
+    assert checked[0] == 0 and checked[2] == 0 and checked[1] > 0, report  # only the one left
+    assert load(state)["last"]["checked"] == sum(s["checked"] for s in json.loads(
+        first.stdout)["servers"]) + checked[1]

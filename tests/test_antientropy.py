@@ -1,0 +1,93 @@
+"""The anti-entropy survey's judgement, on made-up listings (no servers): which copies are
+missing, which are hand-offs, what counts as under-replicated or lost, and what a drain
+moves."""
+
+from __future__ import annotations
+
+from fusefs.antientropy import Holdings, survey
+from fusefs.placement import rank
+from fusefs.transport import Member
+
+SERVERS = [Member(f"s{i}", f"http://127.0.0.1:{7000 + i}") for i in range(5)]
+MEMBERS = SERVERS[:4]
+
+
+def _holdings(copies: dict[str, dict[str, str]], unlisted=()) -> Holdings:
+    found = Holdings(copies=copies, sizes={b: 10 for b in copies},
+                     unlisted={s: "down" for s in unlisted})
+    return found
+
+
+def _homes(block_id: str, members=MEMBERS) -> list[Member]:
+    return rank(block_id, members)[:3]
+
+
+def test_a_block_on_its_homes_is_healthy():
+    homes = _homes("b1")
+    found = survey({"b1": "c"}, _holdings({"b1": {m.id: "c" for m in homes}}), MEMBERS, [], 3)
+    assert (found.under_replicated, found.handoffs, found.damage) == (0, 0, [])
+    assert found.healthy
+    assert sum(found.holds.values()) == 3 and sum(found.should_hold.values()) == 3
+
+
+def test_a_missing_home_copy_is_damage_to_repair_from_a_holder():
+    homes = _homes("b1")
+    found = survey({"b1": "c"}, _holdings({"b1": {m.id: "c" for m in homes[:2]}}),
+                   MEMBERS, [], 3)
+    assert found.under_replicated == 1
+    [damage] = found.damage
+    assert damage.missing == [homes[2]] and damage.extra == []
+    assert set(damage.sources) == set(homes[:2])
+
+
+def test_a_copy_under_another_checksum_is_not_healthy():
+    homes = _homes("b1")
+    copies = {m.id: "c" for m in homes}
+    copies[homes[0].id] = "other"
+    found = survey({"b1": "c"}, _holdings({"b1": copies}), MEMBERS, [], 3)
+    assert found.under_replicated == 1 and found.damage[0].missing == [homes[0]]
+
+
+def test_a_copy_outside_the_homes_is_a_hand_off_to_move():
+    homes = _homes("b1")
+    outside = next(m for m in MEMBERS if m not in homes)
+    found = survey({"b1": "c"},
+                   _holdings({"b1": {**{m.id: "c" for m in homes}, outside.id: "c"}}),
+                   MEMBERS, [], 3)
+    assert found.under_replicated == 0 and found.handoffs == 1 and not found.healthy
+    assert found.damage[0].extra == [outside] and found.damage[0].missing == []
+
+
+def test_a_home_that_cannot_be_listed_is_under_replicated_but_not_repaired_now():
+    homes = _homes("b1")
+    found = survey({"b1": "c"}, _holdings({"b1": {m.id: "c" for m in homes[:2]}},
+                                          unlisted=[homes[2].id]), MEMBERS, [], 3)
+    assert found.under_replicated == 1 and found.damage == [] and not found.healthy
+
+
+def test_a_block_with_no_copy_is_lost_only_when_every_server_was_listed():
+    assert survey({"b1": "c"}, _holdings({}), MEMBERS, [], 3).lost == ["b1"]
+    assert survey({"b1": "c"}, _holdings({}, unlisted=["s0"]), MEMBERS, [], 3).lost == []
+
+
+def test_unknown_checksums_take_what_most_holders_list_and_unstored_ones_are_skipped():
+    homes = _homes("seg")
+    copies = {homes[0].id: "x", homes[1].id: "x", homes[2].id: "y"}
+    found = survey({"seg": None, "never-stored": None}, _holdings({"seg": copies}),
+                   MEMBERS, [], 3)
+    assert found.blocks == 1 and found.damage[0].missing == [homes[2]]
+
+
+def test_a_drain_moves_everything_on_the_leaving_server_even_unnamed_blocks():
+    leaving = SERVERS[4]
+    homes = _homes("upload")
+    found = survey({}, _holdings({"upload": {leaving.id: "c", homes[0].id: "c"}}),
+                   MEMBERS, [leaving], 3)
+    [damage] = found.damage
+    assert damage.extra == [leaving] and set(damage.missing) == set(homes[1:])
+
+
+def test_garbage_on_members_is_left_alone():
+    outside = SERVERS[0]
+    found = survey({}, _holdings({"garbage": {outside.id: "c"}}), MEMBERS, [], 3)
+    assert found.blocks == 0 and found.damage == []

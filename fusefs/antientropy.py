@@ -478,6 +478,8 @@ class Repairer:
                 "handoffs": found.handoffs if found else None,
                 "lost": len(found.lost) if found else None,
                 "surveyed_blocks": found.blocks if found else None,
+                "copies": {s: {"should_hold": n, "holds": found.holds.get(s, 0)}
+                           for s, n in found.should_hold.items()} if found else {},
                 "running": current is not None,
                 "last_repair": last.as_dict() if last else None}
 

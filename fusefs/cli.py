@@ -842,15 +842,22 @@ def _print_dead(d: dict) -> None:
 
 def _print_alive(s: dict) -> None:
     print(f"{s['mountpoint']}: filesystem {s['fs_id']}, pid {s['pid']}")
-    print(f"  dirty: {format_size(s['dirty_bytes'])}, repair backlog: "
+    age = s.get("dirty_oldest_seconds")
+    oldest = f" (oldest {age:.0f} s)" if s["dirty_bytes"] and age is not None else ""
+    print(f"  dirty: {format_size(s['dirty_bytes'])}{oldest}, repair backlog: "
           f"{s['cluster']['repair_backlog']} copies, last copies still uploading: "
           f"{format_size(s['cluster'].get('copies_behind_bytes', 0))}")
     for server in s["cluster"]["servers"]:
         state = "up" if server["up"] else f"DOWN ({server['last_error']})"
         latency = f", {server['latency_ms']} ms" if server.get("latency_ms") is not None else ""
         role = " (leaving: being drained)" if server.get("leaving") else ""
-        print(f"  server {server['url']}{role}: {state}{latency}")
+        held = ((s.get("health") or {}).get("copies") or {}).get(server["id"])
+        copies = f", holds {held['holds']} of the {held['should_hold']} copies it should" \
+            if held else ""
+        print(f"  server {server['url']}{role}: {state}{latency}{copies}")
     print(f"  {_health_line(s.get('health'))}")
+    if _scrub_line(s.get("health")):
+        print(f"  {_scrub_line(s.get('health'))}")
     for line in s.get("upload_errors", []):
         print(f"  upload error: {line}")
     print(f"  {_journal_line(s.get('journal'))}")
@@ -868,6 +875,16 @@ def _health_line(h: dict | None) -> str:
         when = time.strftime("%H:%M:%S", time.localtime(last["finished"]))
         line += f"; last repair at {when}: found {last['found']}, fixed {last['fixed']}"
     return line
+
+
+def _scrub_line(h: dict | None) -> str | None:
+    """The last scrub pass (fusefs/scrub.py) a mount's status records, if one finished."""
+    scrub = (h or {}).get("last_scrub")
+    if not scrub or not scrub.get("finished"):
+        return None
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(scrub["finished"]))
+    return (f"last scrub {when}: {scrub['checked']} copies verified, {scrub['found']} bad, "
+            f"{scrub['fixed']} repaired, {scrub['unrepairable']} with no intact copy")
 
 
 def _journal_line(j: dict | None) -> str:

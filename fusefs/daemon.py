@@ -365,6 +365,18 @@ def _become_writer(config: MountConfig, transport, store, lease: Lease, unclean:
     return keeper, metadata
 
 
+def _health(repairer, config: MountConfig) -> dict | None:
+    """The background repair's figures, and the last scrub as `scrub.json` in the state
+    directory records it (this mount's background scrub, or `fusefs scrub` run with the
+    same cache directory). None where no repair runs (a read-only mount)."""
+    if repairer is None:
+        return None
+    from .scrub import last_scrub
+
+    state = os.path.join(config.state_dir, "scrub.json")
+    return {**repairer.stats(), "last_scrub": last_scrub(state, config.superblock.fs_id)}
+
+
 class _StatusReporter:
     """Writes status.json every second: servers, dirty bytes, repair backlog, errors; and
     gives the memory freed meanwhile back to the system."""
@@ -391,10 +403,11 @@ class _StatusReporter:
                     "pid": os.getpid(), "mountpoint": self.config.mountpoint,
                     "fs_id": self.config.superblock.fs_id, "time": time.time(),
                     "dirty_bytes": self.flusher.dirty_bytes,
+                    "dirty_oldest_seconds": round(oldest_dirty_seconds(self.flusher), 1),
                     "upload_errors": self.flusher.recent_errors(),
                     "cluster": self.store.stats(), "cache": self.cache.stats(),
                     "journal": self.keeper.stats() if self.keeper else None,
-                    "health": self.repairer.stats() if self.repairer else None})
+                    "health": _health(self.repairer, self.config)})
             except Exception:  # noqa: BLE001 - status is best effort, never fatal
                 log.exception("could not write %s", self.path)
             _give_freed_memory_back()

@@ -246,6 +246,8 @@ def test_status_shows_a_stopped_server_and_under_replication(fusefs_mount):
     stopped.restart()
     wait_until(lambda: _status(m)[0] == 0, "status healthy again", timeout=60)
     assert _status(m)[1]["under_replicated"] == 0
+    shown = m.cli("status", m.path).stdout
+    assert "under-replicated blocks: 0 of" in shown and "copies it should" in shown, shown
     cluster = m.cli("status", "--servers", m.urls, "--json")
     assert json.loads(cluster.stdout)["under_replicated"] == 0
 

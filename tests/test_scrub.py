@@ -338,6 +338,14 @@ def test_the_mount_scrubs_in_the_background(fusefs_mount):
             assert intact(server, block_id, sums[block_id]), (server.url, block_id)
     check_files(m.path, expected)
 
+    def shown():  # `fusefs status` shows the pass once the mount's status file has it
+        status = json.loads(m.cli("status", m.path, "--json", check=False).stdout)
+        scrubbed = ((status[0].get("health") or {}).get("last_scrub") or {})
+        return scrubbed if scrubbed.get("finished") else None
+    scrubbed = wait_until(shown, "status to show the last scrub", timeout=60, interval=0.2)
+    assert (scrubbed["found"], scrubbed["fixed"], scrubbed["unrepairable"]) == (3, 3, 0)
+    assert "last scrub" in m.cli("status", m.path, check=False).stdout
+
 
 def test_blocks_a_server_leaves_for_another_request_are_asked_again(blockservers, tmp_path):
     """Servers that verify at most ~160 KiB per request answer the rest 413: the scrubber

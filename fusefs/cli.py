@@ -595,6 +595,10 @@ def cmd_scrub(args) -> int:
     except ScrubBusy as e:
         print(f"fusefs scrub: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"fusefs scrub: cannot keep the scrub's state in {state}: {e}; give a "
+              "writable place with --state FILE", file=sys.stderr)
+        return 2
     finally:
         shown.end()
     print(json.dumps(report.as_dict(), indent=1) if args.json else format_report(report))

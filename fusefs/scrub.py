@@ -209,8 +209,8 @@ class Scrubber:
 
     `progress(done, total, nbytes, line)` is called after every batch (copies verified
     in this run, copies expected, bytes verified; line None) and at every step worth a
-    line of its own (a fusefs.progress.Progress shows them). `start(interval)` runs one pass per interval in
-    a thread until `stop()`; `stats()` is safe from any thread."""
+    line of its own (a fusefs.progress.Progress shows them). `start(interval)` runs one
+    pass per interval in a thread until `stop()`; `stats()` is safe from any thread."""
 
     def __init__(self, transport: Transport, servers: Callable[[], Sequence[Member]],
                  state_path: str, fs_id: str, *, rate: float | None = None,
@@ -220,9 +220,8 @@ class Scrubber:
         self._stop = threading.Event()
         self.throttle = Throttle(rate, self._stop)
         self.progress = progress or (lambda done, total, nbytes, line: None)
-        self._lock = threading.Lock()  # guards _running and _last; never held over I/O
+        self._lock = threading.Lock()  # guards _running; never held over I/O
         self._running = False
-        self._last = load_state(state_path, fs_id).get("last")
         self._thread: threading.Thread | None = None
         self._done = self._total = self._bytes = 0  # of this run, for progress
 
@@ -272,8 +271,6 @@ class Scrubber:
             state["pass"] = None
             report.complete = True
             report.last = state["last"]
-            with self._lock:
-                self._last = state["last"]
         write_json(self.state_path, state)
         return report
 
@@ -488,10 +485,11 @@ class Scrubber:
     def stats(self) -> dict:
         """{"last_scrub": {"finished": unix time or None, "checked", "corrupt",
         "repaired", "unrepairable", "found", "fixed"}, "running": whether a pass is under
-        way}."""
+        way}. The last pass is read from the state file, so a pass that `fusefs scrub`
+        finished with the same file counts too."""
         with self._lock:
-            last, running = self._last, self._running
-        return {"last_scrub": _shown(last), "running": running}
+            running = self._running
+        return {"last_scrub": last_scrub(self.state_path, self.fs_id), "running": running}
 
 
 def _shown(last: dict | None) -> dict:

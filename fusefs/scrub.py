@@ -307,9 +307,7 @@ class Scrubber:
         entry["done"] = counts.finished = True
         run.fold()
         write_json(self.state_path, run.state)
-        self._say(f"{member.url}: done: {counts.checked} copies good "
-                  f"({format_size(counts.bytes)}), {counts.corrupt} bad, "
-                  f"{counts.repaired} repaired, {counts.unrepairable} unrepairable")
+        self._say(f"{member.url}: done: {_counts_text(counts)}")
 
     def _retry_pending(self, run: _Run, member: Member) -> None:
         """Repair the bad copies whose repair had to wait; Unavailable if some still wait."""
@@ -528,20 +526,29 @@ def format_report(report: ScrubReport) -> str:
         state = "done" if s.finished else f"NOT FINISHED ({s.error})" if s.error else \
             "not finished"
         resumed = f", resumed after {s.resumed_from[:8]}..." if s.resumed_from else ""
-        lines.append(f"{s.url}: {s.checked} copies good ({format_size(s.bytes)}), "
-                     f"{s.corrupt} bad, {s.repaired} repaired, {s.unrepairable} unrepairable"
-                     f"{resumed}; {state}")
+        lines.append(f"{s.url}: {_counts_text(s)}{resumed}; {state}")
         for block_id in s.unrepairable_ids:
             lines.append(f"  block {block_id}: no intact copy on any server")
     t = report.totals()
     if not report.complete:
         lines.append("the scrub did not finish; run it again to continue where it stopped")
     elif t["unrepairable"]:
-        lines.append(f"{t['unrepairable']} bad copies could not be repaired: no server holds "
-                     "an intact copy of those blocks (files using them cannot be read in "
-                     "full; `fusefs fsck` names them)")
+        lines.append(f"{_copies(t['unrepairable'], 'bad copy', 'bad copies')} could not be "
+                     "repaired: no server holds an intact copy of those blocks (files using "
+                     "them cannot be read in full; `fusefs fsck` names them)")
     else:
         last = report.last or {}
-        lines.append(f"every copy is intact: {last.get('checked', t['checked'])} verified in "
-                     f"this pass, {last.get('corrupt', t['corrupt'])} bad ones repaired")
+        lines.append(f"every copy is intact: "
+                     f"{_copies(last.get('checked', t['checked']))} verified in this pass, "
+                     f"{_copies(last.get('corrupt', t['corrupt']), 'bad copy', 'bad copies')} "
+                     "repaired")
     return "\n".join(lines)
+
+
+def _copies(n: int, one: str = "copy", many: str = "copies") -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _counts_text(s: ServerCounts) -> str:
+    return (f"{_copies(s.checked)} good ({format_size(s.bytes)}), {s.corrupt} bad, "
+            f"{s.repaired} repaired, {s.unrepairable} unrepairable")

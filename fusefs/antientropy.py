@@ -232,11 +232,17 @@ class Repairer:
     def __init__(self, store, wanted: Callable[[], dict[str, str | None]], *,
                  rate: float | None = None, interval: float = 60.0,
                  membership: Callable[[], tuple] | None = None,
+                 down_out: float | None = None,
                  progress: Callable[[str], None] = lambda message: None):
         self.store, self.transport = store, store.transport
         self.wanted, self.rate, self.interval = wanted, rate, interval
         self.progress = progress
         self.membership = membership  # () -> (members, leaving) as the superblock says now
+        # A member down for longer than this stops counting as a home (its blocks get
+        # their R copies on the next servers of their ranking) until it answers again.
+        self.down_out = down_out
+        self._down_since: dict[str, float] = {}
+        self._homes: list[Member] = store.members
         self._lock = threading.Lock()
         self._reported: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._stop = threading.Event()
@@ -275,9 +281,10 @@ class Repairer:
         while not self._stop.is_set():
             self._kick.wait(1.0)
             states = {m: s.up for m, s in self.store.health.snapshot().items()}
-            if self._kick.is_set() or states != seen or time.monotonic() >= next_pass:
+            view = (states, [m.id for m in self.homes_among()])
+            if self._kick.is_set() or view != seen or time.monotonic() >= next_pass:
                 self._kick.clear()
-                seen = states
+                seen = view
                 try:
                     if self.run_pass().fixed:
                         self._kick.set()  # survey again: what is left, and fresh figures
@@ -288,11 +295,29 @@ class Repairer:
 
     # -- one pass ---------------------------------------------------------------------------
 
+    def homes_among(self) -> list[Member]:
+        """The members homes are ranked among: all of them, but those down for longer than
+        `down_out` while enough others remain for R copies."""
+        now = time.monotonic()
+        states = self.store.health.snapshot()
+        for member_id, state in states.items():
+            if state.up:
+                self._down_since.pop(member_id, None)
+            else:
+                self._down_since.setdefault(member_id, now)
+        members = self.store.members
+        if self.down_out is None:
+            return members
+        out = {m for m, t in self._down_since.items() if now - t >= self.down_out}
+        kept = [m for m in members if m.id not in out]
+        return kept if len(kept) >= self.store.config.replicas else members
+
     def check(self) -> Survey:
         """Survey without repairing."""
         wanted = self.wanted()
         holdings = list_holdings(self.transport, self.store.servers, self._stop.is_set)
-        found = survey(wanted, holdings, self.store.members, self.store.leaving,
+        self._homes = self.homes_among()
+        found = survey(wanted, holdings, self._homes, self.store.leaving,
                        self.store.config.replicas)
         self.last_survey = found
         return found
@@ -449,7 +474,7 @@ class Repairer:
 
     def _homes_complete(self, damage: list[Damage]) -> set[str]:
         """Ids of the blocks whose every home now lists a healthy copy (asked afresh)."""
-        members, replicas = self.store.members, self.store.config.replicas
+        members, replicas = self._homes, self.store.config.replicas
         expected = {d.block_id: d.checksum for d in damage}
         homes = {b: rank(b, members)[:replicas] for b in expected}
         good: dict[str, int] = collections.Counter()

@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "exactly ADDR and has no authentication: use 127.0.0.1 unless the "
                         "network is trusted")
     p.add_argument("--unsafe-no-journal", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--rehome-after", type=float, default=600.0, metavar="SECONDS",
+                   help="when a block server has been down this long, the writer gives its "
+                        "blocks their R copies on other servers (moved back when it returns; "
+                        "default 600, 0: at once)")
     p.add_argument("--scrub-interval", type=float, default=0.0, metavar="SECONDS",
                    help="scrub in the background: verify every copy on every server slowly "
                         "(a few MiB/s) and repair bad ones, one pass every SECONDS (default "
@@ -422,7 +426,8 @@ def _mount_config(args):
         memory_cache=args.memory_cache, disk_cache=args.cache_size,
         dirty_limit=args.dirty_limit, read_only=args.read_only, metrics=args.metrics,
         sync_on_close=args.sync_on_close, fuse_options=_parse_options(args.options),
-        scrub_interval=0.0 if args.read_only else args.scrub_interval)
+        scrub_interval=0.0 if args.read_only else args.scrub_interval,
+        rehome_after=args.rehome_after)
 
 
 def _mount_state(path: str) -> str:

@@ -67,6 +67,7 @@ class MountConfig:
     metrics: str | None = None  # ADDR:PORT of the Prometheus endpoint (metrics.py); None: off
     repair_rate: float | None = 32 << 20  # bytes/s the background repair copies, at most
     repair_interval: float = 60.0  # seconds between repair passes when nothing happens
+    rehome_after: float | None = 600.0  # a server down this long stops being a home
     scrub_interval: float = 0  # seconds between background scrub passes; 0: no scrubbing
 
 
@@ -291,7 +292,8 @@ def _start_repairer(config: MountConfig, stack, store, metadata, journal):
 
     lease.subscribe(follow)
     repairer = Repairer(store, wanted, rate=config.repair_rate,
-                        interval=config.repair_interval, membership=membership)
+                        interval=config.repair_interval, membership=membership,
+                        down_out=config.rehome_after)
     repairer.start()
     stack.callback(repairer.close)
     return repairer

@@ -41,9 +41,8 @@ def live_blocks(m) -> dict[str, str]:
 def holdings(servers) -> dict[str, dict[str, str]]:
     """server id -> {block id: checksum} listed by each running server."""
     transport, found = _transport(), {}
-    for member, server in zip(members_of(servers), servers):
-        if not server.running:
-            continue
+    running = [s for s in servers if s.running]
+    for member in members_of(running):
         blocks, after = {}, ""
         while True:
             page, after = transport.list_blocks(member, after, 5000)
@@ -277,4 +276,26 @@ def test_repair_command_restores_lost_copies_and_its_exit_status_says_so(fusefs_
     assert misplaced(m) == []
     assert m.cli("repair", "--servers", m.urls, "--check", check=False).returncode == 0
     m.mount()
+    _check(files)
+
+
+def test_a_server_down_for_long_has_its_copies_rebuilt_elsewhere_and_moved_back(fusefs_mount):
+    """4 servers, R=3, `--rehome-after 2`: once a server has been down that long, every
+    block gets 3 copies on the servers still up; when it returns, copies go back home and
+    the extra ones are deleted."""
+    m = fusefs_mount(servers=4, mount=[*LEASE, "--rehome-after", "2"])
+    files = _write_files(m.path, 12)
+    wait_until(lambda: _status(m)[1]["under_replicated"] == 0, "a first survey")
+    down = m.servers[3]
+    down.stop()
+    wanted, _ = live_blocks(m)
+
+    def three_copies_up() -> bool:
+        return all(n >= 3 for n in copies(m.servers, wanted).values())
+
+    wait_until(three_copies_up, "3 copies of every block on the servers still up", timeout=60)
+    wait_until(lambda: _status(m)[1]["under_replicated"] == 0, "status agrees", timeout=30)
+    assert _status(m)[0] == 1  # a server is still down: not healthy
+    down.start()
+    wait_until(lambda: not misplaced(m), "copies back on their homes only", timeout=90)
     _check(files)

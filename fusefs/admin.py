@@ -102,7 +102,9 @@ def repair(cluster: Cluster, rate: float | None, check_only: bool, progress: Pro
         wanted, _ = _wanted(cluster, work, progress)
     progress.say(f"{len(wanted)} live blocks")
     repairer = Repairer(cluster.store, lambda: wanted, rate=rate,
-                        progress=lambda text: progress.say(text))
+                        progress=progress.say,
+                        copying=lambda done, total, nbytes: progress.update(
+                            done, total, nbytes, final=done == total))
     reports = []
     if not check_only:
         for _ in range(passes):
@@ -223,7 +225,9 @@ def rebalance(cluster: Cluster, rate: float | None, progress: Progress,
         wanted, _ = _wanted(cluster, work, progress)
     repairer = Repairer(cluster.store, lambda: wanted, rate=rate,
                         membership=lambda: _view(cluster),
-                        progress=lambda text: progress.say(text))
+                        progress=progress.say,
+                        copying=lambda done, total, nbytes: progress.update(
+                            done, total, nbytes, final=done == total))
     copied = moved = 0
     done = False
     for _ in range(max_passes):
@@ -299,7 +303,7 @@ def cluster_for(transport, urls):
 # -- the commands (cli.py parses; these run) ----------------------------------------------------
 
 def run_repair(args, transport, urls) -> int:
-    progress = Progress("repair", quiet=args.json)
+    progress = Progress("repair", quiet=args.json, unit="copies")
     try:
         with cluster_for(transport, urls) as cluster:
             result = repair(cluster, args.rate, args.check, progress)
@@ -316,7 +320,7 @@ def run_repair(args, transport, urls) -> int:
 
 
 def run_servers(args, transport, urls) -> int:
-    progress = Progress(f"servers {args.action}", quiet=args.json)
+    progress = Progress(f"servers {args.action}", quiet=args.json, unit="copies")
     try:
         with cluster_for(transport, urls) as cluster:
             result = _servers_action(args, cluster, progress)

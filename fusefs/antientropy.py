@@ -233,10 +233,12 @@ class Repairer:
                  rate: float | None = None, interval: float = 60.0,
                  membership: Callable[[], tuple] | None = None,
                  down_out: float | None = None,
-                 progress: Callable[[str], None] = lambda message: None):
+                 progress: Callable[[str], None] = lambda message: None,
+                 copying: Callable[[int, int, int], None] = lambda done, total, nbytes: None):
         self.store, self.transport = store, store.transport
         self.wanted, self.rate, self.interval = wanted, rate, interval
-        self.progress = progress
+        self.progress = progress  # a step, in words
+        self.copying = copying  # (copies made, copies to make, bytes copied) as it goes
         self.membership = membership  # () -> (members, leaving) as the superblock says now
         # A member down for longer than this stops counting as a home (its blocks get
         # their R copies on the next servers of their ranking) until it answers again.
@@ -367,8 +369,7 @@ class Repairer:
                 if self._stop.is_set():
                     return
                 self._copy_chunk(target, chunk, report, throttle)
-                self.progress(f"copied {report.copied} of {total} missing copies "
-                              f"({protocol.format_size(report.bytes_copied)})")
+                self.copying(report.copied, total, report.bytes_copied)
         if move:
             self._move_handoffs([d for d in damage if d.extra], report)
         with self._lock:

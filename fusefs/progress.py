@@ -25,8 +25,9 @@ def _duration(seconds: float) -> str:
 class Progress:
     """`update(done, total, nbytes)` as work goes on; `say(text)` for a step; `end()`."""
 
-    def __init__(self, what: str, stream=None, every: float = 2.0, quiet: bool = False):
-        self.what, self.every, self.quiet = what, every, quiet
+    def __init__(self, what: str, stream=None, every: float = 2.0, quiet: bool = False,
+                 unit: str = ""):
+        self.what, self.every, self.quiet, self.unit = what, every, quiet, unit
         self.stream = stream if stream is not None else sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.started = time.monotonic()
@@ -35,7 +36,8 @@ class Progress:
 
     def line(self, done: int, total: int | None, nbytes: int = 0) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-6)
-        text = f"{self.what}: {done}" + (f" of {total}" if total is not None else "")
+        text = f"{self.what}: {done}" + (f" of {total}" if total is not None else "") + \
+            (f" {self.unit}" if self.unit else "")
         if nbytes:
             text += f", {format_size(nbytes)} at {format_size(int(nbytes / elapsed))}/s"
         elif done:

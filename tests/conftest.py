@@ -56,6 +56,7 @@ TIERS = {
     "test_metadata": "unit",
     "test_journal_records": "unit",
     "test_antientropy": "unit",
+    "test_progress": "unit",
     "test_filesystem_core": "unit",
     "test_blockserver_spares": "unit",
     "test_blockserver_api": "server",

@@ -863,7 +863,11 @@ def _print_alive(s: dict) -> None:
         held = ((s.get("health") or {}).get("copies") or {}).get(server["id"])
         copies = f", holds {held['holds']} of the {held['should_hold']} copies it should" \
             if held else ""
-        print(f"  server {server['url']}{role}: {state}{latency}{copies}")
+        space = ""
+        if server.get("capacity_bytes"):
+            used = server["capacity_bytes"] - server["free_bytes"]
+            space = f", {format_size(used)} used of {format_size(server['capacity_bytes'])}"
+        print(f"  server {server['url']}{role}: {state}{latency}{space}{copies}")
     print(f"  {_health_line(s.get('health'))}")
     if _scrub_line(s.get("health")):
         print(f"  {_scrub_line(s.get('health'))}")

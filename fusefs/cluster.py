@@ -121,7 +121,8 @@ class ReplicatedStore(BlockStore):
         self._stopping = threading.Event()
         self._prober: threading.Thread | None = None
         self._latency = _Latency(config.hedge_delay)
-        self._space: dict[str, tuple[int, int]] = {}  # server id -> (capacity, free), guarded
+        self._space: dict[str, tuple[int, int]] = {}  # disk -> (capacity, free), guarded
+        self._server_space: dict[str, tuple[int, int]] = {}  # the same, by server id
         self._behind = 0  # bytes held by copies left behind by puts; guarded by _behind_changed
         self._behind_changed = threading.Condition()
         self._space_checked = 0.0
@@ -210,6 +211,7 @@ class ReplicatedStore(BlockStore):
             # Servers on one disk report the same "disk": its space counts once.
             disk = status.get("disk") or member.id
             self._space[disk] = (status["capacity_bytes"], status["free_bytes"])
+            self._server_space[member.id] = self._space[disk]
 
     def capacity(self) -> tuple[int, int]:
         """(total, free) bytes of file data the cluster can hold: the raw space of its
@@ -787,12 +789,15 @@ class ReplicatedStore(BlockStore):
         with self._lock:
             missing = {m: len(v) for m, v in self._missing.items()}
             latencies = dict(self._latencies)
+            space = dict(self._server_space)
         leaving = set(m.id for m in self.leaving)
         return {"servers": [{"id": m.id, "url": m.url, "up": states[m.id].up,
                              "leaving": m.id in leaving,
                              "last_error": states[m.id].last_error,
                              "latency_ms": round(1000 * latencies[m.id], 2)
                              if m.id in latencies else None,
+                             "capacity_bytes": space.get(m.id, (None, None))[0],
+                             "free_bytes": space.get(m.id, (None, None))[1],
                              "missing_copies": missing.get(m.id, 0)} for m in self.servers],
                 "repair_backlog": sum(missing.values()),
                 "copies_behind_bytes": self.behind_bytes}

@@ -247,6 +247,7 @@ def test_status_shows_a_stopped_server_and_under_replication(fusefs_mount):
     assert _status(m)[1]["under_replicated"] == 0
     shown = m.cli("status", m.path).stdout
     assert "under-replicated blocks: 0 of" in shown and "copies it should" in shown, shown
+    assert shown.count(" used of ") == 3, shown
     cluster = m.cli("status", "--servers", m.urls, "--json")
     assert json.loads(cluster.stdout)["under_replicated"] == 0
 

@@ -138,3 +138,45 @@ def test_the_address_must_name_host_and_port():
                   "127.0.0.1:70000"):
         with pytest.raises(ValueError):
             parse_address(wrong)
+
+
+def test_gauges_follow_the_status_dict_and_skip_what_it_lacks():
+    """The collector alone, over status dicts as the daemon writes them: every figure it
+    has becomes a gauge, a missing key gives no metric (never a made-up 0)."""
+    from prometheus_client import generate_latest
+
+    from fusefs.metrics import MountMetrics
+
+    status = {"fs_id": "f1", "mountpoint": "/mnt", "time": 1.0, "dirty_bytes": 5,
+              "cluster": {"servers": [{"id": "s1", "url": "http://a", "up": True,
+                                       "missing_copies": 2, "latency_ms": 1.5},
+                                      {"id": "s2", "url": "http://b", "up": False,
+                                       "missing_copies": 0}],
+                          "repair_backlog": 2, "copies_behind_bytes": 7},
+              "health": {"under_replicated": 3, "handoffs": 1,
+                         "last_repair": {"finished": 100.0, "found": 4, "fixed": 3},
+                         "last_scrub": {"finished": None, "found": 0, "fixed": 0}}}
+    meter = MountMetrics(status=lambda: status, dirty_age=lambda: 12.5)
+    text = generate_latest(meter.registry).decode()
+    samples = {(s.name, frozenset(s.labels.items())): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert value(samples, "fusefs_server_up", server="s1", url="http://a") == 1
+    assert value(samples, "fusefs_server_up", server="s2", url="http://b") == 0
+    assert value(samples, "fusefs_server_missing_copies", server="s1") == 2
+    assert value(samples, "fusefs_server_latency_seconds", server="s1") == 0.0015
+    assert ("fusefs_server_latency_seconds", frozenset({("server", "s2")})) not in samples
+    assert value(samples, "fusefs_dirty_bytes") == 5
+    assert value(samples, "fusefs_dirty_oldest_seconds") == 12.5
+    assert value(samples, "fusefs_repair_backlog_copies") == 2
+    assert value(samples, "fusefs_copies_behind_bytes") == 7
+    assert value(samples, "fusefs_under_replicated_blocks") == 3
+    assert value(samples, "fusefs_handoff_copies") == 1
+    assert value(samples, "fusefs_last_pass_finished_timestamp_seconds", **{"pass": "repair"}) \
+        == 100
+    assert value(samples, "fusefs_last_pass_fixed", **{"pass": "repair"}) == 3
+    assert ("fusefs_last_pass_finished_timestamp_seconds",
+            frozenset({("pass", "scrub")})) not in samples  # never finished: no timestamp
+    assert "fusefs_cache" not in text and "fusefs_journal" not in text  # no such keys
+
+    status.clear()  # no status yet: the counters and histograms are still served
+    assert "fusefs_server_up" not in generate_latest(meter.registry).decode()

@@ -106,6 +106,21 @@ def test_operations_requests_and_gauges_of_a_real_mount(fusefs_mount):
     assert ("fusefs_cache_misses_total", frozenset()) in gauges
     for server in m.servers:
         assert total(gauges, "fusefs_server_up", url=server.url) == 1
+    # The writer's repair reports once its first survey of the servers ended.
+    wait_until(lambda: ("fusefs_under_replicated_blocks", frozenset()) in scrape(port),
+               "the first repair survey")
+    assert ("fusefs_handoff_copies", frozenset()) in scrape(port)
+
+    # Dirty data has an age (read live) until it is uploaded.
+    fd = os.open(os.path.join(m.path, "d", "dirty"), os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, b"not uploaded yet")
+        assert value(scrape(port), "fusefs_dirty_oldest_seconds") > 0
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    wait_until(lambda: value(scrape(port), "fusefs_dirty_oldest_seconds") == 0,
+               "nothing dirty after fsync")
 
     # A stopped server: its up gauge goes to 0 within seconds, the others stay 1.
     stopped = m.servers[2]

@@ -16,8 +16,8 @@ Two writers racing for the same generation (two mounts starting at once) can lea
 loser's value on a minority; a winner that sees the conflict writes once more at the next
 generation. An update returns once a majority accepted it, without waiting for a hung
 server, so a loser's value may stay at the winner's generation on a server it did not
-wait for: readers then take the value most servers hold (`_newest`), and the next change
-overwrites it.
+wait for (it did not answer within a second): readers then take the value most servers
+hold (`_newest`), and the next change overwrites it.
 
 An update is idempotent: a server that answers "conflict" because it already holds our
 exact value at our generation (an earlier try of the same update whose answer was lost)
@@ -33,7 +33,7 @@ import hashlib
 import json
 import logging
 import uuid
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass, replace
 
 from . import errors
@@ -124,9 +124,14 @@ def ask_all(transport: Transport, members, fn):
         return dict(zip(members, pool.map(call, members)))
 
 
+STRAGGLER_GRACE = 1.0  # seconds a decided update still waits for the other answers
+
+
 def _ask_until(transport: Transport, members, fn, settled):
-    """Like `ask_all`, but returns once `settled(answers so far)` is true: a hung server
-    is not waited for (its request ends by its own timeout, in the background)."""
+    """Like `ask_all`, but once `settled(answers so far)` is true the other answers are
+    awaited for STRAGGLER_GRACE seconds only: a hung server is not waited for (its request
+    ends by its own timeout, in the background), while a server that answers at once is
+    heard (a racing loser's value there is then overwritten, see `update`)."""
     def call(member):
         try:
             return fn(member)
@@ -137,10 +142,15 @@ def _ask_until(transport: Transport, members, fn, settled):
     try:
         futures = {pool.submit(call, m): m for m in members}
         answers: dict = {}
+        pending = set(futures)
         for future in as_completed(futures):
             answers[futures[future]] = future.result()
+            pending.discard(future)
             if settled(answers):
                 break
+        done, _ = wait(pending, timeout=STRAGGLER_GRACE)
+        for future in done:
+            answers[futures[future]] = future.result()
         return answers
     finally:
         pool.shutdown(wait=False)

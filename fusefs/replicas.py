@@ -17,7 +17,9 @@ before it always cover the whole file.
 A copy is healthy when a server that is a member (or being drained) answers the batch
 check with the block present under the checksum the metadata records. The check reads
 each copy's header, not its bytes (`fusefs scrub` verifies bytes). Counted on demand:
-one batch check per server per 1,000 blocks, the servers asked in parallel.
+one batch check per server per 1,000 blocks, the servers asked in parallel, with no lock
+of the filesystem held. Nothing is stored or cached here (the adapter keeps an answer for
+two seconds, fuse_ops.py): a crash loses nothing, and the next read asks again.
 """
 
 from __future__ import annotations

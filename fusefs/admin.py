@@ -51,15 +51,9 @@ def open_cluster(transport, urls: list[str]) -> Cluster:
     """The filesystem on the servers at `urls` (one reachable member is enough): its
     superblock read by quorum, and a started store over all its servers."""
     try:
-        found = superblock.read(transport, urls)
-        if found is None:
-            raise AdminError("no filesystem on these servers (`fusefs mkfs` makes one)")
-        given = {s["server_id"]: url for url, s in superblock.probe(transport, urls).items()
-                 if isinstance(s, dict)}
-        sb = superblock.read_quorum(transport, _at(given, found.members))
+        sb = superblock.locate(transport, urls)
     except errors.StorageError as e:
         raise AdminError(f"cannot read the superblock: {e}") from None
-    sb = sb.with_changes(members=_at(given, sb.members), leaving=_at(given, sb.leaving))
     store = ReplicatedStore(sb.members, transport, ClusterConfig(
         replicas=sb.replicas, write_quorum=sb.write_quorum, probe_max=5.0))
     store.set_membership(sb.members, sb.leaving)

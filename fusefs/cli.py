@@ -529,17 +529,11 @@ def cmd_fsck(args) -> int:
     urls = _need_servers(args)
     transport = _transport(args, writes=args.repair)
     try:
-        found = superblock.read(transport, urls)
-        if found is None:
-            raise CliError("no filesystem on these servers")
-        given = {s["server_id"]: url for url, s in superblock.probe(transport, urls).items()
-                 if isinstance(s, dict)}
-        members = [Member(m.id, given.get(m.id, m.url)) for m in found.members]
-        sb = superblock.read_quorum(transport, members)
-        sb = sb.with_changes(members=tuple(members))
+        sb = superblock.locate(transport, urls)
     except errors.StorageError as e:
         print(f"fusefs fsck: cannot read the superblock: {_explain(e)}", file=sys.stderr)
         return 2
+    members = list(sb.members)
     store = ReplicatedStore(members, transport, ClusterConfig(replicas=sb.replicas,
                                                               write_quorum=sb.write_quorum))
     try:
@@ -569,17 +563,11 @@ def cmd_scrub(args) -> int:
     urls = _need_servers(args)
     transport = _transport(args, writes=True)
     try:
-        found = superblock.read(transport, urls)
-        if found is None:
-            raise CliError("no filesystem on these servers")
-        given = {s["server_id"]: url for url, s in superblock.probe(transport, urls).items()
-                 if isinstance(s, dict)}
-        sb = superblock.read_quorum(
-            transport, [Member(m.id, given.get(m.id, m.url)) for m in found.members])
+        sb = superblock.locate(transport, urls)
     except errors.StorageError as e:
         print(f"fusefs scrub: cannot read the superblock: {_explain(e)}", file=sys.stderr)
         return 2
-    servers = [Member(m.id, given.get(m.id, m.url)) for m in sb.servers]
+    servers = list(sb.servers)
     cache_root = args.cache_dir or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fusefs")
     state = args.state or os.path.join(os.path.abspath(cache_root), sb.fs_id, "scrub.json")

@@ -206,6 +206,24 @@ def read(transport: Transport, urls: list[str]) -> Superblock | None:
     return Superblock.decode(*reversed(_newest(found)))
 
 
+def locate(transport: Transport, urls: list[str]) -> Superblock:
+    """The filesystem on the servers at `urls` (one reachable member is enough), read by
+    quorum, its members and leaving servers at the URLs given for them where the user
+    typed one (servers may have moved since the superblock recorded theirs). Raises
+    BlockMissing when no filesystem is there, and what reading met otherwise."""
+    found = read(transport, urls)
+    if found is None:
+        raise errors.BlockMissing("no filesystem on these servers (`fusefs mkfs` makes one)")
+    given = {s["server_id"]: url for url, s in probe(transport, urls).items()
+             if isinstance(s, dict)}
+
+    def at_given(members) -> tuple[Member, ...]:
+        return tuple(Member(m.id, given.get(m.id, m.url)) for m in members)
+
+    sb = read_quorum(transport, at_given(found.members))
+    return sb.with_changes(members=at_given(sb.members), leaving=at_given(sb.leaving))
+
+
 def read_quorum(transport: Transport, members) -> Superblock:
     """The newest superblock among the answers of a majority of `members`.
 

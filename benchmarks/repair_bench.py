@@ -144,7 +144,8 @@ class Cluster:
     """Four block servers, the filesystem on them, its mount; what the benchmark drives.
 
     `servers` are the current members, in a fixed order (a replacement takes the place of
-    the server it replaces); `retired` are the killed ones, kept to be sure they stopped."""
+    the server it replaces); `spawned` every server started, killed ones and baselines
+    included (all of them are stopped at the end)."""
 
     def __init__(self, work: str):
         self.work = work
@@ -152,8 +153,7 @@ class Cluster:
         self.mnt = os.path.join(work, "mnt")
         self.cache = os.path.join(work, "cache")
         self.servers: list[SignedServer] = []
-        self.retired: list[SignedServer] = []
-        self.spawned = 0
+        self.spawned: list[SignedServer] = []  # every server started, in order
         self.daemon_pid: int | None = None
         self.state_dir = ""
         self.transport: Transport | None = None
@@ -170,9 +170,12 @@ class Cluster:
         self.servers = [self.new_server() for _ in range(n)]
 
     def new_server(self) -> SignedServer:
-        self.spawned += 1
-        return SignedServer(f"s{self.spawned}", self.work, self.secret,
-                            self.transport).start()
+        """A new empty server, started (kept in `spawned` first: stopped at the end even
+        if it never became ready)."""
+        server = SignedServer(f"s{len(self.spawned) + 1}", self.work, self.secret,
+                              self.transport)
+        self.spawned.append(server)
+        return server.start()
 
     @property
     def urls(self) -> str:
@@ -247,7 +250,6 @@ class Cluster:
         """Kill server `index` for good and start an empty one (not a member yet)."""
         old = self.servers[index]
         old.kill()
-        self.retired.append(old)
         new = self.new_server()
         self.servers[index] = new
         return old, new
@@ -264,7 +266,7 @@ class Cluster:
                 log("repair_bench: `fusefs umount` timed out")
             unmount(self.mnt)
         kill_quietly(self.daemon_pid, "fusefs daemon")
-        for server in self.servers + self.retired:
+        for server in self.spawned:
             server.stop()
 
 
@@ -395,9 +397,17 @@ class Background:
         return end - start
 
     def copies_done_at(self) -> float | None:
-        """When the copying ended: the first 'N of N' progress line."""
+        """When the first pass's copying ended: its 'N of N' progress line, or the line
+        saying the copies are made and hand-offs wait (a pass with failed copies never
+        shows 'N of N')."""
         return next((t for t, line in self.lines
-                     if (m := re.search(r": (\d+) of (\d+)\b", line)) and m[1] == m[2]), None)
+                     if ((m := re.search(r": (\d+) of (\d+)\b", line)) and m[1] == m[2])
+                     or "before moving hand-offs" in line), None)
+
+    def last_count(self) -> str:
+        """The last 'N of M' progress line, for the log."""
+        return next((line for _, line in reversed(self.lines)
+                     if re.search(r": \d+ of \d+\b", line)), "")
 
 
 def mount_repairs(cluster: Cluster, since: int) -> tuple[int, int]:
@@ -446,6 +456,7 @@ def measure_foreground(cluster: Cluster, rnd: int, args, results: Results,
         f"{made.group(1) if made else '?'} copies in {copied_at - run.started:.1f}s, the "
         f"mount's background repair {by_mount}): {mb_s(args.fg_size, during):.1f} MB/s, "
         f"{overlap:.0%} of it while the rebuild copied")
+    log(f"  (its last progress line: {run.last_count()!r})")
     results.add("fg_alone_mb_s", mb_s(args.fg_size, alone))
     results.add("fg_rebuild_mb_s", mb_s(args.fg_size, during))
     results.add("fg_overlap", overlap)
@@ -679,7 +690,7 @@ def main(argv=None) -> int:
         if failed and cluster.state_dir:
             print(f"fusefs log tail:\n{tail(os.path.join(cluster.state_dir, 'fusefs.log'))}",
                   file=sys.stderr)
-        for server in cluster.servers + cluster.retired:
+        for server in cluster.spawned:
             text = server.log_tail(200)
             if (failed or "Traceback" in text) and text.strip():
                 print(f"server {server.name} log tail:\n{text}", file=sys.stderr)

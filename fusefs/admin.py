@@ -296,39 +296,41 @@ def cluster_for(transport, urls):
 
 # -- the commands (cli.py parses; these run) ----------------------------------------------------
 
-def run_repair(args, transport, urls) -> int:
-    progress = Progress("repair", quiet=args.json, unit="copies")
+def _run(command: str, args, transport, urls, work, show, quiet: bool = False):
+    """Open the cluster, `work(cluster, progress)`, print the result (`show(result)`, or
+    JSON with --json); the result, or None once a failure was reported."""
+    progress = Progress(command, quiet=quiet or args.json, unit="copies")
     try:
         with cluster_for(transport, urls) as cluster:
-            result = repair(cluster, args.rate, args.check, progress)
+            result = work(cluster, progress)
     except (AdminError, errors.StorageError) as e:
         progress.end()
-        print(f"fusefs repair: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        print(f"fusefs {command}: {e}", file=sys.stderr)
+        return None
     progress.end()
     if args.json:
         print_json(result)
     else:
-        print(format_repair(result, args.check))
+        print(show(result))
+    return result
+
+
+def run_repair(args, transport, urls) -> int:
+    result = _run("repair", args, transport, urls,
+                  lambda cluster, progress: repair(cluster, args.rate, args.check, progress),
+                  lambda result: format_repair(result, args.check))
+    if result is None:
+        return EXIT_FAILED
     return EXIT_HEALTHY if result["healthy"] else EXIT_UNHEALTHY
 
 
 def run_servers(args, transport, urls) -> int:
-    progress = Progress(f"servers {args.action}", quiet=args.json, unit="copies")
-    try:
-        with cluster_for(transport, urls) as cluster:
-            result = _servers_action(args, cluster, progress)
-    except (AdminError, errors.StorageError) as e:
-        progress.end()
-        print(f"fusefs servers {args.action}: {e}", file=sys.stderr)
+    result = _run(f"servers {args.action}", args, transport, urls,
+                  lambda cluster, progress: _servers_action(args, cluster, progress),
+                  lambda result: "\n".join([format_servers(result["servers"])] +
+                                           ([result["change"]] if "change" in result else [])))
+    if result is None:
         return EXIT_FAILED
-    progress.end()
-    if args.json:
-        print_json(result)
-    else:
-        print(format_servers(result["servers"]))
-        if "change" in result:
-            print(result["change"])
     if args.action == "list":
         return EXIT_HEALTHY if all(r["up"] for r in result["servers"]) else EXIT_UNHEALTHY
     return EXIT_HEALTHY if result.get("finished", True) else EXIT_UNHEALTHY
@@ -378,17 +380,10 @@ def _moved_text(moved: dict) -> str:
 
 
 def run_cluster_status(args, transport, urls) -> int:
-    progress = Progress("status", quiet=True)
-    try:
-        with cluster_for(transport, urls) as cluster:
-            result = cluster_status(cluster, progress)
-    except (AdminError, errors.StorageError) as e:
-        print(f"fusefs status: {e}", file=sys.stderr)
+    result = _run("status", args, transport, urls, cluster_status, format_cluster_status,
+                  quiet=True)
+    if result is None:
         return EXIT_FAILED
-    if args.json:
-        print_json(result)
-    else:
-        print(format_cluster_status(result))
     return EXIT_HEALTHY if result["healthy"] else EXIT_UNHEALTHY
 
 

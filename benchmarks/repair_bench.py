@@ -332,6 +332,7 @@ def measure_rebuild(cluster: Cluster, rnd: int, results: Results, payloads: Payl
     run = Background(cluster, "servers", "replace", old.server_id, new.url, "--servers",
                      ",".join(s.url for s in survivors), "--secret-file", cluster.secret)
     out = run.wait()
+    run.save(os.path.join(cluster.work, f"rebuild-{rnd + 1}.log"))
     seconds = run.ended - run.started
     copying = run.copy_phase()
     copies, nbytes, per_server = new_copies(before, cluster.holdings())
@@ -342,6 +343,7 @@ def measure_rebuild(cluster: Cluster, rnd: int, results: Results, payloads: Payl
         f"{copying:.1f}s = {mb_s(nbytes, copying):.1f} MB/s (the command: "
         f"{made.group(1) if made else '?'} copies made, {made.group(2) if made else '?'} "
         "hand-offs moved home)")
+    log(f"  (its last progress line: {run.last_count()!r})")
     put_s = put_baseline(cluster, nbytes, payloads)
     log(f"  baseline: batch PUT of the same bytes to an empty server: {put_s:.1f}s = "
         f"{mb_s(nbytes, put_s):.1f} MB/s")
@@ -387,22 +389,31 @@ class Background:
         return out
 
     def copy_phase(self) -> float:
-        """Seconds from the first pass's listing to its last copy (the progress line
-        'N of N'); the whole command's if those lines are not there."""
+        """Seconds from the first pass's listing to the end of its copying (see
+        `copies_done_at`); the whole command's if those lines are not there."""
         start = next((t for t, line in self.lines if "listing the blocks" in line), None)
-        end = next((t for t, line in self.lines
-                    if (m := re.search(r": (\d+) of (\d+)\b", line)) and m[1] == m[2]), None)
+        end = self.copies_done_at()
         if start is None or end is None:
             return (self.ended or time.perf_counter()) - self.started
         return end - start
 
     def copies_done_at(self) -> float | None:
-        """When the first pass's copying ended: its 'N of N' progress line, or the line
-        saying the copies are made and hand-offs wait (a pass with failed copies never
-        shows 'N of N')."""
-        return next((t for t, line in self.lines
-                     if ((m := re.search(r": (\d+) of (\d+)\b", line)) and m[1] == m[2])
-                     or "before moving hand-offs" in line), None)
+        """When the first pass's copying ended: its 'N of N' progress line, or the next
+        step's line (hand-offs checked or waiting, or the second pass listing), as a pass
+        with failed copies never shows 'N of N'."""
+        listings = 0
+        for t, line in self.lines:
+            m = re.search(r": (\d+) of (\d+)\b", line)
+            listings += "listing the blocks" in line
+            if (m and m[1] == m[2]) or listings > 1 or "before moving hand-offs" in line \
+                    or "checking the homes" in line:
+                return t
+        return None
+
+    def save(self, path: str) -> None:
+        """Its stderr, with seconds since it started, for --keep."""
+        with open(path, "w") as f:
+            f.writelines(f"{t - self.started:8.2f} {line}\n" for t, line in self.lines)
 
     def last_count(self) -> str:
         """The last 'N of M' progress line, for the log."""
@@ -448,6 +459,7 @@ def measure_foreground(cluster: Cluster, rnd: int, args, results: Results,
     during = foreground(cluster, f"fg-rebuild-{rnd}", args.fg_size, payload)
     end_fg = start_fg + during
     out = run.wait()
+    run.save(os.path.join(cluster.work, f"foreground-rebuild-{rnd + 1}.log"))
     copied_at = run.copies_done_at() or run.ended
     overlap = max(0.0, min(end_fg, copied_at) - start_fg) / during
     made = re.search(r"(\d+) copies made", out)

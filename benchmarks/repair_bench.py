@@ -223,6 +223,22 @@ class Cluster:
             time.sleep(0.1)
         log("repair_bench: the mount still reports dirty bytes; going on")
 
+    def quiet(self, timeout: float = 900) -> float:
+        """Wait until the mount's background repair is between passes (its status file,
+        written after now, says so); seconds waited."""
+        asked, started = time.time(), time.monotonic()
+        while time.monotonic() - started < timeout:
+            try:
+                with open(os.path.join(self.state_dir, "status.json")) as f:
+                    s = json.load(f)
+                if s.get("time", 0) > asked and not (s.get("health") or {}).get("running"):
+                    return time.monotonic() - started
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        log("repair_bench: the mount's background repair is still running; going on")
+        return time.monotonic() - started
+
     def repair(self) -> dict:
         """`fusefs repair` until it says healthy (untimed: the state every round starts in)."""
         for _ in range(5):
@@ -379,8 +395,10 @@ class Background:
             self.lines.append((time.perf_counter(), line.rstrip()))
 
     def wait(self) -> str:
-        """Its stdout, once it exited 0."""
-        out, _ = self.proc.communicate(timeout=CMD_TIMEOUT)
+        """Its stdout, once it exited 0 (stderr is the reader thread's alone: a second
+        reader, as communicate() would be, takes lines from it)."""
+        out = self.proc.stdout.read()
+        self.proc.wait(timeout=CMD_TIMEOUT)
         self.ended = time.perf_counter()
         self.reader.join(10)
         if self.proc.returncode != 0:
@@ -445,6 +463,9 @@ def foreground(cluster: Cluster, name: str, size: int, payload: Payload) -> floa
 def measure_foreground(cluster: Cluster, rnd: int, args, results: Results,
                        payload: Payload) -> None:
     cluster.settle()
+    waited = cluster.quiet()
+    if waited > 2:
+        log(f"round {rnd + 1}: waited {waited:.0f}s for the mount's background repair to end")
     alone = foreground(cluster, f"fg-alone-{rnd}", args.fg_size, payload)
     log(f"round {rnd + 1} foreground alone: {args.fg_size // MiB} MiB written + fsync in "
         f"{alone:.1f}s = {mb_s(args.fg_size, alone):.1f} MB/s")
@@ -463,17 +484,21 @@ def measure_foreground(cluster: Cluster, rnd: int, args, results: Results,
     copied_at = run.copies_done_at() or run.ended
     overlap = max(0.0, min(end_fg, copied_at) - start_fg) / during
     made = re.search(r"(\d+) copies made", out)
+    busy = cluster.quiet()
     _, by_mount = mount_repairs(cluster, log_at)
     log(f"  with a rebuild (killed {old.name}, replaced by {new.name}; the command made "
-        f"{made.group(1) if made else '?'} copies in {copied_at - run.started:.1f}s, the "
-        f"mount's background repair {by_mount}): {mb_s(args.fg_size, during):.1f} MB/s, "
-        f"{overlap:.0%} of it while the rebuild copied")
+        f"{made.group(1) if made else '?'} copies in {copied_at - run.started:.1f}s and "
+        f"ended after {run.ended - run.started:.1f}s; the mount's background repair "
+        f"logged {by_mount} copied, and was busy {busy:.0f}s more): "
+        f"{mb_s(args.fg_size, during):.1f} MB/s, {overlap:.0%} of it while the rebuild "
+        "copied")
     log(f"  (its last progress line: {run.last_count()!r})")
     results.add("fg_alone_mb_s", mb_s(args.fg_size, alone))
     results.add("fg_rebuild_mb_s", mb_s(args.fg_size, during))
     results.add("fg_overlap", overlap)
     results.add("fg_copy_s", copied_at - run.started)
     results.add("fg_mount_copies", by_mount)
+    results.add("fg_mount_busy_s", busy)
     for name in (f"fg-alone-{rnd}", f"fg-rebuild-{rnd}"):
         os.unlink(os.path.join(cluster.mnt, name))
 

@@ -499,6 +499,8 @@ def measure_foreground(cluster: Cluster, rnd: int, args, results: Results,
     results.add("fg_copy_s", copied_at - run.started)
     results.add("fg_mount_copies", by_mount)
     results.add("fg_mount_busy_s", busy)
+    if made:
+        results.add("fg_cmd_copies", int(made.group(1)))
     for name in (f"fg-alone-{rnd}", f"fg-rebuild-{rnd}"):
         os.unlink(os.path.join(cluster.mnt, name))
 
@@ -575,6 +577,8 @@ def render(results: Results, args) -> str:
          f" the copying ({fmt(r.median('fg_copy_s'))} s)"),
         ("  with / alone", "ratio", fmt(r.ratio("fg_rebuild_mb_s", "fg_alone_mb_s"), ".2f"),
          f"target >= {FOREGROUND_TARGET:.2f}"),
+        ("  copies by the mount's own repair", "copies", fmt(r.median("fg_mount_copies"), ".0f"),
+         f"meanwhile; the command made {fmt(r.median('fg_cmd_copies'), '.0f')}"),
         ("scrub of every copy (fusefs scrub)", "MB/s", fmt(r.median("scrub_mb_s")),
          f"{fmt(r.median('scrub_mb'), '.0f')} MB in {fmt(r.median('scrub_s'))} s"),
         ("read the block files from disk", "MB/s", fmt(r.median("disk_mb_s")),

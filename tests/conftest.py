@@ -89,7 +89,6 @@ TIERS = {
     "test_mount_recovery": "crash",
     "test_crash_consistency": "crash",
     "test_gc": "crash",
-    "test_gc": "crash",
 }
 _RANK = {module: (TIER_ORDER.index(tier), i) for i, (module, tier) in enumerate(TIERS.items())}
 

@@ -605,6 +605,7 @@ def cmd_gc(args) -> int:
 
     from .cluster import ClusterConfig, ReplicatedStore
     from .gc import Collector, Refused, format_plan
+    from .progress import Progress
 
     urls = _need_servers(args)
     transport = _transport(args, writes=args.delete)
@@ -621,11 +622,15 @@ def cmd_gc(args) -> int:
     members = [Member(m.id, given.get(m.id, m.url)) for m in sb.members]
     store = ReplicatedStore(members, transport, ClusterConfig(replicas=sb.replicas,
                                                               write_quorum=sb.write_quorum))
+    if sb.leaving:  # servers being drained still hold copies the metadata load may need
+        store.set_membership(members, [Member(m.id, given.get(m.id, m.url))
+                                       for m in sb.leaving])
+    shown = Progress("gc")
     try:
         store.start()
         with tempfile.TemporaryDirectory(prefix="fusefs-gc-") as work:
             collector = Collector(store, transport, members, work_dir=work,
-                                  progress=lambda m: print(f"gc: {m}", file=sys.stderr),
+                                  progress=shown.say, listed=shown.update,
                                   cache_dirs=[args.cache_dir] if args.cache_dir else [])
             plan = collector.survey()
             if args.delete and plan.ids:
@@ -635,6 +640,7 @@ def cmd_gc(args) -> int:
     except errors.StorageError as e:
         return _gc_failed(args, f"could not finish: {_explain(e)}; run it again")
     finally:
+        shown.end()
         store.close()
     print(json.dumps(plan.as_dict(), indent=1) if args.json else format_plan(plan))
     return plan.exit_status

@@ -147,11 +147,12 @@ class Collector:
     the servers the superblock is read from by quorum (their URLs as given)."""
 
     def __init__(self, store, transport, members, *, work_dir: str,
-                 progress=lambda message: None, cache_dirs=()):
+                 progress=lambda message: None, listed=lambda count: None, cache_dirs=()):
         self.store, self.transport = store, transport
         self.members = list(members)
         self.work_dir = work_dir
-        self.progress = progress
+        self.progress = progress  # a step, in words
+        self.listed = listed  # blocks listed so far on the server being listed
         self.cache_dirs = list(cache_dirs)  # where to look for a dead writer's database
 
     def read_superblock(self) -> superblock.Superblock:
@@ -212,6 +213,7 @@ class Collector:
                 while True:
                     page, after = self.transport.list_blocks(member, after, LIST_PAGE)
                     listing.update((b["id"], int(b.get("size", 0))) for b in page)
+                    self.listed(len(listing))
                     if not after:
                         break
             except errors.StorageError as e:

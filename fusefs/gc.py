@@ -201,6 +201,12 @@ class Collector:
                 self.progress("the writer holding the lease has ended; keeping what its "
                               f"local metadata references ({len(kept)} blocks)")
                 return None, kept
+            self.progress("the writer holding the lease has ended, but its local metadata "
+                          "is not found here (--cache-dir): its blocks are left alone; the "
+                          "next mount sweeps them")
+        else:
+            self.progress(f"a writer holds the lease, {describe_lease(lease)}: its blocks "
+                          f"(ids starting {lease['tag']}) are left alone")
         return lease["tag"], set()
 
     def _list(self, servers, reports: list[ServerReport]) -> list[dict[str, int]]:

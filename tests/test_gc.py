@@ -153,10 +153,9 @@ def read_all(root: str) -> None:
 
 # -- (a) a client killed in the middle of uploads --------------------------------------------
 
-def test_a_crashed_client_leaves_orphans_gc_deletes_and_nothing_else(fusefs_mount, cluster,
-                                                                     tmp_path):
-    m = fusefs_mount(mkfs=MKFS)
-    store = cluster(m)
+def crash_in_the_middle_of_uploads(m, store) -> tuple[dict[str, str], str]:
+    """Synced files, one written and closed but not synced, three with parked uploads;
+    then kill -9 of the client. Returns (synced file -> sha256, filesystem id)."""
     rng = random.Random(16)
     synced = {f"synced{i}": write_file(os.path.join(m.path, f"synced{i}"),
                                        rng.randbytes(3 * BS + 17 * i)) for i in range(4)}
@@ -168,6 +167,26 @@ def test_a_crashed_client_leaves_orphans_gc_deletes_and_nothing_else(fusefs_moun
     fs_id = superblock.read_quorum(store.transport, store.members).fs_id
     m.force_unmount()  # kill -9 of the client, then the dead mount detached
     close_all(fds)
+    return synced, fs_id
+
+
+def reads_back_and_checks_clean(m, synced: dict[str, str]) -> None:
+    """Mount from the same cache directory (the dead client's records come back), read
+    every file, fsck; then again from the servers alone."""
+    m.mount()
+    check_files(m.path, synced)
+    read_all(m.path)
+    assert fsck(m)[0] == 0
+    remount_from_servers(m)
+    check_files(m.path, synced)
+    read_all(m.path)
+
+
+def test_a_crashed_client_leaves_orphans_gc_deletes_and_nothing_else(fusefs_mount, cluster,
+                                                                     tmp_path):
+    m = fusefs_mount(mkfs=MKFS)
+    store = cluster(m)
+    synced, fs_id = crash_in_the_middle_of_uploads(m, store)
 
     # What gc must find: blocks nothing needs, neither the cluster's metadata nor the
     # dead client's own database (a mount from its cache directory carries its records
@@ -190,14 +209,28 @@ def test_a_crashed_client_leaves_orphans_gc_deletes_and_nothing_else(fusefs_moun
     for url, ids in held.items():
         assert ids - after[url] == ids & orphans, f"{url}: not exactly the orphans deleted"
     gc(m, expect=0)  # nothing left
+    reads_back_and_checks_clean(m, synced)
 
-    m.mount()  # from the same cache directory: the dead client's records come back
-    check_files(m.path, synced)
-    read_all(m.path)
-    assert fsck(m)[0] == 0
-    remount_from_servers(m)
-    check_files(m.path, synced)
-    read_all(m.path)
+
+def test_without_the_dead_clients_database_its_blocks_are_left_alone(fusefs_mount, cluster,
+                                                                     tmp_path):
+    """The client's cache directory is elsewhere (another path, another machine): gc
+    cannot tell which of its uploads its records name, so it judges none of them."""
+    m = fusefs_mount(mkfs=MKFS)
+    store = cluster(m)
+    tag = lease_of(store)["tag"]
+    synced, _ = crash_in_the_middle_of_uploads(m, store)
+    tagged = {i for i in every_id(store) if i.startswith(tag)}
+    hidden = tmp_path / "moved-cache"
+    os.rename(m.cache_dir, hidden)
+    try:
+        code, report, stderr = gc(m, "--delete", expect=0)
+        assert "local metadata is not found" in stderr
+        assert report["kept_for_writer"] > 0
+        assert tagged <= every_id(store), "blocks of the dead client were deleted"
+    finally:
+        os.rename(hidden, m.cache_dir)
+    reads_back_and_checks_clean(m, synced)
 
 
 # -- (b) a writer that lost its lease, then killed -------------------------------------------

@@ -601,6 +601,13 @@ def cmd_scrub(args) -> int:
 # -- gc ---------------------------------------------------------------------------------------
 
 def cmd_gc(args) -> int:
+    try:
+        return _run_gc(args)
+    except CliError as e:  # exit 2, not 1: 1 means leftovers found
+        return _gc_failed(args, str(e))
+
+
+def _run_gc(args) -> int:
     import tempfile
 
     from .cluster import ClusterConfig, ReplicatedStore

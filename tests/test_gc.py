@@ -382,3 +382,25 @@ def test_a_writer_that_has_not_started_its_journal_makes_gc_refuse(fusefs_mount,
     superblock.update(store.transport, sb.with_changes(lease=None))
     gc(m, "--delete", expect=0)
     assert not planted & every_id(store)
+
+
+# -- keys -----------------------------------------------------------------------------------
+
+def test_a_read_only_key_surveys_but_cannot_delete(fusefs_mount, make_cluster, tmp_path):
+    """A dry run needs only reads (a reader's key); --delete needs the cluster secret, and
+    its refusal is exit 2 (1 would tell a script that leftovers were found)."""
+    secret = b"gc-test-secret-0123456789abcdef!"
+    m = fusefs_mount(secret=secret, mkfs=MKFS)
+    store = make_cluster(m.servers, secret=secret, replicas=3, write_quorum=2)
+    planted = set(plant_leftovers(store, count=2))
+    key = tmp_path / "read.key"
+    m.cli("read-key", "--secret-file", m.secret_file, str(key))
+    reader = ["gc", "--servers", m.urls, "--secret-file", str(key)]
+    result = m.cli(*reader, "--json", check=False)
+    assert result.returncode == 1, result.stderr
+    assert json.loads(result.stdout)["leftover_blocks"] == len(planted)
+    result = m.cli(*reader, "--delete", check=False)
+    assert result.returncode == 2 and "read-only key" in result.stderr
+    assert planted <= every_id(store)
+    gc(m, "--delete", expect=0)
+    assert not planted & every_id(store)

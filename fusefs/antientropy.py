@@ -37,6 +37,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from blockserver import protocol
@@ -52,6 +53,7 @@ LIST_PAGE = 5000
 CHECK_CHUNK = 500
 COPY_ITEMS = 16  # blocks per batch copy
 COPY_BYTES = 16 << 20
+COPY_STREAMS = 4  # batch copies in flight at once (reads of one overlap writes of another)
 
 
 def wanted_blocks(metadata, store, checkpoint: dict, fs_id: str, *, chain: str,
@@ -189,11 +191,23 @@ class PassReport:
     finished: float | None = None
     found: int = 0  # copies missing on homes, plus copies outside their homes
     copied: int = 0
+    present: int = 0  # found on its target already (copied meanwhile by someone else)
     moved: int = 0  # hand-off copies deleted once every home had the block
     failed: int = 0
     bytes_copied: int = 0
     survey: dict = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def tally(self, **counts) -> None:
+        """Add to the counters (copies run in parallel)."""
+        with self.lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def error(self, text: str) -> None:
+        with self.lock:
+            self.errors.append(text)
 
     @property
     def fixed(self) -> int:
@@ -201,7 +215,8 @@ class PassReport:
 
     def as_dict(self) -> dict:
         return {"started": self.started, "finished": self.finished, "found": self.found,
-                "fixed": self.fixed, "copied": self.copied, "moved": self.moved,
+                "fixed": self.fixed, "copied": self.copied, "present": self.present,
+                "moved": self.moved,
                 "failed": self.failed, "bytes_copied": self.bytes_copied,
                 "survey": self.survey, "errors": self.errors[-10:]}
 
@@ -212,11 +227,14 @@ class _Throttle:
     def __init__(self, rate: float | None, stop: threading.Event):
         self.rate, self.stop = rate, stop
         self.started, self.sent = time.monotonic(), 0
+        self._lock = threading.Lock()
 
     def spend(self, nbytes: int) -> None:
-        self.sent += nbytes
+        with self._lock:
+            self.sent += nbytes
+            sent = self.sent
         if self.rate:
-            ahead = self.sent / self.rate - (time.monotonic() - self.started)
+            ahead = sent / self.rate - (time.monotonic() - self.started)
             if ahead > 0:
                 self.stop.wait(ahead)
 
@@ -363,13 +381,21 @@ class Repairer:
         for item in damage:
             for member in item.missing:
                 by_target.setdefault(member.id, []).append(item)
-        for target_id, items in by_target.items():
-            target = _member(items[0].missing, target_id)
-            for chunk in _chunks(items):
-                if self._stop.is_set():
-                    return
-                self._copy_chunk(target, chunk, report, throttle)
-                self.copying(report.copied, total, report.bytes_copied)
+        jobs = [(_member(items[0].missing, target_id), chunk)
+                for target_id, items in by_target.items() for chunk in _chunks(items)]
+
+        shown = threading.Lock()  # one progress line at a time
+
+        def copy(job) -> None:
+            if not self._stop.is_set():
+                self._copy_chunk(*job, report, throttle)
+                with shown:
+                    self.copying(report.copied + report.present, total, report.bytes_copied)
+
+        with ThreadPoolExecutor(COPY_STREAMS, thread_name_prefix="repair-copy") as pool:
+            list(pool.map(copy, jobs))
+        if self._stop.is_set():
+            return
         if move:
             self._move_handoffs([d for d in damage if d.extra], report)
         with self._lock:
@@ -378,21 +404,25 @@ class Repairer:
 
     def _copy_chunk(self, target: Member, chunk: list[Damage], report: PassReport,
                     throttle: _Throttle) -> None:
+        """Copy one batch to `target`: what it holds by now is skipped (the mounted
+        writer and a command may repair the same blocks at once), the rest is read from a
+        holder, verified, and put."""
         try:
+            chunk = self._still_missing(target, chunk, report)
             data = self._fetch(chunk)
         except errors.StorageError as e:
-            report.failed += len(chunk)
-            report.errors.append(f"could not read blocks to copy to {target.url}: {e}")
+            report.tally(failed=len(chunk))
+            report.error(f"could not copy blocks to {target.url}: {e}")
             return
         items = [(d.block_id, data[d.block_id], d.checksum) for d in chunk if d.block_id in data]
-        report.failed += len(chunk) - len(items)
+        report.tally(failed=len(chunk) - len(items))
         if not items:
             return
         try:
             statuses = self.store._call(target, self.transport.batch_put, items)
         except errors.StorageError as e:
-            report.failed += len(items)
-            report.errors.append(f"could not copy blocks to {target.url}: {e}")
+            report.tally(failed=len(items))
+            report.error(f"could not copy blocks to {target.url}: {e}")
             return
         for (block_id, raw, checksum), status in zip(items, statuses):
             if status == protocol.CONFLICT:  # other bytes under this id: replace them
@@ -400,13 +430,21 @@ class Repairer:
                     self.store._repair_copy(target, block_id, raw, checksum)
                     status = protocol.STORED
                 except errors.StorageError as e:
-                    report.errors.append(f"block {block_id} on {target.url}: {e}")
+                    report.error(f"block {block_id} on {target.url}: {e}")
             if status in protocol.PUT_OK:
-                report.copied += 1
-                report.bytes_copied += len(raw)
+                report.tally(copied=1, bytes_copied=len(raw))
                 throttle.spend(len(raw))
             else:
-                report.failed += 1
+                report.tally(failed=1)
+
+    def _still_missing(self, target: Member, chunk: list[Damage],
+                       report: PassReport) -> list[Damage]:
+        entries = self.store._call(target, self.transport.batch_check,
+                                   [d.block_id for d in chunk])
+        held = {e["id"]: e.get("checksum") for e in entries if e["status"] == protocol.OK}
+        rest = [d for d in chunk if held.get(d.block_id) != d.checksum]
+        report.tally(present=len(chunk) - len(rest))
+        return rest
 
     def _fetch(self, chunk: list[Damage]) -> dict[str, bytes]:
         """The verified bytes of each block, from a holder the survey saw (by batch), or

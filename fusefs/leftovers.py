@@ -1,7 +1,7 @@
 """Which blocks on the servers are live, and listing what the servers hold.
 
-One rule, used by the writer's leftover sweep (`Journal.sweep`) and by `fusefs fsck`
-(and next by garbage collection and scrub): a block is live when
+One rule, used by the writer's leftover sweep (`Journal.sweep`), `fusefs fsck`, `fusefs gc`
+(gc.py) and the anti-entropy repair (antientropy.py): a block is live when
 
 - the metadata's block maps reference it;
 - it is garbage whose dropping record may not be durable yet (the writer's flusher

@@ -27,6 +27,10 @@ from .progress import Progress
 from .transport import Member
 
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_FAILED = 0, 1, 2
+# Seconds between a membership change and deleting hand-offs by it, at least: another
+# command judging by the old membership (a `fusefs repair`) checks it before every batch
+# of deletes, so this covers one batch.
+SETTLE_MIN = 5.0
 
 
 class AdminError(Exception):
@@ -96,7 +100,7 @@ def repair(cluster: Cluster, rate: float | None, check_only: bool, progress: Pro
         wanted, _ = _wanted(cluster, work, progress)
     progress.say(f"{len(wanted)} live blocks")
     repairer = Repairer(cluster.store, lambda: wanted, rate=rate,
-                        progress=progress.say,
+                        membership=lambda: _view(cluster), progress=progress.say,
                         copying=lambda done, total, nbytes: progress.update(
                             done, total, nbytes, final=done == total))
     reports = []
@@ -179,12 +183,17 @@ def identify(transport, url: str) -> Member:
     return Member(status["server_id"], url.rstrip("/"))
 
 
-def answers(transport, member: Member) -> bool:
-    try:
-        transport.status(member, timeout=3.0)
-        return True
-    except errors.StorageError:
-        return False
+def answers(transport, member: Member, tries: int = 3) -> bool:
+    """Whether the server answers its status, asked up to `tries` times a second apart
+    (one slow answer does not make a server dead)."""
+    for attempt in range(tries):
+        try:
+            transport.status(member, timeout=3.0)
+            return True
+        except errors.StorageError:
+            if attempt + 1 < tries:
+                time.sleep(1.0)
+    return False
 
 
 def change_membership(cluster: Cluster, edit, progress: Progress) -> superblock.Superblock:
@@ -205,7 +214,7 @@ def settle_time(sb: superblock.Superblock) -> float:
     """How long a running writer may still act on the old membership: it picks a change
     up at its next lease renewal (every third of its lease time), and a request it sent
     before ends by its timeout; no lease held, no writer to wait for."""
-    return float(sb.lease["seconds"]) if sb.lease else 0.0
+    return max(SETTLE_MIN, float(sb.lease["seconds"]) if sb.lease else 0.0)
 
 
 def rebalance(cluster: Cluster, rate: float | None, progress: Progress,
@@ -222,23 +231,31 @@ def rebalance(cluster: Cluster, rate: float | None, progress: Progress,
                         progress=progress.say,
                         copying=lambda done, total, nbytes: progress.update(
                             done, total, nbytes, final=done == total))
-    copied = moved = 0
+    copied = moved = stuck = 0
     done = False
     for _ in range(max_passes):
         settled = time.monotonic() - changed >= wait
         report = repairer.run_pass(move=settled)
         copied, moved = copied + report.copied, moved + report.moved
         left = _left_on(cluster, drained) if drained else 0
-        if settled and not report.found and not left:
-            done = True
-            break
         if not settled:
             remaining = wait - (time.monotonic() - changed)
             progress.say(f"copies made; {remaining:.0f} s before moving hand-offs (a "
                          "running writer picks the change up meanwhile)")
             time.sleep(min(5.0, max(0.0, remaining)))
-        elif not report.found:
-            time.sleep(1.0)  # (copies still arriving on a drained server)
+            continue
+        stuck = stuck + 1 if report.found and not (report.fixed or report.present) else 0
+        if stuck >= 3:  # (a target that refuses every copy: full, or read-only)
+            progress.say("copies keep failing: " + "; ".join(report.errors[-3:]))
+            break
+        if report.found or left:
+            time.sleep(1.0 if stuck or not report.found else 0)
+            continue
+        done = _complete(report.survey, drained)
+        if not done:
+            progress.say("not every live block has its copies on its homes: "
+                         + _why_not(report.survey))
+        break
     result = {"copied": copied, "moved": moved, "finished": done}
     if drained and done:
         change_membership(cluster, membership.departed(drained), progress)
@@ -252,9 +269,31 @@ def _view(cluster: Cluster):
     return list(_at(given, sb.members)), list(_at(given, sb.leaving))
 
 
-def _left_on(cluster: Cluster, member: Member) -> int:
-    page, _ = cluster.transport.list_blocks(member, "", 1)
+def _left_on(cluster: Cluster, member: Member) -> int | None:
+    """Whether a drained server still lists anything (1 or 0); None: it does not answer
+    (dead: it is done once every live block is healthy without it)."""
+    try:
+        page, _ = cluster.transport.list_blocks(member, "", 1)
+    except errors.StorageError:
+        return None
     return len(page)
+
+
+def _complete(summary: dict, drained: Member | None) -> bool:
+    """Every live block on its homes, every member listed (a dead drained server may
+    not be: nothing it holds is needed any more)."""
+    unlisted = set(summary["unlisted"]) - ({drained.id} if drained else set())
+    return not (summary["under_replicated"] or summary["lost"] or unlisted)
+
+
+def _why_not(summary: dict) -> str:
+    reasons = [f"server {s} could not be listed ({why})" for s, why in
+               summary["unlisted"].items()]
+    if summary["under_replicated"]:
+        reasons.append(f"{summary['under_replicated']} blocks under-replicated")
+    if summary["lost"]:
+        reasons.append(f"{summary['lost']} blocks with no copy anywhere")
+    return "; ".join(reasons) + "; run the command again once the servers answer"
 
 
 # -- status of the cluster ------------------------------------------------------------------
@@ -345,7 +384,7 @@ def _servers_action(args, cluster: Cluster, progress: Progress) -> dict:
         result.update(moved, change=f"added {new.url} ({new.id})" + _moved_text(moved))
     elif args.action == "remove":
         old = _find(cluster, args.server)
-        if not answers(cluster.transport, old):
+        if old not in cluster.sb.leaving and not answers(cluster.transport, old):
             raise AdminError(f"{old.url} does not answer, so it cannot be drained; replace "
                              f"it with an empty server (`fusefs servers replace {old.url} "
                              "NEW-URL`) and its copies are rebuilt from the others")
@@ -356,11 +395,13 @@ def _servers_action(args, cluster: Cluster, progress: Progress) -> dict:
                       else f"{old.url} is still being drained: run the command again")
     elif args.action == "replace":
         old, new = _find(cluster, args.old), identify(cluster.transport, args.new)
-        drain = answers(cluster.transport, old)
-        change_membership(cluster, membership.replacing(old, new, drain), progress)
-        moved = rebalance(cluster, args.rate, progress, drained=old if drain else None)
+        alive = answers(cluster.transport, old)
+        # The old server leaves through `leaving` even when it seems dead: read from if it
+        # answers after all, and dropped once every live block is healthy without it.
+        change_membership(cluster, membership.replacing(old, new), progress)
+        moved = rebalance(cluster, args.rate, progress, drained=old)
         result.update(moved, change=f"replaced {old.url} by {new.url}" + (
-            ", draining the old server" if drain else " (the old server is down: its "
+            ", the old server drained" if alive else " (the old server is down: its "
             "copies were rebuilt from the others)") + _moved_text(moved))
     result["servers"] = server_table(cluster)
     return result

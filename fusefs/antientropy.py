@@ -65,6 +65,9 @@ def wanted_blocks(metadata, store, checkpoint: dict, fs_id: str, *, chain: str,
     for block_id in live_blocks(metadata, store, checkpoint, fs_id, chain=chain,
                                 segments=segments, keep_garbage=False):
         wanted.setdefault(block_id, None)
+    # The fence tombstone of an old writer's chain is meant to be on every server (so no
+    # W of them can take that writer's next segment), not on R homes: never moved.
+    wanted.pop(checkpoint.get("fence"), None)
     return wanted
 
 
@@ -263,6 +266,7 @@ class Repairer:
         self.down_out = down_out
         self._down_since: dict[str, float] = {}
         self._homes: list[Member] = store.members
+        self._judged = _view_ids(store.members, store.leaving)  # the view a survey used
         self._lock = threading.Lock()
         self._reported: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._stop = threading.Event()
@@ -279,6 +283,12 @@ class Repairer:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="repair", daemon=True)
         self._thread.start()
+
+    def stop(self) -> None:
+        """Stop at the next step, without waiting (a fenced writer's metadata is stale:
+        nothing it names may be copied any more)."""
+        self._stop.set()
+        self._kick.set()
 
     def close(self) -> None:
         self._stop.set()
@@ -315,9 +325,10 @@ class Repairer:
 
     # -- one pass ---------------------------------------------------------------------------
 
-    def homes_among(self) -> list[Member]:
+    def homes_among(self, listed=None) -> list[Member]:
         """The members homes are ranked among: all of them, but those down for longer than
-        `down_out` while enough others remain for R copies."""
+        `down_out` while enough others remain for R copies; a server `listed` just now
+        counts whatever its health says (its state lags behind)."""
         now = time.monotonic()
         states = self.store.health.snapshot()
         for member_id, state in states.items():
@@ -329,14 +340,16 @@ class Repairer:
         if self.down_out is None:
             return members
         out = {m for m, t in self._down_since.items() if now - t >= self.down_out}
+        out -= set(listed or ())
         kept = [m for m in members if m.id not in out]
         return kept if len(kept) >= self.store.config.replicas else members
 
     def check(self) -> Survey:
         """Survey without repairing."""
         wanted = self.wanted()
+        self._judged = _view_ids(self.store.members, self.store.leaving)
         holdings = list_holdings(self.transport, self.store.servers, self._stop.is_set)
-        self._homes = self.homes_among()
+        self._homes = self.homes_among(holdings.per_server)
         found = survey(wanted, holdings, self._homes, self.store.leaving,
                        self.store.config.replicas)
         self.last_survey = found
@@ -490,6 +503,8 @@ class Repairer:
             member = everyone[server_id]
             for start in range(0, len(ids), CHECK_CHUNK):
                 part = ids[start:start + CHECK_CHUNK]
+                if not self._view_current():
+                    return
                 try:
                     self.store._call(member, self.transport.batch_delete, part)
                     report.moved += len(part)
@@ -498,13 +513,15 @@ class Repairer:
                                          f"{member.url}: {e}")
 
     def _view_current(self) -> bool:
-        """Whether our membership is still the superblock's. Homes judged by an old view
-        may not be homes any more: deleting by it could race a drain that judges by the
-        new one. A changed view is adopted; its hand-offs wait for the next pass."""
+        """Whether the membership the survey judged by is still the superblock's. Homes
+        judged by an old view may not be homes any more: deleting by it could race a
+        drain that judges by the new one. A changed view is adopted; its hand-offs wait
+        for the next pass. Asked again before every batch of deletes."""
         if self.membership is None:
             return True
         members, leaving = self.membership()
-        if self.store.set_membership(members, leaving):
+        self.store.set_membership(members, leaving)
+        if _view_ids(members, leaving) != self._judged:
             log.info("the membership changed during a repair pass; hand-offs wait for "
                      "the next pass")
             self._kick.set()
@@ -546,6 +563,10 @@ class Repairer:
                            for s, n in found.should_hold.items()} if found else {},
                 "running": current is not None,
                 "last_repair": last.as_dict() if last else None}
+
+
+def _view_ids(members, leaving) -> tuple:
+    return tuple(m.id for m in members), tuple(m.id for m in leaving)
 
 
 def _member(members: list[Member], member_id: str) -> Member:

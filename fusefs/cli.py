@@ -790,10 +790,11 @@ def _with_health(s: dict) -> dict:
     problems += [f"upload error: {e}" for e in s.get("upload_errors", [])]
     journal = s.get("journal") or {}
     problems += [f"journal: {journal[k]}" for k in ("lost", "error") if journal.get(k)]
-    under = health.get("under_replicated")
-    return {**s, "servers": servers, "under_replicated": under,
-            "handoffs": health.get("handoffs"), "errors": problems,
-            "healthy": not problems and not under}
+    under, handoffs = health.get("under_replicated"), health.get("handoffs")
+    # (None before the writer's first survey, a second or two after mounting: not known
+    # to be unhealthy; a read-only mount leaves the survey to the writer)
+    return {**s, "servers": servers, "under_replicated": under, "handoffs": handoffs,
+            "errors": problems, "healthy": not problems and not under and not handoffs}
 
 
 def _status_of(path: str) -> tuple[list[dict], list[dict]]:
@@ -933,6 +934,11 @@ COMMANDS = {"fsck": cmd_fsck, "mkfs": cmd_mkfs, "mount": cmd_mount, "umount": cm
             "status": cmd_status, "up": cmd_up, "down": cmd_down}
 
 
+# Commands whose exit status 1 is a result ("problems found", "not healthy"): a failure to
+# run them at all (bad arguments, no servers given) is 2, as their --help says.
+RESULT_STATUSES = {"fsck", "gc", "repair", "scrub", "servers"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "mount" or not args.foreground:
@@ -942,6 +948,6 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except CliError as e:
         print(f"fusefs {args.command}: {e}", file=sys.stderr)
-        return 1
+        return 2 if args.command in RESULT_STATUSES else 1
     except KeyboardInterrupt:
         return 130

@@ -274,10 +274,12 @@ def _start_repairer(config: MountConfig, stack, store, metadata, journal):
     lease = journal.lease
 
     def follow(lost) -> None:
-        if lost is None:
-            sb = lease.superblock
-            store.set_membership(_at_given_urls(config, sb.members),
-                                 _at_given_urls(config, sb.leaving))
+        if lost is not None:
+            repairer.stop()
+            return
+        sb = lease.superblock
+        store.set_membership(_at_given_urls(config, sb.members),
+                             _at_given_urls(config, sb.leaving))
 
     def membership():
         sb = superblock.read_quorum(store.transport, store.members)
@@ -290,10 +292,10 @@ def _start_repairer(config: MountConfig, stack, store, metadata, journal):
         return wanted_blocks(metadata, store, cp, sb.fs_id, chain=journal.chain,
                              segments=range(first, segment + 1))
 
-    lease.subscribe(follow)
     repairer = Repairer(store, wanted, rate=config.repair_rate,
                         interval=config.repair_interval, membership=membership,
                         down_out=config.rehome_after)
+    lease.subscribe(follow)
     repairer.start()
     stack.callback(repairer.close)
     return repairer

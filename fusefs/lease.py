@@ -22,7 +22,6 @@ under `_sb_lock`), so a listener may take its own lock.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -175,13 +174,21 @@ class Lease:
                     raise
                 return self._sb
             except errors.Conflict:
-                current = None
-                with contextlib.suppress(errors.StorageError):
-                    current = superblock.read_quorum(self.transport, self.members)
-                if current is not None and self._still_ours(current):
+                current = self._read_after_conflict()
+                if self._still_ours(current):
                     return self._rebase(current, changes)
                 self._lose(f"the superblock was changed by {_holder(current)}")
                 raise Fenced(self.lost) from None
+
+    def _read_after_conflict(self) -> superblock.Superblock:
+        """The superblock that beat our compare-and-swap. When it cannot be read, nothing
+        is decided: Unavailable, and the next change (a renewal retries within a second)
+        meets the conflict again; the lease lapses meanwhile, which stops changes."""
+        try:
+            return superblock.read_quorum(self.transport, self.members)
+        except errors.StorageError as e:
+            raise errors.Unavailable(f"the superblock changed and could not be read "
+                                     f"back: {e}") from None
 
     def _still_ours(self, current: superblock.Superblock) -> bool:
         """The superblock changed under us, but only where others may change it (the
@@ -207,8 +214,7 @@ class Lease:
                 raise
             except errors.Conflict:
                 self._sb = current
-                with contextlib.suppress(errors.StorageError):
-                    current = superblock.read_quorum(self.transport, self.members)
+                current = self._read_after_conflict()
                 if not self._still_ours(current):
                     break
         self._lose(f"the superblock was changed by {_holder(current)}")

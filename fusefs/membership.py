@@ -15,9 +15,9 @@ without a remount.
   blocks' homes among the remaining members, deleting its copies only once every home has
   one; when it lists nothing, it leaves the superblock. No block ever has fewer copies
   than before.
-- replace OLD NEW: NEW takes OLD's place as a member; OLD is drained like a removal when
-  it still answers, and simply dropped when it is dead (its copies are rebuilt on NEW
-  from the others).
+- replace OLD NEW: NEW takes OLD's place as a member; OLD leaves through `leaving` like
+  a removal: drained when it answers; when it is dead, dropped once every live block is
+  healthy without it (its copies rebuilt from the others), never sooner.
 
 A crash in the middle leaves a valid superblock: a server still `leaving` is drained
 again by the next `fusefs repair` or `fusefs servers remove` of it, or by the mount.
@@ -88,7 +88,7 @@ def removing(old: Member) -> Callable[[Superblock], Superblock]:
     return edit
 
 
-def replacing(old: Member, new: Member, drain: bool) -> Callable[[Superblock], Superblock]:
+def replacing(old: Member, new: Member) -> Callable[[Superblock], Superblock]:
     def edit(sb: Superblock) -> Superblock:
         if not any(m.id == old.id for m in sb.members):
             raise MembershipError(f"{old.url} is not a member of this filesystem")
@@ -96,8 +96,7 @@ def replacing(old: Member, new: Member, drain: bool) -> Callable[[Superblock], S
             raise MembershipError(f"{new.url} (server {new.id}) is already a server of this "
                                   "filesystem")
         members = tuple(new if m.id == old.id else m for m in sb.members)
-        leaving = sb.leaving + ((old,) if drain else ())
-        return sb.with_changes(members=members, leaving=leaving)
+        return sb.with_changes(members=members, leaving=sb.leaving + (old,))
     return edit
 
 

@@ -221,6 +221,10 @@ def locate(transport: Transport, urls: list[str]) -> Superblock:
         return tuple(Member(m.id, given.get(m.id, m.url)) for m in members)
 
     sb = read_quorum(transport, at_given(found.members))
+    for _ in range(3):  # (the URLs were of servers that left: follow the members named)
+        if {m.id for m in sb.members} == {m.id for m in found.members}:
+            break
+        found, sb = sb, read_quorum(transport, at_given(sb.members))
     return sb.with_changes(members=at_given(sb.members), leaving=at_given(sb.leaving))
 
 

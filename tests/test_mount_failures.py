@@ -243,8 +243,9 @@ def test_upload_failure_reported_data_kept_and_saved_when_servers_return(fusefs_
         status = {}
 
         def status_reports_it():
-            status["out"] = m.cli("status", m.path).stdout
-            return "upload error" in status["out"]
+            shown = m.cli("status", m.path, check=False)
+            status["out"] = shown.stdout
+            return "upload error" in status["out"] and shown.returncode == 1
 
         wait_until(status_reports_it, "`fusefs status` to show the upload error", timeout=30)
         assert status["out"].count("DOWN") == 3, status["out"]

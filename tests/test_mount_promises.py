@@ -270,8 +270,11 @@ def test_full_cluster_fsync_says_enospc_keeps_data_and_logs_it(fusefs_mount, blo
                     os.close(fd)
                 assert failed.value.errno == errno.ENOSPC
             assert "no space" in m.logs().lower() or "507" in m.logs()
-            wait_until(lambda: "upload error" in m.cli("status", m.path).stdout,
-                       "`fusefs status` to show the failed upload")
+            def status_shows_it() -> bool:  # (and exits 1: not healthy)
+                shown = m.cli("status", m.path, check=False)
+                return "upload error" in shown.stdout and shown.returncode == 1
+
+            wait_until(status_shows_it, "`fusefs status` to show the failed upload")
             os.unlink(big)  # frees the dirty data, so the unmount can finish
             m.umount()
             remount_fresh(m)

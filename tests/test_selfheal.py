@@ -169,6 +169,8 @@ def test_replace_a_dead_server_while_a_writer_writes(fusefs_mount, blockservers)
         wait_until(lambda: len(writer.written) >= 14, "the writer goes on after it")
     assert writer.errors == []
     m.servers.remove(dead)
+    listed = json.loads(m.cli("servers", "list", "--servers", m.urls, "--json").stdout)
+    assert old_url not in [r["url"] for r in listed["servers"]]  # dropped once healthy
     m.cli("repair", "--servers", m.urls)  # (what the mount writes meanwhile, too)
     assert misplaced(m) == []
     _check(before)
@@ -300,3 +302,22 @@ def test_a_server_down_for_long_has_its_copies_rebuilt_elsewhere_and_moved_back(
     down.start()
     wait_until(lambda: not misplaced(m), "copies back on their homes only", timeout=90)
     _check(files)
+
+
+def test_a_membership_change_with_another_server_down_does_not_claim_success(
+        fusefs_mount, blockservers):
+    """`servers add` while another member is down cannot give every block its copies on
+    its homes: it says so and exits 1 (the change itself stands; run it again later)."""
+    m = fusefs_mount(servers=4)
+    _write_files(m.path, 4)
+    m.umount()
+    m.servers[0].stop()
+    new = blockservers(1)[0]
+    result = m.cli("servers", "add", new.url, "--servers",
+                   ",".join(s.url for s in m.servers if s.running), check=False, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "could not be listed" in result.stderr
+    m.servers[0].start()
+    m.servers.append(new)
+    assert m.cli("repair", "--servers", m.urls, check=False).returncode == 0
+    assert misplaced(m) == []

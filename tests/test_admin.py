@@ -1,0 +1,84 @@
+"""Membership edits and the operator commands' exit statuses, without servers; and the
+repair's guard against deleting hand-offs by a membership that changed under it."""
+
+from __future__ import annotations
+
+import pytest
+
+from fusefs import cli, membership
+from fusefs.antientropy import Repairer
+from fusefs.health import Health
+from fusefs.superblock import Superblock
+from fusefs.transport import Member
+
+A, B, C, D, E = (Member(f"s{i}", f"http://127.0.0.1:{7000 + i}") for i in range(5))
+
+
+def _sb(members, leaving=()) -> Superblock:
+    return Superblock("fs", 1 << 20, 3, 2, tuple(members), leaving=tuple(leaving))
+
+
+def test_remove_moves_a_member_to_leaving_and_refuses_to_go_below_r():
+    sb = membership.removing(D)(_sb([A, B, C, D]))
+    assert (sb.members, sb.leaving) == ((A, B, C), (D,))
+    assert sb.servers == (A, B, C, D)
+    with pytest.raises(membership.MembershipError, match="3 copies"):
+        membership.removing(C)(sb)
+
+
+def test_replace_puts_the_new_server_in_place_and_drains_the_old_one():
+    sb = membership.replacing(B, E)(_sb([A, B, C, D]))
+    assert (sb.members, sb.leaving) == ((A, E, C, D), (B,))
+    assert membership.departed(B)(sb).leaving == ()
+    with pytest.raises(membership.MembershipError, match="already"):
+        membership.replacing(A, C)(sb)
+
+
+def test_add_refuses_a_server_already_there_even_while_it_leaves():
+    sb = _sb([A, B, C], leaving=[D])
+    with pytest.raises(membership.MembershipError, match="already"):
+        membership.adding(D)(sb)
+    assert membership.adding(E)(sb).members == (A, B, C, E)
+    assert membership.find(sb, D.url) == D and membership.find(sb, "s1") == B
+    with pytest.raises(membership.MembershipError, match="not a server"):
+        membership.find(sb, "http://elsewhere:1")
+
+
+@pytest.mark.parametrize("argv", [["repair"], ["servers", "list"], ["servers", "add"],
+                                  ["scrub"], ["gc"]])
+def test_a_command_that_cannot_run_exits_2_not_its_result_status(argv, monkeypatch, capsys):
+    monkeypatch.delenv("FUSEFS_SERVERS", raising=False)
+    assert cli.main(argv) == 2
+    assert "fusefs" in capsys.readouterr().err
+
+
+class _Store:
+    """Just what a Repairer reads of its store, for the membership guard."""
+
+    def __init__(self, members):
+        self.members, self.leaving = list(members), []
+        self.servers = self.members
+        self.transport = None
+        self.health = Health([m.id for m in members])
+        self.adopted = []
+
+    def on_damage(self, listener) -> None:
+        pass
+
+    def set_membership(self, members, leaving=()) -> bool:
+        changed = (list(members), list(leaving)) != (self.members, self.leaving)
+        self.members, self.leaving = list(members), list(leaving)
+        self.adopted.append((self.members, self.leaving))
+        return changed
+
+
+def test_hand_offs_judged_by_an_old_membership_are_not_deleted():
+    """The writer's store may adopt a new membership (at a lease renewal) between a
+    survey and its deletes: the deletes compare with what the survey judged by."""
+    store = _Store([A, B, C, D])
+    view = {"now": ([A, B, C, D], [])}
+    repairer = Repairer(store, dict, membership=lambda: view["now"])
+    assert repairer._view_current()
+    store.set_membership([A, B, C], [D])  # a renewal adopted the drain of D
+    view["now"] = ([A, B, C], [D])
+    assert not repairer._view_current()

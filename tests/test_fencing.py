@@ -38,7 +38,9 @@ from fusefs.transport import Transport, TransportConfig
 from .journal_workload import Workload, dump
 from .support import REPO, members_of, wait_until
 from .test_journal import Cluster, CutTransport, Writer, new_transport
-from .test_journal import cluster, writers  # noqa: F401 - fixtures used by name
+from .test_journal import cluster, writers  # fixtures, used by name
+
+FIXTURES = (cluster, writers)  # (imported for pytest to find; named here for linters)
 
 # -- helpers ----------------------------------------------------------------------------------
 

@@ -895,11 +895,13 @@ def _health_line(h: dict | None) -> str:
 def _scrub_line(h: dict | None) -> str | None:
     """The last scrub pass (fusefs/scrub.py) a mount's status records, if one finished."""
     scrub = (h or {}).get("last_scrub")
+    running = "; a scrub pass is running now" if (h or {}).get("scrub_running") else ""
     if not scrub or not scrub.get("finished"):
-        return None
+        return running[2:] or None
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(scrub["finished"]))
     return (f"last scrub {when}: {scrub['checked']} copies verified, {scrub['found']} bad, "
-            f"{scrub['fixed']} repaired, {scrub['unrepairable']} with no intact copy")
+            f"{scrub['fixed']} repaired, {scrub['unrepairable']} with no intact copy"
+            f"{running}")
 
 
 def _journal_line(j: dict | None) -> str:

@@ -155,7 +155,7 @@ def run(config: MountConfig) -> None:
         sb = superblock.read_quorum(transport, config.members)
         if config.read_only:
             sb, metadata, keeper = _follow(config, transport, store, sb, stack)
-            gate = writer = None
+            gate = writer = scrubber = None
         else:
             lease = _take_lease(config, transport, sb)
             writer, metadata = _become_writer(config, transport, store, lease,
@@ -163,12 +163,12 @@ def run(config: MountConfig) -> None:
             stack.callback(metadata.close)
             keeper = writer
             gate = lease if writer is not None else None  # None also for a local store
-            _start_scrubber(config, stack, transport, lease)
-        _serve(config, stack, sb, store, metadata, keeper, gate, writer, meter)
+            scrubber = _start_scrubber(config, stack, transport, lease)
+        _serve(config, stack, sb, store, metadata, keeper, gate, writer, meter, scrubber)
 
 
 def _serve(config: MountConfig, stack, sb, store, metadata, keeper, gate, writer,
-           meter=None) -> None:
+           meter=None, scrubber=None) -> None:
     """Build the cache, flusher, filesystem and adapter over the loaded metadata, and
     serve the mount until it is unmounted. `keeper` is the journal (or follower)."""
     cache = BlockCache(store, memory_bytes=config.memory_cache,
@@ -193,7 +193,8 @@ def _serve(config: MountConfig, stack, sb, store, metadata, keeper, gate, writer
         fs.start()
     repairer = _start_repairer(config, stack, store, metadata, writer)
     status_path = os.path.join(config.state_dir, "status.json")
-    reporter = _StatusReporter(status_path, config, store, flusher, cache, keeper, repairer)
+    reporter = _StatusReporter(status_path, config, store, flusher, cache, keeper, repairer,
+                               scrubber)
     reporter.start()
     stack.callback(reporter.stop)
     mounts.register(config.mountpoint,
@@ -369,7 +370,7 @@ def _become_writer(config: MountConfig, transport, store, lease: Lease, unclean:
     return keeper, metadata
 
 
-def _health(repairer, config: MountConfig) -> dict | None:
+def _health(repairer, config: MountConfig, scrubber=None) -> dict | None:
     """The background repair's figures, and the last scrub as `scrub.json` in the state
     directory records it (this mount's background scrub, or `fusefs scrub` run with the
     same cache directory). None where no repair runs (a read-only mount)."""
@@ -378,7 +379,8 @@ def _health(repairer, config: MountConfig) -> dict | None:
     from .scrub import last_scrub
 
     state = os.path.join(config.state_dir, "scrub.json")
-    return {**repairer.stats(), "last_scrub": last_scrub(state, config.superblock.fs_id)}
+    return {**repairer.stats(), "last_scrub": last_scrub(state, config.superblock.fs_id),
+            "scrub_running": scrubber.stats()["running"] if scrubber else False}
 
 
 class _StatusReporter:
@@ -386,8 +388,8 @@ class _StatusReporter:
     gives the memory freed meanwhile back to the system."""
 
     def __init__(self, path: str, config: MountConfig, store, flusher, cache, keeper,
-                 repairer=None):
-        self.path, self.config, self.repairer = path, config, repairer
+                 repairer=None, scrubber=None):
+        self.path, self.config, self.repairer, self.scrubber = path, config, repairer, scrubber
         self.store, self.flusher, self.cache, self.keeper = store, flusher, cache, keeper
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="status", daemon=True)
@@ -411,7 +413,7 @@ class _StatusReporter:
                     "upload_errors": self.flusher.recent_errors(),
                     "cluster": self.store.stats(), "cache": self.cache.stats(),
                     "journal": self.keeper.stats() if self.keeper else None,
-                    "health": _health(self.repairer, self.config)})
+                    "health": _health(self.repairer, self.config, self.scrubber)})
             except Exception:  # noqa: BLE001 - status is best effort, never fatal
                 log.exception("could not write %s", self.path)
             _give_freed_memory_back()

@@ -340,7 +340,9 @@ def test_the_mount_scrubs_in_the_background(fusefs_mount):
 
     def shown():  # `fusefs status` shows the pass once the mount's status file has it
         status = json.loads(m.cli("status", m.path, "--json", check=False).stdout)
-        scrubbed = ((status[0].get("health") or {}).get("last_scrub") or {})
+        health = status[0].get("health") or {}
+        assert isinstance(health.get("scrub_running"), bool), health  # the scrubber's own
+        scrubbed = health.get("last_scrub") or {}
         return scrubbed if scrubbed.get("finished") else None
     scrubbed = wait_until(shown, "status to show the last scrub", timeout=60, interval=0.2)
     assert (scrubbed["found"], scrubbed["fixed"], scrubbed["unrepairable"]) == (3, 3, 0)

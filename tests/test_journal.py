@@ -20,7 +20,7 @@ import time
 import pytest
 
 from blockserver import protocol
-from fusefs import cli, errors, journal, superblock
+from fusefs import cli, errors, journal, membership, superblock
 from fusefs.checkpoint import checkpoint_blocks
 from fusefs.host import new_mount_id
 from fusefs.lease import Lease, acquire, new_lease
@@ -275,6 +275,46 @@ class Cluster:
             return dump(md), applied, end
         finally:
             md.close()
+
+
+class _ReadCutTransport(Transport):
+    """A transport whose superblock reads can be made to fail."""
+
+    def __init__(self):
+        super().__init__(TransportConfig(connect_timeout=2.0, read_timeout=10.0))
+        self.cut_reads = threading.Event()
+
+    def register_get(self, member, name):
+        if self.cut_reads.is_set():
+            raise errors.Unavailable(f"{member.url}: reads cut off by the test",
+                                     server=member.url)
+        return super().register_get(member, name)
+
+
+def test_a_lease_rebases_over_a_membership_change_but_a_takeover_still_fences(blockservers):
+    """`fusefs servers` changes the superblock under a running writer: its next renewal
+    meets a conflict, finds its lease and checkpoint untouched, and writes again over the
+    new membership. A conflict it cannot read back decides nothing (Unavailable, not
+    Fenced); a takeover still fences."""
+    members = members_of(blockservers(4))
+    transport, other = _ReadCutTransport(), new_transport()
+    lease = Lease.take(transport, formatted(transport, members[:3]),
+                       new_lease(new_mount_id(), 30.0))
+    changed = membership.change(other, lease.superblock, membership.adding(members[3]))
+    transport.cut_reads.set()
+    with pytest.raises(errors.Unavailable):
+        lease.renew()
+    assert lease.lost is None
+    transport.cut_reads.clear()
+    lease.renew()
+    assert lease.lost is None
+    assert lease.superblock.members == changed.members == tuple(members)
+    current = superblock.read_quorum(other, members)
+    assert current.lease["mount"] == lease.mount and current.generation > changed.generation
+    superblock.update(other, current.with_changes(lease=new_lease(new_mount_id(), 30.0)))
+    with pytest.raises(errors.Fenced):
+        lease.renew()
+    assert lease.lost
 
 
 class CutTransport(Transport):

@@ -33,10 +33,12 @@ find_data_disk() {
   root="$(root_disk)"
   while read -r dev; do
     [ "$dev" = "$root" ] && continue
+    case "$dev" in /dev/zram*|/dev/loop*|/dev/ram*|/dev/sr*) continue ;; esac
+    grep -q "^$dev " /proc/swaps && continue
     [ "$(lsblk -nro NAME "$dev" | wc -l)" -eq 1 ] || continue   # has partitions
     blkid -p "$dev" >/dev/null 2>&1 && continue                  # holds something
     candidates+=("$dev")
-  done < <(lsblk -dnpo NAME,TYPE | awk '$2 == "disk" { print $1 }')
+  done < <(lsblk -dnpo NAME,TYPE,RO | awk '$2 == "disk" && $3 == 0 { print $1 }')
   [ ${#candidates[@]} -eq 1 ] || die "expected one empty data disk besides $root, found" \
     "${#candidates[@]} (${candidates[*]:-none}); with VirtualBox run VAGRANT_EXPERIMENTAL=disks vagrant up"
   echo "${candidates[0]}"

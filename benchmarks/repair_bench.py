@@ -628,8 +628,8 @@ def parse_args(argv=None):
                "are informational). Run as root (it drops the page cache and mounts).")
     p.add_argument("--size", type=parse_size, default=1 * GiB,
                    help="data set written through the mount (default 1GiB); a rebuild "
-                        "copies about 0.9x it (the dead server held 3/4, and some homes "
-                        "move), a scrub reads 3x it")
+                        "copies about 3/4 of it (the dead server's share: the new server "
+                        "takes its place in the ranking), a scrub reads 3x it")
     p.add_argument("--rounds", type=int, default=3, help="repetitions of each measurement "
                    "(default 3); each rebuild kills and replaces another server")
     p.add_argument("--fg-size", type=parse_size, default=None,

@@ -24,7 +24,7 @@ from .antientropy import Repairer, list_holdings, survey, wanted_blocks
 from .cluster import ClusterConfig, ReplicatedStore
 from .loading import open_metadata
 from .progress import Progress
-from .transport import Member
+from .transport import Member, at_given_urls
 
 EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_FAILED = 0, 1, 2
 # Seconds between a membership change and deleting hand-offs by it, at least: another
@@ -45,10 +45,6 @@ class Cluster:
 
     def close(self) -> None:
         self.store.close()
-
-
-def _at(given: dict, members) -> tuple[Member, ...]:
-    return tuple(Member(m.id, given.get(m.id, m.url)) for m in members)
 
 
 def open_cluster(transport, urls: list[str]) -> Cluster:
@@ -238,23 +234,27 @@ def rebalance(cluster: Cluster, rate: float | None, progress: Progress,
         report = repairer.run_pass(move=settled)
         copied, moved = copied + report.copied, moved + report.moved
         left = _left_on(cluster, drained) if drained else 0
+        summary, pending = report.survey, report.found
         if not settled:
-            remaining = wait - (time.monotonic() - changed)
-            progress.say(f"copies made; {remaining:.0f} s before moving hand-offs (a "
-                         "running writer picks the change up meanwhile)")
-            time.sleep(min(5.0, max(0.0, remaining)))
-            continue
-        stuck = stuck + 1 if report.found and not (report.fixed or report.present) else 0
+            found = repairer.check()  # after the copies: is anything left to move?
+            if found.damage or left:
+                remaining = wait - (time.monotonic() - changed)
+                progress.say(f"copies made; {remaining:.0f} s before moving hand-offs (a "
+                             "running writer picks the change up meanwhile)")
+                time.sleep(min(5.0, max(0.0, remaining)))
+                continue
+            summary, pending = found.summary(), 0  # nothing to move: no need to wait
+        stuck = stuck + 1 if pending and not (report.fixed or report.present) else 0
         if stuck >= 3:  # (a target that refuses every copy: full, or read-only)
             progress.say("copies keep failing: " + "; ".join(report.errors[-3:]))
             break
-        if report.found or left:
-            time.sleep(1.0 if stuck or not report.found else 0)
+        if pending or left:
+            time.sleep(1.0 if stuck or not pending else 0)
             continue
-        done = _complete(report.survey, drained)
+        done = _complete(summary, drained)
         if not done:
             progress.say("not every live block has its copies on its homes: "
-                         + _why_not(report.survey))
+                         + _why_not(summary))
         break
     result = {"copied": copied, "moved": moved, "finished": done}
     if drained and done:
@@ -266,7 +266,7 @@ def rebalance(cluster: Cluster, rate: float | None, progress: Progress,
 def _view(cluster: Cluster):
     sb = superblock.read_quorum(cluster.transport, cluster.store.members)
     given = {m.id: m.url for m in cluster.store.servers}
-    return list(_at(given, sb.members)), list(_at(given, sb.leaving))
+    return list(at_given_urls(sb.members, given)), list(at_given_urls(sb.leaving, given))
 
 
 def _left_on(cluster: Cluster, member: Member) -> int | None:
@@ -395,7 +395,7 @@ def _servers_action(args, cluster: Cluster, progress: Progress) -> dict:
                       else f"{old.url} is still being drained: run the command again")
     elif args.action == "replace":
         old, new = _find(cluster, args.old), identify(cluster.transport, args.new)
-        alive = answers(cluster.transport, old)
+        alive = answers(cluster.transport, old, tries=1)  # (only what the report says)
         # The old server leaves through `leaving` even when it seems dead: read from if it
         # answers after all, and dropped once every live block is healthy without it.
         change_membership(cluster, membership.replacing(old, new), progress)

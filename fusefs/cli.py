@@ -16,7 +16,7 @@ from blockserver import protocol
 from blockserver.protocol import format_size, size_argument
 
 from . import __version__, errors, superblock
-from .transport import Member, Transport, TransportConfig
+from .transport import Member, Transport, TransportConfig, at_given_urls
 
 DESCRIPTION = """\
 fusefs mounts a directory whose files live on a set of block servers. Every block is
@@ -405,7 +405,7 @@ def _mount_config(args):
     # URLs given now win over the recorded ones for the same server id (servers may move).
     given = {s["server_id"]: url for url, s in superblock.probe(transport, urls).items()
              if isinstance(s, dict)}
-    members = tuple(Member(m.id, given.get(m.id, m.url)) for m in sb.members)
+    members = at_given_urls(sb.members, given)
     if not args.read_only:
         from .lease import refusal
 
@@ -617,21 +617,14 @@ def _run_gc(args) -> int:
     urls = _need_servers(args)
     transport = _transport(args, writes=args.delete)
     try:
-        found = superblock.read(transport, urls)
-        if found is None:
-            raise CliError("no filesystem on these servers")
-        given = {s["server_id"]: url for url, s in superblock.probe(transport, urls).items()
-                 if isinstance(s, dict)}
-        members = [Member(m.id, given.get(m.id, m.url)) for m in found.members]
-        sb = superblock.read_quorum(transport, members)
+        sb = superblock.locate(transport, urls)
     except errors.StorageError as e:
         return _gc_failed(args, f"cannot read the superblock: {_explain(e)}")
-    members = [Member(m.id, given.get(m.id, m.url)) for m in sb.members]
+    members = list(sb.members)
     store = ReplicatedStore(members, transport, ClusterConfig(replicas=sb.replicas,
                                                               write_quorum=sb.write_quorum))
     if sb.leaving:  # servers being drained still hold copies the metadata load may need
-        store.set_membership(members, [Member(m.id, given.get(m.id, m.url))
-                                       for m in sb.leaving])
+        store.set_membership(members, sb.leaving)
     shown = Progress("gc")
     try:
         store.start()

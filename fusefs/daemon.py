@@ -39,7 +39,7 @@ from .journal import Journal
 from .lease import LEASE_SECONDS, Lease, new_lease
 from .loading import open_metadata
 from .metrics import MetricsError, MountMetrics, oldest_dirty_seconds, parse_address, status_file
-from .transport import Member, Transport, TransportConfig
+from .transport import Member, Transport, TransportConfig, at_given_urls
 
 log = logging.getLogger("fusefs.daemon")
 
@@ -248,9 +248,7 @@ def _start_scrubber(config: MountConfig, stack, transport, lease: Lease):
         return None
     from .scrub import BACKGROUND_RATE, Scrubber
 
-    given = {m.id: m.url for m in config.members}
-    scrubber = Scrubber(transport, lambda: [Member(m.id, given.get(m.id, m.url))
-                                            for m in lease.superblock.servers],
+    scrubber = Scrubber(transport, lambda: _at_given_urls(config, lease.superblock.servers),
                         os.path.join(config.state_dir, "scrub.json"),
                         lease.superblock.fs_id, rate=BACKGROUND_RATE)
     scrubber.start(config.scrub_interval)
@@ -261,8 +259,7 @@ def _start_scrubber(config: MountConfig, stack, transport, lease: Lease):
 def _at_given_urls(config: MountConfig, members) -> list[Member]:
     """`members` at the URLs this mount was given for them (servers may have moved since
     the superblock recorded theirs); a server added since keeps its recorded URL."""
-    given = {m.id: m.url for m in config.members}
-    return [Member(m.id, given.get(m.id, m.url)) for m in members]
+    return list(at_given_urls(members, {m.id: m.url for m in config.members}))
 
 
 def _start_repairer(config: MountConfig, stack, store, metadata, journal):

@@ -62,7 +62,7 @@ from .leftovers import live_blocks
 from .loading import open_metadata, remove_database
 from .metadata import Metadata
 from .mounts import runtime_dir
-from .transport import Member
+from .transport import at_given_urls
 
 log = logging.getLogger("fusefs.gc")
 
@@ -158,8 +158,8 @@ class Collector:
     def read_superblock(self) -> superblock.Superblock:
         sb = superblock.read_quorum(self.transport, self.members)
         given = {m.id: m.url for m in self.members}  # URLs as given win over recorded ones
-        fix = lambda ms: tuple(Member(m.id, given.get(m.id, m.url)) for m in ms)  # noqa: E731
-        return sb.with_changes(members=fix(sb.members), leaving=fix(sb.leaving))
+        return sb.with_changes(members=at_given_urls(sb.members, given),
+                               leaving=at_given_urls(sb.leaving, given))
 
     # -- steps 1 to 4 -------------------------------------------------------------------------
 

@@ -15,7 +15,8 @@ without a remount.
   blocks' homes among the remaining members, deleting its copies only once every home has
   one; when it lists nothing, it leaves the superblock. No block ever has fewer copies
   than before.
-- replace OLD NEW: NEW takes OLD's place as a member; OLD leaves through `leaving` like
+- replace OLD NEW: NEW takes OLD's place as a member and in the ranking (it is ranked under
+  OLD's slot, so exactly OLD's blocks are homed on it); OLD leaves through `leaving` like
   a removal: drained when it answers; when it is dead, dropped once every live block is
   healthy without it (its copies rebuilt from the others), never sooner.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 from . import errors, superblock
 from .superblock import Superblock
@@ -95,7 +97,10 @@ def replacing(old: Member, new: Member) -> Callable[[Superblock], Superblock]:
         if any(m.id == new.id for m in sb.servers):
             raise MembershipError(f"{new.url} (server {new.id}) is already a server of this "
                                   "filesystem")
-        members = tuple(new if m.id == old.id else m for m in sb.members)
+        # The new server takes the old one's place in the ranking (its slot): the blocks
+        # homed on the old server are homed on it, and no other block moves.
+        heir = replace(new, slot=old.key)
+        members = tuple(heir if m.id == old.id else m for m in sb.members)
         return sb.with_changes(members=members, leaving=sb.leaving + (old,))
     return edit
 

@@ -22,4 +22,4 @@ def score(block_id: str, server_id: str) -> int:
 
 def rank(block_id: str, members: Sequence[Member]) -> list[Member]:
     """All members, best home first. Deterministic for a given id and member list."""
-    return sorted(members, key=lambda m: score(block_id, m.id), reverse=True)
+    return sorted(members, key=lambda m: score(block_id, m.key), reverse=True)

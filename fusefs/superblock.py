@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import asdict, dataclass, replace
 
 from . import errors
-from .transport import Member, Transport
+from .transport import Member, Transport, at_given_urls
 
 log = logging.getLogger("fusefs.superblock")
 
@@ -71,10 +71,10 @@ class Superblock:
     def encode(self) -> bytes:
         body = asdict(self)
         body.pop("generation")
-        body["members"] = [asdict(m) for m in self.members]
+        body["members"] = [m.as_dict() for m in self.members]
         body.pop("leaving")
         if self.leaving:  # (absent otherwise: the encoding older versions wrote)
-            body["leaving"] = [asdict(m) for m in self.leaving]
+            body["leaving"] = [m.as_dict() for m in self.leaving]
         body["format"] = FORMAT_VERSION
         return json.dumps(body, indent=1, sort_keys=True).encode()
 
@@ -91,9 +91,9 @@ class Superblock:
                 f"understands ({FORMAT_VERSION}); a filesystem made by an older fusefs has to "
                 "be copied off and formatted again")
         return cls(body["fs_id"], body["block_size"], body["replicas"], body["write_quorum"],
-                   tuple(Member(m["id"], m["url"]) for m in body["members"]),
+                   tuple(Member.from_dict(m) for m in body["members"]),
                    body.get("checkpoint"), body.get("lease"), generation,
-                   tuple(Member(m["id"], m["url"]) for m in body.get("leaving", ())))
+                   tuple(Member.from_dict(m) for m in body.get("leaving", ())))
 
     def with_changes(self, **changes) -> "Superblock":
         return replace(self, **changes)
@@ -217,15 +217,13 @@ def locate(transport: Transport, urls: list[str]) -> Superblock:
     given = {s["server_id"]: url for url, s in probe(transport, urls).items()
              if isinstance(s, dict)}
 
-    def at_given(members) -> tuple[Member, ...]:
-        return tuple(Member(m.id, given.get(m.id, m.url)) for m in members)
-
-    sb = read_quorum(transport, at_given(found.members))
+    sb = read_quorum(transport, at_given_urls(found.members, given))
     for _ in range(3):  # (the URLs were of servers that left: follow the members named)
         if {m.id for m in sb.members} == {m.id for m in found.members}:
             break
-        found, sb = sb, read_quorum(transport, at_given(sb.members))
-    return sb.with_changes(members=at_given(sb.members), leaving=at_given(sb.leaving))
+        found, sb = sb, read_quorum(transport, at_given_urls(sb.members, given))
+    return sb.with_changes(members=at_given_urls(sb.members, given),
+                           leaving=at_given_urls(sb.leaving, given))
 
 
 def read_quorum(transport: Transport, members) -> Superblock:

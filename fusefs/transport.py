@@ -38,7 +38,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import requests
 import requests.adapters
@@ -70,10 +70,32 @@ class TransportConfig:
 
 @dataclass(frozen=True)
 class Member:
-    """One block server of a cluster: its stable id (from /v1/status) and its URL."""
+    """One block server of a cluster: its stable id (from /v1/status), its URL, and the
+    name it is ranked under for placement (`key`): its id, unless it took another
+    server's place (`fusefs servers replace`), whose slot it then keeps, so the blocks
+    homed on the old server are the ones homed on it."""
 
     id: str
     url: str
+    slot: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.slot or self.id
+
+    def as_dict(self) -> dict:
+        """As the superblock records it (no slot when it is the id: the older form)."""
+        return {"id": self.id, "url": self.url, **({"slot": self.slot} if self.slot else {})}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Member":
+        return cls(raw["id"], raw["url"], raw.get("slot", ""))
+
+
+def at_given_urls(members, given: dict[str, str]) -> tuple[Member, ...]:
+    """`members` at the URLs a user gave for them (server id -> URL: servers may have
+    moved since the superblock recorded theirs); the others keep their recorded URL."""
+    return tuple(replace(m, url=given.get(m.id, m.url)) for m in members)
 
 
 # Library exception -> (our exception, what to tell a person). First match wins, so the

@@ -8,6 +8,7 @@ import pytest
 from fusefs import cli, membership
 from fusefs.antientropy import Repairer
 from fusefs.health import Health
+from fusefs.placement import rank
 from fusefs.superblock import Superblock
 from fusefs.transport import Member
 
@@ -28,10 +29,20 @@ def test_remove_moves_a_member_to_leaving_and_refuses_to_go_below_r():
 
 def test_replace_puts_the_new_server_in_place_and_drains_the_old_one():
     sb = membership.replacing(B, E)(_sb([A, B, C, D]))
-    assert (sb.members, sb.leaving) == ((A, E, C, D), (B,))
+    heir = sb.members[1]
+    assert (heir.id, heir.url, heir.key) == (E.id, E.url, B.id)  # ranked in B's place
+    assert (sb.members, sb.leaving) == ((A, heir, C, D), (B,))
+    for n in range(200):  # exactly B's blocks are homed on E
+        block = f"{n:032x}"
+        homes = [m.id for m in rank(block, sb.members)[:3]]
+        before = [m.id for m in rank(block, [A, B, C, D])[:3]]
+        assert homes == [E.id if m == B.id else m for m in before]
     assert membership.departed(B)(sb).leaving == ()
     with pytest.raises(membership.MembershipError, match="already"):
         membership.replacing(A, C)(sb)
+    again = Superblock.decode(sb.encode(), 2)  # the slot survives the superblock
+    assert again.members == sb.members and again.members[1].key == B.id
+    assert b'"slot"' not in _sb([A, B, C]).encode()  # (absent where it is the id)
 
 
 def test_add_refuses_a_server_already_there_even_while_it_leaves():

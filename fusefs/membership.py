@@ -73,6 +73,11 @@ def adding(new: Member) -> Callable[[Superblock], Superblock]:
         if any(m.id == new.id for m in sb.servers):
             raise MembershipError(f"{new.url} (server {new.id}) is already a server of this "
                                   "filesystem")
+        taken = [m for m in sb.members if m.key == new.id]
+        if taken:  # (it was replaced once, and the server that replaced it ranks as it)
+            raise MembershipError(
+                f"{new.url} (server {new.id}) was replaced by {taken[0].url}, which took its "
+                "place; start it on an empty data directory (a new server id) to add it")
         return sb.with_changes(members=sb.members + (new,))
     return edit
 

@@ -40,6 +40,8 @@ def test_replace_puts_the_new_server_in_place_and_drains_the_old_one():
     assert membership.departed(B)(sb).leaving == ()
     with pytest.raises(membership.MembershipError, match="already"):
         membership.replacing(A, C)(sb)
+    with pytest.raises(membership.MembershipError, match="took its place"):
+        membership.adding(B)(membership.departed(B)(sb))  # its slot belongs to E now
     again = Superblock.decode(sb.encode(), 2)  # the slot survives the superblock
     assert again.members == sb.members and again.members[1].key == B.id
     assert b'"slot"' not in _sb([A, B, C]).encode()  # (absent where it is the id)

@@ -29,7 +29,8 @@ if command -v dpkg-query >/dev/null; then
   elif apt-cache show libfuse2t64 >/dev/null 2>&1; then apt_install libfuse2t64
   else apt_install libfuse2; fi
   # attr: getfattr shows a file's health (user.fusefs.replicas, docs/metrics.md)
-  apt_install fuse3 attr ${FUSEFS_EXTRA_PACKAGES:-}
+  # iproute2: ip and tc for the network-namespace tests (docs/netns-tests.md)
+  apt_install fuse3 attr iproute2 ${FUSEFS_EXTRA_PACKAGES:-}
 else
   echo "setup: not a Debian/Ubuntu machine; install libfuse 2 and fuse3 yourself" >&2
 fi

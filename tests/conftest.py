@@ -90,6 +90,7 @@ TIERS = {
     "test_mount_recovery": "crash",
     "test_crash_consistency": "crash",
     "test_gc": "crash",
+    "test_netns": "crash",
 }
 _RANK = {module: (TIER_ORDER.index(tier), i) for i, (module, tier) in enumerate(TIERS.items())}
 

@@ -47,7 +47,8 @@ want_pkgs() {
 # so a changed checkout is what runs after `vagrant provision`.
 install_fusefs() {
   local wheels="$STATE/wheels" src
-  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV" || die "python3 -m venv failed"
+  # Debian's own Python (python3 and python3-venv), never one found first on PATH.
+  [ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv "$VENV" || die "python3 -m venv failed"
   if compgen -G "$wheels/fusefs-*.whl" >/dev/null; then
     say "installing fusefs from the host's wheelhouse"
     "$VENV/bin/pip" install -q --no-index --find-links "$wheels" fusefs \

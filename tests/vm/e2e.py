@@ -1,0 +1,190 @@
+"""The scenarios of the VM suite, each run from the host against booted QEMU machines.
+
+A ``Suite`` holds the running ``Cluster`` and the names of the machines in this run. Setup starts
+a block server in every server VM (data on the VM's own disk, /var/lib/bs) and formats and mounts
+the filesystem on client1 (R=3, W=2). Each scenario raises ``Failed`` (or any error) when what it
+checks does not hold, and returns a one-line summary of what it measured.
+
+Scenario numbers follow issue 17. A scenario leaves the cluster as it found it (every server up
+and serving, client1 mounted read-write) so the next one can run; one that fails may not, which is
+why the runner stops at the first failure of setup but goes on after a failed scenario.
+"""
+import json
+import time
+
+from tests.vm.layout import machine
+
+GUEST_PY = "PYTHONPATH=/opt/fusefs/site python3"
+SECRET = "/opt/fusefs/secret"
+MNT = "/mnt/fs"
+
+
+class Failed(Exception):
+    """A scenario's check did not hold."""
+
+
+def poll(what, predicate, timeout, interval=1.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise Failed(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Suite:
+    """Setup and scenarios over one cluster; see the module docstring."""
+
+    def __init__(self, cluster, servers, clients, log):
+        self.cluster = cluster
+        self.servers = [machine(n) for n in servers]
+        self.clients = [machine(n) for n in clients]
+        self.log = log
+
+    @property
+    def client1(self):
+        return self.clients[0]
+
+    def urls(self):
+        return ",".join(m.url for m in self.servers)
+
+    def fusefs(self, args):
+        return f"{GUEST_PY} -m fusefs {args} --servers {self.urls()} --secret-file {SECRET}"
+
+    def on(self, m, command, **kw):
+        return self.cluster.ssh(m, "set -e; " + command, **kw)
+
+    # -- setup --------------------------------------------------------------------------------
+    def start_server(self, m):
+        self.cluster.spawn(m, f"exec env {GUEST_PY} -m blockserver serve --data /var/lib/bs "
+                              f"--listen 0.0.0.0:7001 --secret-file {SECRET}", "blockserver")
+
+    def server_answers(self, m):
+        probe = f"{GUEST_PY} /opt/fusefs/probe.py list {m.url} {SECRET} >/dev/null"
+        return self.cluster.ssh(self.client1, probe, timeout=60, check=False).returncode == 0
+
+    def wait_server(self, m, timeout=120):
+        try:
+            poll(f"{m.name}'s block server", lambda: self.server_answers(m), timeout, 2.0)
+        except Failed as e:
+            tail = self.cluster.ssh(m, "tail -5 /var/log/blockserver.log", check=False,
+                                    timeout=30).stdout
+            raise Failed(f"{e}; its log ends: {tail.strip()}") from None
+
+    def setup(self):
+        for m in self.servers:
+            self.start_server(m)
+        for m in self.servers:
+            self.wait_server(m)
+        self.on(self.client1, self.fusefs("mkfs") + " >/dev/null")
+        self.mount(self.client1)
+
+    def mount(self, m, extra="", cache="/var/cache/fusefs"):
+        self.on(m, f"mkdir -p {MNT} && " + self.fusefs(f"mount --cache-dir {cache} {extra} {MNT}")
+                + " </dev/null >>/var/log/mount.log 2>&1")
+
+    def umount(self, m):
+        self.on(m, f"{GUEST_PY} -m fusefs umount {MNT} </dev/null >>/var/log/mount.log 2>&1")
+
+    # -- scenario 1: real tools on the mount ----------------------------------------------------
+    def scenario_tools(self):
+        src = "/usr/lib/python3.11"
+        steps = {
+            "cp -a + diff -r": f"mkdir -p {MNT}/copy && cp -a {src}/email {src}/json /etc/ssh "
+                               f"{MNT}/copy/ && diff -r {src}/email {MNT}/copy/email && "
+                               f"diff -r {src}/json {MNT}/copy/json && diff -r /etc/ssh {MNT}/copy/ssh",
+            "tar round trip": f"tar -C {src} -cf {MNT}/a.tar email json && mkdir -p {MNT}/untar "
+                              f"&& tar -C {MNT}/untar -xf {MNT}/a.tar && "
+                              f"diff -r {src}/email {MNT}/untar/email && diff -r {src}/json "
+                              f"{MNT}/untar/json",
+            "git clone/commit/fsck": "rm -rf /tmp/src && mkdir /tmp/src && cd /tmp/src && "
+                                     f"git init -q && cp -a {src}/json . && git add -A && "
+                                     "git -c user.name=vm -c user.email=vm@e2e commit -qm one && "
+                                     f"git clone -q /tmp/src {MNT}/clone && cd {MNT}/clone && "
+                                     "echo change > new && git add new && "
+                                     "git -c user.name=vm -c user.email=vm@e2e commit -qm two && "
+                                     "git fsck --full --strict && test $(git rev-list --count HEAD) = 2",
+            "sqlite integrity_check": f"sqlite3 {MNT}/db.sqlite 'CREATE TABLE t(a, b); WITH RECURSIVE "
+                                      "c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 20000) "
+                                      "INSERT INTO t SELECT x, randomblob(100) FROM c;' && "
+                                      f"test \"$(sqlite3 {MNT}/db.sqlite 'PRAGMA integrity_check')\" = ok "
+                                      f"&& test \"$(sqlite3 {MNT}/db.sqlite 'SELECT count(*) FROM t')\" = 20000",
+        }
+        timings = []
+        for name, command in steps.items():
+            started = time.monotonic()
+            result = self.on(self.client1, command, check=False)
+            if result.returncode != 0:
+                raise Failed(f"{name}: exit {result.returncode}: {result.stderr.strip()[-1500:]}")
+            timings.append(f"{name} {time.monotonic() - started:.0f}s")
+        self.remount_fresh()
+        again = self.on(self.client1, f"diff -r {src}/json {MNT}/copy/json && cd {MNT}/clone && "
+                        "git fsck --full --strict && test \"$(sqlite3 "
+                        f"{MNT}/db.sqlite 'PRAGMA integrity_check')\" = ok", check=False)
+        if again.returncode != 0:
+            raise Failed(f"after a remount with an empty cache: {again.stderr.strip()[-1500:]}")
+        return "; ".join(timings) + "; all intact again after a remount with an empty cache"
+
+    def remount_fresh(self):
+        """Unmount client1, mount again with an empty cache: reads must come from the servers."""
+        self.umount(self.client1)
+        stamp = int(time.time())
+        self.mount(self.client1, cache=f"/var/cache/fusefs-{stamp}")
+
+    # -- scenario 3: power loss of a server during writes ----------------------------------------
+    def manifest_lines(self, path):
+        out = self.cluster.ssh(self.client1, f"cat {path} 2>/dev/null || true", timeout=60).stdout
+        return [line for line in out.splitlines() if len(line.split()) == 2]
+
+    def start_writer(self, directory, count, size, tag):
+        self.cluster.spawn(self.client1, f"{GUEST_PY} /opt/fusefs/probe.py write {MNT}/{directory} "
+                           f"{count} {size} > /var/log/{tag}.manifest; echo $? > /var/log/{tag}.rc",
+                           tag)
+
+    def writer_status(self, tag):
+        out = self.cluster.ssh(self.client1, f"cat /var/log/{tag}.rc 2>/dev/null || true",
+                               timeout=60).stdout.strip()
+        return out or None
+
+    def scenario_server_power_loss(self, victim_name="bs2", count=240, size=20000):
+        victim = machine(victim_name)
+        tag = "s3"
+        self.start_writer("s3", count, size, tag)
+        poll("30 fsynced files before the power cut",
+             lambda: len(self.manifest_lines(f"/var/log/{tag}.manifest")) >= 30, 300, 2.0)
+        listed = self.on(self.client1, f"{GUEST_PY} /opt/fusefs/probe.py list {victim.url} {SECRET}",
+                         timeout=120).stdout
+        self.cluster.power_cut(victim)
+        acknowledged = json.loads(listed)
+        before = len(self.manifest_lines(f"/var/log/{tag}.manifest"))
+        self.log(f"  {victim.name} powered off holding {len(acknowledged)} blocks; "
+                 f"{before} files fsynced so far")
+        poll("20 more fsynced files with the server down",
+             lambda: len(self.manifest_lines(f"/var/log/{tag}.manifest")) >= before + 20, 300, 2.0)
+        self.cluster.start(victim)
+        self.cluster.wait_up([victim])
+        self.start_server(victim)
+        self.wait_server(victim)
+        checked = self.on(self.client1, f"{GUEST_PY} /opt/fusefs/probe.py check {victim.url} {SECRET}",
+                          input=json.dumps(acknowledged), check=False, timeout=300)
+        report = json.loads(checked.stdout or "{}")
+        if checked.returncode != 0:
+            raise Failed(f"{victim.name} lost blocks it had acknowledged: "
+                         f"{len(report.get('missing', []))} missing, "
+                         f"{len(report.get('corrupt', []))} corrupt of {len(acknowledged)} "
+                         f"({checked.stderr.strip()[-500:]})")
+        rc = poll("the writer to finish", lambda: self.writer_status(tag), 900, 3.0)
+        if rc != "0":
+            raise Failed(f"the writer saw an error (exit {rc}): "
+                         + self.on(self.client1, f"tail -5 /var/log/{tag}.log").stdout)
+        manifest = "\n".join(self.manifest_lines(f"/var/log/{tag}.manifest")) + "\n"
+        self.remount_fresh()
+        verified = self.on(self.client1, f"{GUEST_PY} /opt/fusefs/probe.py verify {MNT}/s3",
+                           input=manifest, check=False, timeout=600)
+        if verified.returncode != 0:
+            raise Failed(f"fsynced files not served intact: {verified.stdout[-1500:]}")
+        files = json.loads(verified.stdout)["checked"]
+        return (f"{victim.name} cut with {len(acknowledged)} blocks acknowledged: all {len(acknowledged)} "
+                f"intact after reboot; writer 0 errors; {files} fsynced files intact (empty cache)")

@@ -188,3 +188,91 @@ class Suite:
         files = json.loads(verified.stdout)["checked"]
         return (f"{victim.name} cut with {len(acknowledged)} blocks acknowledged: all {len(acknowledged)} "
                 f"intact after reboot; writer 0 errors; {files} fsynced files intact (empty cache)")
+
+    # -- shared by scenarios 2 and 5 -------------------------------------------------------------
+    def run_writer(self, tag, count, size, during):
+        """Write `count` fsynced files while `during()` runs; the writer must exit 0."""
+        self.start_writer(tag, count, size, tag)
+        poll("10 fsynced files", lambda: len(self.manifest_lines(f"/var/log/{tag}.manifest")) >= 10,
+             300, 2.0)
+        during()
+        rc = poll("the writer to finish", lambda: self.writer_status(tag), 900, 3.0)
+        if rc != "0":
+            raise Failed(f"the writer saw an error (exit {rc}): "
+                         + self.on(self.client1, f"tail -5 /var/log/{tag}.log").stdout)
+        return self.manifest_lines(f"/var/log/{tag}.manifest")
+
+    def verify_files(self, m, directory, lines):
+        verified = self.on(m, f"{GUEST_PY} /opt/fusefs/probe.py verify {MNT}/{directory}",
+                           input="\n".join(lines) + "\n", check=False, timeout=600)
+        if verified.returncode != 0:
+            raise Failed(f"fsynced files not read back intact: {verified.stdout[-1500:]}")
+        return json.loads(verified.stdout)["checked"]
+
+    def repaired(self):
+        """Poll `fusefs repair` until every live block has R healthy copies on its homes."""
+        started = time.monotonic()
+
+        def attempt():
+            return self.on(self.client1, self.fusefs("repair") + " >/dev/null 2>&1",
+                           check=False, timeout=600).returncode == 0
+        poll("fusefs repair to report every block with R copies", attempt, 600, 5.0)
+        check = self.on(self.client1, self.fusefs("repair --check") + " >/dev/null 2>&1",
+                        check=False, timeout=600)
+        if check.returncode != 0:
+            raise Failed("fusefs repair --check still finds blocks short of R copies")
+        return time.monotonic() - started
+
+    # -- scenario 2: server power loss during a workload; back to R copies ----------------------
+    def scenario_server_power_loss_repair(self, victim_name="bs3"):
+        victim = machine(victim_name)
+
+        def cut_and_return():
+            self.cluster.power_cut(victim)
+            time.sleep(10)  # the workload runs on without it for a while (not a synchronisation)
+            self.cluster.start(victim)
+            self.cluster.wait_up([victim])
+            self.start_server(victim)
+            self.wait_server(victim)
+        lines = self.run_writer("s2", 120, 30000, cut_and_return)
+        files = self.verify_files(self.client1, "s2", lines)
+        seconds = self.repaired()
+        return (f"{victim.name} power cut and rebooted under writes: 0 writer errors, {files} "
+                f"fsynced files intact; R copies again {seconds:.0f} s after it returned")
+
+    # -- scenario 5: a server partitioned and reconnected ----------------------------------------
+    def scenario_partition(self, victim_name="bs4"):
+        victim = machine(victim_name)
+
+        def partition():
+            self.cluster.monitor(victim, "set_link lan off")
+            time.sleep(15)  # writes go on while it is unreachable (not a synchronisation)
+            self.cluster.monitor(victim, "set_link lan on")
+        lines = self.run_writer("s5", 80, 30000, partition)
+        files = self.verify_files(self.client1, "s5", lines)
+        seconds = self.repaired()
+        return (f"{victim.name} cut off 15 s under writes: 0 writer errors, {files} fsynced files "
+                f"intact; missed copies restored {seconds:.0f} s after reconnecting")
+
+    # -- scenario 6: one writer; a read-only mount elsewhere follows it ---------------------------
+    def scenario_second_mount(self):
+        client2 = self.clients[1]
+        refused = self.on(client2, f"mkdir -p {MNT} && "
+                          + self.fusefs(f"mount --cache-dir /var/cache/fusefs {MNT}")
+                          + " </dev/null 2>&1", check=False, timeout=300)
+        if refused.returncode == 0:
+            raise Failed("a second read-write mount on client2 was allowed beside client1's")
+        if self.on(client2, f"mountpoint -q {MNT}", check=False).returncode == 0:
+            raise Failed("the refused mount left something mounted on client2")
+        reason = refused.stdout.strip().splitlines()[-1:] or ["(no message)"]
+        self.mount(client2, extra="--read-only")
+        stamp = f"written-on-client1-{time.time_ns()}"
+        self.on(self.client1, f"echo {stamp} > {MNT}/follow.txt && sync {MNT}/follow.txt")
+        started = time.monotonic()
+        poll("client2's read-only mount to show client1's write",
+             lambda: stamp in self.cluster.ssh(client2, f"cat {MNT}/follow.txt 2>/dev/null",
+                                               check=False, timeout=60).stdout, 120, 1.0)
+        lag = time.monotonic() - started
+        self.umount(client2)
+        return (f"read-write mount refused ({reason[0][:120]}); read-only mount saw the write "
+                f"after {lag:.0f} s")

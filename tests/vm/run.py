@@ -29,7 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 SMOKE = {"servers": ["bs1", "bs2", "bs3"], "clients": ["client1"],
          "scenarios": [("1 real tools on the mount", "scenario_tools"),
                        ("3 server power loss during writes", "scenario_server_power_loss")]}
-FULL = SMOKE  # the other scenarios of issue 17 are not written yet (docs/vm-e2e.md)
+FULL = {"servers": ["bs1", "bs2", "bs3", "bs4"], "clients": ["client1", "client2"],
+        "scenarios": SMOKE["scenarios"] + [
+            ("6 second mount refused; ro follows", "scenario_second_mount"),
+            ("5 partition and reconnect", "scenario_partition"),
+            ("2 server power loss; back to R copies", "scenario_server_power_loss_repair")]}
+# Not written yet: scenario 4 (client1 power loss, client2 takes over) and 7 (rolling restart).
 
 
 def log(message):
@@ -129,7 +134,7 @@ def main(argv=None):
         epilog="exit status: 0 all passed, 1 a scenario failed, 2 the suite could not run. "
                "FUSEFS_VM_KEEP=1 keeps the VMs' work directory (consoles, overlays) for a look.")
     parser.add_argument("--smoke", action="store_true",
-                        help="scenarios 1 and 3 on bs1..bs3 + client1 (about 10 minutes here)")
+                        help="scenarios 1 and 3 on bs1..bs3 + client1 (4-5 minutes here)")
     parser.add_argument("--json", action="store_true", help="the report as JSON on stdout")
     parser.add_argument("--vagrant", action="store_true",
                         help="run against the Vagrantfile's machines (not written yet)")

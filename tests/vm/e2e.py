@@ -195,12 +195,17 @@ class Suite:
         self.start_writer(tag, count, size, tag)
         poll("10 fsynced files", lambda: len(self.manifest_lines(f"/var/log/{tag}.manifest")) >= 10,
              300, 2.0)
+        before = len(self.manifest_lines(f"/var/log/{tag}.manifest"))
         during()
+        if self.writer_status(tag) is not None:
+            raise Failed("the writer finished before the fault ended: make the workload longer")
+        during_fault = len(self.manifest_lines(f"/var/log/{tag}.manifest")) - before
         rc = poll("the writer to finish", lambda: self.writer_status(tag), 900, 3.0)
         if rc != "0":
             raise Failed(f"the writer saw an error (exit {rc}): "
                          + self.on(self.client1, f"tail -5 /var/log/{tag}.log").stdout)
-        return self.manifest_lines(f"/var/log/{tag}.manifest")
+        self.log(f"  {during_fault} files fsynced while the fault lasted")
+        return self.manifest_lines(f"/var/log/{tag}.manifest"), during_fault
 
     def verify_files(self, m, directory, lines):
         verified = self.on(m, f"{GUEST_PY} /opt/fusefs/probe.py verify {MNT}/{directory}",
@@ -234,10 +239,11 @@ class Suite:
             self.cluster.wait_up([victim])
             self.start_server(victim)
             self.wait_server(victim)
-        lines = self.run_writer("s2", 120, 30000, cut_and_return)
+        lines, during = self.run_writer("s2", 1200, 30000, cut_and_return)
         files = self.verify_files(self.client1, "s2", lines)
         seconds = self.repaired()
-        return (f"{victim.name} power cut and rebooted under writes: 0 writer errors, {files} "
+        return (f"{victim.name} power cut and rebooted under writes ({during} files fsynced "
+                f"meanwhile): 0 writer errors, {files} "
                 f"fsynced files intact; R copies again {seconds:.0f} s after it returned")
 
     # -- scenario 5: a server partitioned and reconnected ----------------------------------------
@@ -248,10 +254,11 @@ class Suite:
             self.cluster.monitor(victim, "set_link lan off")
             time.sleep(15)  # writes go on while it is unreachable (not a synchronisation)
             self.cluster.monitor(victim, "set_link lan on")
-        lines = self.run_writer("s5", 80, 30000, partition)
+        lines, during = self.run_writer("s5", 400, 30000, partition)
         files = self.verify_files(self.client1, "s5", lines)
         seconds = self.repaired()
-        return (f"{victim.name} cut off 15 s under writes: 0 writer errors, {files} fsynced files "
+        return (f"{victim.name} cut off 15 s under writes ({during} files fsynced meanwhile): "
+                f"0 writer errors, {files} fsynced files "
                 f"intact; missed copies restored {seconds:.0f} s after reconnecting")
 
     # -- scenario 6: one writer; a read-only mount elsewhere follows it ---------------------------

@@ -92,10 +92,8 @@ class BlockServer:
 
     def start(self, timeout: float = 20.0) -> "BlockServer":
         refuse_in_unit_tier("a block server")
-        cmd = [sys.executable, "-m", "blockserver", "serve", "--data", self.data_dir,
-               "--listen", f"127.0.0.1:{self.port}", *self.args]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, cwd=REPO)
+            self.proc = subprocess.Popen(self._command(), stdout=subprocess.PIPE, stderr=log, cwd=REPO)
         line = _read_line(self.proc.stdout, timeout)
         if not line.startswith("serving "):
             self.stop()
@@ -108,6 +106,11 @@ class BlockServer:
                 raise RuntimeError(f"blockserver at {self.url} never answered\n{self.log_tail()}")
             time.sleep(0.05)
         return self
+
+    def _command(self) -> list[str]:
+        """How the server is started (a subclass may run it elsewhere, e.g. in a namespace)."""
+        return [sys.executable, "-m", "blockserver", "serve", "--data", self.data_dir,
+                "--listen", f"127.0.0.1:{self.port}", *self.args]
 
     def _answers(self) -> bool:
         try:
@@ -352,6 +355,57 @@ def read_through(path: str) -> bytes:
 
 
 # -- mounts --------------------------------------------------------------------------------
+
+class WriteLoad:
+    """Writes, fsyncs and reads back files on a mount until stopped. `written` is the
+    manifest: every file whose fsync returned, with its digest. `errors` is every
+    operation that failed."""
+
+    def __init__(self, root: str, size: int = 150_000):
+        self.root, self.size = root, size
+        self.written: dict[str, str] = {}
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "WriteLoad":
+        os.makedirs(self.root, exist_ok=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=180)
+        assert not self._thread.is_alive(), "the workload hangs"
+
+    def wait_for(self, more: int, what: str, timeout: float = 90) -> None:
+        target = len(self.written) + more
+        wait_until(lambda: len(self.written) >= target or self._stop.is_set(),
+                   f"{more} more files ({what})", timeout=timeout)
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            path = os.path.join(self.root, f"w{i}.bin")
+            data = os.urandom(self.size + i * 997)
+            try:
+                with open(path, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                self.written[path] = sha256_of(path)
+                earlier = os.path.join(self.root, f"w{i // 2}.bin")
+                if sha256_of(earlier) != self.written[earlier]:
+                    self.errors.append(f"{earlier} reads back wrong")
+            except OSError as e:
+                self.errors.append(f"{path}: {e}")
+                if not os.path.isdir(self.root):
+                    return  # the mount is gone (its daemon was killed)
+            i += 1
+
 
 def _cmdline(pid: int) -> list[str]:
     try:

@@ -21,13 +21,12 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 
 import pytest
 
 from . import netns
 from .conftest import _MOUNTS, _SERVERS  # (a failed test's report shows these logs)
-from .support import (REPO, BlockServer, Mount, ServerSet, _read_line, alive, check_files,
+from .support import (REPO, BlockServer, Mount, ServerSet, WriteLoad, alive, check_files,
                       cleanup_all, sha256_of, wait_until)
 
 pytestmark = pytest.mark.skipif(netns.available() is not None,
@@ -48,19 +47,10 @@ class NetServer(BlockServer):
         self.address = net.add_host(host)
         self.port = PORT
 
-    def start(self, timeout: float = 20.0) -> "NetServer":
-        cmd = self.net.command(self.host, [
+    def _command(self) -> list[str]:
+        return self.net.command(self.host, [
             sys.executable, "-m", "blockserver", "serve", "--data", self.data_dir,
             "--listen", f"{self.address}:{self.port}", *self.args])
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, cwd=REPO)
-        line = _read_line(self.proc.stdout, timeout)
-        if not line.startswith("serving "):
-            self.stop()
-            raise RuntimeError(f"blockserver did not start: {line!r}\n{self.log_tail()}")
-        self.url = line.split()[1]
-        wait_until(self._answers, f"{self.url} answering", timeout=timeout, interval=0.05)
-        return self
 
 
 class NetMount(Mount):
@@ -142,57 +132,6 @@ def cluster(tmp_path, request):
         pytest.fail("unexpected errors logged:\n" + "\n".join(problems[:20]))
 
 
-class Workload:
-    """Writes, fsyncs and reads back files on a mount until stopped. `written` is the
-    manifest: every file whose fsync returned, with its digest. `errors` is every
-    operation that failed."""
-
-    def __init__(self, root: str, size: int = 150_000):
-        self.root, self.size = root, size
-        self.written: dict[str, str] = {}
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "Workload":
-        os.makedirs(self.root, exist_ok=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=180)
-        assert not self._thread.is_alive(), "the workload hangs"
-
-    def wait_for(self, more: int, what: str, timeout: float = 90) -> None:
-        target = len(self.written) + more
-        wait_until(lambda: len(self.written) >= target or self._stop.is_set(),
-                   f"{more} more files ({what})", timeout=timeout)
-
-    def _run(self) -> None:
-        i = 0
-        while not self._stop.is_set():
-            path = os.path.join(self.root, f"w{i}.bin")
-            data = os.urandom(self.size + i * 997)
-            try:
-                with open(path, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                self.written[path] = sha256_of(path)
-                earlier = os.path.join(self.root, f"w{i // 2}.bin")
-                if sha256_of(earlier) != self.written[earlier]:
-                    self.errors.append(f"{earlier} reads back wrong")
-            except OSError as e:
-                self.errors.append(f"{path}: {e}")
-                if not os.path.isdir(self.root):
-                    return  # the mount is gone (its daemon was killed)
-            i += 1
-
-
 def _repair_check(m: NetMount) -> dict:
     result = m.cli("repair", *m.cluster_args(), "--check", "--json", check=False)
     assert result.returncode in (0, 1), result.stderr
@@ -223,7 +162,7 @@ def test_a_server_killed_mid_workload_costs_no_error_and_heals(cluster):
     m = cluster.client("c1")
     m.mount("--lease-seconds", LEASE)
     victim = cluster.servers[1]
-    with Workload(os.path.join(m.path, "w")) as load:
+    with WriteLoad(os.path.join(m.path, "w")) as load:
         load.wait_for(3, "before the kill")
         victim.kill()
         held = _stored(victim)
@@ -243,7 +182,7 @@ def test_a_client_killed_mid_write_loses_no_fsynced_file(cluster):
     cache once c1's lease has expired, and finds every file c1's fsync acknowledged."""
     c1, c2 = cluster.client("c1"), cluster.client("c2")
     c1.mount("--lease-seconds", LEASE)
-    with Workload(os.path.join(c1.path, "w")) as load:
+    with WriteLoad(os.path.join(c1.path, "w")) as load:
         load.wait_for(6, "before the kill")
         pid = c1.daemon_pid()
         os.kill(pid, signal.SIGKILL)
@@ -274,7 +213,7 @@ def test_a_partitioned_server_misses_nothing_once_its_link_is_back(cluster):
     m = cluster.client("c1")
     m.mount("--lease-seconds", LEASE)
     cut_off = cluster.servers[2]
-    with Workload(os.path.join(m.path, "w")) as load:
+    with WriteLoad(os.path.join(m.path, "w")) as load:
         load.wait_for(3, "before the cut")
         cluster.net.cut("bs3")
         wait_until(lambda: not cut_off._answers(), "bs3 to be unreachable")
@@ -324,7 +263,7 @@ def test_a_rolling_restart_of_every_server_under_load(cluster):
     ends with its 3 copies."""
     m = cluster.client("c1")
     m.mount("--lease-seconds", LEASE)
-    with Workload(os.path.join(m.path, "w")) as load:
+    with WriteLoad(os.path.join(m.path, "w")) as load:
         load.wait_for(2, "before the restarts")
         for server in cluster.servers:
             server.stop()
@@ -350,7 +289,7 @@ def test_a_slow_server_link_costs_no_error(cluster):
     and once its link is fast again every block has its 3 copies."""
     m = cluster.client("c1")
     m.mount("--lease-seconds", LEASE)
-    with Workload(os.path.join(m.path, "w")) as load:
+    with WriteLoad(os.path.join(m.path, "w")) as load:
         cluster.net.shape("bs4", "2mbit")
         load.wait_for(5, "with bs4's link slow")
     cluster.net.unshape("bs4")
@@ -368,7 +307,7 @@ def test_a_delayed_lossy_server_link_costs_no_error(request):
     m = cluster.client("c1")
     m.mount("--lease-seconds", LEASE)
     cluster.net.delay_loss("bs2", delay_ms=20, loss_percent=2)
-    with Workload(os.path.join(m.path, "w")) as load:
+    with WriteLoad(os.path.join(m.path, "w")) as load:
         load.wait_for(5, "with bs2's link delayed and lossy")
     cluster.net.unshape("bs2")
     assert load.errors == []

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 
@@ -20,7 +19,7 @@ from fusefs import admin
 from fusefs.placement import rank
 from fusefs.progress import Progress
 from fusefs.transport import Transport, TransportConfig
-from tests.support import REPO, members_of, sha256_of, wait_until
+from tests.support import REPO, WriteLoad, members_of, sha256_of, wait_until
 
 LEASE = ["--lease-seconds", "6"]  # a drain waits one lease time for the writer to see it
 
@@ -71,43 +70,6 @@ def copies(servers, block_ids) -> dict[str, int]:
     return {b: sum(1 for blocks in held.values() if b in blocks) for b in block_ids}
 
 
-class Writer:
-    """Writes and fsyncs files through the mount until stopped; remembers their digests
-    and any error it met."""
-
-    def __init__(self, root: str, size: int = 300_000):
-        self.root, self.size = root, size
-        self.written: dict[str, str] = {}
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        os.makedirs(self.root, exist_ok=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=120)
-
-    def _run(self) -> None:
-        i = 0
-        while not self._stop.is_set():
-            path = os.path.join(self.root, f"w{i}.bin")
-            data = os.urandom(self.size + i * 1000)
-            try:
-                with open(path, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                self.written[path] = sha256_of(path)
-            except OSError as e:
-                self.errors.append(f"{path}: {e}")
-            i += 1
-            time.sleep(0.05)
-
-
 def _write_files(root: str, n: int, size: int = 200_000) -> dict[str, str]:
     files = {}
     for i in range(n):
@@ -155,7 +117,7 @@ def test_replace_a_dead_server_while_a_writer_writes(fusefs_mount, blockservers)
     m = fusefs_mount(servers=4, mount=LEASE)
     before = _write_files(m.path, 10)
     dead = m.servers[1]
-    with Writer(os.path.join(m.path, "w")) as writer:
+    with WriteLoad(os.path.join(m.path, "w")) as writer:
         wait_until(lambda: len(writer.written) >= 3, "the writer writes")
         dead.kill()
         wait_until(lambda: len(writer.written) >= 8, "the writer goes on without it")
@@ -188,7 +150,7 @@ def test_drain_while_writing_never_leaves_a_block_below_r(fusefs_mount):
     wanted, _ = live_blocks(m)
     leaving = m.servers[0]
     low = []
-    with Writer(os.path.join(m.path, "w")) as writer:
+    with WriteLoad(os.path.join(m.path, "w")) as writer:
         wait_until(lambda: len(writer.written) >= 2, "the writer writes")
         drain = subprocess.Popen([sys.executable, "-m", "fusefs", "servers", "remove",
                                   leaving.url, "--servers", m.urls], cwd=REPO,

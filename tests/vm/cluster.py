@@ -48,6 +48,13 @@ def use_kvm():
 class Cluster:
     """The running VMs of one suite run; see the module docstring."""
 
+    # how the scenarios (tests.vm.e2e) reach the project inside these guests: the host's
+    # read-only share holds it (pip install --target), the secret and the probe
+    python = "PYTHONPATH=/opt/fusefs/site python3"
+    secret = "/opt/fusefs/secret"
+    probe = "/opt/fusefs/probe.py"
+    server_log_tail = "tail -5 /var/log/blockserver.log"
+
     def __init__(self, image, share, log):
         self.image = Path(image)
         self.work = Path(tempfile.mkdtemp(prefix="fusefs-vm-"))
@@ -119,6 +126,13 @@ class Cluster:
             s.sendall(command.encode() + b"\n")
             time.sleep(0.5)
 
+    def cut_link(self, m):
+        """Partition: the VM's private NIC loses its carrier (QEMU's monitor)."""
+        self.monitor(m, "set_link lan off")
+
+    def restore_link(self, m):
+        self.monitor(m, "set_link lan on")
+
     def close(self):
         for name, process in list(self.processes.items()):
             if process.poll() is None:
@@ -148,3 +162,13 @@ class Cluster:
         quoted = shlex.quote(command)
         self.ssh(m, f"setsid sh -c {quoted} >/var/log/{log_name}.log 2>&1 </dev/null &",
                  timeout=60)
+
+    # -- the block server in a server VM (data on the VM's own disk) --------------------------
+    def start_server(self, m):
+        self.spawn(m, f"exec env {self.python} -m blockserver serve --data /var/lib/bs "
+                      f"--listen 0.0.0.0:7001 --secret-file {self.secret}", "blockserver")
+
+    def stop_server(self, m):
+        """A clean stop (SIGTERM), as a service manager restarting it does."""
+        self.ssh(m, "pkill -TERM -f 'blockserver serve' && "
+                    "while pgrep -f 'blockserver serve' >/dev/null; do sleep 0.2; done", timeout=120)

@@ -1,8 +1,12 @@
 """The scenarios of the VM suite, each run from the host against booted QEMU machines.
 
-A ``Suite`` holds the running ``Cluster`` and the names of the machines in this run. Setup starts
-a block server in every server VM (data on the VM's own disk, /var/lib/bs) and formats and mounts
-the filesystem on client1 (R=3, W=2). Each scenario raises ``Failed`` (or any error) when what it
+A ``Suite`` holds the running cluster and the machines of this run. The cluster says how to
+reach and treat its guests, so the same scenarios run on QEMU machines (``tests.vm.cluster``)
+and on the Vagrantfile's (``tests.vm.vagrant``): ``ssh``/``ssh_argv``/``spawn`` run commands,
+``power_cut``/``start``/``wait_up`` cut power and boot, ``cut_link``/``restore_link``
+partition, ``start_server``/``stop_server`` run the block server, and ``python``, ``secret``
+and ``probe`` are the guest's Python command, secret file and probe script. Setup starts every
+block server and formats and mounts the filesystem on client1 (R=3, W=2). Each scenario raises ``Failed`` (or any error) when what it
 checks does not hold, and returns a one-line summary of what it measured.
 
 Scenario numbers follow issue 17. A scenario leaves the cluster as it found it (every server up
@@ -10,12 +14,10 @@ and serving, client1 mounted read-write) so the next one can run; one that fails
 why the runner stops at the first failure of setup but goes on after a failed scenario.
 """
 import json
+import subprocess
+import threading
 import time
 
-from tests.vm.layout import machine
-
-GUEST_PY = "PYTHONPATH=/opt/fusefs/site python3"
-SECRET = "/opt/fusefs/secret"
 MNT = "/mnt/fs"
 
 
@@ -39,9 +41,15 @@ class Suite:
 
     def __init__(self, cluster, servers, clients, log):
         self.cluster = cluster
-        self.servers = [machine(n) for n in servers]
-        self.clients = [machine(n) for n in clients]
+        self.servers = list(servers)
+        self.clients = list(clients)
         self.log = log
+        self.py = cluster.python
+        self.secret = cluster.secret
+        self.probe = f"{cluster.python} {cluster.probe}"
+
+    def machine(self, name):
+        return next(m for m in self.servers + self.clients if m.name == name)
 
     @property
     def client1(self):
@@ -51,31 +59,27 @@ class Suite:
         return ",".join(m.url for m in self.servers)
 
     def fusefs(self, args):
-        return f"{GUEST_PY} -m fusefs {args} --servers {self.urls()} --secret-file {SECRET}"
+        return f"{self.py} -m fusefs {args} --servers {self.urls()} --secret-file {self.secret}"
 
     def on(self, m, command, **kw):
         return self.cluster.ssh(m, "set -e; " + command, **kw)
 
     # -- setup --------------------------------------------------------------------------------
-    def start_server(self, m):
-        self.cluster.spawn(m, f"exec env {GUEST_PY} -m blockserver serve --data /var/lib/bs "
-                              f"--listen 0.0.0.0:7001 --secret-file {SECRET}", "blockserver")
-
     def server_answers(self, m):
-        probe = f"{GUEST_PY} /opt/fusefs/probe.py list {m.url} {SECRET} >/dev/null"
+        probe = f"{self.probe} list {m.url} {self.secret} >/dev/null"
         return self.cluster.ssh(self.client1, probe, timeout=60, check=False).returncode == 0
 
     def wait_server(self, m, timeout=120):
         try:
             poll(f"{m.name}'s block server", lambda: self.server_answers(m), timeout, 2.0)
         except Failed as e:
-            tail = self.cluster.ssh(m, "tail -5 /var/log/blockserver.log", check=False,
+            tail = self.cluster.ssh(m, self.cluster.server_log_tail, check=False,
                                     timeout=30).stdout
             raise Failed(f"{e}; its log ends: {tail.strip()}") from None
 
     def setup(self):
         for m in self.servers:
-            self.start_server(m)
+            self.cluster.start_server(m)
         for m in self.servers:
             self.wait_server(m)
         self.on(self.client1, self.fusefs("mkfs") + " >/dev/null")
@@ -86,7 +90,7 @@ class Suite:
                 + " </dev/null >>/var/log/mount.log 2>&1")
 
     def umount(self, m):
-        self.on(m, f"{GUEST_PY} -m fusefs umount {MNT} </dev/null >>/var/log/mount.log 2>&1")
+        self.on(m, f"{self.py} -m fusefs umount {MNT} </dev/null >>/var/log/mount.log 2>&1")
 
     # -- scenario 1: real tools on the mount ----------------------------------------------------
     def scenario_tools(self):
@@ -139,7 +143,7 @@ class Suite:
         return [line for line in out.splitlines() if len(line.split()) == 2]
 
     def start_writer(self, directory, count, size, tag):
-        self.cluster.spawn(self.client1, f"{GUEST_PY} /opt/fusefs/probe.py write {MNT}/{directory} "
+        self.cluster.spawn(self.client1, f"{self.probe} write {MNT}/{directory} "
                            f"{count} {size} > /var/log/{tag}.manifest; echo $? > /var/log/{tag}.rc",
                            tag)
 
@@ -149,12 +153,12 @@ class Suite:
         return out or None
 
     def scenario_server_power_loss(self, victim_name="bs2", count=240, size=20000):
-        victim = machine(victim_name)
+        victim = self.machine(victim_name)
         tag = "s3"
         self.start_writer("s3", count, size, tag)
         poll("30 fsynced files before the power cut",
              lambda: len(self.manifest_lines(f"/var/log/{tag}.manifest")) >= 30, 300, 2.0)
-        listed = self.on(self.client1, f"{GUEST_PY} /opt/fusefs/probe.py list {victim.url} {SECRET}",
+        listed = self.on(self.client1, f"{self.probe} list {victim.url} {self.secret}",
                          timeout=120).stdout
         self.cluster.power_cut(victim)
         acknowledged = json.loads(listed)
@@ -165,9 +169,9 @@ class Suite:
              lambda: len(self.manifest_lines(f"/var/log/{tag}.manifest")) >= before + 20, 300, 2.0)
         self.cluster.start(victim)
         self.cluster.wait_up([victim])
-        self.start_server(victim)
+        self.cluster.start_server(victim)
         self.wait_server(victim)
-        checked = self.on(self.client1, f"{GUEST_PY} /opt/fusefs/probe.py check {victim.url} {SECRET}",
+        checked = self.on(self.client1, f"{self.probe} check {victim.url} {self.secret}",
                           input=json.dumps(acknowledged), check=False, timeout=300)
         report = json.loads(checked.stdout or "{}")
         if checked.returncode != 0:
@@ -181,7 +185,7 @@ class Suite:
                          + self.on(self.client1, f"tail -5 /var/log/{tag}.log").stdout)
         manifest = "\n".join(self.manifest_lines(f"/var/log/{tag}.manifest")) + "\n"
         self.remount_fresh()
-        verified = self.on(self.client1, f"{GUEST_PY} /opt/fusefs/probe.py verify {MNT}/s3",
+        verified = self.on(self.client1, f"{self.probe} verify {MNT}/s3",
                            input=manifest, check=False, timeout=600)
         if verified.returncode != 0:
             raise Failed(f"fsynced files not served intact: {verified.stdout[-1500:]}")
@@ -189,18 +193,29 @@ class Suite:
         return (f"{victim.name} cut with {len(acknowledged)} blocks acknowledged: all {len(acknowledged)} "
                 f"intact after reboot; writer 0 errors; {files} fsynced files intact (empty cache)")
 
-    # -- shared by scenarios 2 and 5 -------------------------------------------------------------
-    def run_writer(self, tag, count, size, during):
-        """Write `count` fsynced files while `during()` runs; the writer must exit 0."""
-        self.start_writer(tag, count, size, tag)
-        poll("10 fsynced files", lambda: len(self.manifest_lines(f"/var/log/{tag}.manifest")) >= 10,
-             300, 2.0)
-        before = len(self.manifest_lines(f"/var/log/{tag}.manifest"))
+    # -- shared by scenarios 2, 5 and 7 ---------------------------------------------------------
+    def fsynced(self, tag):
+        return len(self.manifest_lines(f"/var/log/{tag}.manifest"))
+
+    def more_fsynced(self, tag, count, why, timeout=300):
+        """Wait until `count` more files are fsynced than now: the workload goes on."""
+        target = self.fsynced(tag) + count
+        poll(f"{count} more fsynced files {why}", lambda: self.fsynced(tag) >= target, timeout, 1.0)
+
+    def run_writer(self, tag, size, during):
+        """Write fsynced files before, while and after `during()` runs, then stop the writer
+        (SIGTERM ends it between two files); it must have seen no error at all."""
+        self.start_writer(tag, 100_000, size, tag)
+        self.more_fsynced(tag, 10, "before the fault")
+        before = self.fsynced(tag)
         during()
         if self.writer_status(tag) is not None:
-            raise Failed("the writer finished before the fault ended: make the workload longer")
-        during_fault = len(self.manifest_lines(f"/var/log/{tag}.manifest")) - before
-        rc = poll("the writer to finish", lambda: self.writer_status(tag), 900, 3.0)
+            raise Failed("the writer ended during the fault: "
+                         + self.on(self.client1, f"tail -5 /var/log/{tag}.log").stdout)
+        during_fault = self.fsynced(tag) - before
+        self.more_fsynced(tag, 10, "after the fault")
+        self.on(self.client1, f"pkill -TERM -f '{self.cluster.probe} write {MNT}/{tag}'")
+        rc = poll("the writer to stop", lambda: self.writer_status(tag), 300, 1.0)
         if rc != "0":
             raise Failed(f"the writer saw an error (exit {rc}): "
                          + self.on(self.client1, f"tail -5 /var/log/{tag}.log").stdout)
@@ -208,7 +223,7 @@ class Suite:
         return self.manifest_lines(f"/var/log/{tag}.manifest"), during_fault
 
     def verify_files(self, m, directory, lines):
-        verified = self.on(m, f"{GUEST_PY} /opt/fusefs/probe.py verify {MNT}/{directory}",
+        verified = self.on(m, f"{self.probe} verify {MNT}/{directory}",
                            input="\n".join(lines) + "\n", check=False, timeout=600)
         if verified.returncode != 0:
             raise Failed(f"fsynced files not read back intact: {verified.stdout[-1500:]}")
@@ -230,16 +245,16 @@ class Suite:
 
     # -- scenario 2: server power loss during a workload; back to R copies ----------------------
     def scenario_server_power_loss_repair(self, victim_name="bs3"):
-        victim = machine(victim_name)
+        victim = self.machine(victim_name)
 
         def cut_and_return():
             self.cluster.power_cut(victim)
             time.sleep(10)  # the workload runs on without it for a while (not a synchronisation)
             self.cluster.start(victim)
             self.cluster.wait_up([victim])
-            self.start_server(victim)
+            self.cluster.start_server(victim)
             self.wait_server(victim)
-        lines, during = self.run_writer("s2", 1200, 30000, cut_and_return)
+        lines, during = self.run_writer("s2", 30000, cut_and_return)
         files = self.verify_files(self.client1, "s2", lines)
         seconds = self.repaired()
         return (f"{victim.name} power cut and rebooted under writes ({during} files fsynced "
@@ -248,13 +263,13 @@ class Suite:
 
     # -- scenario 5: a server partitioned and reconnected ----------------------------------------
     def scenario_partition(self, victim_name="bs4"):
-        victim = machine(victim_name)
+        victim = self.machine(victim_name)
 
         def partition():
-            self.cluster.monitor(victim, "set_link lan off")
+            self.cluster.cut_link(victim)
             time.sleep(15)  # writes go on while it is unreachable (not a synchronisation)
-            self.cluster.monitor(victim, "set_link lan on")
-        lines, during = self.run_writer("s5", 400, 30000, partition)
+            self.cluster.restore_link(victim)
+        lines, during = self.run_writer("s5", 30000, partition)
         files = self.verify_files(self.client1, "s5", lines)
         seconds = self.repaired()
         return (f"{victim.name} cut off 15 s under writes ({during} files fsynced meanwhile): "
@@ -283,3 +298,86 @@ class Suite:
         self.umount(client2)
         return (f"read-write mount refused ({reason[0][:120]}); read-only mount saw the write "
                 f"after {lag:.0f} s")
+
+    # -- scenario 4: the writing client loses power; another takes over ---------------------------
+    def scenario_client_power_loss(self, files_before_cut=40):
+        client1, client2 = self.clients[0], self.clients[1]
+        manifest, reader, writer = self.stream_writer(client1, "s4", 20000)
+        try:
+            poll(f"{files_before_cut} fsynced files on client1",
+                 lambda: len(manifest) >= files_before_cut, 300, 1.0)
+            self.cluster.power_cut(client1)
+            cut = time.monotonic()
+        finally:
+            writer.kill()
+            writer.wait()
+            reader.join(timeout=30)
+        promised = list(manifest)
+        self.log(f"  client1 powered off; the host holds {len(promised)} fsynced files' hashes")
+        attempts = []
+
+        def take_over():
+            result = self.on(client2, f"mkdir -p {MNT} && " + self.fusefs(
+                f"mount --cache-dir /var/cache/fusefs {MNT}") + " </dev/null 2>&1",
+                check=False, timeout=300)
+            attempts.append(result.stdout.strip().splitlines()[-1:] or ["(no message)"])
+            return result.returncode == 0
+        poll("client2 to take the writer lease over", take_over, 300, 5.0)
+        waited = time.monotonic() - cut
+        if len(attempts) < 2:
+            raise Failed("client2 mounted read-write at once: client1's lease was not honoured")
+        files = self.verify_files(client2, "s4", promised)
+        stamp = f"written-on-client2-{time.time_ns()}"
+        self.on(client2, f"echo {stamp} > {MNT}/after-takeover.txt && sync {MNT}/after-takeover.txt")
+        self.umount(client2)
+        fsck = self.on(client2, self.fusefs("fsck") + " 2>&1", check=False, timeout=900)
+        if fsck.returncode != 0:
+            raise Failed(f"fsck after the takeover: exit {fsck.returncode}: {fsck.stdout[-1500:]}")
+        # client1 comes back and mounts with the cache its power cut left behind
+        self.cluster.start(client1)
+        self.cluster.wait_up([client1])
+        self.mount(client1)
+        seen = self.on(client1, f"cat {MNT}/after-takeover.txt").stdout
+        if stamp not in seen:
+            raise Failed(f"client1, mounted again, does not see client2's write: {seen!r}")
+        self.verify_files(client1, "s4", promised)
+        return (f"client1 cut after {len(promised)} fsynced files; client2 refused "
+                f"{len(attempts) - 1} time(s) ({attempts[0][0][:80]}), took over {waited:.0f} s "
+                f"after the cut; all {files} files intact from an empty cache; fsck clean; "
+                "client1 rebooted, remounted with its old cache, sees client2's write")
+
+    def stream_writer(self, m, directory, size):
+        """A writer on `m` whose manifest lines come straight to this host as it prints them,
+        so they survive `m` losing power. Returns (lines so far, reader thread, ssh process)."""
+        argv = self.cluster.ssh_argv(m, f"{self.probe} write {MNT}/{directory} 100000 {size}")
+        writer = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  stdin=subprocess.DEVNULL, text=True)
+        lines = []
+
+        def read():
+            for line in writer.stdout:
+                if len(line.split()) == 2:
+                    lines.append(line.strip())
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        return lines, reader, writer
+
+    # -- scenario 7: a rolling restart of every server under load ----------------------------
+    def scenario_rolling_restart(self):
+        stopped = []
+
+        def restart_each():
+            for m in self.servers:
+                self.cluster.stop_server(m)
+                poll(f"{m.name} to stop answering", lambda: not self.server_answers(m), 120, 1.0)
+                self.more_fsynced("s7", 5, f"with {m.name} stopped")
+                self.cluster.start_server(m)
+                self.wait_server(m)
+                self.more_fsynced("s7", 3, f"after {m.name} is back")
+                stopped.append(m.name)
+        lines, during = self.run_writer("s7", 20000, restart_each)
+        files = self.verify_files(self.client1, "s7", lines)
+        seconds = self.repaired()
+        return (f"{', '.join(stopped)} stopped and started one at a time under writes "
+                f"({during} files fsynced meanwhile): 0 writer errors, {files} fsynced files "
+                f"intact; every block at R copies {seconds:.0f} s after the last restart")

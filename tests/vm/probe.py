@@ -3,7 +3,8 @@
 Commands (each prints JSON or one line per result on stdout; exit 0 means the check held):
   write DIR N SIZE    write N files of about SIZE bytes into DIR, fsync each and the directory,
                       print "name sha256" once each file is durable (the host keeps these lines:
-                      the manifest of what was promised)
+                      the manifest of what was promised); SIGTERM ends it cleanly (exit 0)
+                      after the file in progress
   verify DIR          read the manifest from stdin, print {"checked", "bad": [...]}; exit 1 if bad
   list URL SECRET     the block ids a server holds, as a JSON list
   check URL SECRET    read a JSON list of ids on stdin; the server re-reads and verifies each;
@@ -13,12 +14,17 @@ State: none. A crash half way leaves at most one file not yet printed (so not pr
 import hashlib
 import json
 import os
+import signal
 import sys
 
 
 def write(directory, count, size):
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     os.makedirs(directory, exist_ok=True)
     for i in range(int(count)):
+        if stop:
+            break
         data = os.urandom(int(size) + i * 131)
         name = f"f{i:05d}"
         fd = os.open(os.path.join(directory, name), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)

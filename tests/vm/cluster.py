@@ -170,5 +170,7 @@ class Cluster:
 
     def stop_server(self, m):
         """A clean stop (SIGTERM), as a service manager restarting it does."""
-        self.ssh(m, "pkill -TERM -f 'blockserver serve' && "
-                    "while pgrep -f 'blockserver serve' >/dev/null; do sleep 0.2; done", timeout=120)
+        # "[b]" keeps the patterns from matching this very command line
+        self.ssh(m, "pkill -TERM -f '[b]lockserver serve' && "
+                    "while pgrep -f '[b]lockserver serve' >/dev/null; do sleep 0.2; done",
+                 timeout=120)

@@ -143,9 +143,9 @@ class Suite:
         return [line for line in out.splitlines() if len(line.split()) == 2]
 
     def start_writer(self, directory, count, size, tag):
-        self.cluster.spawn(self.client1, f"{self.probe} write {MNT}/{directory} "
-                           f"{count} {size} > /var/log/{tag}.manifest; echo $? > /var/log/{tag}.rc",
-                           tag)
+        self.cluster.spawn(self.client1, f"{self.probe} write {MNT}/{directory} {count} {size} "
+                           f"> /var/log/{tag}.manifest & echo $! > /var/log/{tag}.pid; wait $!; "
+                           f"echo $? > /var/log/{tag}.rc", tag)
 
     def writer_status(self, tag):
         out = self.cluster.ssh(self.client1, f"cat /var/log/{tag}.rc 2>/dev/null || true",
@@ -214,7 +214,7 @@ class Suite:
                          + self.on(self.client1, f"tail -5 /var/log/{tag}.log").stdout)
         during_fault = self.fsynced(tag) - before
         self.more_fsynced(tag, 10, "after the fault")
-        self.on(self.client1, f"pkill -TERM -f '{self.cluster.probe} write {MNT}/{tag}'")
+        self.on(self.client1, f"kill -TERM $(cat /var/log/{tag}.pid)")
         rc = poll("the writer to stop", lambda: self.writer_status(tag), 300, 1.0)
         if rc != "0":
             raise Failed(f"the writer saw an error (exit {rc}): "

@@ -76,6 +76,7 @@ class VagrantCluster:
         self.log = log
         self.all = {m.name: m for m in machines_of(inventory)}
         self.cut = set()
+        self.used = []    # the machines of this run, the only ones asked about
         self.ssh_config = Path(tempfile.mkstemp(prefix="fusefs-vagrant-ssh-")[1])
         self.virsh = ["virsh", "-c", os.environ.get("LIBVIRT_DEFAULT_URI", "qemu:///system")]
 
@@ -83,9 +84,10 @@ class VagrantCluster:
     def attach(cls, root, servers, clients, log):
         """The cluster for these machine names, checked running and reset (see the docstring)."""
         cluster = cls(root, read_inventory(root), log)
+        cluster.used = list(servers) + list(clients)
         try:
-            cluster.check(list(servers) + list(clients))
-            cluster.refresh_ssh_config(list(servers) + list(clients))
+            cluster.check(cluster.used)
+            cluster.refresh_ssh_config(cluster.used)
             cluster.reset(cluster.machines(servers), cluster.machines(clients))
         except BaseException:
             cluster.ssh_config.unlink(missing_ok=True)
@@ -174,6 +176,14 @@ class VagrantCluster:
             raise Unavailable(f"`vagrant ssh-config` failed: {out.stderr.strip()[-500:]}")
         self.ssh_config.write_text(out.stdout)
 
+    def try_refresh_ssh_config(self):
+        """Addresses again for every machine not powered off; a failure (a machine still
+        without a DHCP lease) keeps the old file."""
+        try:
+            self.refresh_ssh_config([n for n in self.used if n not in self.cut])
+        except (Unavailable, subprocess.TimeoutExpired) as e:
+            self.log(f"  vagrant ssh-config failed, keeping the old one: {e}")
+
     def ssh_argv(self, m, command):
         """`command` runs as root in the guest; it travels base64-encoded, so no process on
         the way (login shell, sudo, sh) has its text in its command line, and a ``pkill -f``
@@ -215,8 +225,7 @@ class VagrantCluster:
                 raise RuntimeError(f"{', '.join(m.name for m in waiting)}: no ssh after "
                                    f"{timeout:.0f} s (see `vagrant ssh-config`, virsh console)")
             if time.monotonic() - refreshed > 60:
-                self.refresh_ssh_config([m.name for m in self.all.values()
-                                         if m.name not in self.cut])
+                self.try_refresh_ssh_config()
                 refreshed = time.monotonic()
             time.sleep(3)
 

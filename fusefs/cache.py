@@ -8,7 +8,9 @@ What it owns and promises (docs/promises.md: the read path; P4):
 - Memory holds at most `memory_bytes` of block data, the disk directory at most `disk_bytes`
   (sum of file lengths); the least recently used block goes first. Blocks are immutable,
   so nothing cached is ever stale; discard() is the only invalidation.
-- Concurrent misses of one block make one store fetch (single flight).
+- Concurrent misses of one block make one store fetch (single flight), also when one of
+  them is a batch read-ahead (`prefetch_batch`): a reader waits for the batch, and fetches
+  the block itself if the batch did not bring it.
 - The disk directory is disposable: see docs/cache.md for its states and crashes.
 
 Caveats: one BlockCache per disk directory at a time (not enforced: two would each keep
@@ -34,6 +36,7 @@ from .blockstore import BlockStore
 log = logging.getLogger("fusefs.cache")
 
 PREFETCH_QUEUE = 256  # read-ahead requests waiting for a thread; more are dropped
+PREFETCH_BATCH = 64  # blocks per batch read-ahead request (prefetch_batch)
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -87,6 +90,10 @@ class _Lru:
         if entry is not None:
             self.total -= entry[1]
         return entry is not None
+
+
+class _Retry(Exception):
+    """A batch read-ahead ended without this block: the waiter fetches it itself."""
 
 
 class _Flight:
@@ -174,6 +181,26 @@ class BlockCache:
                 log.debug("read-ahead queue full; dropped %d requests", len(items) - done)
                 return
 
+    def prefetch_batch(self, items: list[tuple[str, str]]) -> None:
+        """Read (id, checksum) pairs ahead in the background, PREFETCH_BATCH blocks per
+        batch request (one per server): for many small blocks, such as the next files of
+        a directory. Drops what does not fit in the queue."""
+        if self._stopping.is_set() or not self._threads:
+            return
+        for key in items:
+            _check_id(key[0])
+        with self._lock:
+            todo = [k for k in dict.fromkeys(items) if not self._is_cached_or_coming(k)]
+            self._queued.update(todo)
+        for start in range(0, len(todo), PREFETCH_BATCH):
+            try:
+                self._queue.put_nowait(todo[start:start + PREFETCH_BATCH])
+            except queue.Full:
+                with self._lock:
+                    self._queued.difference_update(todo[start:])
+                log.debug("read-ahead queue full; dropped %d blocks", len(todo) - start)
+                return
+
     def insert(self, block_id: str, checksum: str, data) -> None:
         """Cache a block the caller has just stored (put verified it against `checksum`).
 
@@ -227,7 +254,10 @@ class BlockCache:
             if leader:
                 flight = self._flights[key] = _Flight()
         if not leader:
-            return flight.result()
+            try:
+                return flight.result()
+            except _Retry:  # a batch read-ahead that did not bring it: fetch it now
+                return self._obtain(block_id, checksum)
         try:
             data = self._read_disk(block_id, checksum)
             if data is not None:
@@ -276,12 +306,44 @@ class BlockCache:
             key = self._queue.get()
             if key is None or self._stopping.is_set():
                 return
+            if isinstance(key, list):
+                self._fetch_batch(key)
+                continue
             with self._lock:
                 self._queued.discard(key)
             try:
                 self._obtain(*key)
             except Exception as e:  # noqa: BLE001 - read-ahead is a hint; get() will report
                 log.debug("read-ahead of block %s failed: %s", key[0], e)
+
+    def _fetch_batch(self, keys: list[tuple[str, str]]) -> None:
+        """Fetch the blocks of `keys` not cached or coming yet with one store.get_many, as
+        flights that concurrent get() calls wait for. Every flight lands, whatever fails:
+        a block the batch did not bring wakes its waiters with _Retry."""
+        mine: dict[tuple[str, str], _Flight] = {}
+        with self._lock:
+            self._queued.difference_update(keys)
+            for key in keys:
+                if not self._is_cached_or_coming(key):
+                    mine[key] = self._flights[key] = _Flight()
+        found: dict[str, bytes] = {}
+        try:
+            if mine:
+                found = self.store.get_many(list(mine))
+        except Exception as e:  # noqa: BLE001 - read-ahead is a hint; get() will report
+            log.debug("batch read-ahead of %d blocks failed: %s", len(mine), e)
+        finally:
+            with self._lock:
+                self._counts["fetches"] += len(found)
+            for key, flight in mine.items():
+                data = found.get(key[0])
+                if data is None:
+                    flight.error = _Retry()
+                else:
+                    flight.data = data
+                self._land(key, flight)
+                if data is not None:
+                    self._write_disk(key[0], data)
 
     # -- the disk level ---------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from .errors import Fenced, FsError
 from .filedata import DataPath, FileData
 from .flusher import Flusher
 from .metadata import ROOT_INO, Inode, Metadata, now_ns
+from .siblings import DirectoryReadAhead
 
 NAME_MAX = 255
 XATTR_MAX = 65536
@@ -53,6 +54,8 @@ class Filesystem:
         self.metadata = metadata
         self.flusher = flusher
         self.data = DataPath(metadata, cache, flusher, block_size, readahead_blocks)
+        # read-ahead across the files of a directory read in name order (tar, cp -r, ...)
+        self.siblings = DirectoryReadAhead(metadata, cache) if readahead_blocks else None
         self.capacity = capacity or (lambda: (1 << 50, 1 << 50))  # (total, free) bytes
         self.sync_on_close = sync_on_close  # close(2) of a writer waits as fsync does
         # fsync's last step: the journal's wait on a mount, a local fsync without one
@@ -399,6 +402,9 @@ class Filesystem:
                     break
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY and inode.size:
             self.data.truncate(ino, 0)
+        elif self.siblings is not None and flags & os.O_ACCMODE == os.O_RDONLY \
+                and stat.S_ISREG(inode.mode):
+            self.siblings.opened(ino)
         with self._handles_lock:
             fh = self._next_fh
             self._next_fh += 1

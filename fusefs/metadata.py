@@ -603,6 +603,25 @@ class Metadata:
                 "WHERE ino=? AND idx BETWEEN ? AND ?", (ino, first, last)).fetchall()
         return {idx: BlockRef(b, c, n) for idx, b, c, n in rows}
 
+    def blocks_after(self, parent: int, after: bytes, files: int,
+                     blocks: int) -> list[tuple[bytes, str, str, int]]:
+        """(name, block id, checksum, length) of the first `blocks` blocks of each of the
+        next `files` entries of a directory after the name `after`, in name order (one
+        query): what a reader going through the directory in name order reads next."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT d.name, b.block_id, b.checksum, b.length FROM (SELECT name, ino "
+                "FROM dentries WHERE parent=? AND name>? ORDER BY name LIMIT ?) AS d "
+                "JOIN blocks AS b ON b.ino=d.ino AND b.idx<? ORDER BY d.name, b.idx",
+                (parent, after, files, blocks)).fetchall()
+
+    def data_before(self, parent: int, name: bytes) -> bool:
+        """Whether an entry of the directory named before `name` has a block (one query)."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT 1 FROM dentries AS d JOIN blocks AS b ON b.ino=d.ino AND b.idx=0 "
+                "WHERE d.parent=? AND d.name<? LIMIT 1", (parent, name)).fetchone() is not None
+
     def commit_blocks(self, ino: int, refs: dict[int, BlockRef], size: int,
                       mtime_ns: int, ctime_ns: int) -> None:
         """Switch the block map to freshly uploaded blocks and persist size and times.

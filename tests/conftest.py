@@ -54,6 +54,7 @@ TIERS = {
     "test_vm_vagrant": "unit",
     "test_fuse_ops": "unit",
     "test_cache": "unit",
+    "test_siblings": "unit",
     "test_metadata": "unit",
     "test_journal_records": "unit",
     "test_antientropy": "unit",

@@ -13,7 +13,7 @@ import pytest
 
 from blockserver import protocol
 from fusefs import errors
-from fusefs.cache import PREFETCH_QUEUE, BlockCache
+from fusefs.cache import PREFETCH_BATCH, PREFETCH_QUEUE, BlockCache
 from fusefs.memstore import MemoryBlockStore
 
 from .support import wait_until
@@ -34,6 +34,28 @@ class CountingStore(MemoryBlockStore):
             self.gets += 1
         self.gate.wait(30)
         return super().get(block_id, checksum)
+
+
+class BatchStore(CountingStore):
+    """Also counts get_many() calls (batches), which can be held at `batch_gate`, made to
+    fail (`batch_fails`), or to bring back only some blocks (`batch_skips`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = 0
+        self.batch_gate = threading.Event()
+        self.batch_gate.set()
+        self.batch_fails = None
+        self.batch_skips = set()
+
+    def get_many(self, items):
+        with self._count_lock:
+            self.batches += 1
+        self.batch_gate.wait(30)
+        if self.batch_fails is not None:
+            raise self.batch_fails
+        return {b: MemoryBlockStore.get(self, b, c) for b, c in items
+                if b not in self.batch_skips}
 
 
 def new_block(size: int = 1000, rng=random):
@@ -508,6 +530,69 @@ def test_prefetch_errors_are_only_logged(store, make_cache, caplog):
         wait_until(lambda: cache.stats()["memory_bytes"] == 1000, "read-ahead")
     assert any(r.levelno == logging.DEBUG and missing[0] in r.getMessage()
                for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_batch_read_ahead_asks_for_many_blocks_per_request(make_cache):
+    store = BatchStore()
+    cache = make_cache(store=store)
+    blocks = [stored(store, 100) for _ in range(PREFETCH_BATCH + 10)]
+    cache.prefetch_batch([(b, c) for b, _, c in blocks] + [(blocks[0][0], blocks[0][2])])
+    wait_until(lambda: cache.stats()["memory_bytes"] == 100 * len(blocks), "read-ahead")
+    for block_id, data, checksum in blocks:
+        assert cache.get(block_id, checksum) == data
+    assert (store.batches, store.gets) == (2, 0)  # two batches, no block fetched alone
+    assert cache.stats()["hits_memory"] == len(blocks)
+    assert cache.stats()["fetches"] == len(blocks)
+
+
+def test_batch_read_ahead_skips_what_is_cached_or_coming(make_cache, tmp_path):
+    store = BatchStore()
+    cache = make_cache(store=store, disk_dir=str(tmp_path), disk_bytes=1 << 20)
+    cached = stored(store)
+    cache.get(cached[0], cached[2])
+    fresh = stored(store)
+    store.batch_gate.clear()
+    cache.prefetch_batch([(cached[0], cached[2]), (fresh[0], fresh[2])])
+    wait_until(lambda: store.batches == 1, "the batch")
+    cache.prefetch_batch([(fresh[0], fresh[2])])  # in flight: not asked for again
+    store.batch_gate.set()
+    wait_until(lambda: cache.stats()["fetches"] == 2, "the batch to land")
+    assert store.batches == 1 and store.gets == 1  # the get() of `cached` only
+    assert fresh[0] in files_on_disk(str(tmp_path))  # fetched blocks reach the disk level
+
+
+def test_a_get_waits_for_the_batch_and_fetches_itself_what_it_did_not_bring(make_cache):
+    store = BatchStore()
+    cache = make_cache(store=store)
+    brought, left_out = stored(store), stored(store)
+    store.batch_skips = {left_out[0]}
+    store.batch_gate.clear()
+    cache.prefetch_batch([(b, c) for b, _, c in (brought, left_out)])
+    wait_until(lambda: store.batches == 1, "the batch")
+    threads, results = [], []
+    for block in (brought, left_out):
+        t, r = run_threads(1, lambda b=block: cache.get(b[0], b[2]))
+        threads += t
+        results += [r]
+    wait_until(lambda: all(joined_a_fetch(t) for t in threads), "both gets wait for the batch")
+    store.batch_gate.set()
+    join_all(threads)
+    assert results == [[("ok", brought[1])], [("ok", left_out[1])]]
+    assert store.gets == 1  # only the block the batch did not bring
+
+
+def test_a_failed_batch_is_only_logged_and_get_still_reads(make_cache, caplog):
+    store = BatchStore()
+    cache = make_cache(store=store)
+    block_id, data, checksum = stored(store)
+    store.batch_fails = errors.Unavailable("no server answers")
+    missing_id, _, missing_checksum = new_block()
+    with caplog.at_level(logging.DEBUG, logger="fusefs.cache"):
+        cache.prefetch_batch([(block_id, checksum), (missing_id, missing_checksum)])
+        wait_until(lambda: store.batches == 1 and not cache._flights, "the failed batch")
+    assert cache.get(block_id, checksum) == data
+    assert any("batch read-ahead" in r.getMessage() for r in caplog.records)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 

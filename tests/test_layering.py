@@ -89,7 +89,7 @@ FUSEFS_LAYERS = [
     {"__main__", "cli", "daemon", "embedded", "fsck", "gc", "admin", "metrics"},
     {"fuse_glue", "fuse_ops", "kernel_attrs", "paths"},
     {"filesystem"},
-    {"metadata", "cache", "flusher", "filedata", "journal", "follower", "loading", "lease",
+    {"metadata", "cache", "flusher", "filedata", "siblings", "journal", "follower", "loading", "lease",
      "checkpoint", "segments", "leftovers", "antientropy", "membership", "scrub", "replicas"},
     {"cluster", "memstore", "health", "placement", "blockstore", "superblock", "host", "mounts",
      "progress"},

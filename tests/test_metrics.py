@@ -195,3 +195,35 @@ def test_gauges_follow_the_status_dict_and_skip_what_it_lacks():
 
     status.clear()  # no status yet: the counters and histograms are still served
     assert "fusefs_server_up" not in generate_latest(meter.registry).decode()
+
+
+def test_reading_a_directory_in_name_order_fetches_its_files_in_batches(fusefs_mount,
+                                                                        tmp_path):
+    """A cold tar-like walk (files opened in name order, nothing cached): the next files'
+    blocks arrive in batch requests ahead of the reader, not as one request per file."""
+    m = fusefs_mount()
+    tree = os.path.join(m.path, "tree")
+    os.mkdir(tree)
+    written = {}
+    for i in range(200):
+        written[f"f{i:03d}"] = data = os.urandom(1000 + 37 * i)
+        with open(os.path.join(tree, f"f{i:03d}"), "wb") as f:
+            f.write(data)
+    m.umount()  # every block on the servers; then a new mount with an empty cache
+    port = free_port()
+    m.mount("--metrics", f"127.0.0.1:{port}", cache_dir=str(tmp_path / "empty-cache"))
+    before = scrape(port)
+    names = sorted(os.listdir(tree))
+    assert names == sorted(written)
+    for name in names:
+        with open(os.path.join(tree, name), "rb") as f:
+            assert f.read() == written[name], name
+    after = scrape(port)
+
+    def requests_to(method, endpoint):
+        key = "fusefs_block_request_seconds_count"
+        return value(after, key, method=method, endpoint=endpoint, outcome="ok") \
+            - value(before, key, method=method, endpoint=endpoint, outcome="ok")
+    singles, batches = requests_to("GET", "block"), requests_to("POST", "batch_get")
+    assert batches >= 2, (singles, batches)  # 200 files: at least two steps ahead
+    assert singles <= 50, (singles, batches)  # one per file without read-ahead: 200

@@ -1,0 +1,113 @@
+"""Read-ahead across the files of a directory (fusefs/siblings.py) over a real metadata
+database, with a cache that records what it is asked to fetch: when a walk is recognised,
+what is asked for, and what is left alone."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+
+import pytest
+
+from blockserver import protocol
+from fusefs.metadata import ROOT_INO, BlockRef, Metadata
+from fusefs.siblings import DirectoryReadAhead
+
+FILE = stat.S_IFREG | 0o644
+
+
+class RecordingCache:
+    def __init__(self):
+        self.asked: list[list[tuple[str, str]]] = []
+
+    def prefetch_batch(self, items):
+        self.asked.append(list(items))
+
+
+@pytest.fixture
+def md(tmp_path):
+    metadata = Metadata(str(tmp_path / "metadata.db"), group_seconds=3600)
+    metadata.format(uid=0, gid=0)
+    yield metadata
+    metadata.close()
+
+
+def make_file(md, parent, name: bytes, blocks: int = 1, length: int = 1000) -> tuple[int, list]:
+    ino = md.create(parent, name, FILE, 0, 0).ino
+    refs = {i: BlockRef(protocol.new_block_id(), f"{ino:032x}", length) for i in range(blocks)}
+    md.commit_blocks(ino, refs, blocks * length, 1, 1)
+    return ino, [(r.block_id, r.checksum) for r in refs.values()]
+
+
+def directory(md, files: int, **kw):
+    """A directory of `files` one-block files f0000...: (dir ino, [(file ino, its blocks)])."""
+    d = md.create(ROOT_INO, b"d", stat.S_IFDIR | 0o755, 0, 0).ino
+    return d, [make_file(md, d, b"f%04d" % i, **kw) for i in range(files)]
+
+
+def test_a_walk_from_the_first_file_asks_for_the_next_files_in_batches(md):
+    _, files = directory(md, 300)
+    cache = RecordingCache()
+    ahead = DirectoryReadAhead(md, cache, files=100)
+    ahead.opened(files[0][0])
+    assert cache.asked == [[b for _, blocks in files[1:101] for b in blocks]]
+    for ino, _ in files[1:50]:  # not yet past the middle of what was asked for
+        ahead.opened(ino)
+    assert len(cache.asked) == 1
+    ahead.opened(files[51][0])  # past it: the next step, from where the last one ended
+    assert cache.asked[1] == [b for _, blocks in files[101:201] for b in blocks]
+    for ino, _ in files[52:]:
+        ahead.opened(ino)
+    asked = [b for batch in cache.asked for b in batch]
+    assert asked == [b for _, blocks in files[1:] for b in blocks]  # each once, in order
+
+
+def test_one_file_opened_in_the_middle_asks_for_nothing(md):
+    _, files = directory(md, 50)
+    cache = RecordingCache()
+    ahead = DirectoryReadAhead(md, cache)
+    ahead.opened(files[20][0])
+    ahead.opened(files[20][0])  # again: not forward
+    ahead.opened(files[5][0])  # backwards
+    assert cache.asked == []
+    ahead.opened(files[6][0])  # forward again: a walk from here
+    assert cache.asked == [[b for _, blocks in files[7:] for b in blocks]]
+
+
+def test_a_step_stops_at_its_byte_budget_and_takes_the_first_blocks_of_large_files(md):
+    d = md.create(ROOT_INO, b"d", stat.S_IFDIR | 0o755, 0, 0).ino
+    first, _ = make_file(md, d, b"a")
+    big = [make_file(md, d, b"b%d" % i, blocks=5, length=1 << 20) for i in range(6)]
+    cache = RecordingCache()
+    ahead = DirectoryReadAhead(md, cache, file_blocks=2, step_bytes=5 << 20)
+    ahead.opened(first)
+    # two blocks of each file until 5 MiB are asked for: files b0, b1, b2 (the third
+    # file that crosses the budget is taken whole, never half a file's first blocks)
+    assert cache.asked == [[b for _, blocks in big[:3] for b in blocks[:2]]]
+
+
+def test_directories_empty_files_and_hard_links_are_passed_over(md):
+    d = md.create(ROOT_INO, b"d", stat.S_IFDIR | 0o755, 0, 0).ino
+    md.create(d, b"a-subdir", stat.S_IFDIR | 0o755, 0, 0)
+    md.create(d, b"b-empty", FILE, 0, 0)
+    first, _ = make_file(md, d, b"c")
+    later, blocks = make_file(md, d, b"d")
+    cache = RecordingCache()
+    ahead = DirectoryReadAhead(md, cache)
+    ahead.opened(first)  # nothing before it holds data: a walk starts
+    assert cache.asked == [blocks]
+    md.link(later, ROOT_INO, b"second-name")
+    other = DirectoryReadAhead(md, RecordingCache())
+    other.opened(later)  # two names: no one directory to follow, nothing recorded
+    assert other._walks == {}
+
+
+class FailingMetadata:
+    def names(self, ino):
+        raise sqlite3.OperationalError("disk I/O error")
+
+
+def test_a_failure_is_logged_and_never_raised(caplog):
+    ahead = DirectoryReadAhead(FailingMetadata(), RecordingCache())
+    ahead.opened(5)
+    assert "read-ahead across the files of a directory failed: disk I/O error" in caplog.text

@@ -633,42 +633,47 @@ class Bench:
     # -- metadata ---------------------------------------------------------------------------
 
     def metadata(self) -> None:
+        for rnd in range(self.args.small_rounds):
+            log(f"[meta] round {rnd + 1}/{self.args.small_rounds}: {self.args.files} files")
+            self.metadata_round(rnd)
+
+    def metadata_round(self, rnd: int) -> None:
+        """One round of create, stat, list (x5), rename, delete of --files empty files in a
+        new directory `meta-<rnd>` of every target (removed again), targets in turn."""
         n = self.args.files
         names = [f"file-{i:06d}" for i in range(n)]
-        for rnd in range(self.args.small_rounds):
-            log(f"[meta] round {rnd + 1}/{self.args.small_rounds}: {n} files")
-            for t in self.order(rnd):
-                d = os.path.join(t.root, f"meta-{rnd}")
-                os.mkdir(d)
-                paths = [os.path.join(d, x) for x in names]
-                moved = [os.path.join(d, "r" + x) for x in names]
-                t.settle()
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                with Meter(t) as m:
-                    for p in paths:
-                        os.close(os.open(p, flags, 0o644))
-                self.record("meta_create", t, m.sample(n))
-                t.settle()
-                with Meter(t) as m:
-                    for p in paths:
-                        os.stat(p)
-                self.record("meta_stat", t, m.sample(n))
-                with Meter(t) as m:
-                    for _ in range(META_REPEAT_LIST):
-                        if len(os.listdir(d)) != n:
-                            raise BenchError(f"{d} does not list {n} entries")
-                self.record("meta_list", t, m.sample(n * META_REPEAT_LIST))
-                t.settle()
-                with Meter(t) as m:
-                    for p, q in zip(paths, moved):
-                        os.rename(p, q)
-                self.record("meta_rename", t, m.sample(n))
-                t.settle()
-                with Meter(t) as m:
-                    for q in moved:
-                        os.unlink(q)
-                self.record("meta_delete", t, m.sample(n))
-                os.rmdir(d)
+        for t in self.order(rnd):
+            d = os.path.join(t.root, f"meta-{rnd}")
+            os.mkdir(d)
+            paths = [os.path.join(d, x) for x in names]
+            moved = [os.path.join(d, "r" + x) for x in names]
+            t.settle()
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+            with Meter(t) as m:
+                for p in paths:
+                    os.close(os.open(p, flags, 0o644))
+            self.record("meta_create", t, m.sample(n))
+            t.settle()
+            with Meter(t) as m:
+                for p in paths:
+                    os.stat(p)
+            self.record("meta_stat", t, m.sample(n))
+            with Meter(t) as m:
+                for _ in range(META_REPEAT_LIST):
+                    if len(os.listdir(d)) != n:
+                        raise BenchError(f"{d} does not list {n} entries")
+            self.record("meta_list", t, m.sample(n * META_REPEAT_LIST))
+            t.settle()
+            with Meter(t) as m:
+                for p, q in zip(paths, moved):
+                    os.rename(p, q)
+            self.record("meta_rename", t, m.sample(n))
+            t.settle()
+            with Meter(t) as m:
+                for q in moved:
+                    os.unlink(q)
+            self.record("meta_delete", t, m.sample(n))
+            os.rmdir(d)
 
     # -- small files ------------------------------------------------------------------------
 

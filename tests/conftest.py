@@ -51,6 +51,7 @@ TIER_ORDER = ("unit", "server", "cluster", "mount", "crash")
 # checks of the most basic parts first).
 TIERS = {
     "test_layering": "unit",
+    "test_bench_compare": "unit",
     "test_vm_vagrant": "unit",
     "test_fuse_ops": "unit",
     "test_cache": "unit",

@@ -171,10 +171,12 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
-def kill_quietly(pid: int | None, what: str) -> None:
+def kill_quietly(pid: int | None, what: str, stray: bool = True) -> None:
+    """SIGTERM, then SIGKILL after 10 s; `stray=False` when that is the normal way to stop."""
     if not alive(pid):
         return
-    log(f"fs_bench: stopping stray {what} (pid {pid})")
+    if stray:
+        log(f"fs_bench: stopping stray {what} (pid {pid})")
     for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         try:
             os.kill(pid, sig)

@@ -362,7 +362,7 @@ class GlusterFS(Target):
             for pid in pids:
                 kill_quietly(pid, "GlusterFS brick/self-heal daemon")
             if self.glusterd_started:
-                kill_quietly(read_pid(self.pidfile), "glusterd")
+                kill_quietly(read_pid(self.pidfile), "glusterd", stray=False)
             for d in (f"/var/run/gluster/vols/{self.volume}", f"/var/run/gluster/shd/{self.volume}"):
                 shutil.rmtree(d, ignore_errors=True)
             if self.glusterd_started:  # the brick sockets glusterd made for this volume

@@ -95,6 +95,21 @@ def write_config(path: str, settings: dict) -> None:
         f.writelines(f"{k} = {v}\n" for k, v in settings.items())
 
 
+def loopback_hostname() -> str:
+    """This host's name, which must resolve to a loopback address: glusterd refuses bricks
+    on 127.0.0.1 or localhost, and the traffic must stay on loopback."""
+    host = socket.gethostname()
+    try:
+        addr = socket.gethostbyname(host)
+    except OSError:
+        addr = ""
+    if not addr.startswith("127."):
+        raise BenchError(f"GlusterFS: host name {host!r} resolves to {addr or 'nothing'}, not "
+                         f"to loopback; add `127.0.1.1 {host}` to /etc/hosts, or run with "
+                         f"--targets without glusterfs")
+    return host
+
+
 def unmount_client(mnt: str, proc_pid: int | None, what: str) -> None:
     """Unmount a FUSE client and wait for its process to end (killed after 20 s)."""
     unmount(mnt)
@@ -299,8 +314,8 @@ class GlusterFS(Target):
         ensure_packages(GLUSTER_COMMANDS, GLUSTER_PACKAGES)
         os.makedirs(self.mnt)
         self.sockets_before = set(glob.glob("/var/run/gluster/*.socket"))
+        host = loopback_hostname()
         self._glusterd()
-        host = socket.gethostname()
         bricks = []
         for i in range(1, COPIES + 1):
             brick = os.path.join(self.dir, f"brick{i}", "b")

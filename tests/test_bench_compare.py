@@ -129,3 +129,15 @@ def test_every_row_names_a_known_group_and_unit():
         assert group in compare.GROUPS, key
         assert label.format(**labels())
         assert compare.UNITS[key] == unit
+
+
+def test_glusterfs_needs_a_host_name_on_loopback(monkeypatch):
+    import peers
+    from fs_bench import BenchError
+
+    monkeypatch.setattr(peers.socket, "gethostname", lambda: "box")
+    monkeypatch.setattr(peers.socket, "gethostbyname", lambda h: "127.0.1.1")
+    assert peers.loopback_hostname() == "box"
+    monkeypatch.setattr(peers.socket, "gethostbyname", lambda h: "192.0.2.7")
+    with pytest.raises(BenchError, match="/etc/hosts"):
+        peers.loopback_hostname()

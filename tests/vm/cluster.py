@@ -16,7 +16,6 @@ nothing outlives the suite, including on failure or Ctrl-C.
 """
 import os
 import random
-import shlex
 import shutil
 import signal
 import socket
@@ -25,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.vm.guest import GuestShell
 from tests.vm.layout import MACHINES, NETWORK_PREFIX
 
 BOOT_TIMEOUT = 240.0
@@ -45,7 +45,7 @@ def use_kvm():
     return any(Path(f"/sys/module/{m}").exists() for m in ("kvm_intel", "kvm_amd"))
 
 
-class Cluster:
+class Cluster(GuestShell):
     """The running VMs of one suite run; see the module docstring."""
 
     # how the scenarios (tests.vm.e2e) reach the project inside these guests: the host's
@@ -148,20 +148,6 @@ class Cluster:
     def ssh_argv(self, m, command):
         return ["ssh", *SSH_OPTIONS, "-i", str(self.image / "id_ed25519"),
                 "-p", str(self.ports[m.name]), "root@127.0.0.1", command]
-
-    def ssh(self, m, command, timeout=600, check=True, input=None):
-        result = subprocess.run(self.ssh_argv(m, command), capture_output=True, text=True,
-                                timeout=timeout, input=input)
-        if check and result.returncode != 0:
-            raise RuntimeError(f"{m.name}: `{command}` exited {result.returncode}: "
-                               f"{result.stderr.strip()[-2000:]}")
-        return result
-
-    def spawn(self, m, command, log_name):
-        """Run `command` in the guest in the background, all three streams redirected."""
-        quoted = shlex.quote(command)
-        self.ssh(m, f"setsid sh -c {quoted} >/var/log/{log_name}.log 2>&1 </dev/null &",
-                 timeout=60)
 
     # -- the block server in a server VM (data on the VM's own disk) --------------------------
     def start_server(self, m):

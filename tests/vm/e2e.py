@@ -222,6 +222,14 @@ class Suite:
         self.log(f"  {during_fault} files fsynced while the fault lasted")
         return self.manifest_lines(f"/var/log/{tag}.manifest"), during_fault
 
+    def fault_under_writes(self, tag, size, fault):
+        """`fault()` under fsynced writes (run_writer), then every fsynced file read back and
+        `fusefs repair` polled until every block has R copies: (files fsynced during the
+        fault, files verified, seconds until repaired)."""
+        lines, during = self.run_writer(tag, size, fault)
+        files = self.verify_files(self.client1, tag, lines)
+        return during, files, self.repaired()
+
     def verify_files(self, m, directory, lines):
         verified = self.on(m, f"{self.probe} verify {MNT}/{directory}",
                            input="\n".join(lines) + "\n", check=False, timeout=600)
@@ -254,9 +262,7 @@ class Suite:
             self.cluster.wait_up([victim])
             self.cluster.start_server(victim)
             self.wait_server(victim)
-        lines, during = self.run_writer("s2", 30000, cut_and_return)
-        files = self.verify_files(self.client1, "s2", lines)
-        seconds = self.repaired()
+        during, files, seconds = self.fault_under_writes("s2", 30000, cut_and_return)
         return (f"{victim.name} power cut and rebooted under writes ({during} files fsynced "
                 f"meanwhile): 0 writer errors, {files} "
                 f"fsynced files intact; R copies again {seconds:.0f} s after it returned")
@@ -269,9 +275,7 @@ class Suite:
             self.cluster.cut_link(victim)
             time.sleep(15)  # writes go on while it is unreachable (not a synchronisation)
             self.cluster.restore_link(victim)
-        lines, during = self.run_writer("s5", 30000, partition)
-        files = self.verify_files(self.client1, "s5", lines)
-        seconds = self.repaired()
+        during, files, seconds = self.fault_under_writes("s5", 30000, partition)
         return (f"{victim.name} cut off 15 s under writes ({during} files fsynced meanwhile): "
                 f"0 writer errors, {files} fsynced files "
                 f"intact; missed copies restored {seconds:.0f} s after reconnecting")
@@ -375,9 +379,7 @@ class Suite:
                 self.wait_server(m)
                 self.more_fsynced("s7", 3, f"after {m.name} is back")
                 stopped.append(m.name)
-        lines, during = self.run_writer("s7", 20000, restart_each)
-        files = self.verify_files(self.client1, "s7", lines)
-        seconds = self.repaired()
+        during, files, seconds = self.fault_under_writes("s7", 20000, restart_each)
         return (f"{', '.join(stopped)} stopped and started one at a time under writes "
                 f"({during} files fsynced meanwhile): 0 writer errors, {files} fsynced files "
                 f"intact; every block at R copies {seconds:.0f} s after the last restart")

@@ -24,12 +24,12 @@ boots it).
 import base64
 import json
 import os
-import shlex
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from tests.vm.guest import GuestShell
 from tests.vm.layout import Machine
 
 BOOT_TIMEOUT = 600.0
@@ -60,7 +60,7 @@ def machines_of(inventory):
             for i, m in enumerate(inventory["machines"], 1)]
 
 
-class VagrantCluster:
+class VagrantCluster(GuestShell):
     """The user's running Vagrant machines, for one suite run; see the module docstring."""
 
     python = "/opt/fusefs/venv/bin/python"
@@ -191,19 +191,6 @@ class VagrantCluster:
         encoded = base64.b64encode(command.encode()).decode()
         return ["ssh", "-F", str(self.ssh_config), *SSH_OPTIONS, m.name,
                 f"sudo -n sh -c 'eval \"$(echo {encoded} | base64 -d)\"'"]
-
-    def ssh(self, m, command, timeout=600, check=True, input=None):
-        result = subprocess.run(self.ssh_argv(m, command), capture_output=True, text=True,
-                                timeout=timeout, input=input)
-        if check and result.returncode != 0:
-            raise RuntimeError(f"{m.name}: `{command}` exited {result.returncode}: "
-                               f"{result.stderr.strip()[-2000:]}")
-        return result
-
-    def spawn(self, m, command, log_name):
-        """Run `command` in the guest in the background, all three streams redirected."""
-        self.ssh(m, f"setsid sh -c {shlex.quote(command)} >/var/log/{log_name}.log 2>&1 "
-                    "</dev/null &", timeout=60)
 
     def answers(self, m):
         try:

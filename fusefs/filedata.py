@@ -25,9 +25,24 @@ import threading
 import time
 
 from . import errors
-from .metadata import BlockRef, Metadata, now_ns
+from .metadata import BlockRef, Metadata, Patch, now_ns
 
 APPEND_LOCKS = 64  # O_APPEND writes of one inode are serialised on one of these
+# A stored block carries at most this many patches (ranges rewritten by small blocks of
+# their own); a write that would add more fetches the block and uploads it whole again.
+MAX_PATCHES = 32
+
+
+def live_patches(patches: tuple[Patch, ...]) -> tuple[Patch, ...]:
+    """`patches` (applied in order) without those a later one covers whole: they change
+    nothing a read returns. A range rewritten at every commit (a database's header page)
+    then keeps one patch, not one per commit."""
+    kept = []
+    for i, p in enumerate(patches):
+        end = p.start + p.length
+        if not any(q.start <= p.start and end <= q.start + q.length for q in patches[i + 1:]):
+            kept.append(p)
+    return tuple(kept)
 
 
 class DirtyBlock:
@@ -35,10 +50,16 @@ class DirtyBlock:
     upload stands. Protected by its FileData's lock."""
 
     __slots__ = ("data", "version", "since", "uploading", "retry_at", "ready", "shared",
-                 "block_id", "id_version", "stored")
+                 "block_id", "id_version", "stored", "base", "extents")
 
-    def __init__(self, data: bytearray):
+    def __init__(self, data: bytearray, base: BlockRef | None = None):
         self.data = data
+        # A patch (`base` set): the block stored at this index stays, and `data` holds only
+        # the ranges written over it since, each [start, length, at] in `extents` (the
+        # bytes at `at` of `data`, applied in order). Uploaded, `data` is one small block
+        # and `extents` its patches. Otherwise `data` is the whole block.
+        self.base = base
+        self.extents: list[list[int]] = []
         self.version = 0
         # The id this block's bytes go to the servers under: one per version, so a retry
         # of the same bytes reuses it (servers that already hold it just say so) and
@@ -53,6 +74,41 @@ class DirtyBlock:
         self.retry_at = 0.0
         self.ready = False  # full, and the writer moved on: upload without waiting for age
         self.shared = False  # an upload (and then the block cache) holds `data` itself
+
+    def length(self) -> int:
+        """Caller holds live.lock: how many bytes of the block this one describes."""
+        return self.base.length if self.base is not None else len(self.data)
+
+    def patch(self, within: int, chunk) -> int:
+        """Caller holds live.lock; a patch: write `chunk` at `within` (inside the base).
+        Rewrites an extent in place when it lies inside one, extends the last one when it
+        follows it, else adds one. Returns the bytes `data` grew by."""
+        n = len(chunk)
+        for extent in reversed(self.extents):  # the newest first: it wins where they overlap
+            start, length, at = extent
+            if start <= within and within + n <= start + length:
+                self.writable()[at + within - start:at + within - start + n] = chunk
+                return 0
+            if start < within + n and within < start + length:
+                break  # a newer extent overlaps part of the range: add one after it
+        data = self.writable()
+        last = self.extents[-1] if self.extents else None
+        if last is not None and last[0] + last[1] == within and last[2] + last[1] == len(data):
+            last[1] += n
+        else:
+            self.extents.append([within, n, len(data)])
+        data += chunk
+        return n
+
+    def overlay(self, within: int, n: int) -> list[tuple[int, bytes]]:
+        """Caller holds live.lock; a patch: (offset from `within`, bytes) of what it wrote
+        inside [within, within+n), in the order to apply them."""
+        out = []
+        for start, length, at in self.extents:
+            lo, hi = max(start, within), min(start + length, within + n)
+            if lo < hi:
+                out.append((lo - within, bytes(self.data[at + lo - start:at + hi - start])))
+        return out
 
     def current_id(self) -> bool:
         """Caller holds live.lock: `block_id` names the bytes of the present version."""
@@ -123,7 +179,7 @@ class DataPath:
         size (a hole holds none): what st_blocks counts, so `du` sees sparse files."""
         bs, total = self.block_size, 0
         for idx, blk in live.dirty.items():
-            total += min(len(blk.data), max(0, live.size - idx * bs))
+            total += min(blk.length(), max(0, live.size - idx * bs))
         for idx, ref in live.refs.items():
             if idx not in live.dirty:
                 total += min(ref.length, max(0, live.size - idx * bs))
@@ -134,7 +190,7 @@ class DataPath:
     def read(self, live: FileData, offset: int, size: int) -> bytes:
         """Takes live.lock: up to `size` bytes at `offset` (fewer at the end of the file).
         Clean blocks are fetched once the lock is released."""
-        pieces: list = []  # bytes, or (BlockRef, start, end) to fetch, or an int of zeros
+        pieces: list = []  # bytes; (BlockRef, start, n, overlay) to fetch; an int of zeros
         with live.lock:
             ahead = self._plan_read(live, offset, size, pieces)
         if ahead:
@@ -151,11 +207,13 @@ class DataPath:
             idx, within = divmod(pos, bs)
             n = min(bs - within, end - pos)
             blk = live.dirty.get(idx)
-            if blk is not None:
+            if blk is not None and blk.base is not None:  # a patch over a stored block
+                pieces.append((blk.base, within, n, blk.overlay(within, n)))
+            elif blk is not None:
                 piece = bytes(blk.data[within:within + n])
                 pieces.append(piece + bytes(n - len(piece)))
             elif idx in live.refs:
-                pieces.append((live.refs[idx], within, n))
+                pieces.append((live.refs[idx], within, n, ()))
             else:
                 pieces.append(n)
             pos += n
@@ -179,15 +237,36 @@ class DataPath:
             if isinstance(piece, int):
                 out.append(bytes(piece))
             elif isinstance(piece, tuple):
-                ref, within, n = piece  # bytes past ref.length were cut off: zeros
-                data = memoryview(self.cache.get(ref.block_id, ref.checksum))[
-                    within:min(within + n, ref.length)]  # the join below is the one copy
-                out.append(data)
-                if len(data) < n:
-                    out.append(bytes(n - len(data)))
+                out.extend(self._stored_range(*piece))
             else:
                 out.append(piece)
         return b"".join(out)
+
+    def _stored_range(self, ref: BlockRef, within: int, n: int, overlay=()) -> list:
+        """No lock held: bytes [within, within+n) of the stored block `ref`, its patches
+        applied (their small blocks fetched in one batch), then `overlay` ((offset, bytes)
+        written since, not stored yet); past ref.length, zeros. As a list of pieces."""
+        data = memoryview(self.cache.get(ref.block_id, ref.checksum))[
+            within:min(within + n, ref.length)]  # bytes past ref.length were cut off
+        patches = [p for p in ref.patches if p.start < within + n and within < p.start + p.length]
+        if not patches and not overlay:  # the common case: no copy but the caller's join
+            return [data, bytes(n - len(data))] if len(data) < n else [data]
+        out = bytearray(data)
+        out.extend(bytes(n - len(out)))
+        if len(patches) > 1:
+            self.cache.prefetch_batch(list(dict.fromkeys((p.block_id, p.checksum)
+                                                         for p in patches)))
+        for p in patches:
+            lo, hi = max(p.start, within), min(p.start + p.length, within + n)
+            small = self.cache.get(p.block_id, p.checksum)
+            out[lo - within:hi - within] = small[p.at + lo - p.start:p.at + hi - p.start]
+        for offset, piece in overlay:
+            out[offset:offset + len(piece)] = piece
+        return [out]
+
+    def _stored_block(self, ref: BlockRef) -> bytearray:
+        """No lock held: the whole stored block `ref`, its patches applied, to change."""
+        return bytearray().join(self._stored_range(ref, 0, ref.length))
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -217,30 +296,79 @@ class DataPath:
             return self.write(live, end, data)
 
     def _write_block(self, live: FileData, idx: int, within: int, chunk) -> None:
-        """Takes live.lock: write `chunk` into block idx at `within`, merging into the clean
-        block there (fetched with no lock held)."""
+        """Takes live.lock: write `chunk` into block idx at `within`. Over a stored block,
+        a write inside it becomes a patch (see DirtyBlock; nothing fetched) while the block
+        has room for one; otherwise the stored block is fetched (no lock held) and the
+        write merged into it, and it is uploaded whole."""
         whole = within == 0 and len(chunk) == self.block_size
         while True:
             with live.lock:
-                if idx in live.dirty or whole or idx not in live.refs:
+                blk = live.dirty.get(idx)
+                ref = live.refs.get(idx) if blk is None else blk.base
+                if whole or ref is None:  # a whole block, a hole, or a block in memory
                     self._apply(live, idx, within, chunk, None)
                     return
-                ref = live.refs[idx]
-            base = bytearray(self.cache.get(ref.block_id, ref.checksum))  # no lock held
-            del base[ref.length:]  # bytes a truncation cut off do not come back
+                if self._patchable(blk, ref, within, len(chunk)):
+                    self._apply_patch(live, idx, ref, within, chunk)
+                    return
+            stored = self._stored_block(ref)  # no lock held
             with live.lock:
-                if idx in live.dirty or live.refs.get(idx) == ref:
-                    self._apply(live, idx, within, chunk, base)
+                now = live.dirty.get(idx)
+                if now is blk and (ref == (live.refs.get(idx) if blk is None else blk.base)):
+                    self._apply(live, idx, within, chunk, stored)
                     return
 
+    @staticmethod
+    def _patchable(blk: DirtyBlock | None, ref: BlockRef, within: int, n: int) -> bool:
+        """Caller holds live.lock: a write of n bytes at `within` over the stored block
+        `ref` (with `blk`, the patch pending over it, if any) may be a patch: it lies
+        inside the block, the block has room for one more patch, and the patched bytes
+        stay below a block's worth."""
+        pending = (len(blk.extents), len(blk.data)) if blk is not None else (0, 0)
+        return (within + n <= ref.length and len(ref.patches) + pending[0] < MAX_PATCHES
+                and pending[1] + n <= ref.length)
+
+    def _apply_patch(self, live: FileData, idx: int, ref: BlockRef, within: int,
+                     chunk) -> None:
+        """Caller holds live.lock: write `chunk` at `within` as a patch over `ref`. Once
+        one extent covers the whole block, it is the block: no longer a patch."""
+        blk = live.dirty.get(idx)
+        if blk is None:
+            blk = live.dirty[idx] = DirtyBlock(bytearray(), ref)
+        else:
+            blk.version += 1
+        grown = blk.patch(within, chunk)
+        if blk.extents == [[0, ref.length, 0]] and len(blk.data) == ref.length:
+            blk.base, blk.extents = None, []
+        blk.ready = blk.base is None and within + len(chunk) == self.block_size
+        live.size = max(live.size, idx * self.block_size + within + len(chunk))
+        live.mtime_ns = live.ctime_ns = now_ns()
+        if grown:
+            self.flusher.account(grown)
+
+    @staticmethod
+    def _unpatch(blk: DirtyBlock, stored: bytearray | None) -> int:
+        """Caller holds live.lock: turn the patch `blk` into the whole block: `stored` (its
+        base, fetched) with the patch's writes applied; None when a write of the whole
+        block replaces it anyway. Returns the bytes it grew by."""
+        whole = stored if stored is not None else bytearray()
+        if stored is not None:
+            for start, length, at in blk.extents:
+                whole[start:start + length] = blk.data[at:at + length]
+        grown = len(whole) - len(blk.data)
+        blk.data, blk.shared, blk.base, blk.extents = whole, False, None, []
+        blk.version += 1
+        return grown
+
     def _apply(self, live: FileData, idx: int, within: int, chunk, base) -> None:
-        """Caller holds live.lock: put `chunk` into dirty block idx at `within`."""
+        """Caller holds live.lock: put `chunk` into dirty block idx at `within` (`base`:
+        the stored block there, fetched, when there is one and the write merges into it)."""
         blk = live.dirty.get(idx)
         if blk is None:
             blk = live.dirty[idx] = DirtyBlock(base if base is not None else bytearray())
             grown = len(blk.data)
         else:
-            grown = 0
+            grown = self._unpatch(blk, base) if blk.base is not None else 0
             blk.version += 1
         data = blk.writable()
         before = len(data)
@@ -270,16 +398,20 @@ class DataPath:
             with live.lock:
                 if not self.flusher.registered(live):
                     continue  # forgotten since file() returned it
-                ref = live.refs.get(idx) if within and idx not in live.dirty else None
+                blk = live.dirty.get(idx) if within else None
+                ref = (live.refs.get(idx) if blk is None else blk.base) if within else None
                 if ref is None or ref.length <= within:
                     self._cut(live, size)
                     break
-            base = bytearray(self.cache.get(ref.block_id, ref.checksum)[:within])
+            stored = self._stored_block(ref)  # a patch pending over it is made whole first
             with live.lock:
-                if (self.flusher.registered(live) and live.refs.get(idx) == ref
-                        and idx not in live.dirty):
-                    live.dirty[idx] = DirtyBlock(base)
-                    self.flusher.account(len(base))
+                if (self.flusher.registered(live) and live.dirty.get(idx) is blk
+                        and ref == (live.refs.get(idx) if blk is None else blk.base)):
+                    if blk is None:
+                        live.dirty[idx] = DirtyBlock(stored)
+                        self.flusher.account(len(stored))
+                    else:
+                        self.flusher.account(self._unpatch(blk, stored))
                     self._cut(live, size)
                     break
         self.flusher.forget_if_idle(live)
@@ -292,8 +424,8 @@ class DataPath:
         freed = 0
         for idx in [i for i in live.dirty if i >= keep]:
             freed += len(live.dirty.pop(idx).data)
-        last = live.dirty.get(size // bs)
-        if last is not None and len(last.data) > size % bs:
+        last = live.dirty.get(size // bs)  # a patch here lies below the size (truncate)
+        if last is not None and last.base is None and len(last.data) > size % bs:
             freed += len(last.data) - size % bs
             del last.writable()[size % bs:]
             last.version += 1
@@ -349,7 +481,7 @@ class DataPath:
         with live.lock:
             blk = live.dirty.get(idx)
             ref = live.refs.get(idx)
-            held = len(blk.data) if blk is not None else ref.length if ref else 0
+            held = blk.length() if blk is not None else ref.length if ref else 0
         hi = min(hi, held)
         if lo < hi:
             self._write_block(live, idx, lo, memoryview(bytes(hi - lo)))

@@ -31,14 +31,14 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from blockserver import protocol
 from blockserver.protocol import new_block_id
 
 from . import errors
-from .filedata import DirtyBlock, FileData
-from .metadata import BlockRef, Metadata
+from .filedata import DirtyBlock, FileData, live_patches
+from .metadata import BlockRef, Metadata, Patch
 
 log = logging.getLogger("fusefs.flusher")
 
@@ -363,8 +363,9 @@ class Flusher:
             if done:  # metadata first: if it fails, the blocks stay dirty (see _upload)
                 self.metadata.commit_blocks(live.ino, done, size, live.mtime_ns, live.ctime_ns)
             for idx, ref in done.items():
-                freed += len(live.dirty.pop(idx).data)
-                live.unsettled.pop(ref.block_id, None)
+                blk = live.dirty.pop(idx)
+                freed += len(blk.data)
+                live.unsettled.pop(blk.block_id, None)
                 live.refs[idx] = ref
             if not live.dirty:
                 live.flush_wanted = False
@@ -383,7 +384,12 @@ class Flusher:
         blk.uploading = False
         if (not live.removed and live.dirty.get(job.idx) is blk
                 and blk.version == job.version and blk.block_id == ref.block_id):
-            blk.stored = ref
+            if blk.base is None:
+                blk.stored = ref
+            else:  # a patch: the stored block stays, with the uploaded ranges over it
+                blk.stored = replace(blk.base, patches=live_patches(blk.base.patches + tuple(
+                    Patch(start, length, ref.block_id, ref.checksum, at)
+                    for start, length, at in blk.extents)))
 
     def _committable(self, live: FileData) -> tuple[dict[int, BlockRef], int]:
         """Caller holds live.lock: the uploaded blocks to commit now, and the size to record
@@ -412,6 +418,8 @@ class Flusher:
         """
         bs = self.block_size
         for idx in sorted(i for i in live.dirty if i not in uploaded):
+            if live.dirty[idx].base is not None:
+                continue  # a patch lies inside the stored block: it moves no size
             covered = self._recorded_length(live, idx)
             if len(live.dirty[idx].data) > covered:
                 inode = self.metadata.inode(live.ino)

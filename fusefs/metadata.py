@@ -1,7 +1,9 @@
 """The filesystem's metadata in an embedded SQLite database: the local, authoritative copy.
 
 Tables: `inodes` (attributes, symlink targets), `dentries` (parent, name) -> inode,
-`blocks` (inode, index) -> (block id, checksum, length), `xattrs`, `garbage` (block ids no
+`blocks` (inode, index) -> (block id, checksum, length), `patches` (inode, index, n) -> a
+range of that block rewritten by a small block of its own (see `Patch`), `xattrs`,
+`garbage` (block ids no
 longer referenced, deleted from the cluster in the background), `journal` (records not yet
 shipped to the cluster) and `settings` (local bookkeeping: `seq`, `shipped`, the chain
 position of a follower).
@@ -82,6 +84,11 @@ CREATE TABLE IF NOT EXISTS blocks (
     ino INTEGER NOT NULL, idx INTEGER NOT NULL, block_id TEXT NOT NULL,
     checksum TEXT NOT NULL, length INTEGER NOT NULL,
     PRIMARY KEY (ino, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS patches (
+    ino INTEGER NOT NULL, idx INTEGER NOT NULL, n INTEGER NOT NULL,
+    start INTEGER NOT NULL, length INTEGER NOT NULL, block_id TEXT NOT NULL,
+    checksum TEXT NOT NULL, at INTEGER NOT NULL,
+    PRIMARY KEY (ino, idx, n)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS xattrs (
     ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
     PRIMARY KEY (ino, name)) WITHOUT ROWID;
@@ -118,14 +125,33 @@ class Inode:
 
 
 @dataclass(frozen=True)
+class Patch:
+    """Bytes [start, start+length) of a block, rewritten: they are the bytes at `at` of the
+    small block `block_id` (one such block holds every range one upload rewrote). A 4 KiB
+    write into a stored 1 MiB block uploads 4 KiB instead of the whole block again."""
+
+    start: int
+    length: int
+    block_id: str
+    checksum: str
+    at: int
+
+
+@dataclass(frozen=True)
 class BlockRef:
     """One entry of a file's block map: the block id on the cluster, the checksum of its
     bytes, and how many of them belong to the file (a last or cut block may be shorter
-    than the block size; the rest reads as zeros)."""
+    than the block size; the rest reads as zeros). `patches`, applied in order over the
+    block's bytes, are ranges rewritten since; they never reach past `length`."""
 
     block_id: str
     checksum: str
     length: int
+    patches: tuple[Patch, ...] = ()
+
+    def ids(self) -> set[str]:
+        """Every block id this entry reads from."""
+        return {self.block_id, *(p.block_id for p in self.patches)}
 
 
 def now_ns() -> int:
@@ -601,7 +627,15 @@ class Metadata:
             rows = self._db.execute(
                 "SELECT idx, block_id, checksum, length FROM blocks "
                 "WHERE ino=? AND idx BETWEEN ? AND ?", (ino, first, last)).fetchall()
-        return {idx: BlockRef(b, c, n) for idx, b, c, n in rows}
+            patched = self._db.execute(
+                "SELECT idx, start, length, block_id, checksum, at FROM patches "
+                "WHERE ino=? AND idx BETWEEN ? AND ? ORDER BY idx, n",
+                (ino, first, last)).fetchall()
+        patches: dict[int, list[Patch]] = {}
+        for idx, *fields in patched:
+            patches.setdefault(idx, []).append(Patch(*fields))
+        return {idx: BlockRef(b, c, n, tuple(patches.get(idx, ())))
+                for idx, b, c, n in rows}
 
     def blocks_after(self, parent: int, after: bytes, files: int,
                      blocks: int) -> list[tuple[bytes, str, str, int]]:
@@ -629,7 +663,10 @@ class Metadata:
         The blocks they replace become garbage in the same transaction.
         """
         self._record("commit_blocks", ino,
-                     [[i, r.block_id, r.checksum, r.length] for i, r in refs.items()],
+                     [[i, r.block_id, r.checksum, r.length] if not r.patches else
+                      [i, r.block_id, r.checksum, r.length,
+                       [[p.start, p.length, p.block_id, p.checksum, p.at] for p in r.patches]]
+                      for i, r in refs.items()],
                      size, mtime_ns, ctime_ns)
 
     def truncate_blocks(self, ino: int, keep_below: int, size: int, t: int,
@@ -717,13 +754,17 @@ class Metadata:
                                 "GROUP BY d.parent", (stat.S_IFMT(0o177777), stat.S_IFDIR)))
 
     def blocks_without_inode(self) -> list[int]:
-        """Inode numbers that have block-map rows but no inode row, in order."""
-        return [r[0] for r in self._query("SELECT DISTINCT ino FROM blocks WHERE ino NOT IN "
-                                          "(SELECT ino FROM inodes) ORDER BY ino")]
+        """Inode numbers that have block-map rows (or patches) but no inode row, in order."""
+        return [r[0] for r in self._query(
+            "SELECT ino FROM blocks WHERE ino NOT IN (SELECT ino FROM inodes) UNION "
+            "SELECT ino FROM patches WHERE ino NOT IN (SELECT ino FROM inodes) ORDER BY ino")]
 
     def block_rows(self) -> list[tuple[int, str, str]]:
-        """(ino, block id, checksum) of every block-map entry, in (ino, index) order."""
-        return self._query("SELECT ino, block_id, checksum FROM blocks ORDER BY ino, idx")
+        """(ino, block id, checksum) of every block the block maps read, patches included,
+        each once, in (ino, index) order."""
+        return self._query("SELECT ino, block_id, checksum FROM (SELECT ino, idx, block_id, "
+                           "checksum FROM blocks UNION SELECT ino, idx, block_id, checksum "
+                           "FROM patches) ORDER BY ino, idx")
 
     def figures(self) -> dict:
         """How much the filesystem holds: inodes, regular files and their bytes, blocks."""
@@ -738,7 +779,8 @@ class Metadata:
         """The block ids the metadata references: every id in a block map. These are the
         file data a reader may still fetch; no other rule says which data blocks are live
         (garbage ids are not: see `garbage_ids`)."""
-        return {r[0] for r in self._query("SELECT block_id FROM blocks")}
+        return {r[0] for r in self._query("SELECT block_id FROM blocks UNION "
+                                          "SELECT block_id FROM patches")}
 
     def garbage_ids(self) -> set[str]:
         """Every block id waiting in `garbage` to be deleted from the cluster (no block map
@@ -890,42 +932,71 @@ def _op_set_attrs(db, ino, fields):
      names=_nothing)  # only an inode without names is removed
 def _op_remove_inode(db, ino):
     db.execute("INSERT OR IGNORE INTO garbage SELECT block_id FROM blocks WHERE ino=?", (ino,))
-    for table in ("blocks", "xattrs", "inodes"):
+    db.execute("INSERT OR IGNORE INTO garbage SELECT block_id FROM patches WHERE ino=?", (ino,))
+    for table in ("blocks", "patches", "xattrs", "inodes"):
         db.execute(f"DELETE FROM {table} WHERE ino=?", (ino,))
 
 
 @_op("commit_blocks", inodes=lambda ino, *_: (ino,), names=_nothing)
 def _op_commit_blocks(db, ino, refs, size, mtime_ns, ctime_ns):
     if db.execute("SELECT 1 FROM inodes WHERE ino=?", (ino,)).fetchone() is None:
-        db.executemany("INSERT OR IGNORE INTO garbage VALUES (?)", [(r[1],) for r in refs])
+        db.executemany("INSERT OR IGNORE INTO garbage VALUES (?)",
+                       [(b,) for r in refs for b in _entry_ids(r)])
         return  # removed meanwhile: what was uploaded is garbage already
-    for idx, block_id, checksum, length in refs:
-        db.execute("INSERT OR IGNORE INTO garbage SELECT block_id FROM blocks "
-                   "WHERE ino=? AND idx=? AND block_id<>?", (ino, idx, block_id))
+    for idx, block_id, checksum, length, *patched in refs:
+        keep = _entry_ids((idx, block_id, checksum, length, *patched))
+        _garbage_entry(db, ino, "idx=?", (idx,), keep)
         db.execute("INSERT OR REPLACE INTO blocks VALUES (?,?,?,?,?)",
                    (ino, idx, block_id, checksum, length))
+        db.executemany("INSERT INTO patches VALUES (?,?,?,?,?,?,?,?)",
+                       [(ino, idx, n, *p) for n, p in enumerate(patched[0] if patched else ())])
     # MAX: a namespace change may have moved ctime after the caller read it.
     db.execute("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=MAX(ctime_ns, ?) WHERE ino=?",
                (size, mtime_ns, ctime_ns, ino))
 
 
+def _entry_ids(entry) -> set[str]:
+    """The block ids one commit_blocks entry [idx, id, checksum, length, (patches)] reads."""
+    return {entry[1], *(p[2] for p in (entry[4] if len(entry) > 4 else ()))}
+
+
+def _garbage_entry(db, ino, where: str, args: tuple, keep=frozenset()) -> None:
+    """Drop the block-map entries of `ino` that match `where` (on idx), with their patches;
+    the ids they read, but for `keep`, become garbage."""
+    for table in ("blocks", "patches"):
+        ids = {r[0] for r in db.execute(f"SELECT block_id FROM {table} WHERE ino=? AND {where}",
+                                        (ino, *args))}
+        db.executemany("INSERT OR IGNORE INTO garbage VALUES (?)", [(b,) for b in ids - keep])
+        db.execute(f"DELETE FROM {table} WHERE ino=? AND {where}", (ino, *args))
+
+
+def _cut_patches(db, ino, idx, length) -> None:
+    """Block idx of `ino` now ends at `length`: its patches end there too (a patch wholly
+    past it goes, and its small block too once no patch reads it)."""
+    before = {r[0] for r in db.execute("SELECT block_id FROM patches WHERE ino=? AND idx=?",
+                                       (ino, idx))}
+    db.execute("DELETE FROM patches WHERE ino=? AND idx=? AND start>=?", (ino, idx, length))
+    db.execute("UPDATE patches SET length=?-start WHERE ino=? AND idx=? AND start+length>?",
+               (length, ino, idx, length))
+    after = {r[0] for r in db.execute("SELECT block_id FROM patches WHERE ino=? AND idx=?",
+                                      (ino, idx))}
+    db.executemany("INSERT OR IGNORE INTO garbage VALUES (?)", [(b,) for b in before - after])
+
+
 @_op("truncate_blocks", inodes=lambda ino, *_: (ino,), names=_nothing)
 def _op_truncate_blocks(db, ino, keep_below, size, t, last_length):
-    db.execute("INSERT OR IGNORE INTO garbage SELECT block_id FROM blocks "
-               "WHERE ino=? AND idx>=?", (ino, keep_below))
-    db.execute("DELETE FROM blocks WHERE ino=? AND idx>=?", (ino, keep_below))
+    _garbage_entry(db, ino, "idx>=?", (keep_below,))
     if last_length is not None:
         db.execute("UPDATE blocks SET length=MIN(length, ?) WHERE ino=? AND idx=?",
                    (last_length, ino, keep_below - 1))
+        _cut_patches(db, ino, keep_below - 1, last_length)
     db.execute("UPDATE inodes SET size=?, mtime_ns=?, ctime_ns=? WHERE ino=?",
                (size, t, t, ino))
 
 
 @_op("punch_blocks", inodes=lambda ino, *_: (ino,), names=_nothing)
 def _op_punch_blocks(db, ino, first, last, t):
-    db.execute("INSERT OR IGNORE INTO garbage SELECT block_id FROM blocks "
-               "WHERE ino=? AND idx>=? AND idx<?", (ino, first, last))
-    db.execute("DELETE FROM blocks WHERE ino=? AND idx>=? AND idx<?", (ino, first, last))
+    _garbage_entry(db, ino, "idx>=? AND idx<?", (first, last))
     db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE ino=?", (t, t, ino))
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import random
 import stat
 
-from fusefs.metadata import BlockRef, Metadata, decode_record
+from fusefs.metadata import BlockRef, Metadata, Patch, decode_record
 
 TABLES = {"inodes": "ino", "dentries": "parent, name", "blocks": "ino, idx",
-          "xattrs": "ino, name", "garbage": "block_id"}
+          "patches": "ino, idx, n", "xattrs": "ino, name", "garbage": "block_id"}
 
 
 def dump(md: Metadata) -> dict[str, list[tuple]]:
@@ -29,6 +29,18 @@ XATTR_NAMES = [b"user.a", b"user.\xff\xfe", b"trusted.t"]
 
 class Workload:
     """Random but reproducible metadata changes, each one a filesystem could make."""
+
+    def _ref(self) -> BlockRef:
+        """A block-map entry, a third of them with patches (small blocks over ranges)."""
+        rng = self.rng
+        length = rng.randrange(1, 65537)
+        small = rng.randbytes(16).hex()
+        patches = tuple(Patch(start, rng.randrange(1, length - start + 1),
+                              rng.choice([small, rng.randbytes(16).hex()]),
+                              rng.randbytes(16).hex(), rng.randrange(0, 4096))
+                        for start in sorted(rng.randrange(0, length)
+                                            for _ in range(rng.choice([0, 0, 1, 3]))))
+        return BlockRef(rng.randbytes(16).hex(), rng.randbytes(16).hex(), length, patches)
 
     def __init__(self, md: Metadata, seed: int):
         self.md = md
@@ -136,9 +148,7 @@ class Workload:
                 ino = rng.choice(self.removed)  # the upload finished after the file went
             else:
                 return False
-            refs = {i: BlockRef(rng.randbytes(16).hex(), rng.randbytes(16).hex(),
-                                rng.randrange(1, 65537))
-                    for i in rng.sample(range(8), rng.randrange(1, 4))}
+            refs = {i: self._ref() for i in rng.sample(range(8), rng.randrange(1, 4))}
             md.commit_blocks(ino, refs, rng.randrange(1 << 20), t, t)
         elif op == "truncate":
             if not files:

@@ -23,6 +23,7 @@ import pytest
 from fusefs import errors
 from fusefs.cache import BlockCache
 from fusefs.errors import FsError
+from fusefs.filedata import MAX_PATCHES
 from fusefs.filesystem import XATTR_CREATE, XATTR_REPLACE, Filesystem
 from fusefs.flusher import Flusher
 from fusefs.memstore import MemoryBlockStore
@@ -128,20 +129,31 @@ def referenced(db_path):
         db.close()
 
 
+def referenced_ids(db_path):
+    """Every block id the block maps read, patches' small blocks included (a separate
+    connection)."""
+    db = sqlite3.connect(db_path)
+    try:
+        return {b for (b,) in db.execute("SELECT block_id FROM blocks UNION "
+                                         "SELECT block_id FROM patches")}
+    finally:
+        db.close()
+
+
 def refs_of(core, ino):
     return core.md.block_refs(ino, 0, 2**62)
 
 
 def forget_cached(core):
     """Drop every cached copy so that the next read of a clean block goes to the store."""
-    for block_id in referenced(core.db_path).values():
+    for block_id in referenced_ids(core.db_path):
         core.cache.discard(block_id)
 
 
 def store_matches_metadata(core):
     """After garbage collection: exactly the referenced blocks are stored."""
     core.flusher.collect_garbage()
-    return core.store.block_ids() == set(referenced(core.db_path).values())
+    return core.store.block_ids() == referenced_ids(core.db_path)
 
 
 def pattern(n, seed=0):
@@ -640,14 +652,17 @@ def test_writes_and_reads_across_block_boundaries(core):
     close(fs, fh)
 
 
-def test_partial_overwrite_of_a_clean_block_merges_with_stored_bytes(core):
+def test_partial_overwrite_of_a_clean_block_is_a_patch_until_it_holds_too_many(core):
+    """A small write into a stored block uploads only its bytes, as a patch recorded over
+    the block; once the block would carry more than MAX_PATCHES, the next write fetches
+    it and stores it whole again, and the old block and its patches become garbage."""
     fs = core.fs
     data = bytearray(pattern(3 * BS, 11))
     ino, fh = new_file(fs, b"f", bytes(data))
     fs.fsync(fh)
     close(fs, fh)
     before = refs_of(core, ino)
-    forget_cached(core)  # the merge must fetch block 1 from the store
+    forget_cached(core)
 
     fh = fs.open(ino, os.O_RDWR)
     fs.write(fh, BS + 100, b"PATCH")
@@ -656,15 +671,30 @@ def test_partial_overwrite_of_a_clean_block_merges_with_stored_bytes(core):
     fs.fsync(fh)
     after = refs_of(core, ino)
     assert after[0] == before[0] and after[2] == before[2]
-    assert after[1].block_id != before[1].block_id  # a new immutable block
-    assert after[1].length == BS
-    assert core.store.get(after[1].block_id, after[1].checksum) == bytes(data[BS:2 * BS])
-    assert before[1].block_id in set(core.md.garbage(10000)) | (
-        {before[1].block_id} - core.store.block_ids())
+    assert after[1].block_id == before[1].block_id and after[1].length == BS
+    (patch,) = after[1].patches
+    assert (patch.start, patch.length) == (100, 5)
+    assert core.store.get(patch.block_id, patch.checksum)[patch.at:patch.at + 5] == b"PATCH"
+    forget_cached(core)
+    assert fs.read(fh, 0, 3 * BS) == bytes(data)
+
+    for i in range(MAX_PATCHES + 3):  # apart from each other: one patch each
+        offset = BS + 200 + 37 * i
+        fs.write(fh, offset, b"%03d" % i)
+        data[offset:offset + 3] = b"%03d" % i
+        if i % 10 == 9:
+            fs.fsync(fh)
+            assert fs.read(fh, BS, BS) == bytes(data[BS:2 * BS])
+    fs.fsync(fh)
+    merged = refs_of(core, ino)[1]
+    assert merged.block_id != before[1].block_id and merged.patches == ()
+    gone = set(before[1].ids()) | {p.block_id for p in after[1].patches}
+    assert gone <= set(core.md.garbage(10000)) | (gone - core.store.block_ids())
     forget_cached(core)
     assert fs.read(fh, 0, 3 * BS) == bytes(data)
     assert fs.getattr(ino).size == 3 * BS
     close(fs, fh)
+    wait_until(lambda: store_matches_metadata(core), what="replaced blocks deleted")
 
 
 def test_sequential_reads_ask_for_read_ahead_once_per_block(core):
@@ -899,6 +929,83 @@ def test_random_writes_truncates_and_fsyncs_match_a_bytearray_model(core):
     wait_until(lambda: store_matches_metadata(core), what="no block leaked")
 
 
+def test_a_range_rewritten_at_every_fsync_keeps_one_patch(core):
+    """A database rewrites its header page at every commit: each fsync stores a patch
+    that covers the one before whole, which then goes (its small block becomes garbage).
+    The block keeps one patch and is never fetched and stored whole again."""
+    fs = core.fs
+    ino, fh = new_file(fs, b"db", pattern(2 * BS, 7))
+    fs.fsync(fh)
+    base = refs_of(core, ino)[0]
+    for i in range(MAX_PATCHES + 8):
+        fs.write(fh, 24, b"header %04d" % i)
+        fs.fsync(fh)
+    ref = refs_of(core, ino)[0]
+    assert ref.block_id == base.block_id
+    assert [(p.start, p.length) for p in ref.patches] == [(24, 11)]
+    forget_cached(core)
+    assert fs.read(fh, 0, 64) == pattern(2 * BS, 7)[:24] + b"header %04d" % (MAX_PATCHES + 7) \
+        + pattern(2 * BS, 7)[35:64]
+    close(fs, fh)
+    wait_until(lambda: store_matches_metadata(core), what="replaced patches deleted")
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_small_writes_over_stored_blocks_match_a_model_across_restarts(make_core, seed):
+    """Patches under every change that touches them: small writes into stored blocks
+    (patches, patches over patches, overlapping ones), writes that merge a block whole,
+    truncations into and past patched blocks, punched holes, fsyncs, dropped caches and
+    clean restarts from the metadata on disk. The file always reads as the model; at the
+    end the store holds exactly the blocks the block maps read."""
+    rng = random.Random(seed)
+    core = make_core()
+    fs = core.fs
+    model = bytearray(pattern(6 * BS, seed))
+    ino, fh = new_file(fs, b"model", bytes(model))
+    fs.fsync(fh)
+    for step in range(300):
+        op = rng.random()
+        if op < 0.6:
+            offset = rng.randrange(0, max(1, len(model) + 100))
+            n = rng.choice([1, 5, 512, 4096, rng.randrange(1, BS // 3)])
+            data = rng.randbytes(n)
+            assert fs.write(fh, offset, data) == n
+            model.extend(bytes(max(0, offset + n - len(model))))
+            model[offset:offset + n] = data
+        elif op < 0.68:
+            size = rng.randrange(0, 7 * BS)
+            fs.setattr(ino, size=size)
+            del model[size:]
+            model.extend(bytes(size - len(model)))
+        elif op < 0.74:
+            start, n = rng.randrange(0, 6 * BS), rng.randrange(1, 2 * BS)
+            fs.fallocate(fh, PUNCH, start, n)
+            end = min(start + n, len(model))
+            if start < end:
+                model[start:end] = bytes(end - start)
+        elif op < 0.86:
+            fs.fsync(fh)
+        elif op < 0.92:
+            forget_cached(core)
+        else:  # a clean restart: everything reads from the metadata written so far
+            fs.fsync(fh)
+            close(fs, fh)
+            store = core.store
+            core.close()
+            core = make_core(store=store, fresh=False)
+            fs = core.fs
+            fh = fs.open(ino, os.O_RDWR)
+        assert fs.getattr(ino).size == len(model), f"step {step}"
+        off = rng.randrange(0, max(1, len(model)))
+        assert fs.read(fh, off, 5000) == bytes(model[off:off + 5000]), f"step {step}"
+    assert fs.read(fh, 0, len(model) + 10) == bytes(model)
+    assert any(r.patches for r in refs_of(core, ino).values()) or len(model) < BS
+    fs.fsync(fh)
+    close(fs, fh)
+    wait_until(lambda: core.flusher.dirty_bytes == 0, what="uploads done")
+    wait_until(lambda: store_matches_metadata(core), what="no block leaked")
+
+
 # -- attributes ------------------------------------------------------------------------------
 
 
@@ -1040,8 +1147,10 @@ def test_fsync_returns_only_when_the_store_has_the_blocks(core):
     fs.write(fh, BS + 1, b"second")
     fs.fsync(fh, datasync=True)
     new = refs_of(core, ino)[1]
-    assert new.block_id != refs[1].block_id and new.block_id in core.store.block_ids()
-    assert core.store.get(new.block_id, new.checksum)[1:7] == b"second"
+    assert new.block_id == refs[1].block_id and len(new.patches) == 1  # 6 bytes went
+    patch = new.patches[0]
+    assert (patch.start, patch.length) == (1, 6) and patch.block_id in core.store.block_ids()
+    assert core.store.get(patch.block_id, patch.checksum)[patch.at:patch.at + 6] == b"second"
     close(fs, fh)
 
 
@@ -1193,11 +1302,12 @@ def test_overwritten_blocks_become_garbage_and_are_collected(core):
     fs.fsync(fh)
     old = {idx: r.block_id for idx, r in refs_of(core, a).items()}
     fs.write(fh, 0, pattern(BS, 52))  # block 0 fully replaced
-    fs.write(fh, 2 * BS + 5, b"x")  # block 2 merged
+    fs.write(fh, 2 * BS + 5, b"x")  # block 2 patched
     fs.fsync(fh)
     new = {idx: r.block_id for idx, r in refs_of(core, a).items()}
-    assert new[1] == old[1] and new[0] != old[0] and new[2] != old[2]
-    replaced = {old[0], old[2]}
+    assert new[1] == old[1] and new[0] != old[0] and new[2] == old[2]
+    assert len(refs_of(core, a)[2].patches) == 1
+    replaced = {old[0]}
     assert replaced <= set(core.md.garbage(10000)) | (replaced - core.store.block_ids())
     b, fh2 = new_file(fs, b"b", pattern(BS, 53))
     fs.fsync(fh2)
@@ -1724,6 +1834,35 @@ def test_punch_hole_of_dirty_blocks_survives_a_crash(make_core):
     assert got[BS:3 * BS] == bytes(2 * BS)  # never the old \xaa bytes of blocks 1 and 2
     assert got[:BS] in (b"\xaa" * BS, b"\xbb" * BS)  # full blocks may have uploaded
     assert got[3 * BS:] in (b"\xaa" * BS, b"\xbb" * BS)
+    close(fs, fh)
+
+
+def test_truncating_into_a_patched_block_cuts_its_patches_even_across_a_crash(make_core):
+    """A truncation records the cut block's new length and cuts its patches with it (one
+    wholly past the end goes, with its small block). The process dies before the cut
+    block is uploaded again: after the restart, growing the file reads zeros past the
+    cut, never a patch's bytes."""
+    first = make_core(max_age=3600)
+    fs = first.fs
+    ino, fh = new_file(fs, b"f", b"\xaa" * (2 * BS))
+    fs.fsync(fh)
+    fs.write(fh, BS + 1000, b"PATCH-ONE")
+    fs.write(fh, BS + 400, b"PATCH-TWO")  # will straddle the cut at BS + 404
+    fs.fsync(fh)
+    patched = refs_of(first, ino)[1]
+    assert len(patched.patches) == 2
+    fs.setattr(ino, size=BS + 404)
+    first.close()  # crash: the cut block, dirty now, is never uploaded
+
+    second = make_core(store=first.store, fresh=False)
+    fs = second.fs
+    ref = refs_of(second, ino)[1]
+    assert ref.block_id == patched.block_id and ref.length == 404
+    assert [(p.start, p.length) for p in ref.patches] == [(400, 4)]
+    fh = fs.open(ino, os.O_RDWR)
+    fs.setattr(ino, size=2 * BS)
+    got = fs.read(fh, BS, BS)
+    assert got[:404] == b"\xaa" * 400 + b"PATC" and got[404:] == bytes(BS - 404)
     close(fs, fh)
 
 

@@ -28,20 +28,23 @@ from . import errors
 from .metadata import BlockRef, Metadata, Patch, now_ns
 
 APPEND_LOCKS = 64  # O_APPEND writes of one inode are serialised on one of these
-# A stored block carries at most this many patches (ranges rewritten by small blocks of
-# their own); a write that would add more fetches the block and uploads it whole again.
+# A stored block reads its patches from at most MAX_PATCHES small blocks (one per commit
+# that patched it), through at most MAX_RANGES ranges; a write that would go beyond
+# either fetches the block and uploads it whole again.
 MAX_PATCHES = 32
+MAX_RANGES = 512
 
 
-def live_patches(patches: tuple[Patch, ...]) -> tuple[Patch, ...]:
-    """`patches` (applied in order) without those a later one covers whole: they change
-    nothing a read returns. A range rewritten at every commit (a database's header page)
-    then keeps one patch, not one per commit."""
-    kept = []
-    for i, p in enumerate(patches):
+def live_patches(old: tuple[Patch, ...], new: tuple[Patch, ...]) -> tuple[Patch, ...]:
+    """The patches of an entry after `new` (one upload's ranges) went over `old`: those a
+    later range covers whole are left out, as they change nothing a read returns. A range
+    rewritten at every commit (a database's header page) then keeps one patch, not one per
+    commit. (`old` was pruned the same way when it was committed.)"""
+    def covered(p: Patch, later) -> bool:
         end = p.start + p.length
-        if not any(q.start <= p.start and end <= q.start + q.length for q in patches[i + 1:]):
-            kept.append(p)
+        return any(q.start <= p.start and end <= q.start + q.length for q in later)
+    kept = [p for p in old if not covered(p, new)]
+    kept += [p for i, p in enumerate(new) if not covered(p, new[i + 1:])]
     return tuple(kept)
 
 
@@ -174,15 +177,18 @@ class DataPath:
         self.readahead_blocks = readahead_blocks
         self._append_locks = [threading.Lock() for _ in range(APPEND_LOCKS)]
 
-    def stored(self, live: FileData) -> int:
+    def stored(self, live: FileData, committed: int) -> int:
         """Caller holds live.lock: bytes the file holds in blocks, dirty or clean, up to its
-        size (a hole holds none): what st_blocks counts, so `du` sees sparse files."""
-        bs, total = self.block_size, 0
+        size (a hole holds none): what st_blocks counts, so `du` sees sparse files.
+        `committed` is what its block map holds (the metadata's sum of lengths, read under
+        the same lock: `live.refs` is that map, with the same lengths); only the dirty
+        blocks are looked at, so a stat of a large file costs no more than of a small one."""
+        bs, total = self.block_size, committed
         for idx, blk in live.dirty.items():
             total += min(blk.length(), max(0, live.size - idx * bs))
-        for idx, ref in live.refs.items():
-            if idx not in live.dirty:
-                total += min(ref.length, max(0, live.size - idx * bs))
+            ref = live.refs.get(idx)
+            if ref is not None:
+                total -= ref.length
         return total
 
     # -- reading ----------------------------------------------------------------------------
@@ -322,11 +328,11 @@ class DataPath:
     def _patchable(blk: DirtyBlock | None, ref: BlockRef, within: int, n: int) -> bool:
         """Caller holds live.lock: a write of n bytes at `within` over the stored block
         `ref` (with `blk`, the patch pending over it, if any) may be a patch: it lies
-        inside the block, the block has room for one more patch, and the patched bytes
-        stay below a block's worth."""
-        pending = (len(blk.extents), len(blk.data)) if blk is not None else (0, 0)
-        return (within + n <= ref.length and len(ref.patches) + pending[0] < MAX_PATCHES
-                and pending[1] + n <= ref.length)
+        inside the block, the block has room for one more small block and range, and the
+        pending bytes stay below a block's worth (beyond, uploading it whole costs less)."""
+        ranges, held = (len(blk.extents), len(blk.data)) if blk is not None else (0, 0)
+        return (within + n <= ref.length and ref.small_blocks < MAX_PATCHES
+                and len(ref.patches) + ranges < MAX_RANGES and held + n <= ref.length)
 
     def _apply_patch(self, live: FileData, idx: int, ref: BlockRef, within: int,
                      chunk) -> None:
@@ -431,6 +437,9 @@ class DataPath:
             last.version += 1
         for idx in [i for i in live.refs if i >= keep]:
             del live.refs[idx]
+        cut = live.refs.get(size // bs) if size % bs else None
+        if cut is not None and cut.length > size % bs:  # as truncate_blocks records it
+            live.refs[size // bs] = cut.cut(size % bs)
         live.size = size
         live.mtime_ns = live.ctime_ns = now_ns()
         # The size recorded never covers a block still only in memory (crash states are

@@ -91,15 +91,24 @@ class Filesystem:
     # -- attributes -------------------------------------------------------------------------
 
     def _inode(self, ino: int) -> Inode:
+        """The inode's attributes as applications see them: a live file's size, times and
+        stored bytes come from its FileData."""
+        live = self.flusher.live(ino)
+        if live is None:
+            return self._stored_inode(ino)
+        with live.lock:  # the metadata's rows and the FileData agree under it (commits)
+            inode = self._stored_inode(ino)  # ours: metadata.inode() makes one each call
+            inode.size, inode.mtime_ns = live.size, live.mtime_ns
+            inode.ctime_ns = live.ctime_ns
+            inode.stored = self.data.stored(live, inode.stored)
+        return inode
+
+    def _stored_inode(self, ino: int) -> Inode:
+        """The inode as the metadata holds it (ENOENT if none): enough where a live file's
+        size and times do not matter (its mode, owner, xattrs)."""
         inode = self.metadata.inode(ino)
         if inode is None:
             raise FsError(errno.ENOENT, f"inode {ino} does not exist")
-        live = self.flusher.live(ino)
-        if live is not None:
-            with live.lock:  # the Inode is ours: metadata.inode() makes a new one each call
-                inode.size, inode.mtime_ns = live.size, live.mtime_ns
-                inode.ctime_ns = live.ctime_ns
-                inode.stored = self.data.stored(live)
         return inode
 
     def getattr(self, ino: int) -> Inode:
@@ -540,7 +549,8 @@ class Filesystem:
     # -- extended attributes ----------------------------------------------------------------
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        inode = self._inode(ino)
+        # The kernel asks for security.capability before every write: this stays cheap.
+        inode = self._stored_inode(ino)
         if name == replicas.NAME:  # computed, never stored: ENODATA for all but files
             if not stat.S_ISREG(inode.mode):
                 raise FsError(errno.ENODATA)
@@ -559,14 +569,14 @@ class Filesystem:
     def listxattr(self, ino: int) -> list[bytes]:
         """The stored attributes; never `user.fusefs.replicas`, so that copying tools
         (cp -a, rsync -X) do not try to copy it."""
-        self._inode(ino)
+        self._stored_inode(ino)
         return [n for n in self.metadata.xattr_names(ino) if n != replicas.NAME]
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         if name == replicas.NAME:
             raise FsError(errno.EPERM, "user.fusefs.replicas is computed, read-only")
         self._writable()
-        self._inode(ino)
+        self._stored_inode(ino)
         if name.startswith(b"system."):
             # POSIX ACLs and other kernel-defined attributes would need the kernel to act on
             # them; refusing makes tools (cp -a, tar, rsync -A) fall back to chmod.
@@ -588,7 +598,7 @@ class Filesystem:
         if name == replicas.NAME:
             raise FsError(errno.EPERM, "user.fusefs.replicas is computed, read-only")
         self._writable()
-        self._inode(ino)
+        self._stored_inode(ino)
         if not self.metadata.remove_xattr(ino, name):
             raise FsError(errno.ENODATA)
         self._ctime_changed(ino)

@@ -387,7 +387,7 @@ class Flusher:
             if blk.base is None:
                 blk.stored = ref
             else:  # a patch: the stored block stays, with the uploaded ranges over it
-                blk.stored = replace(blk.base, patches=live_patches(blk.base.patches + tuple(
+                blk.stored = replace(blk.base, patches=live_patches(blk.base.patches, tuple(
                     Patch(start, length, ref.block_id, ref.checksum, at)
                     for start, length, at in blk.extents)))
 

@@ -42,6 +42,7 @@ still hold its own locks. Lock order: docs/filesystem.md, Lock order.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import os
@@ -50,7 +51,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import MetadataFailed
@@ -152,6 +153,18 @@ class BlockRef:
     def ids(self) -> set[str]:
         """Every block id this entry reads from."""
         return {self.block_id, *(p.block_id for p in self.patches)}
+
+    def cut(self, length: int) -> BlockRef:
+        """This entry ending at `length` (<= its length), its patches cut there too: what
+        the truncate_blocks record makes of its row."""
+        patches = tuple(replace(p, length=min(p.length, length - p.start))
+                        for p in self.patches if p.start < length)
+        return BlockRef(self.block_id, self.checksum, length, patches)
+
+    @functools.cached_property
+    def small_blocks(self) -> int:
+        """How many small blocks its patches read from (one per commit that patched it)."""
+        return len({p.block_id for p in self.patches})
 
 
 def now_ns() -> int:

@@ -654,7 +654,7 @@ def test_writes_and_reads_across_block_boundaries(core):
 
 def test_partial_overwrite_of_a_clean_block_is_a_patch_until_it_holds_too_many(core):
     """A small write into a stored block uploads only its bytes, as a patch recorded over
-    the block; once the block would carry more than MAX_PATCHES, the next write fetches
+    the block; once the block would read from more than MAX_PATCHES, the next write fetches
     it and stores it whole again, and the old block and its patches become garbage."""
     fs = core.fs
     data = bytearray(pattern(3 * BS, 11))
@@ -678,16 +678,25 @@ def test_partial_overwrite_of_a_clean_block_is_a_patch_until_it_holds_too_many(c
     forget_cached(core)
     assert fs.read(fh, 0, 3 * BS) == bytes(data)
 
-    for i in range(MAX_PATCHES + 3):  # apart from each other: one patch each
+    for i in range(100):  # apart from each other, one commit: 100 ranges, 1 small block
         offset = BS + 200 + 37 * i
         fs.write(fh, offset, b"%03d" % i)
         data[offset:offset + 3] = b"%03d" % i
-        if i % 10 == 9:
-            fs.fsync(fh)
-            assert fs.read(fh, BS, BS) == bytes(data[BS:2 * BS])
     fs.fsync(fh)
-    merged = refs_of(core, ino)[1]
-    assert merged.block_id != before[1].block_id and merged.patches == ()
+    after = refs_of(core, ino)
+    assert after[1].block_id == before[1].block_id and len(after[1].patches) == 101
+    assert after[1].small_blocks == 2
+    assert fs.read(fh, BS, BS) == bytes(data[BS:2 * BS])
+    for i in range(MAX_PATCHES + 1):  # a commit each: one small block each
+        offset = BS + 5000 + 37 * i
+        fs.write(fh, offset, b"%03d" % i)
+        data[offset:offset + 3] = b"%03d" % i
+        fs.fsync(fh)
+        if i % 10 == 0:
+            forget_cached(core)
+            assert fs.read(fh, BS, BS) == bytes(data[BS:2 * BS])
+    merged = refs_of(core, ino)[1]  # the 31st commit filled it: the next one merged
+    assert merged.block_id != before[1].block_id and len(merged.patches) == 2
     gone = set(before[1].ids()) | {p.block_id for p in after[1].patches}
     assert gone <= set(core.md.garbage(10000)) | (gone - core.store.block_ids())
     forget_cached(core)
@@ -950,6 +959,20 @@ def test_a_range_rewritten_at_every_fsync_keeps_one_patch(core):
     wait_until(lambda: store_matches_metadata(core), what="replaced patches deleted")
 
 
+def held_bytes(core, ino):
+    """st_blocks's bytes by their definition, block by block: each block's bytes below the
+    size, from memory where it is dirty (a patch: the stored block's), else the stored
+    length the metadata records."""
+    live = core.flusher.live(ino)
+    size = core.fs.getattr(ino).size
+    rows = {idx: ref.length for idx, ref in refs_of(core, ino).items()}
+    if live is not None:
+        with live.lock:
+            for idx, blk in live.dirty.items():
+                rows[idx] = blk.base.length if blk.base is not None else len(blk.data)
+    return sum(min(n, max(0, size - idx * BS)) for idx, n in rows.items())
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_small_writes_over_stored_blocks_match_a_model_across_restarts(make_core, seed):
     """Patches under every change that touches them: small writes into stored blocks
@@ -995,7 +1018,9 @@ def test_small_writes_over_stored_blocks_match_a_model_across_restarts(make_core
             core = make_core(store=store, fresh=False)
             fs = core.fs
             fh = fs.open(ino, os.O_RDWR)
-        assert fs.getattr(ino).size == len(model), f"step {step}"
+        attrs = fs.getattr(ino)
+        assert attrs.size == len(model), f"step {step}"
+        assert attrs.stored == held_bytes(core, ino), f"step {step}"
         off = rng.randrange(0, max(1, len(model)))
         assert fs.read(fh, off, 5000) == bytes(model[off:off + 5000]), f"step {step}"
     assert fs.read(fh, 0, len(model) + 10) == bytes(model)
@@ -1095,6 +1120,28 @@ def test_xattrs_set_get_list_remove(core):
     fs.setxattr(d, b"user.dir", b"v")
     assert fs.getxattr(d, b"user.dir") == b"v"
     assert fs.listxattr(ino) == [b"user.a"]  # per inode
+
+
+def test_xattr_calls_on_a_file_being_written_do_not_add_up_its_blocks(core, monkeypatch):
+    """The kernel asks for security.capability before every write: getxattr (and the other
+    xattr calls) must not walk a live file's blocks, which made each 4 KiB write into a
+    1 GiB file cost a walk of 1,024 blocks. A unit test of the layer: the block walk
+    (DataPath.stored) is made to fail, and every xattr call still works."""
+    fs = core.fs
+    ino, fh = new_file(fs, b"f", pattern(3 * BS, 5))
+    fs.setxattr(ino, b"user.k", b"v")
+
+    def walked(*_):
+        raise AssertionError("an xattr call walked the file's blocks")
+    monkeypatch.setattr(core.fs.data, "stored", walked)
+    expect_errno(errno.ENODATA, fs.getxattr, ino, b"security.capability")
+    assert fs.getxattr(ino, b"user.k") == b"v"
+    assert b"user.k" in fs.listxattr(ino)
+    fs.setxattr(ino, b"user.j", b"w")
+    fs.removexattr(ino, b"user.j")
+    monkeypatch.undo()
+    assert fs.getattr(ino).stored == 3 * BS
+    close(fs, fh)
 
 
 def test_xattr_flags_and_missing_names(fs):

@@ -261,16 +261,23 @@ class Passthrough(Target):
     def start(self) -> None:
         os.makedirs(self.backing)
         os.makedirs(self.mnt)
+        self._spawn()
+
+    def _argv(self) -> list[str]:
         script = os.path.join(REPO, "benchmarks", "passthrough.py")
+        extra = ["-o", self.options] if self.options else []
+        return [sys.executable, script, self.backing, self.mnt, *extra]
+
+    def _spawn(self) -> None:
+        """Start the filesystem's process and wait until its mount appears."""
         with open(self.log_path, "ab") as log_file:
-            extra = ["-o", self.options] if self.options else []
-            self.proc = subprocess.Popen([sys.executable, script, self.backing, self.mnt, *extra],
-                                         stdin=subprocess.DEVNULL, stdout=log_file,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(self._argv(), stdin=subprocess.DEVNULL,
+                                         stdout=log_file, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         deadline = time.monotonic() + 20
         while not is_mounted(self.mnt):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"passthrough did not mount; log:\n{tail(self.log_path)}")
+                raise BenchError(f"{self.name} did not mount; log:\n{tail(self.log_path)}")
             time.sleep(0.05)
         self.root = self.mnt
 
@@ -288,6 +295,40 @@ class Passthrough(Target):
 
     def describe(self) -> str:
         return f"{self.mnt} ({mount_options_of(self.mnt)}), backing {self.backing}"
+
+
+class Floor(Passthrough):
+    """benchmarks/floor.py: an in-memory filesystem with fusefs's FUSE glue and options,
+    the fastest a fusepy filesystem can be. Its tree is saved to `state` at unmount and
+    loaded at mount, so a cold step (unmount, drop caches, mount) finds the same files."""
+
+    name = "floor"
+
+    def __init__(self, work: str):
+        super().__init__(work)
+        self.backing = os.path.join(work, "floor.pickle")  # its saved tree
+        self.mnt = os.path.join(work, "floor-mnt")
+        self.log_path = os.path.join(work, "floor.log")
+        self.flags: list[str] = []  # more floor.py arguments, e.g. --no-dtype
+
+    def start(self) -> None:
+        os.makedirs(self.mnt)
+        self._spawn()
+
+    def _argv(self) -> list[str]:
+        script = os.path.join(REPO, "benchmarks", "floor.py")
+        extra = ["-o", self.options] if self.options else []
+        return [sys.executable, script, self.backing, self.mnt, *self.flags, *extra]
+
+    def make_cold(self, keep_disk_cache: bool = False) -> None:
+        self.stop()
+        if self.proc is not None and self.proc.returncode != 0:
+            raise BenchError(f"floor did not save its tree; log:\n{tail(self.log_path)}")
+        drop_caches()
+        self._spawn()
+
+    def describe(self) -> str:
+        return f"{self.mnt} ({mount_options_of(self.mnt)}), tree saved to {self.backing}"
 
 
 class Fusefs(Target):

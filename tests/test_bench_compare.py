@@ -40,7 +40,8 @@ def test_defaults_follow_the_fusefs_dirty_limit():
     assert compare.DIRTY_LIMIT == MountConfig.dirty_limit
     assert args.large == 4 * MountConfig.dirty_limit
     assert args.small == MountConfig.dirty_limit // 2
-    assert args.targets == list(compare.TARGETS)
+    assert args.targets == list(compare.DEFAULT_TARGETS)
+    assert "floor" not in args.targets  # on request only: it would lengthen the full run
     assert args.groups == list(compare.GROUPS)
     assert (args.rounds, args.files, args.small_files) == (2, 10_000, 5000)
     assert args.small_rounds == args.rounds  # what fs_bench's metadata round reads
@@ -58,6 +59,7 @@ def test_targets_and_groups_accept_aliases_and_keep_matrix_order():
     assert args.targets == ["passthrough", "fusefs", "glusterfs"]
     assert args.groups == ["meta", "tree"]
     assert compare.parse_args(["--targets", "mfs"]).targets == ["moosefs"]
+    assert compare.parse_args(["--targets", "fusefs,floor"]).targets == ["floor", "fusefs"]
 
 
 @pytest.mark.parametrize("argv", [["--targets", "ceph"], ["--only", "seq,nothing"],
@@ -85,13 +87,75 @@ def test_table_has_one_column_per_target_and_fusefs_over_each_peer():
     r = results_of({("seq_write", t): [v] for t, v in
                     (("passthrough", 800), ("fusefs", 250), ("moosefs", 125),
                      ("glusterfs", 500))})
-    text = compare.render(r, list(compare.TARGETS), labels())
+    text = compare.render(r, list(compare.DEFAULT_TARGETS), labels())
     header, rule, row = text.splitlines()
     assert header.split() == ["workload", "unit", "passthru", "fusefs", "MooseFS",
                               "GlusterFS", "fs/pass", "fs/Moos", "fs/Glus"]
     assert set(rule.replace(" ", "")) == {"-"}
     assert row.startswith("seq write 1 GiB + fsync")
     assert row.split()[-7:] == ["800", "250", "125", "500", "0.31", "2.00", "0.50"]
+
+
+def test_floor_gets_a_column_and_a_fusefs_over_floor_ratio():
+    r = results_of({("meta_list", t): [v] for t, v in
+                    (("floor", 1000), ("fusefs", 500), ("moosefs", 2000))})
+    header, _, row = compare.render(r, ["floor", "fusefs", "moosefs"], labels()).splitlines()
+    assert header.split()[2:] == ["floor", "fusefs", "MooseFS", "fs/floor", "fs/Moos"]
+    assert row.split()[-5:] == ["1,000", "500", "2,000", "0.50", "0.25"]
+    args = compare.parse_args(["--targets", "floor,pt"])
+    args.work = "/nowhere/work"  # (what prepare_run makes; nothing is created here)
+    floor_target, _ = compare.make_targets(args)
+    assert type(floor_target).__name__ == "Floor"
+    argv = floor_target._argv()
+    assert argv[1].endswith("benchmarks/floor.py")
+    assert argv[2:] == ["/nowhere/work/floor.pickle", "/nowhere/work/floor-mnt"]
+
+
+class FakeFi:
+    def __init__(self):
+        self.fh, self.keep_cache, self.flags = 0, 0, 0
+
+
+def test_floor_filesystem_in_memory_and_saved_at_unmount(tmp_path, monkeypatch):
+    """floor.py's operations called directly (no mount): the namespace, data, errors,
+    and the tree found again by the next mount after destroy() saved it."""
+    import errno as e
+    import stat
+
+    import floor
+    from fuse import FuseOSError
+
+    monkeypatch.setattr(floor, "fuse_get_context", lambda: (1000, 1000, 1))
+    state = str(tmp_path / "tree.pickle")
+    fs, fi = floor.Floor(state), FakeFi()
+    fs.mkdir("/d", 0o755)
+    fs.create("/d/f", 0o644, fi)
+    assert fs.write("/d/f", b"hello", 3, fi) == 5
+    assert fs.read("/d/f", 100, 0, fi) == b"\0\0\0hello"
+    fs.release("/d/f", fi)
+    fs.symlink("/d/l", "f")
+    fs.rename("/d", "/e")
+    assert [n for n, _ in fs.entries("/e")] == [b".", b"..", b"f", b"l"]
+    assert [stat.S_IFMT(st.st_mode) for _, st in fs.entries("/e")[2:]] == [
+        stat.S_IFREG, stat.S_IFLNK]
+    assert fs.readlink("/e/l") == "f"
+    ino, mode, nlink, uid, gid, _, size = fs.attributes("/e/f")[:7]
+    assert (stat.S_IMODE(mode), nlink, uid, gid, size) == (0o644, 1, 1000, 1000, 8)
+    assert fs.attributes("/e")[2] == 2 and fs.attributes("/")[2] == 3  # nlink of dirs
+    for call, code in ((lambda: fs.rmdir("/e"), e.ENOTEMPTY), (lambda: fs.mkdir("/e", 0o755),
+                       e.EEXIST), (lambda: fs.attributes("/d/f"), e.ENOENT),
+                       (lambda: fs.rename("/", "/e/x"), e.EINVAL)):
+        with pytest.raises(FuseOSError) as raised:
+            call()
+        assert raised.value.errno == code
+    fs.truncate("/e/f", 4)
+    fs.destroy("/")
+    assert fs.saved
+    again = floor.Floor(state)
+    assert again.attributes("/e/f")[:7] == (ino, mode, 1, 1000, 1000, 0, 4)
+    again.open("/e/f", fi)
+    assert again.read("/e/f", 10, 0, fi) == b"\0\0\0h" and fi.keep_cache == 1
+    assert [n for n, _ in again.entries("/e")] == [b".", b"..", b"f", b"l"]
 
 
 def test_table_skips_unmeasured_rows_and_shows_kept_only_when_measured():

@@ -112,6 +112,7 @@ class Response:
     body: list = field(default_factory=list)  # bytes-like parts, sent in order
     headers: dict = field(default_factory=dict)
     length: int | None = None  # for HEAD: the Content-Length without a body
+    digest: str | None = None  # content_digest of the body, when the app already knows it
 
     @property
     def body_size(self) -> int:

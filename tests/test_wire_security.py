@@ -339,6 +339,32 @@ def test_a_forged_answer_is_refused_by_the_client(blockservers):
         proxy.close()
 
 
+def test_a_block_stored_again_after_a_delete_is_answered_with_its_new_bytes_signed(
+        blockservers):
+    """The server remembers the SHA-256 of the blocks it stores so as not to hash them
+    again for each signed GET. An id deleted and stored again with other bytes (allowed:
+    immutability holds while a block exists) must be answered with the new bytes under a
+    signature of the new bytes, which the client checks; and the digest of a block stored
+    by an unsigned-digest path (a batch) is taken when it is first read."""
+    server = blockservers(1, secret=SECRET)[0]
+    member = members_of([server])[0]
+    transport = Transport(TransportConfig(secret=SECRET))
+    block_id, old, new = protocol.new_block_id(), os.urandom(5000), os.urandom(7000)
+    transport.put_block(member, block_id, old, protocol.checksum(old))
+    assert transport.get_block(member, block_id) == old
+    assert transport.get_block(member, block_id) == old  # the remembered digest
+    transport.delete_block(member, block_id)
+    transport.put_block(member, block_id, new, protocol.checksum(new))
+    assert transport.get_block(member, block_id) == new
+    assert transport.batch_delete(member, [block_id]) == 1  # the batch delete forgets too
+    transport.put_block(member, block_id, old, protocol.checksum(old))
+    assert transport.get_block(member, block_id) == old
+    batched = protocol.new_block_id()
+    transport.batch_put(member, [(batched, new, protocol.checksum(new))])
+    for _ in range(2):
+        assert transport.get_block(member, batched) == new
+
+
 def test_a_missing_server_id_is_refused_when_a_secret_is_in_use(blockservers):
     server = blockservers(1, secret=SECRET)[0]
     member = members_of([server])[0]

@@ -25,9 +25,12 @@ import os
 import queue
 import shutil
 import sys
+import struct
 import threading
 import time
 from collections import OrderedDict
+
+import xxhash
 
 from blockserver import protocol
 
@@ -37,6 +40,13 @@ log = logging.getLogger("fusefs.cache")
 
 PREFETCH_QUEUE = 256  # read-ahead requests waiting for a thread; more are dropped
 PREFETCH_BATCH = 64  # blocks per batch read-ahead request (prefetch_batch)
+_BAD = object()  # a disk cache file that is torn, not ours, or failed verification
+# A block's file in the disk cache: its bytes, then the xxh3-64 of each SEGMENT of them, then
+# TRAILER (magic, the block's length): a read of a few KiB of a cached 1 MiB block reads
+# and checks only the segments it needs.
+SEGMENT = 64 << 10
+TRAILER = struct.Struct("<8sQ")
+MAGIC = b"fusefsc1"
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -200,6 +210,27 @@ class BlockCache:
                     self._queued.difference_update(todo[start:])
                 log.debug("read-ahead queue full; dropped %d blocks", len(todo) - start)
                 return
+
+    def get_range(self, block_id: str, checksum: str, start: int, n: int):
+        """Bytes [start, start+n) of the block (fewer past its end), verified: from memory,
+        else only the segments of its disk file that hold them (not kept in memory: a
+        random reader of a large file needs a few KiB of it), else the whole block fetched
+        as by get(). Never to be changed by the caller."""
+        _check_id(block_id)
+        with self._lock:
+            entry = self._memory.get(block_id)
+            if entry is not None and entry[1] == checksum:
+                self._counts["hits_memory"] += 1
+                return memoryview(entry[0])[start:start + n]
+            on_disk = (block_id, checksum) not in self._flights and \
+                self._disk.touch(block_id)
+        if on_disk:
+            data = self._read_disk_range(block_id, start, n)
+            if data is not None:
+                with self._lock:
+                    self._counts["hits_disk"] += 1
+                return data
+        return memoryview(self.get(block_id, checksum))[start:start + n]
 
     def insert(self, block_id: str, checksum: str, data) -> None:
         """Cache a block the caller has just stored (put verified it against `checksum`).
@@ -380,29 +411,67 @@ class BlockCache:
             if not self._disk.touch(block_id):
                 return None
         path = self._path(block_id)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            data = None
-        except OSError as e:
-            log.warning("cannot read disk cache file %s: %s; fetching the block", path, e)
-            data = None
-        if data is not None and protocol.checksum(data) == checksum:
+        data = self._read_file(path, lambda fd, length, _: os.pread(fd, length, 0))
+        if data is not None and data is not _BAD and protocol.checksum(data) == checksum:
             try:
                 os.utime(path)  # the LRU order survives a restart
             except OSError:
                 pass
             return data
-        if data is not None:
+        self._drop_disk(block_id, path, data is not None)
+        return None
+
+    def _read_disk_range(self, block_id: str, start: int, n: int) -> bytes | None:
+        """Bytes [start, start+n) of the block's file, the segments holding them checked
+        against their xxh3-64s; None if the file is missing or bad (a bad one is deleted).
+        Its last use is not recorded on disk (os.utime): a whole read does that."""
+        path = self._path(block_id)
+        data = self._read_file(path, lambda fd, length, sums: _read_segments(
+            fd, length, sums, start, n))
+        if data is None or data is _BAD:
+            self._drop_disk(block_id, path, data is _BAD)
+            return None
+        return data
+
+    @staticmethod
+    def _read_file(path: str, read):
+        """read(fd, the block's length, its segment sums) on the block's file, after its
+        trailer was checked; None if the file is missing, _BAD if it is torn, not one of
+        ours, or read() found it bad."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.warning("cannot read disk cache file %s: %s; fetching the block", path, e)
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if size < TRAILER.size:
+                return _BAD
+            magic, length = TRAILER.unpack(os.pread(fd, TRAILER.size, size - TRAILER.size))
+            count = -(-length // SEGMENT)
+            if magic != MAGIC or size != length + 8 * count + TRAILER.size:
+                return _BAD
+            sums = os.pread(fd, 8 * count, length)
+            data = read(fd, length, sums)
+            return _BAD if data is None else data
+        except OSError as e:
+            log.warning("cannot read disk cache file %s: %s; fetching the block", path, e)
+            return None
+        finally:
+            os.close(fd)
+
+    def _drop_disk(self, block_id: str, path: str, failed: bool) -> None:
+        if failed:
             log.warning("disk cache file %s failed verification; deleted", path)
         with self._lock:
             self._disk.pop(block_id)
         self._unlink(block_id)
-        return None
 
     def _write_disk(self, block_id: str, data: bytes) -> None:
-        if not self._dir or not self._disk.fits(len(data)):
+        size = len(data) + 8 * -(-len(data) // SEGMENT) + TRAILER.size  # the file's
+        if not self._dir or not self._disk.fits(size):
             return
         with self._lock:
             if self._disk.touch(block_id):
@@ -415,9 +484,10 @@ class BlockCache:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    for part in (data, _segment_sums(data), TRAILER.pack(MAGIC, len(data))):
+                        view = memoryview(part)
+                        while view:
+                            view = view[os.write(fd, view):]
                 finally:
                     os.close(fd)
                 try:
@@ -432,13 +502,36 @@ class BlockCache:
             log.warning("cannot write block %s to the disk cache: %s", block_id, e)
             return
         with self._lock:
-            evicted = self._disk.add(block_id, None, len(data))
+            evicted = self._disk.add(block_id, None, size)
             self._counts["evictions"] += len(evicted)
         for old in evicted:
             self._unlink(old)
 
     def _unlink(self, block_id: str) -> None:
         _remove(self._path(block_id))
+
+
+def _segment_sums(data) -> bytes:
+    """The xxh3-64 of each SEGMENT of `data`, 8 bytes each."""
+    view = memoryview(data)
+    return b"".join(xxhash.xxh3_64_digest(view[i:i + SEGMENT])
+                    for i in range(0, len(view), SEGMENT))
+
+
+def _read_segments(fd: int, length: int, sums: bytes, start: int, n: int) -> bytes | None:
+    """Bytes [start, start+n) of a cached block of `length` bytes (clipped to it), read
+    segment by segment and checked against `sums`; None if a segment does not match."""
+    end = min(start + n, length)
+    if start >= end:
+        return b""
+    first, last = start // SEGMENT, (end - 1) // SEGMENT
+    raw = os.pread(fd, min((last + 1) * SEGMENT, length) - first * SEGMENT, first * SEGMENT)
+    view = memoryview(raw)
+    for i in range(first, last + 1):
+        part = view[(i - first) * SEGMENT:(i - first + 1) * SEGMENT]
+        if xxhash.xxh3_64_digest(part) != sums[8 * i:8 * i + 8]:
+            return None
+    return raw[start - first * SEGMENT:end - first * SEGMENT]
 
 
 def _remove(path: str) -> None:

@@ -248,12 +248,17 @@ class DataPath:
                 out.append(piece)
         return b"".join(out)
 
-    def _stored_range(self, ref: BlockRef, within: int, n: int, overlay=()) -> list:
+    def _stored_range(self, ref: BlockRef, within: int, n: int, overlay=(),
+                      whole: bool = False) -> list:
         """No lock held: bytes [within, within+n) of the stored block `ref`, its patches
         applied (their small blocks fetched in one batch), then `overlay` ((offset, bytes)
         written since, not stored yet); past ref.length, zeros. As a list of pieces."""
-        data = memoryview(self.cache.get(ref.block_id, ref.checksum))[
-            within:min(within + n, ref.length)]  # bytes past ref.length were cut off
+        # Bytes past ref.length were cut off. A part of a block from the disk cache reads
+        # only the segments it needs (a whole one is kept in memory, for the next reads).
+        stop = min(within + n, ref.length)
+        data = memoryview(self.cache.get(ref.block_id, ref.checksum))[within:stop] \
+            if whole else self.cache.get_range(ref.block_id, ref.checksum, within,
+                                               max(0, stop - within))
         patches = [p for p in ref.patches if p.start < within + n and within < p.start + p.length]
         if not patches and not overlay:  # the common case: no copy but the caller's join
             return [data, bytes(n - len(data))] if len(data) < n else [data]
@@ -272,7 +277,7 @@ class DataPath:
 
     def _stored_block(self, ref: BlockRef) -> bytearray:
         """No lock held: the whole stored block `ref`, its patches applied, to change."""
-        return bytearray().join(self._stored_range(ref, 0, ref.length))
+        return bytearray().join(self._stored_range(ref, 0, ref.length, whole=True))
 
     # -- writing ----------------------------------------------------------------------------
 

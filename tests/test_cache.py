@@ -73,6 +73,12 @@ def cache_file(disk_dir, block_id) -> str:
     return os.path.join(disk_dir, block_id[:2], block_id)
 
 
+def file_size(n: int) -> int:
+    """The size of a block of n bytes in the disk cache: its bytes, an 8-byte sum per 64 KiB
+    segment, a 16-byte trailer."""
+    return n + 8 * -(-n // (64 << 10)) + 16
+
+
 def files_on_disk(disk_dir) -> dict[str, int]:
     """id -> size of every block file under disk_dir (tmp/ excluded)."""
     found = {}
@@ -214,10 +220,10 @@ def test_disk_level_survives_a_new_instance(store, make_cache, tmp_path):
     block_id, data, checksum = stored(store)
     first.get(block_id, checksum)
     first.close()
-    assert files_on_disk(tmp_path) == {block_id: 1000}
+    assert files_on_disk(tmp_path) == {block_id: file_size(1000)}
     store.fail_with = errors.Unavailable("the cluster is gone")
     second = make_cache(disk_dir=str(tmp_path), disk_bytes=1 << 20)
-    assert second.stats()["disk_bytes"] == 1000
+    assert second.stats()["disk_bytes"] == file_size(1000)
     assert second.get(block_id, checksum) == data
     assert second.get(block_id, checksum) == data
     s = second.stats()
@@ -231,8 +237,10 @@ def test_corrupt_disk_file_is_deleted_and_refetched(store, make_cache, tmp_path,
     first.get(block_id, checksum)
     first.close()
     path = cache_file(tmp_path, block_id)
-    bad = {"flip": data[:500] + bytes([data[500] ^ 1]) + data[501:],
-           "truncate": data[:999], "empty": b""}[damage]
+    with open(path, "rb") as f:
+        good = f.read()
+    bad = {"flip": good[:500] + bytes([good[500] ^ 1]) + good[501:],
+           "truncate": good[:-1], "empty": b""}[damage]
     with open(path, "wb") as f:
         f.write(bad)
     second = make_cache(disk_dir=str(tmp_path), disk_bytes=1 << 20)
@@ -243,7 +251,36 @@ def test_corrupt_disk_file_is_deleted_and_refetched(store, make_cache, tmp_path,
     s = second.stats()
     assert (s["hits_disk"], s["misses"], s["fetches"]) == (0, 1, 1)
     with open(path, "rb") as f:
-        assert f.read() == data  # the refetched block replaced the bad file
+        assert f.read() == good  # the refetched block replaced the bad file
+
+
+def test_a_part_of_a_disk_cached_block_reads_and_checks_only_its_segments(
+        store, make_cache, tmp_path, caplog):
+    """get_range of a block on disk reads the 64 KiB segments holding the range and checks
+    them against their own sums: damage in another segment goes unnoticed (the whole block
+    is never read), damage inside the range makes it a miss, fetched again, the bad file
+    deleted and replaced. Nothing of a ranged disk read is kept in memory."""
+    seg = 64 << 10
+    cache = make_cache(memory_bytes=0, disk_dir=str(tmp_path), disk_bytes=1 << 24)
+    data = random.Random(3).randbytes(5 * seg + 123)
+    block_id, checksum = protocol.new_block_id(), protocol.checksum(data)
+    store.put(block_id, data, checksum)
+    cache.get(block_id, checksum)  # fetched, written to disk
+    path = cache_file(tmp_path, block_id)
+    with open(path, "r+b") as f:  # damage segment 4
+        f.seek(4 * seg + 10)
+        f.write(bytes([data[4 * seg + 10] ^ 0xFF]))
+    assert bytes(cache.get_range(block_id, checksum, seg - 5, 4096)) == data[seg - 5:seg + 4091]
+    assert bytes(cache.get_range(block_id, checksum, 5 * seg, 4096)) == data[5 * seg:]
+    assert bytes(cache.get_range(block_id, checksum, 9 * seg, 10)) == b""
+    s = cache.stats()
+    assert (s["hits_disk"], s["misses"], s["memory_bytes"], store.gets) == (3, 1, 0, 1)
+    with caplog.at_level(logging.WARNING, logger="fusefs.cache"):
+        got = cache.get_range(block_id, checksum, 4 * seg, 100)  # the damaged segment
+    assert bytes(got) == data[4 * seg:4 * seg + 100]
+    assert "failed verification" in caplog.text and store.gets == 2
+    assert bytes(cache.get_range(block_id, checksum, 4 * seg, 100)) == data[4 * seg:4 * seg + 100]
+    assert store.gets == 2 and cache.stats()["hits_disk"] == 4  # the file was replaced
 
 
 def test_file_deleted_behind_the_cache_is_a_miss(store, make_cache, tmp_path):
@@ -284,7 +321,7 @@ def test_restart_with_a_smaller_bound_keeps_the_most_recent_files(store, make_ca
         os.utime(cache_file(tmp_path, block_id), (stamp, stamp))
     second = make_cache(memory_bytes=0, disk_dir=str(tmp_path), disk_bytes=3500)
     assert set(files_on_disk(tmp_path)) == {b for b, _, _ in blocks[-3:]}
-    assert second.stats()["disk_bytes"] == 3000
+    assert second.stats()["disk_bytes"] == 3 * file_size(1000)
 
 
 def test_disk_hit_refreshes_the_order_kept_across_restarts(store, make_cache, tmp_path):
@@ -627,4 +664,5 @@ def test_stats_count_every_level(store, make_cache, tmp_path):
     cache.get(a[0], a[2])  # disk; evicts b from memory
     cache.insert(protocol.new_block_id(), protocol.EMPTY_CHECKSUM, b"")  # 0 bytes
     assert cache.stats() == {"hits_memory": 1, "hits_disk": 1, "misses": 2, "fetches": 2,
-                             "evictions": 2, "memory_bytes": 1000, "disk_bytes": 2000}
+                             "evictions": 2, "memory_bytes": 1000,
+                             "disk_bytes": 2 * file_size(1000)}

@@ -965,9 +965,11 @@ def held_bytes(core, ino):
     length the metadata records."""
     live = core.flusher.live(ino)
     size = core.fs.getattr(ino).size
-    rows = {idx: ref.length for idx, ref in refs_of(core, ino).items()}
-    if live is not None:
-        with live.lock:
+    if live is None:
+        rows = {idx: ref.length for idx, ref in refs_of(core, ino).items()}
+    else:
+        with live.lock:  # uploads commit under it: the map and the dirty blocks agree
+            rows = {idx: ref.length for idx, ref in refs_of(core, ino).items()}
             for idx, blk in live.dirty.items():
                 rows[idx] = blk.base.length if blk.base is not None else len(blk.data)
     return sum(min(n, max(0, size - idx * BS)) for idx, n in rows.items())

@@ -373,9 +373,10 @@ class Filesystem:
         self._dir(ino)
         return self.metadata.child_names(ino)
 
-    def readdir_entries(self, ino: int) -> list[tuple[bytes, int]]:
-        """(name, inode number) of each entry, as `readdir`: the numbers come from the
-        query that lists the names (d_ino equals st_ino, at no extra cost)."""
+    def readdir_entries(self, ino: int) -> list[tuple[bytes, int, int]]:
+        """(name, inode number, file type) of each entry, as `readdir`: all from the query
+        that lists the names (d_ino equals st_ino; the type, kept with each entry, lets
+        `find` skip looking up what is not a directory), at no extra cost."""
         self._dir(ino)
         return self.metadata.child_entries(ino)
 

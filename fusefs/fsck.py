@@ -336,7 +336,7 @@ def _walk(md: Metadata, inodes: dict) -> tuple[set[int], list]:
     todo = [ROOT_INO]
     while todo:
         parent = todo.pop()
-        for name, ino in md.child_entries(parent):
+        for name, ino, _ in md.child_entries(parent):
             if ino not in inodes:
                 continue
             is_dir = stat.S_ISDIR(inodes[ino][0])

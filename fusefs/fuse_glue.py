@@ -219,16 +219,17 @@ class Mount(FUSE):
         return 0
 
     def readdir(self, path, buf, filler, offset, fip):
-        """Each entry with its inode number (d_ino equals st_ino under `use_ino`): one
-        reused stat buffer, of which libfuse reads only st_ino and st_mode."""
+        """Each entry with its inode number (d_ino equals st_ino under `use_ino`) and file
+        type (d_type, from st_mode: `find` looks up only the directories): one reused
+        stat buffer, of which libfuse reads only st_ino and st_mode."""
         name = None if path is None else path.decode(self.encoding)
         try:
             entries = self.operations.entries(name)
         except Exception as e:  # noqa: BLE001 - as above
             return -errno_of(e, "readdir", (name,))
         st = c_stat()
-        for entry, ino in entries:
-            st.st_ino = ino
+        for entry, ino, kind in entries:
+            st.st_ino, st.st_mode = ino, kind
             if filler(buf, entry, st if ino else None, 0) != 0:
                 break
         return 0

@@ -387,16 +387,17 @@ class FuseOps(Operations):
         return 0
 
     @_timed("readdir")
-    def entries(self, path) -> list[tuple[bytes, int]]:
-        """readdir's answer as (name, inode number) pairs, "." and ".." first (0: libfuse
-        fills in nothing for them). Raises what the core raises: for the glue."""
+    def entries(self, path) -> list[tuple[bytes, int, int]]:
+        """readdir's answer as (name, inode number, file type) triples, "." and ".." first
+        (0: libfuse fills in nothing for them). Raises what the core raises: for the
+        glue."""
         ino = self.paths.resolve(path)
-        return [(b".", 0), (b"..", 0)] + self.fs.readdir_entries(ino)
+        return [(b".", 0, 0), (b"..", 0, 0)] + self.fs.readdir_entries(ino)
 
     @_glue_op
     def readdir(self, path, fh):
-        return [(_s(name), {"st_ino": ino} if ino else None, 0)
-                for name, ino in self.entries(path)]
+        return [(_s(name), {"st_ino": ino, "st_mode": kind} if ino else None, 0)
+                for name, ino, kind in self.entries(path)]
 
     # -- files ------------------------------------------------------------------------------
 

@@ -79,6 +79,7 @@ CREATE TABLE IF NOT EXISTS inodes (
     rdev INTEGER NOT NULL DEFAULT 0, target BLOB);
 CREATE TABLE IF NOT EXISTS dentries (
     parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL,
+    kind INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (parent, name)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dentries_by_ino ON dentries (ino);
 CREATE TABLE IF NOT EXISTS blocks (
@@ -226,6 +227,10 @@ class Metadata:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
+        if "kind" not in {r[1] for r in db.execute("PRAGMA table_info(dentries)")}:
+            # A database from before entries carried their file type: theirs stay unknown
+            # (0; readdir then leaves the type to a lookup, as before).
+            db.execute("ALTER TABLE dentries ADD COLUMN kind INTEGER NOT NULL DEFAULT 0")
         return db
 
     def close(self) -> None:
@@ -536,11 +541,12 @@ class Metadata:
             return [r[0] for r in self._db.execute(
                 "SELECT name FROM dentries WHERE parent=? ORDER BY name", (parent,))]
 
-    def child_entries(self, parent: int) -> list[tuple[bytes, int]]:
-        """(name, inode number) of the entries in a directory, in name order: one query."""
+    def child_entries(self, parent: int) -> list[tuple[bytes, int, int]]:
+        """(name, inode number, file type: its mode's S_IFMT bits, 0 if unknown) of the
+        entries in a directory, in name order: one query of the entries alone."""
         with self._lock:
             return self._db.execute(
-                "SELECT name, ino FROM dentries WHERE parent=? ORDER BY name",
+                "SELECT name, ino, kind FROM dentries WHERE parent=? ORDER BY name",
                 (parent,)).fetchall()
 
     def has_children(self, parent: int) -> bool:
@@ -874,7 +880,7 @@ def _op_create(db, ino, parent, name, mode, uid, gid, rdev, target, t):
     db.execute("INSERT INTO inodes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                (ino, mode, uid, gid, 2 if is_dir else 1,
                 len(target) if target is not None else 0, t, t, t, rdev, target))
-    db.execute("INSERT INTO dentries VALUES (?,?,?)", (parent, name, ino))
+    db.execute("INSERT INTO dentries VALUES (?,?,?,?)", (parent, name, ino, stat.S_IFMT(mode)))
     db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=?, nlink=nlink+? WHERE ino=?",
                (t, t, 1 if is_dir else 0, parent))
 
@@ -882,7 +888,8 @@ def _op_create(db, ino, parent, name, mode, uid, gid, rdev, target, t):
 @_op("link", inodes=lambda ino, parent, *_: (ino, parent),
      names=lambda ino, parent, name, *_: (((parent, name), ino),))
 def _op_link(db, ino, parent, name, t):
-    db.execute("INSERT INTO dentries VALUES (?,?,?)", (parent, name, ino))
+    db.execute("INSERT INTO dentries SELECT ?, ?, ?, COALESCE((SELECT mode & ? FROM inodes "
+               "WHERE ino=?), 0)", (parent, name, ino, stat.S_IFMT(0o177777), ino))
     db.execute("UPDATE inodes SET nlink=nlink+1, ctime_ns=? WHERE ino=?", (t, ino))
     db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=? WHERE ino=?", (t, t, parent))
 

@@ -339,3 +339,34 @@ def test_records_keep_their_bytes_and_old_records_replay_to_the_same_state(tmp_p
     finally:
         a.close()
         b.close()
+
+
+def test_entries_carry_their_file_type_and_an_older_database_gains_the_column(tmp_path):
+    """Each entry records its inode's file type (create: from the mode; link: from the
+    inode), kept by rename. A database from before has no such column: it is added at
+    open, its old entries read as type 0 (unknown: readdir leaves it to a lookup)."""
+    path = str(tmp_path / "old.db")
+    md = Metadata(path)
+    md.format(0, 0)
+    d = md.create(ROOT_INO, b"d", stat.S_IFDIR | 0o755, 0, 0).ino
+    f = md.create(d, b"f", FILE, 0, 0).ino
+    md.create(ROOT_INO, b"s", stat.S_IFLNK | 0o777, 0, 0, target=b"d/f")
+    md.link(f, ROOT_INO, b"h")
+    md.rename(d, b"f", ROOT_INO, b"g", f, False, None, False)
+    assert md.child_entries(ROOT_INO) == [(b"d", d, stat.S_IFDIR), (b"g", f, stat.S_IFREG),
+                                          (b"h", f, stat.S_IFREG),
+                                          (b"s", f + 1, stat.S_IFLNK)]
+    md.close()
+    db = sqlite3.connect(path)  # the table as an older version made it
+    db.executescript("CREATE TABLE old AS SELECT parent, name, ino FROM dentries; "
+                     "DROP TABLE dentries; CREATE TABLE dentries (parent INTEGER NOT NULL, "
+                     "name BLOB NOT NULL, ino INTEGER NOT NULL, PRIMARY KEY (parent, name)) "
+                     "WITHOUT ROWID; INSERT INTO dentries SELECT * FROM old; DROP TABLE old;")
+    db.close()
+    md = Metadata(path)
+    try:
+        assert [k for _, _, k in md.child_entries(ROOT_INO)] == [0, 0, 0, 0]
+        new = md.create(ROOT_INO, b"new", FILE, 0, 0).ino
+        assert (b"new", new, stat.S_IFREG) in md.child_entries(ROOT_INO)
+    finally:
+        md.close()

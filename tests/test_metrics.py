@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 
 import pytest
 import requests
@@ -227,3 +228,34 @@ def test_reading_a_directory_in_name_order_fetches_its_files_in_batches(fusefs_m
     singles, batches = requests_to("GET", "block"), requests_to("POST", "batch_get")
     assert batches >= 2, (singles, batches)  # 200 files: at least two steps ahead
     assert singles <= 50, (singles, batches)  # one per file without read-ahead: 200
+
+
+def test_a_cold_find_looks_up_directories_only(fusefs_mount, tmp_path):
+    """readdir reports each entry's file type, so a cold `find` (new mount, kernel caches
+    empty) learns from the listings which entries are directories and looks up only
+    those, not every file: one LOOKUP (a getattr here) per directory instead of one per
+    entry. A symlink and a hard link (the link record takes its type from the inode) are
+    listed with their types too."""
+    m = fusefs_mount()
+    root = os.path.join(m.path, "tree")
+    dirs = [os.path.join(root, f"d{i}") for i in range(4)]
+    for d in dirs:
+        os.makedirs(d)
+        for j in range(30):
+            with open(os.path.join(d, f"f{j:02d}"), "wb") as f:
+                f.write(b"x")
+    os.symlink("d0/f00", os.path.join(root, "sym"))
+    os.link(os.path.join(dirs[0], "f00"), os.path.join(root, "hard"))
+    m.umount()
+    port = free_port()
+    m.mount("--metrics", f"127.0.0.1:{port}", cache_dir=str(tmp_path / "empty-cache"))
+    before = op_count(scrape(port), "getattr")
+    found = subprocess.run(["find", root, "-type", "f"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    lookups = op_count(scrape(port), "getattr") - before
+    assert len(found) == 4 * 30 + 1  # the hard link is a file; the symlink is not
+    assert lookups < 30, lookups  # 1 per directory (and the root); 126 without types
+    with os.scandir(root) as listing:
+        kinds = {e.name: (e.is_dir(follow_symlinks=False), e.is_symlink()) for e in listing}
+    assert kinds == {**{f"d{i}": (True, False) for i in range(4)}, "sym": (False, True),
+                     "hard": (False, False)}

@@ -8,7 +8,6 @@ Targets, all on the same disk under one work directory (default /var/tmp):
 
   floor        benchmarks/floor.py: an in-memory fusepy filesystem with fusefs's glue and
                mount options, the fastest any filesystem on fusepy + libfuse 2 can be
-               (not in the default list: `--targets floor,...`)
   passthrough  benchmarks/passthrough.py: the ceiling for a Python FUSE filesystem
   fusefs       `python -m fusefs up DIR` at its defaults (3 local block servers, R=3, W=2)
   moosefs      a master and 3 chunkservers, goal 3, in a private network namespace
@@ -55,7 +54,6 @@ from fusefs.daemon import MountConfig  # noqa: E402
 from peers import GlusterFS, MooseFS  # noqa: E402
 
 TARGETS = ("floor", "passthrough", "fusefs", "moosefs", "glusterfs")
-DEFAULT_TARGETS = ("passthrough", "fusefs", "moosefs", "glusterfs")  # floor: on request
 TARGET_ALIASES = {"pt": "passthrough", "mfs": "moosefs", "gluster": "glusterfs",
                   **{t: t for t in TARGETS}}
 PEERS = ("floor", "passthrough", "moosefs", "glusterfs")  # fusefs / each of these
@@ -370,8 +368,7 @@ def parse_args(argv=None):
                         "stays 4x the dirty limit, that being the point of its row)")
     p.add_argument("--rounds", type=int, default=2, help="rounds (default 2)")
     p.add_argument("--targets", default="", metavar="T[,T...]",
-                   help=f"targets to run ({', '.join(TARGETS)}; pt, mfs, gluster); default "
-                        f"all but floor ({', '.join(DEFAULT_TARGETS)})")
+                   help=f"targets to run ({', '.join(TARGETS)}; pt, mfs, gluster); default all")
     p.add_argument("--only", default="", metavar="G[,G...]",
                    help=f"workload groups to run ({', '.join(GROUPS)}); default all")
     p.add_argument("--large", type=fs_bench.parse_size, default=4 * DIRTY_LIMIT,
@@ -397,7 +394,7 @@ def parse_args(argv=None):
         args.rounds = 1
         args.files, args.small_files = min(args.files, 1000), min(args.small_files, 500)
         args.ops = min(args.ops, 500)
-    args.targets = pick(p, "--targets", args.targets, TARGET_ALIASES, TARGETS, DEFAULT_TARGETS)
+    args.targets = pick(p, "--targets", args.targets, TARGET_ALIASES, TARGETS)
     args.groups = pick(p, "--only", args.only, {g: g for g in GROUPS}, GROUPS)
     if min(args.rounds, args.ops, args.files, args.small_files) < 1:
         p.error("--rounds, --ops, --files and --small-files must be >= 1")
@@ -408,16 +405,13 @@ def parse_args(argv=None):
     return args
 
 
-def pick(p, option: str, text: str, aliases: dict, allowed: tuple,
-         default: tuple = ()) -> list[str]:
-    """The names chosen in `text` (aliases resolved), in the order of `allowed`; when
-    none: `default`, or all of `allowed`."""
+def pick(p, option: str, text: str, aliases: dict, allowed: tuple) -> list[str]:
     chosen = []
     for token in filter(None, (x.strip().lower() for x in text.split(","))):
         if token not in aliases:
             p.error(f"{option}: unknown {token!r}; choose from {', '.join(allowed)}")
         chosen.append(aliases[token])
-    return [x for x in allowed if x in (chosen or default or allowed)]
+    return [x for x in allowed if x in chosen] if chosen else list(allowed)
 
 
 def make_targets(args) -> list:

@@ -38,9 +38,10 @@ FUSE glue and options, as fusefs mounts (fusefs/fuse_glue.py, fusefs/fuse_ops.py
 Differences from fusefs, each in favour of this one (it is a floor):
   - keep_cache is set on every open of a file with one name (fusefs keeps the page cache
     only when the file did not change since this path last opened it);
-  - readdir reports each entry's file type as well as its inode number (fusefs's glue sets
-    only the inode number), so `find` learns from the listing which entries are
-    directories and need not look the others up. `--no-dtype` answers like fusefs.
+  - (not a difference since fusefs's c1867d8) readdir gives each entry's file type with
+    its inode number, so `find` learns from the listing which entries are directories and
+    looks nothing else up; fusefs's glue set only the inode number before. `--no-dtype`
+    leaves the types out, as fusefs did then, to measure what they are worth.
   - hard links are supported, but nothing refreshes the kernel's attributes of a file's
     other names after a change (fusefs's AttrRefresher does): correct for the benchmark's
     workloads, which never change a hard-linked file.
@@ -499,8 +500,8 @@ def main(argv=None) -> int:
     p.add_argument("state", help="file the tree is loaded from (if it exists) and saved to")
     p.add_argument("mountpoint", help="an existing directory")
     p.add_argument("--no-dtype", dest="dtype", action="store_false",
-                   help="report no file types in readdir, as fusefs does (to measure what "
-                        "they are worth to find)")
+                   help="report no file types in readdir, as fusefs did before c1867d8 "
+                        "(to measure what they are worth to find)")
     p.add_argument("--debug", action="store_true", help="libfuse debug output")
     p.add_argument("-o", dest="options", default="", metavar="OPT[,OPT...]",
                    help="override or add FUSE options, e.g. -o entry_timeout=0")

@@ -22,8 +22,8 @@ Three measurements, each reported in microseconds per directory entry:
   find         (--find) the source tree of compare.py untarred into a floor.py mount,
                which is then made cold (unmounted, caches dropped, mounted), and `find .`
                timed: once with file types in readdir (floor.py's default), once without
-               (`--no-dtype`, as fusefs answers). Without them, find must look up every
-               entry to learn whether it is a directory: one LOOKUP round trip per entry.
+               (`--no-dtype`, as fusefs did before c1867d8). Without them, find must look
+               up every entry to learn whether it is a directory: a LOOKUP per entry.
 
 Everything this starts (the floor process, its mount, the work directory) is removed at
 the end, also on Ctrl-C. Must run as root (for the mount's allow_other, like compare.py).
@@ -171,7 +171,7 @@ def find_cost(work: str) -> dict:
     entries, _ = compare.make_tarball(tarball, quick=False)
     out = {}
     for label, flags in (("cold find, file types in readdir", []),
-                         ("cold find, no file types (as fusefs)", ["--no-dtype"])):
+                         ("cold find, no file types in readdir", ["--no-dtype"])):
         sub = os.path.join(work, f"find-{len(out)}")
         os.mkdir(sub)
         floor = fs_bench.Floor(sub)

@@ -93,16 +93,20 @@ def _lock_state_dir(state_dir: str):
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
-def _stop_on_signal(mountpoint: str, finish) -> None:
-    """SIGTERM/SIGINT: upload everything, then unmount, which ends the FUSE loop.
+def _stop_on_signal(mountpoint: str, finish) -> threading.Event:
+    """SIGTERM/SIGINT: upload everything, then unmount, which ends the FUSE loop. Returns
+    the event set once a signal started that.
 
     `run` blocked the signals before starting any thread, so every thread inherits the
     mask (libfuse's too) and only this waiting thread takes them.
     """
+    stopping = threading.Event()
+
     def wait():
         received = signal.sigwait(_STOP_SIGNALS)
         log.info("received %s: uploading everything, then unmounting",
                  signal.Signals(received).name)
+        stopping.set()
         finish()
         if not mounts.unmount(mountpoint, lazy=True):
             log.error("could not unmount %s; unmount it by hand", mountpoint)
@@ -112,6 +116,7 @@ def _stop_on_signal(mountpoint: str, finish) -> None:
         mounts.mark_detached(mountpoint)
 
     threading.Thread(target=wait, name="signals", daemon=True).start()
+    return stopping
 
 
 _libc = ctypes.CDLL(None)  # the C library: malloc_trim
@@ -230,13 +235,21 @@ def _mount(config: MountConfig, stack, sb, fs: Filesystem, finish, meter=None) -
                         "kernel will cache no attributes, which makes metadata slower")
     ops = FuseOps(fs, on_destroy=finish, refresher=refresher, meter=meter)
     fs.subscribe(ops.forget_paths)  # a follower's changes
-    _stop_on_signal(config.mountpoint, finish)
+    stopping = _stop_on_signal(config.mountpoint, finish)
     options = mount_options(config.read_only, config.fuse_options,
                             cache_attributes=refresher is not None)
     log.info("mounting filesystem %s at %s (%d servers, R=%d, W=%d)", sb.fs_id,
              config.mountpoint, len(config.members), sb.replicas, sb.write_quorum)
     mountpoint = os.fsencode(os.path.abspath(config.mountpoint)).decode("latin-1")
-    Mount(ops, mountpoint, raw_fi=True, foreground=True, encoding="latin-1", **options)
+    try:
+        Mount(ops, mountpoint, raw_fi=True, foreground=True, encoding="latin-1", **options)
+    except RuntimeError as e:  # fusepy: libfuse's loop returned an error
+        if not stopping.is_set():
+            raise
+        # After a signal's lazy unmount, the kernel may end the session by aborting the
+        # connection (libfuse reads ECONNABORTED, not ENODEV, and returns 1): everything
+        # was uploaded before the unmount, and again at the session's end (destroy).
+        log.info("the FUSE session ended with status %s after the unmount", e)
     log.info("unmounted %s", config.mountpoint)
 
 

@@ -388,22 +388,28 @@ def test_umount_waits_for_dirty_data(fusefs_mount):
     check_files(expected)
 
 
-def test_sigterm_to_the_daemon_flushes_and_unmounts(fusefs_mount):
-    m = fusefs_mount()
-    expected, fds = write_dirty(m.path, 5)
+def sigterm_then_check(m, seed: int, open_files: int, while_detached=lambda: None) -> None:
+    """Dirty files, some open; SIGTERM the daemon: it uploads everything, then detaches
+    the mount and serves the descriptors still open until they are closed, then exits.
+    `while_detached` runs between the detach and the closes. Then a new mount, with an
+    empty block cache, reads every file back."""
+    expected, fds = write_dirty(m.path, seed, open_files=open_files)
     pid = m.daemon_pid()
     assert pid
     try:
         os.kill(pid, signal.SIGTERM)
-        # The daemon uploads everything first, then detaches the mount; it serves the
-        # descriptors still open on it until they are closed, then exits.
         wait_until(lambda: not m.mounted, "the mount to go away after SIGTERM")
+        while_detached()
     finally:
         close_dead(fds)
     wait_until(lambda: not alive(pid), "the daemon to exit once its descriptors closed")
     drop_block_cache(m)
     m.mount()
     check_files(expected)
+
+
+def test_sigterm_to_the_daemon_flushes_and_unmounts(fusefs_mount):
+    sigterm_then_check(fusefs_mount(), seed=5, open_files=4)
 
 
 def test_a_session_aborted_after_a_sigterm_unmount_ends_the_daemon_cleanly(fusefs_mount):
@@ -413,24 +419,15 @@ def test_a_session_aborted_after_a_sigterm_unmount_ends_the_daemon_cleanly(fusef
     `abort` file unless the kernel did it first: the daemon, its data uploaded before the
     unmount, logs no traceback (the log policy checks) and exits."""
     m = fusefs_mount()
-    expected, fds = write_dirty(m.path, 11, open_files=2)
     connection = os.minor(os.stat(m.path).st_dev)
-    pid = m.daemon_pid()
-    assert pid
-    try:
-        os.kill(pid, signal.SIGTERM)
-        wait_until(lambda: not m.mounted, "the mount to go away after SIGTERM")
+
+    def abort():
         try:
             with open(f"/sys/fs/fuse/connections/{connection}/abort", "w") as f:
                 f.write("1")
         except FileNotFoundError:
             pass  # the kernel ended the session itself (this one aborts it at times)
-    finally:
-        close_dead(fds)
-    wait_until(lambda: not alive(pid), "the daemon to exit once its session was aborted")
-    drop_block_cache(m)
-    m.mount()
-    check_files(expected)
+    sigterm_then_check(m, seed=11, open_files=2, while_detached=abort)
 
 
 def test_remount_right_after_a_sigterm_unmount(fusefs_mount):

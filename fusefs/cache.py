@@ -42,11 +42,12 @@ PREFETCH_QUEUE = 256  # read-ahead requests waiting for a thread; more are dropp
 PREFETCH_BATCH = 64  # blocks per batch read-ahead request (prefetch_batch)
 _BAD = object()  # a disk cache file that is torn, not ours, or failed verification
 # A block's file in the disk cache: its bytes, then the xxh3-64 of each SEGMENT of them, then
-# TRAILER (magic, the block's length): a read of a few KiB of a cached 1 MiB block reads
-# and checks only the segments it needs.
+# TRAILER (magic, the block's xxh3-128 checksum, its length): a read of a few KiB of a
+# cached 1 MiB block reads and checks only the segments it needs, and the checksum in the
+# trailer ties them to the checksum the reader asked for.
 SEGMENT = 64 << 10
-TRAILER = struct.Struct("<8sQ")
-MAGIC = b"fusefsc1"
+TRAILER = struct.Struct("<8s16sQ")
+MAGIC = b"fusefsc2"
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -225,7 +226,7 @@ class BlockCache:
             on_disk = (block_id, checksum) not in self._flights and \
                 self._disk.touch(block_id)
         if on_disk:
-            data = self._read_disk_range(block_id, start, n)
+            data = self._read_disk_range(block_id, checksum, start, n)
             if data is not None:
                 with self._lock:
                     self._counts["hits_disk"] += 1
@@ -302,7 +303,7 @@ class BlockCache:
         flight.data = data
         self._land(key, flight)
         if flight.source == "misses":
-            self._write_disk(block_id, data)
+            self._write_disk(block_id, checksum, data)
         return data, flight.source
 
     def _fetch(self, block_id: str, checksum: str) -> bytes:
@@ -374,7 +375,7 @@ class BlockCache:
                     flight.data = data
                 self._land(key, flight)
                 if data is not None:
-                    self._write_disk(key[0], data)
+                    self._write_disk(key[0], key[1], data)
 
     # -- the disk level ---------------------------------------------------------------------
 
@@ -411,7 +412,7 @@ class BlockCache:
             if not self._disk.touch(block_id):
                 return None
         path = self._path(block_id)
-        data = self._read_file(path, lambda fd, length, _: os.pread(fd, length, 0))
+        data = self._read_file(path, checksum, lambda fd, length, _: os.pread(fd, length, 0))
         if data is not None and data is not _BAD and protocol.checksum(data) == checksum:
             try:
                 os.utime(path)  # the LRU order survives a restart
@@ -421,12 +422,14 @@ class BlockCache:
         self._drop_disk(block_id, path, data is not None)
         return None
 
-    def _read_disk_range(self, block_id: str, start: int, n: int) -> bytes | None:
-        """Bytes [start, start+n) of the block's file, the segments holding them checked
-        against their xxh3-64s; None if the file is missing or bad (a bad one is deleted).
-        Its last use is not recorded on disk (os.utime): a whole read does that."""
+    def _read_disk_range(self, block_id: str, checksum: str, start: int,
+                         n: int) -> bytes | None:
+        """Bytes [start, start+n) of the block's file, if its trailer names `checksum`, the
+        segments holding them checked against their xxh3-64s; None if the file is missing
+        or bad (a bad one is deleted). Its last use is not recorded on disk (os.utime): a
+        whole read does that."""
         path = self._path(block_id)
-        data = self._read_file(path, lambda fd, length, sums: _read_segments(
+        data = self._read_file(path, checksum, lambda fd, length, sums: _read_segments(
             fd, length, sums, start, n))
         if data is None or data is _BAD:
             self._drop_disk(block_id, path, data is _BAD)
@@ -434,10 +437,10 @@ class BlockCache:
         return data
 
     @staticmethod
-    def _read_file(path: str, read):
+    def _read_file(path: str, checksum: str, read):
         """read(fd, the block's length, its segment sums) on the block's file, after its
-        trailer was checked; None if the file is missing, _BAD if it is torn, not one of
-        ours, or read() found it bad."""
+        trailer was checked (ours, whole, written for `checksum`); None if the file is
+        missing, _BAD if the trailer is not right or read() found the file bad."""
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -449,9 +452,11 @@ class BlockCache:
             size = os.fstat(fd).st_size
             if size < TRAILER.size:
                 return _BAD
-            magic, length = TRAILER.unpack(os.pread(fd, TRAILER.size, size - TRAILER.size))
+            magic, named, length = TRAILER.unpack(
+                os.pread(fd, TRAILER.size, size - TRAILER.size))
             count = -(-length // SEGMENT)
-            if magic != MAGIC or size != length + 8 * count + TRAILER.size:
+            if magic != MAGIC or named.hex() != checksum or \
+                    size != length + 8 * count + TRAILER.size:
                 return _BAD
             sums = os.pread(fd, 8 * count, length)
             data = read(fd, length, sums)
@@ -469,7 +474,7 @@ class BlockCache:
             self._disk.pop(block_id)
         self._unlink(block_id)
 
-    def _write_disk(self, block_id: str, data: bytes) -> None:
+    def _write_disk(self, block_id: str, checksum: str, data: bytes) -> None:
         size = len(data) + 8 * -(-len(data) // SEGMENT) + TRAILER.size  # the file's
         if not self._dir or not self._disk.fits(size):
             return
@@ -484,7 +489,8 @@ class BlockCache:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 try:
-                    for part in (data, _segment_sums(data), TRAILER.pack(MAGIC, len(data))):
+                    trailer = TRAILER.pack(MAGIC, bytes.fromhex(checksum), len(data))
+                    for part in (data, _segment_sums(data), trailer):
                         view = memoryview(part)
                         while view:
                             view = view[os.write(fd, view):]

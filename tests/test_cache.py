@@ -76,7 +76,7 @@ def cache_file(disk_dir, block_id) -> str:
 def file_size(n: int) -> int:
     """The size of a block of n bytes in the disk cache: its bytes, an 8-byte sum per 64 KiB
     segment, a 16-byte trailer."""
-    return n + 8 * -(-n // (64 << 10)) + 16
+    return n + 8 * -(-n // (64 << 10)) + 32
 
 
 def files_on_disk(disk_dir) -> dict[str, int]:
@@ -281,6 +281,12 @@ def test_a_part_of_a_disk_cached_block_reads_and_checks_only_its_segments(
     assert "failed verification" in caplog.text and store.gets == 2
     assert bytes(cache.get_range(block_id, checksum, 4 * seg, 100)) == data[4 * seg:4 * seg + 100]
     assert store.gets == 2 and cache.stats()["hits_disk"] == 4  # the file was replaced
+    # Asked for under another checksum (bytes no block of this id ever had here), the
+    # file is not taken for them: the store answers (and refuses the wrong checksum).
+    other = protocol.checksum(b"other bytes")
+    with pytest.raises(errors.StorageError):
+        cache.get_range(block_id, other, 0, 100)
+    assert store.gets == 3
 
 
 def test_file_deleted_behind_the_cache_is_a_miss(store, make_cache, tmp_path):

@@ -241,16 +241,24 @@ def _mount(config: MountConfig, stack, sb, fs: Filesystem, finish, meter=None) -
     log.info("mounting filesystem %s at %s (%d servers, R=%d, W=%d)", sb.fs_id,
              config.mountpoint, len(config.members), sb.replicas, sb.write_quorum)
     mountpoint = os.fsencode(os.path.abspath(config.mountpoint)).decode("latin-1")
+    serve_session(lambda: Mount(ops, mountpoint, raw_fi=True, foreground=True,
+                                encoding="latin-1", **options), stopping)
+    log.info("unmounted %s", config.mountpoint)
+
+
+def serve_session(serve, stopping: threading.Event) -> None:
+    """Run the FUSE session (`serve`, fusepy's Mount: returns when it ends). An error from
+    libfuse's loop (fusepy raises RuntimeError) once a stop signal started the unmount
+    (`stopping`) ends it like the unmount: the kernel may end the session by aborting the
+    connection (libfuse reads ECONNABORTED, not ENODEV, and returns 1), and everything was
+    uploaded before the unmount and again at the session's end (destroy). Before that, the
+    error is raised."""
     try:
-        Mount(ops, mountpoint, raw_fi=True, foreground=True, encoding="latin-1", **options)
-    except RuntimeError as e:  # fusepy: libfuse's loop returned an error
+        serve()
+    except RuntimeError as e:
         if not stopping.is_set():
             raise
-        # After a signal's lazy unmount, the kernel may end the session by aborting the
-        # connection (libfuse reads ECONNABORTED, not ENODEV, and returns 1): everything
-        # was uploaded before the unmount, and again at the session's end (destroy).
         log.info("the FUSE session ended with status %s after the unmount", e)
-    log.info("unmounted %s", config.mountpoint)
 
 
 def _start_scrubber(config: MountConfig, stack, transport, lease: Lease):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import random
 import shutil
@@ -29,6 +30,8 @@ import threading
 import time
 
 import pytest
+
+from fusefs import daemon
 
 from .support import REPO, alive, read_through, sha256_of, wait_until
 
@@ -442,6 +445,21 @@ def test_a_session_aborted_after_a_sigterm_ends_the_daemon_cleanly(fusefs_mount)
     finally:
         if mounted_here:
             subprocess.run(["umount", control], check=False)
+
+
+def test_an_error_ending_the_session_is_a_clean_end_only_after_a_stop_signal(caplog):
+    """The daemon's side of what CI met once: libfuse's loop returning an error (fusepy
+    raises RuntimeError) after a stop signal started the unmount ends the session like
+    the unmount, said at info level; before any signal it is raised, as a failure."""
+    def failing_session():
+        raise RuntimeError(1)
+    stopping = threading.Event()
+    with pytest.raises(RuntimeError):
+        daemon.serve_session(failing_session, stopping)
+    stopping.set()
+    with caplog.at_level(logging.INFO, logger="fusefs.daemon"):
+        daemon.serve_session(failing_session, stopping)
+    assert "ended with status 1 after the unmount" in caplog.text
 
 
 def test_remount_right_after_a_sigterm_unmount(fusefs_mount):

@@ -104,7 +104,10 @@ class Flusher:
         if live is not None:
             return live
         inode = self.metadata.inode(ino)
-        refs = self.metadata.block_refs(ino, 0, 2**62) if inode else {}
+        # An empty file stores nothing (a truncation drops every block row past its size):
+        # a new file's open reads no block map.
+        stored = inode is not None and (inode.size or inode.stored)
+        refs = self.metadata.block_refs(ino, 0, 2**62) if stored else {}
         live = FileData(ino, inode.size if inode else 0, inode.mtime_ns if inode else 0,
                       inode.ctime_ns if inode else 0, refs)
         with self._lock:

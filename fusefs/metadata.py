@@ -67,6 +67,9 @@ ROOT_INO = 1
 GROUP_SECONDS = 0.01  # the longest a change waits for its group's COMMIT
 MAX_CACHED_INODES = 100_000
 MAX_CACHED_NAMES = 200_000
+# A directory with at most this many entries is read whole (names and inode rows, one
+# query) at its first lookup or listing; a larger one is looked up name by name.
+DIR_LOAD_MAX = 16_384
 _UNKNOWN = object()  # not in the cache of names (None there means: known to be absent)
 
 _SCHEMA = """
@@ -173,8 +176,12 @@ def now_ns() -> int:
 
 
 def _free_ino(db: sqlite3.Connection) -> int:
-    """The number after the highest inode in use (1 in an empty database)."""
-    return db.execute("SELECT COALESCE(MAX(ino), 0) + 1 FROM inodes").fetchone()[0]
+    """The number after the highest inode in use (1 in an empty database). Block-map rows
+    left without their inode (fsck reports them) count as in use: a new inode never has
+    block rows, which the row cache relies on (`_create_rows`)."""
+    return db.execute("SELECT COALESCE(MAX(m), 0) + 1 FROM (SELECT MAX(ino) AS m FROM inodes "
+                      "UNION ALL SELECT MAX(ino) FROM blocks UNION ALL SELECT MAX(ino) "
+                      "FROM patches)").fetchone()[0]
 
 
 class Metadata:
@@ -207,6 +214,10 @@ class Metadata:
         # Directory entries looked up lately: (parent, name) -> ino, or None for a name
         # known to be absent (the kernel looks up every name before creating it):
         self._names: dict[tuple[int, bytes], int | None] = {}
+        # Directories whose every entry is in _names (read whole, or created empty since):
+        # a name not there is absent, with no query. Larger directories, not to read whole:
+        self._complete: set[int] = set()
+        self._too_big: set[int] = set()
         # Every inode that may have extended attributes (a superset: only set_xattr adds
         # rows, and it adds the inode here), so that the getxattr the kernel makes before
         # every write to a file without any is answered without a query; None: not known
@@ -313,13 +324,27 @@ class Metadata:
 
     def _learn(self, spec: Op, args: tuple) -> None:
         """Expects _lock: a change `spec` with `args` was applied; update the caches with
-        what it declares it wrote (the rows it may have written are forgotten, the names
-        it wrote are known)."""
-        for ino in spec.inodes(*args):
-            self._rows.pop(ino, None)
+        what it declares it wrote (the rows it may have written are forgotten, or taken
+        as `spec.rows` computes them; the names it wrote are known)."""
+        rows = self._rows
+        if spec.rows is None:
+            for ino in spec.inodes(*args):
+                rows.pop(ino, None)
+        else:
+            if len(rows) >= MAX_CACHED_INODES:
+                rows.clear()
+            for ino, row in spec.rows(rows.get, *args).items():
+                if row is None:
+                    rows.pop(ino, None)
+                else:
+                    rows[ino] = row
         if len(self._names) >= MAX_CACHED_NAMES:
-            self._names.clear()
+            self._forget_names()
         self._names.update(spec.names(*args))
+        if spec.new_dir is not None:
+            made = spec.new_dir(*args)
+            if made is not None:
+                self._complete.add(made)
         if spec.xattr_owner is not None and self._xattr_inos is not None:
             self._xattr_inos.add(spec.xattr_owner(*args))
 
@@ -328,8 +353,14 @@ class Metadata:
         replay, a rollback): drop every cache. Runs no query: it is called on the way out
         of failures, where the database may be failing too."""
         self._rows.clear()
-        self._names.clear()
+        self._forget_names()
         self._xattr_inos = None
+
+    def _forget_names(self) -> None:
+        """Expects _lock."""
+        self._names.clear()
+        self._complete.clear()
+        self._too_big.clear()
 
     def _may_have_xattrs(self, ino: int) -> bool:
         """Expects _lock."""
@@ -526,14 +557,44 @@ class Metadata:
         key = (parent, name)
         with self._lock:
             ino = self._names.get(key, _UNKNOWN)
-            if ino is _UNKNOWN:
-                row = self._db.execute("SELECT ino FROM dentries WHERE parent=? AND name=?",
-                                       key).fetchone()
-                ino = row[0] if row else None
-                if len(self._names) >= MAX_CACHED_NAMES:
-                    self._names.clear()
-                self._names[key] = ino
+            if ino is not _UNKNOWN:
+                return ino
+            if parent in self._complete:
+                return None
+            if parent not in self._too_big and self._load_dir(parent):
+                return self._names.get(key)
+            row = self._db.execute("SELECT ino FROM dentries WHERE parent=? AND name=?",
+                                   key).fetchone()
+            ino = row[0] if row else None
+            if len(self._names) >= MAX_CACHED_NAMES:
+                self._forget_names()
+            self._names[key] = ino
         return ino
+
+    def _load_dir(self, parent: int) -> bool:
+        """Expects _lock: read a directory whole into the caches, its entries' names and
+        their inodes' rows, in one query, and mark it complete; False (and marked too big,
+        nothing kept) if it has more than DIR_LOAD_MAX entries. Reading the rows with the
+        names is what makes `du`, `ls -l` or `tar c` of a directory a query per directory
+        rather than two per entry."""
+        found = self._db.execute(
+            "SELECT d.name, i.*, (SELECT COALESCE(SUM(length), 0) FROM blocks b "
+            "WHERE b.ino=d.ino), d.ino FROM dentries d LEFT JOIN inodes i ON i.ino=d.ino "
+            "WHERE d.parent=? LIMIT ?", (parent, DIR_LOAD_MAX + 1)).fetchall()
+        if len(found) > DIR_LOAD_MAX:
+            self._too_big.add(parent)
+            return False
+        if len(self._names) + len(found) >= MAX_CACHED_NAMES:
+            self._forget_names()
+        if len(self._rows) + len(found) >= MAX_CACHED_INODES:
+            self._rows.clear()
+        names, rows = self._names, self._rows
+        for name, *row, ino in found:
+            names[(parent, name)] = ino
+            if row[0] is not None:  # a name without an inode row (fsck's to mend) is not
+                rows[ino] = tuple(row)
+        self._complete.add(parent)
+        return True
 
     def child_names(self, parent: int) -> list[bytes]:
         """The names in a directory, in name order."""
@@ -543,8 +604,12 @@ class Metadata:
 
     def child_entries(self, parent: int) -> list[tuple[bytes, int, int]]:
         """(name, inode number, file type: its mode's S_IFMT bits, 0 if unknown) of the
-        entries in a directory, in name order: one query of the entries alone."""
+        entries in a directory, in name order: one query of the entries alone (and, the
+        first time, one that reads the directory into the caches: `ls -l` and `du` look up
+        every name they list)."""
         with self._lock:
+            if parent not in self._complete and parent not in self._too_big:
+                self._load_dir(parent)
             return self._db.execute(
                 "SELECT name, ino, kind FROM dentries WHERE parent=? ORDER BY name",
                 (parent,)).fetchall()
@@ -656,17 +721,18 @@ class Metadata:
         return {idx: BlockRef(b, c, n, tuple(patches.get(idx, ())))
                 for idx, b, c, n in rows}
 
-    def blocks_after(self, parent: int, after: bytes, files: int,
-                     blocks: int) -> list[tuple[bytes, str, str, int]]:
+    def blocks_after(self, parent: int, after: bytes, files: int, blocks: int,
+                     including: bool = False) -> list[tuple[bytes, str, str, int]]:
         """(name, block id, checksum, length) of the first `blocks` blocks of each of the
-        next `files` entries of a directory after the name `after`, in name order (one
-        query): what a reader going through the directory in name order reads next."""
+        next `files` entries of a directory after the name `after` (from it on, if
+        `including`), in name order (one query): what a reader going through the
+        directory in name order reads next."""
         with self._lock:
             return self._db.execute(
                 "SELECT d.name, b.block_id, b.checksum, b.length FROM (SELECT name, ino "
-                "FROM dentries WHERE parent=? AND name>? ORDER BY name LIMIT ?) AS d "
-                "JOIN blocks AS b ON b.ino=d.ino AND b.idx<? ORDER BY d.name, b.idx",
-                (parent, after, files, blocks)).fetchall()
+                f"FROM dentries WHERE parent=? AND name{'>=' if including else '>'}? "
+                "ORDER BY name LIMIT ?) AS d JOIN blocks AS b ON b.ino=d.ino AND b.idx<? "
+                "ORDER BY d.name, b.idx", (parent, after, files, blocks)).fetchall()
 
     def data_before(self, parent: int, name: bytes) -> bool:
         """Whether an entry of the directory named before `name` has a block (one query)."""
@@ -844,7 +910,12 @@ class Op:
     these). `names(*args)`: every directory entry it writes, as ((parent, name), ino), ino
     None for a name now absent (the cache of names takes exactly these). `xattr_owner(*args)`:
     set only for an op that adds xattr rows, the inode that gets them (the set of inodes
-    that may have xattrs must include it).
+    that may have xattrs must include it). `rows(cached, *args)`, where given: the rows
+    (as `Metadata.inode` reads them) of every inode in `inodes(*args)` after the change,
+    None for one it cannot tell; `cached(ino)` is the row before it, or None if unknown.
+    It saves the next read of a row the change itself wrote (a new file, its directory).
+    `new_dir(*args)`, where given: the directory it created, empty (its names are all
+    known: none), or None.
     """
 
     name: str
@@ -852,17 +923,19 @@ class Op:
     inodes: Callable[..., tuple]
     names: Callable[..., tuple]
     xattr_owner: Callable[..., int] | None = None
+    rows: Callable[..., dict] | None = None
+    new_dir: Callable[..., int | None] | None = None
 
 
 _OPS: dict[str, Op] = {}  # the registry: a record's op name -> its Op
 
 
-def _op(name: str, *, inodes, names, xattr_owner=None):
+def _op(name: str, *, inodes, names, xattr_owner=None, rows=None, new_dir=None):
     """Declare the decorated function as the change `name` (see Op)."""
     def register(apply):
         if name in _OPS:
             raise ValueError(f"journal op {name!r} declared twice")
-        _OPS[name] = Op(name, apply, inodes, names, xattr_owner)
+        _OPS[name] = Op(name, apply, inodes, names, xattr_owner, rows, new_dir)
         return apply
     return register
 
@@ -873,8 +946,21 @@ def _op_format(db, uid, gid, mode, t):
                (ROOT_INO, stat.S_IFDIR | mode, uid, gid, 2, 0, t, t, t))
 
 
+def _create_rows(cached, ino, parent, name, mode, uid, gid, rdev, target, t):
+    """The rows `_op_create` writes: the new inode's whole (no blocks: `_free_ino`), and
+    its directory's from the cached one (times, link count), if that is known."""
+    up = 1 if stat.S_ISDIR(mode) else 0
+    rows = {ino: (ino, mode, uid, gid, 1 + up, len(target) if target is not None else 0,
+                  t, t, t, rdev, target, 0), parent: None}
+    old = cached(parent)
+    if old is not None:
+        rows[parent] = (*old[:4], old[4] + up, old[5], old[6], t, t, *old[9:])
+    return rows
+
+
 @_op("create", inodes=lambda ino, parent, *_: (ino, parent),
-     names=lambda ino, parent, name, *_: (((parent, name), ino),))
+     names=lambda ino, parent, name, *_: (((parent, name), ino),), rows=_create_rows,
+     new_dir=lambda ino, parent, name, mode, *_: ino if stat.S_ISDIR(mode) else None)
 def _op_create(db, ino, parent, name, mode, uid, gid, rdev, target, t):
     is_dir = stat.S_ISDIR(mode)
     db.execute("INSERT INTO inodes VALUES (?,?,?,?,?,?,?,?,?,?,?)",

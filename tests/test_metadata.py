@@ -140,10 +140,15 @@ def test_kill_9_keeps_a_gap_free_prefix_and_everything_synced(tmp_path):
         metadata.close()
 
 
-def test_cached_rows_names_and_xattr_owners_always_match_the_database(tmp_path):
-    """Every change forgets the rows it writes and records the names it writes: after each
-    step of a random sequence, each inode and each name as the caches answer equals what
-    the database holds, and every inode with xattrs is known to have them."""
+@pytest.mark.parametrize("load_max", [16_384, 3])
+def test_cached_rows_names_and_xattr_owners_always_match_the_database(tmp_path, monkeypatch,
+                                                                      load_max):
+    """Every change forgets or rewrites the rows it writes and records the names it writes;
+    a directory read whole (at a lookup or a listing, or created empty) answers absent
+    names from memory: after each step of a random sequence, each inode and each name as
+    the caches answer equals what the database holds, and every inode with xattrs is known
+    to have them. With a load limit of 3, most directories are too big to read whole."""
+    monkeypatch.setattr(metadata_module, "DIR_LOAD_MAX", load_max)
     core = Core(tmp_path / "metadata.db")
     fs, md = core.fs, core.md
     rng = random.Random(7)
@@ -154,7 +159,8 @@ def test_cached_rows_names_and_xattr_owners_always_match_the_database(tmp_path):
             parent = rng.choice(dirs)
             name = b"n%d" % rng.randrange(8)
             action = rng.choice(["create", "mkdir", "link", "unlink", "rename", "chmod",
-                                 "truncate", "xattr", "rmdir", "write", "o_trunc"])
+                                 "truncate", "xattr", "rmdir", "write", "o_trunc", "list",
+                                 "forget"])
             if action == "mkdir" and len(dirs) >= 3:
                 action = "link"  # few directories, so that names collide often
             try:
@@ -183,6 +189,13 @@ def test_cached_rows_names_and_xattr_owners_always_match_the_database(tmp_path):
                     fs.release(fs.open(fs.lookup(parent, name).ino, os.O_WRONLY | os.O_TRUNC))
                 elif action == "xattr":
                     fs.setxattr(fs.lookup(parent, name).ino, b"user.k", b"v%d" % step, 0)
+                elif action == "list":
+                    listed = [(n, i) for n, i, _ in fs.readdir_entries(parent)]
+                    assert listed == md._query("SELECT name, ino FROM dentries WHERE parent=? "
+                                               "ORDER BY name", (parent,))
+                elif action == "forget":  # as a replay or a rollback does
+                    with md._lock:
+                        md._forget_cached()
                 else:
                     ino = fs.lookup(parent, name).ino
                     fh = fs.open(ino, os.O_WRONLY)
@@ -197,7 +210,8 @@ def test_cached_rows_names_and_xattr_owners_always_match_the_database(tmp_path):
                 cached = md.inode(ino)  # its last field: the bytes its blocks hold
                 got = tuple(vars(cached).values()) if cached else None
                 assert got == (rows[0] if rows else None), f"step {step} ({action}): inode {ino}"
-            for d in dirs:  # every name that may exist, and some that never do
+            for d in rng.sample(dirs, (len(dirs) + 1) // 2):  # some not read since a forget
+                # every name that may exist, and some that never do
                 for name in [b"n%d" % i for i in range(9)]:
                     rows = md._query("SELECT ino FROM dentries WHERE parent=? AND name=?",
                                      (d, name))

@@ -40,6 +40,9 @@ log = logging.getLogger("fusefs.cache")
 
 PREFETCH_QUEUE = 256  # read-ahead requests waiting for a thread; more are dropped
 PREFETCH_BATCH = 64  # blocks per batch read-ahead request (prefetch_batch)
+# Bytes of fetched blocks waiting for the disk writer at most; a block beyond it is not
+# written to the disk level (it is in memory; the disk level is only a cache).
+DISK_BACKLOG = 64 << 20
 _BAD = object()  # a disk cache file that is torn, not ours, or failed verification
 # A block's file in the disk cache: its bytes, then the xxh3-64 of each SEGMENT of them, then
 # TRAILER (magic, the block's xxh3-128 checksum, its length): a read of a few KiB of a
@@ -150,8 +153,18 @@ class BlockCache:
         self._queued: set[tuple[str, str]] = set()  # read-ahead requests not yet started
         self._counts = dict.fromkeys(
             ("hits_memory", "hits_disk", "misses", "fetches", "evictions"), 0)
+        # Fetched blocks the disk writer has not written yet: id -> (checksum, bytes); a
+        # read takes them from here as from their file. `_written` tells when it empties.
+        self._pending: dict[str, tuple[str, bytes]] = {}
+        self._pending_bytes = 0
+        self._written = threading.Condition(self._lock)
+        self._writes: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer = None
         if self._dir:
             self._open_disk()
+            self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                            name="cache-disk-writer")
+            self._writer.start()
         self._stopping = threading.Event()
         self._queue: queue.Queue = queue.Queue(PREFETCH_QUEUE)
         self._threads = [threading.Thread(target=self._prefetch_loop, daemon=True,
@@ -212,6 +225,14 @@ class BlockCache:
                 log.debug("read-ahead queue full; dropped %d blocks", len(todo) - start)
                 return
 
+    def fetch_batch(self, items: list[tuple[str, str]]) -> None:
+        """Bring (id, checksum) pairs into the cache now, in this thread, with one batch
+        request per server for those not cached or coming (concurrent get() calls wait
+        for them). A block the batch does not bring is left to get(); nothing raises."""
+        for key in items:
+            _check_id(key[0])
+        self._fetch_batch(list(dict.fromkeys(items)))
+
     def get_range(self, block_id: str, checksum: str, start: int, n: int):
         """Bytes [start, start+n) of the block (fewer past its end), verified: from memory,
         else only the segments of its disk file that hold them (not kept in memory: a
@@ -223,6 +244,10 @@ class BlockCache:
             if entry is not None and entry[1] == checksum:
                 self._counts["hits_memory"] += 1
                 return memoryview(entry[0])[start:start + n]
+            entry = self._pending.get(block_id)
+            if entry is not None and entry[0] == checksum:
+                self._counts["hits_disk"] += 1
+                return memoryview(entry[1])[start:start + n]
             on_disk = (block_id, checksum) not in self._flights and \
                 self._disk.touch(block_id)
         if on_disk:
@@ -253,6 +278,7 @@ class BlockCache:
         with self._lock:
             self._memory.pop(block_id)
             self._disk.pop(block_id)
+            self._forget_pending(block_id)
         if self._dir:
             self._unlink(block_id)
 
@@ -261,8 +287,16 @@ class BlockCache:
             return dict(self._counts, memory_bytes=self._memory.total,
                         disk_bytes=self._disk.total)
 
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until every fetched block waiting for the disk writer is written (or found
+        not to fit); False if `timeout` seconds passed first."""
+        with self._lock:
+            return self._written.wait_for(lambda: not self._pending, timeout)
+
     def close(self) -> None:
-        """Stop read-ahead, dropping what is queued; waits at most about two seconds."""
+        """Stop read-ahead, dropping what is queued, and let the disk writer finish what it
+        was given; waits at most about two seconds for the first, ten for the second (what
+        is not written then is only missing from the cache)."""
         self._stopping.set()  # a thread checks it before each request it takes
         for _ in self._threads:
             try:
@@ -272,6 +306,9 @@ class BlockCache:
         deadline = time.monotonic() + 2.0
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        if self._writer is not None:
+            self._writes.put(None)
+            self._writer.join(10.0)
 
     # -- the read path ----------------------------------------------------------------------
 
@@ -303,7 +340,7 @@ class BlockCache:
         flight.data = data
         self._land(key, flight)
         if flight.source == "misses":
-            self._write_disk(block_id, checksum, data)
+            self._write_disk_later(block_id, checksum, data)
         return data, flight.source
 
     def _fetch(self, block_id: str, checksum: str) -> bytes:
@@ -375,7 +412,7 @@ class BlockCache:
                     flight.data = data
                 self._land(key, flight)
                 if data is not None:
-                    self._write_disk(key[0], key[1], data)
+                    self._write_disk_later(key[0], key[1], data)
 
     # -- the disk level ---------------------------------------------------------------------
 
@@ -407,8 +444,12 @@ class BlockCache:
                   len(self._disk.entries), self._disk.total, len(doomed))
 
     def _read_disk(self, block_id: str, checksum: str) -> bytes | None:
-        """The verified bytes of the block's file, or None (a bad file is deleted)."""
+        """The verified bytes of the block's file (or of the block waiting to be written
+        to it), or None (a bad file is deleted)."""
         with self._lock:
+            entry = self._pending.get(block_id)
+            if entry is not None and entry[0] == checksum:
+                return entry[1]
             if not self._disk.touch(block_id):
                 return None
         path = self._path(block_id)
@@ -473,6 +514,42 @@ class BlockCache:
         with self._lock:
             self._disk.pop(block_id)
         self._unlink(block_id)
+
+    def _write_disk_later(self, block_id: str, checksum: str, data: bytes) -> None:
+        """Give a fetched block to the disk writer: a file per block costs a few hundred
+        microseconds of file-system work that no reader or read-ahead should wait for."""
+        if self._writer is None:
+            return
+        with self._lock:
+            if block_id in self._pending or block_id in self._disk.entries \
+                    or self._pending_bytes + len(data) > DISK_BACKLOG:
+                return
+            self._pending[block_id] = (checksum, data)
+            self._pending_bytes += len(data)
+        self._writes.put(block_id)
+
+    def _write_loop(self) -> None:
+        """The disk writer: writes the blocks it is given in order (those not discarded
+        since), until close()."""
+        while (block_id := self._writes.get()) is not None:
+            with self._lock:
+                entry = self._pending.get(block_id)
+            if entry is None:
+                continue
+            try:
+                self._write_disk(block_id, *entry)
+            except Exception:  # noqa: BLE001 - the cache goes on without this file
+                log.exception("unexpected error writing block %s to the disk cache", block_id)
+            finally:
+                with self._lock:
+                    self._forget_pending(block_id)
+
+    def _forget_pending(self, block_id: str) -> None:
+        """Caller holds _lock."""
+        entry = self._pending.pop(block_id, None)
+        if entry is not None:
+            self._pending_bytes -= len(entry[1])
+            self._written.notify_all()
 
     def _write_disk(self, block_id: str, checksum: str, data: bytes) -> None:
         size = len(data) + 8 * -(-len(data) // SEGMENT) + TRAILER.size  # the file's

@@ -94,17 +94,32 @@ def store():
     return CountingStore()
 
 
+def _settling(cache, read):
+    def settled(*args):
+        try:
+            return read(*args)
+        finally:
+            assert cache.settle(10.0), "the disk writer did not finish in 10 s"
+    return settled
+
+
 @pytest.fixture
 def make_cache(store):
     """Factory for caches over `store`; every cache made is closed at teardown."""
     caches = []
 
-    def make(**kw):
+    def make(*, settled=True, **kw):
+        """settled: each get and get_range returns once the disk writer has written what
+        it fetched, so that a test sees the files (the tests of the writer itself say
+        settled=False)."""
         kw.setdefault("memory_bytes", 1 << 20)
         kw.setdefault("disk_dir", None)
         kw.setdefault("disk_bytes", 0)
         cache = BlockCache(kw.pop("store", store), **kw)
         caches.append(cache)
+        if settled:
+            for name in ("get", "get_range"):
+                setattr(cache, name, _settling(cache, getattr(cache, name)))
         return cache
 
     try:
@@ -602,6 +617,7 @@ def test_batch_read_ahead_skips_what_is_cached_or_coming(make_cache, tmp_path):
     store.batch_gate.set()
     wait_until(lambda: cache.stats()["fetches"] == 2, "the batch to land")
     assert store.batches == 1 and store.gets == 1  # the get() of `cached` only
+    assert cache.settle(10.0)
     assert fresh[0] in files_on_disk(str(tmp_path))  # fetched blocks reach the disk level
 
 
@@ -672,3 +688,86 @@ def test_stats_count_every_level(store, make_cache, tmp_path):
     assert cache.stats() == {"hits_memory": 1, "hits_disk": 1, "misses": 2, "fetches": 2,
                              "evictions": 2, "memory_bytes": 1000,
                              "disk_bytes": 2 * file_size(1000)}
+
+
+def _held_writer(cache, monkeypatch) -> threading.Event:
+    """Hold the cache's disk writer before each file it writes until the event is set."""
+    go = threading.Event()
+    write = cache._write_disk
+
+    def held(*args):
+        assert go.wait(30), "the test never let the disk writer go"
+        write(*args)
+
+    monkeypatch.setattr(cache, "_write_disk", held)
+    return go
+
+
+def test_a_fetch_does_not_wait_for_its_disk_file(store, make_cache, tmp_path, monkeypatch):
+    """A fetched block is written to the disk level by the disk writer, after get() returned:
+    while it waits, reads of it (whole or a range) come from the waiting copy, even when
+    memory has dropped it, and nothing is fetched twice; close() writes it, and a new cache
+    on the directory finds it."""
+    cache = make_cache(settled=False, memory_bytes=0, disk_dir=str(tmp_path),
+                       disk_bytes=1 << 20)
+    go = _held_writer(cache, monkeypatch)
+    block_id, data, checksum = stored(store)
+    assert cache.get(block_id, checksum) == data
+    assert not os.path.exists(cache_file(tmp_path, block_id))
+    assert cache.get(block_id, checksum) == data  # memory holds nothing (memory_bytes=0)
+    assert bytes(cache.get_range(block_id, checksum, 10, 20)) == data[10:30]
+    assert store.gets == 1
+    assert cache.stats()["hits_disk"] == 2
+    assert not cache.settle(0.2)  # the writer is held
+    go.set()
+    cache.close()
+    assert files_on_disk(tmp_path) == {block_id: file_size(len(data))}
+    again = make_cache(disk_dir=str(tmp_path), disk_bytes=1 << 20)
+    assert again.get(block_id, checksum) == data
+    assert store.gets == 1 and again.stats()["hits_disk"] == 1
+
+
+def test_the_disk_writer_backlog_is_bounded(store, make_cache, tmp_path, monkeypatch):
+    """Blocks beyond DISK_BACKLOG bytes waiting for the disk writer are not written to the
+    disk level (memory still has them): a slow disk never holds more than the bound."""
+    monkeypatch.setattr("fusefs.cache.DISK_BACKLOG", 2500)
+    cache = make_cache(settled=False, disk_dir=str(tmp_path), disk_bytes=1 << 20)
+    go = _held_writer(cache, monkeypatch)
+    blocks = [stored(store) for _ in range(4)]  # 1,000 bytes each: two fit, then none
+    for block_id, data, checksum in blocks:
+        assert cache.get(block_id, checksum) == data
+    go.set()
+    assert cache.settle(10.0)
+    assert sorted(files_on_disk(tmp_path)) == sorted(b for b, _, _ in blocks[:2])
+    for block_id, data, checksum in blocks:  # all in memory
+        assert cache.get(block_id, checksum) == data
+    assert store.gets == 4
+
+
+def test_fetch_batch_brings_blocks_before_it_returns(make_cache):
+    """fetch_batch: one batch request for what is neither cached nor coming, done when it
+    returns; a block the batch did not bring is left to get()."""
+    store = BatchStore()
+    cache = make_cache(store=store)
+    cached, fresh, left_out = stored(store), stored(store), stored(store)
+    cache.get(cached[0], cached[2])
+    store.batch_skips = {left_out[0]}
+    cache.fetch_batch([(b, c) for b, _, c in (cached, fresh, left_out, fresh)])
+    assert (store.batches, store.gets) == (1, 1)  # the batch, and the first get()
+    assert cache.stats()["fetches"] == 2
+    for block_id, data, checksum in (cached, fresh, left_out):
+        assert cache.get(block_id, checksum) == data
+    assert (store.batches, store.gets) == (1, 2)  # left_out, fetched by get()
+
+
+def test_a_block_discarded_while_waiting_for_the_disk_writer_is_not_written(
+        store, make_cache, tmp_path, monkeypatch):
+    cache = make_cache(settled=False, disk_dir=str(tmp_path), disk_bytes=1 << 20)
+    go = _held_writer(cache, monkeypatch)
+    (a, _, a_sum), (b, _, b_sum) = stored(store), stored(store)
+    cache.get(a, a_sum)  # the writer takes it and waits
+    cache.get(b, b_sum)  # waits for the writer
+    cache.discard(b)
+    go.set()
+    assert cache.settle(10.0)
+    assert set(files_on_disk(tmp_path)) == {a}

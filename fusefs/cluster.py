@@ -35,6 +35,7 @@ across a request.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import threading
@@ -54,6 +55,7 @@ from .transport import Member, Transport, wrong_server
 log = logging.getLogger("fusefs.cluster")
 
 HEARTBEAT = 2.0  # seconds between status requests to every usable server
+SMALL_BATCH = 32  # a batch read of at most this many blocks goes to as few servers as can
 
 # Failures that say something about the server rather than about one block.
 _SERVER_FAILURES = (errors.Unavailable, errors.WrongServer, errors.AuthenticationFailed)
@@ -580,10 +582,7 @@ class ReplicatedStore(BlockStore):
         if len(items) <= 1:
             return {b: self.get(b, c) for b, c in items}
         expected = dict(items)
-        plans: dict[str, list[str]] = {}
-        for block_id, _ in items:
-            first = self._by_preference(self.ranking(block_id)[:self.config.replicas])[0]
-            plans.setdefault(first.id, []).append(block_id)
+        plans = self._read_plan(list(expected))
         pending = {}
         for member_id, ids in plans.items():
             for start in range(0, len(ids), self.config.batch_items):
@@ -611,6 +610,33 @@ class ReplicatedStore(BlockStore):
         for future, block_id in fallbacks.items():
             found[block_id] = future.result()
         return found
+
+    def _read_plan(self, block_ids: list[str]) -> dict[str, list[str]]:
+        """Server id -> the blocks of a batch read to ask it for. A batch of up to
+        SMALL_BATCH blocks goes to as few usable servers as hold them all (greedily: the
+        one holding most of what is left, ties to the first block's preferred one), so
+        with a copy on every server it is one request: for small blocks the request costs
+        more than the bytes. A larger batch is spread, each block to the first usable
+        server of its ranking, so that the servers read in parallel."""
+        homes = {b: self._by_preference(self.ranking(b)[:self.config.replicas])
+                 for b in block_ids}
+        plans: dict[str, list[str]] = {}
+        left = block_ids if len(block_ids) <= SMALL_BATCH else []
+        for block_id in block_ids[len(left):]:
+            plans.setdefault(homes[block_id][0].id, []).append(block_id)
+        while left:
+            holders = collections.Counter(m.id for b in left for m in homes[b]
+                                          if self.health.usable(m.id))
+            if not holders:  # nothing usable: each to its first, as a larger batch
+                for block_id in left:
+                    plans.setdefault(homes[block_id][0].id, []).append(block_id)
+                break
+            first = homes[left[0]][0].id
+            best = max(holders, key=lambda m: (holders[m], m == first))
+            plans.setdefault(best, []).extend(
+                b for b in left if any(m.id == best for m in homes[b]))
+            left = [b for b in left if all(m.id != best for m in homes[b])]
+        return plans
 
     # -- has / delete -----------------------------------------------------------------------
 

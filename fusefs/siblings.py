@@ -10,11 +10,18 @@ batch request (`BlockCache.prefetch_batch`).
 When: an open for reading of a file whose name comes after the name opened last in the same
 directory, or the first open in a directory of the first of its files that holds data (a
 walk starting). Any other first open in a directory only records its name, so reading one
-file here and there costs one query more. Each step asks for the first FILE_BLOCKS blocks of up to FILES entries after
-the highest name requested so far, at most STEP_BYTES, and the next step starts once the
-reader has opened a file past the middle of the previous one, so the requests stay ahead of
-the reader without running far beyond it. Larger files get their first blocks; their own
-sequential read-ahead (fusefs/filedata.py) takes the rest.
+file here and there costs one query more. Each step asks for the first FILE_BLOCKS blocks of
+up to FILES entries after the highest name requested so far, at most STEP_BYTES, and the
+next step starts once the reader has opened a file past the middle of the previous one, so
+the requests stay ahead of the reader without running far beyond it. Larger files get their
+first blocks; their own sequential read-ahead (fusefs/filedata.py) takes the rest.
+
+A step from the opened file itself (a walk starting, or jumping ahead) also needs that
+file's first block, which the reader is about to read: the open fetches it together with
+the next files' first blocks, up to HEAD_FILES files and HEAD_BYTES, in one batch before it
+returns (`BlockCache.fetch_batch`), instead of the read fetching it alone. In a tree of
+small directories (a source tree: five files each) that is one request per directory fewer,
+a third of them. The rest of the step is fetched in the background as before.
 
 State: per directory (the DIRECTORIES used last), the name opened last, the name requested up
 to and the name at which to ask for more. Nothing is kept across mounts, nothing is written:
@@ -39,6 +46,8 @@ DIRECTORIES = 64  # directories followed at once; the least recently used is dro
 FILES = 128  # entries looked at per step
 FILE_BLOCKS = 2  # blocks asked for per file (the first ones)
 STEP_BYTES = 16 << 20  # bytes asked for per step
+HEAD_FILES = 16  # files whose blocks an open that starts a step fetches before it returns
+HEAD_BYTES = 1 << 20  # and at most these bytes of them (beyond the opened file's own)
 
 
 @dataclass
@@ -52,7 +61,7 @@ class _Walk:
 
 class DirectoryReadAhead:
     """See the module docstring. `metadata` answers `names` and `blocks_after`; `cache`
-    takes `prefetch_batch`."""
+    takes `prefetch_batch` and `fetch_batch`."""
 
     def __init__(self, metadata, cache, *, files: int = FILES, file_blocks: int = FILE_BLOCKS,
                  step_bytes: int = STEP_BYTES):
@@ -84,7 +93,7 @@ class DirectoryReadAhead:
             return
         start = self._step(parent, name)
         if start is not None:
-            self._request(parent, start)
+            self._request(parent, start, opened=start == name)
 
     def _begin(self, parent: int, name: bytes) -> None:
         """The first open in a directory: a walk starts if no file before it holds data."""
@@ -94,7 +103,7 @@ class DirectoryReadAhead:
             while len(self._walks) > DIRECTORIES:
                 self._walks.popitem(last=False)
         if starting:
-            self._request(parent, name)
+            self._request(parent, name, opened=True)
 
     def _step(self, parent: int, name: bytes) -> bytes | None:
         """Record the open; the name after which to request blocks, or None."""
@@ -116,20 +125,32 @@ class DirectoryReadAhead:
             walk.refill_at = None  # no second request for this step while this one runs
             return start
 
-    def _request(self, parent: int, start: bytes) -> None:
-        rows = self.metadata.blocks_after(parent, start, self.files, self.file_blocks)
-        items, used, names = [], 0, []
+    def _request(self, parent: int, start: bytes, opened: bool = False) -> None:
+        """Ask for the blocks of the entries after `start`; `opened`: `start` is the file
+        being opened, whose blocks and the next few files' are fetched now (the head)."""
+        rows = self.metadata.blocks_after(parent, start, self.files + opened,
+                                          self.file_blocks, including=opened)
+        head, items, names = [], [], []
+        head_bytes = used = 0
         for name, block_id, checksum, length in rows:
-            if used >= self.step_bytes and name != names[-1]:
-                break
-            if not names or names[-1] != name:
+            new_name = not names or names[-1] != name
+            if opened and not items and (name == start or (
+                    len(names) - new_name < HEAD_FILES and head_bytes + length <= HEAD_BYTES)):
+                head.append((block_id, checksum))
+                head_bytes += length if name != start else 0
+            else:
+                if items and used >= self.step_bytes and new_name:
+                    break
+                items.append((block_id, checksum))
+                used += length
+            if new_name:
                 names.append(name)
-            items.append((block_id, checksum))
-            used += length
         with self._lock:
             walk = self._walks.get(parent)
             if walk is not None and names:
                 walk.ahead = names[-1]
                 walk.refill_at = names[len(names) // 2]
+        if head:
+            self.cache.fetch_batch(head)
         if items:
             self.cache.prefetch_batch(items)

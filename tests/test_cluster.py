@@ -14,6 +14,7 @@ import pytest
 
 from blockserver import protocol
 from fusefs import errors
+from fusefs.cluster import SMALL_BATCH
 from fusefs.placement import rank
 from fusefs.transport import Member, Transport, TransportConfig
 
@@ -503,3 +504,23 @@ def test_upload_retries_against_a_full_server_leave_one_copy_per_block(blockserv
                 assert block_files(server) == wanted
         finally:
             core.close()
+
+
+def test_a_small_batch_read_asks_as_few_servers_as_hold_it(blockservers, make_cluster):
+    """Up to SMALL_BATCH blocks go to as few servers as hold them (one when every server
+    has a copy), each block once and to a server holding it; a larger batch is spread over
+    the servers, so they read in parallel."""
+    three = make_cluster(blockservers(3))
+    ids = [protocol.new_block_id() for _ in range(SMALL_BATCH + 8)]
+    assert list(three._read_plan(ids[:SMALL_BATCH]).values()) == [ids[:SMALL_BATCH]]
+    assert len(three._read_plan(ids)) == 3
+    five = make_cluster(blockservers(5))
+    members = five.members
+    for size in (2, 10, SMALL_BATCH):
+        plan = five._read_plan(ids[:size])
+        assert sorted(b for chunk in plan.values() for b in chunk) == sorted(ids[:size])
+        for server, chunk in plan.items():
+            assert all(server in [m.id for m in rank(b, members)[:3]] for b in chunk)
+        spread = {rank(b, members)[0].id for b in ids[:size]}
+        assert len(plan) <= min(len(spread), 3)
+    assert len(five._read_plan(ids)) == 5

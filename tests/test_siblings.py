@@ -11,17 +11,28 @@ import pytest
 
 from blockserver import protocol
 from fusefs.metadata import ROOT_INO, BlockRef, Metadata
-from fusefs.siblings import DirectoryReadAhead
+from fusefs.siblings import HEAD_BYTES, HEAD_FILES, DirectoryReadAhead
 
 FILE = stat.S_IFREG | 0o644
 
 
 class RecordingCache:
+    """`fetched`: what the open fetched before it returned (fetch_batch); `asked`: the
+    batches asked for in the background (prefetch_batch)."""
+
     def __init__(self):
+        self.fetched: list[list[tuple[str, str]]] = []
         self.asked: list[list[tuple[str, str]]] = []
+
+    def fetch_batch(self, items):
+        self.fetched.append(list(items))
 
     def prefetch_batch(self, items):
         self.asked.append(list(items))
+
+
+def blocks_of(files) -> list:
+    return [b for _, blocks in files for b in blocks]
 
 
 @pytest.fixture
@@ -39,6 +50,10 @@ def make_file(md, parent, name: bytes, blocks: int = 1, length: int = 1000) -> t
     return ino, [(r.block_id, r.checksum) for r in refs.values()]
 
 
+def _first_blocks(md, ino) -> list:
+    return [(r.block_id, r.checksum) for r in md.block_refs(ino, 0, 0).values()]
+
+
 def directory(md, files: int, **kw):
     """A directory of `files` one-block files f0000...: (dir ino, [(file ino, its blocks)])."""
     d = md.create(ROOT_INO, b"d", stat.S_IFDIR | 0o755, 0, 0).ino
@@ -46,11 +61,14 @@ def directory(md, files: int, **kw):
 
 
 def test_a_walk_from_the_first_file_asks_for_the_next_files_in_batches(md):
+    """The open that starts the walk fetches its own file's block and the next HEAD_FILES
+    files' in one batch before it returns; the rest of the step goes in the background."""
     _, files = directory(md, 300)
     cache = RecordingCache()
     ahead = DirectoryReadAhead(md, cache, files=100)
     ahead.opened(files[0][0])
-    assert cache.asked == [[b for _, blocks in files[1:101] for b in blocks]]
+    assert cache.fetched == [blocks_of(files[:1 + HEAD_FILES])]
+    assert cache.asked == [blocks_of(files[1 + HEAD_FILES:101])]
     for ino, _ in files[1:50]:  # not yet past the middle of what was asked for
         ahead.opened(ino)
     assert len(cache.asked) == 1
@@ -58,8 +76,9 @@ def test_a_walk_from_the_first_file_asks_for_the_next_files_in_batches(md):
     assert cache.asked[1] == [b for _, blocks in files[101:201] for b in blocks]
     for ino, _ in files[52:]:
         ahead.opened(ino)
-    asked = [b for batch in cache.asked for b in batch]
-    assert asked == [b for _, blocks in files[1:] for b in blocks]  # each once, in order
+    asked = [b for batch in cache.fetched + cache.asked for b in batch]
+    assert asked == blocks_of(files)  # each once, in order
+    assert len(cache.fetched) == 1  # only the open that started the walk waited
 
 
 def test_one_file_opened_in_the_middle_asks_for_nothing(md):
@@ -69,9 +88,10 @@ def test_one_file_opened_in_the_middle_asks_for_nothing(md):
     ahead.opened(files[20][0])
     ahead.opened(files[20][0])  # again: not forward
     ahead.opened(files[5][0])  # backwards
-    assert cache.asked == []
-    ahead.opened(files[6][0])  # forward again: a walk from here
-    assert cache.asked == [[b for _, blocks in files[7:] for b in blocks]]
+    assert cache.asked == cache.fetched == []
+    ahead.opened(files[6][0])  # forward again: a walk from here, this file first
+    assert cache.fetched == [blocks_of(files[6:7 + HEAD_FILES])]
+    assert cache.asked == [blocks_of(files[7 + HEAD_FILES:])]
 
 
 def test_a_step_stops_at_its_byte_budget_and_takes_the_first_blocks_of_large_files(md):
@@ -81,9 +101,13 @@ def test_a_step_stops_at_its_byte_budget_and_takes_the_first_blocks_of_large_fil
     cache = RecordingCache()
     ahead = DirectoryReadAhead(md, cache, file_blocks=2, step_bytes=5 << 20)
     ahead.opened(first)
-    # two blocks of each file until 5 MiB are asked for: files b0, b1, b2 (the third
-    # file that crosses the budget is taken whole, never half a file's first blocks)
-    assert cache.asked == [[b for _, blocks in big[:3] for b in blocks[:2]]]
+    # the open fetches its own block and what fits in HEAD_BYTES (1 MiB: b0's first
+    # block); then two blocks of each file until 5 MiB are asked for: the rest of b0,
+    # b1, b2 (the file that crosses the budget is taken whole, never half of its first
+    # blocks)
+    assert HEAD_BYTES == 1 << 20
+    assert cache.fetched == [_first_blocks(md, first) + [big[0][1][0]]]
+    assert cache.asked == [[big[0][1][1]] + [b for _, blocks in big[1:3] for b in blocks[:2]]]
 
 
 def test_directories_empty_files_and_hard_links_are_passed_over(md):
@@ -95,7 +119,8 @@ def test_directories_empty_files_and_hard_links_are_passed_over(md):
     cache = RecordingCache()
     ahead = DirectoryReadAhead(md, cache)
     ahead.opened(first)  # nothing before it holds data: a walk starts
-    assert cache.asked == [blocks]
+    assert cache.fetched == [_first_blocks(md, first) + blocks]
+    assert cache.asked == []
     md.link(later, ROOT_INO, b"second-name")
     other = DirectoryReadAhead(md, RecordingCache())
     other.opened(later)  # two names: no one directory to follow, nothing recorded

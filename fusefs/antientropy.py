@@ -49,6 +49,12 @@ from .transport import Member
 
 log = logging.getLogger("fusefs.antientropy")
 
+# The mounted writer's first pass comes this many seconds after the mount, unless damage
+# or a server's state calls for one sooner: a mount's first seconds are its user's (a
+# pass of 60,000 blocks costs the servers about two seconds of CPU, measured).
+FIRST_PASS = 30.0
+DUTY = 20  # a periodic pass waits at least this many times as long as the last one took
+
 LIST_PAGE = 5000
 CHECK_CHUNK = 500
 COPY_ITEMS = 16  # blocks per batch copy
@@ -252,12 +258,14 @@ class Repairer:
 
     def __init__(self, store, wanted: Callable[[], dict[str, str | None]], *,
                  rate: float | None = None, interval: float = 60.0,
+                 first_pass: float = FIRST_PASS,
                  membership: Callable[[], tuple] | None = None,
                  down_out: float | None = None,
                  progress: Callable[[str], None] = lambda message: None,
                  copying: Callable[[int, int, int], None] = lambda done, total, nbytes: None):
         self.store, self.transport = store, store.transport
         self.wanted, self.rate, self.interval = wanted, rate, interval
+        self.first_pass = first_pass
         self.progress = progress  # a step, in words
         self.copying = copying  # (copies made, copies to make, bytes copied) as it goes
         self.membership = membership  # () -> (members, leaving) as the superblock says now
@@ -306,22 +314,30 @@ class Repairer:
         self._kick.set()
 
     def _run(self) -> None:
+        """Passes: at reported damage or a change of the servers' states or homes, at once;
+        else `first_pass` seconds after start, then every `interval` seconds, but never
+        more than 1/DUTY of the time (a pass of a large filesystem lists every block of
+        every server: it must not become the servers' main work)."""
         seen = None
-        next_pass = time.monotonic() + min(2.0, self.interval)
+        next_pass = time.monotonic() + self.first_pass
         while not self._stop.is_set():
             self._kick.wait(1.0)
             states = {m: s.up for m, s in self.store.health.snapshot().items()}
             view = (states, [m.id for m in self.homes_among()])
+            if seen is None:  # the view at start is no change
+                seen = view
             if self._kick.is_set() or view != seen or time.monotonic() >= next_pass:
                 self._kick.clear()
                 seen = view
+                began = time.monotonic()
                 try:
                     if self.run_pass().fixed:
                         self._kick.set()  # survey again: what is left, and fresh figures
                 except Exception as e:  # noqa: BLE001 - the next pass tries again
                     log.warning("repair pass failed (retried later): %s", e,
                                 exc_info=not isinstance(e, errors.StorageError))
-                next_pass = time.monotonic() + self.interval
+                took = time.monotonic() - began
+                next_pass = time.monotonic() + max(self.interval, DUTY * took)
 
     # -- one pass ---------------------------------------------------------------------------
 

@@ -1,10 +1,15 @@
 """The anti-entropy survey's judgement, on made-up listings (no servers): which copies are
 missing, which are hand-offs, what counts as under-replicated or lost, and what a drain
-moves."""
+moves; and when the background repairer runs its passes."""
 
 from __future__ import annotations
 
-from fusefs.antientropy import Holdings, survey
+import threading
+import time
+import types
+
+from fusefs import antientropy
+from fusefs.antientropy import Holdings, Repairer, survey
 from fusefs.placement import rank
 from fusefs.transport import Member
 
@@ -91,3 +96,51 @@ def test_garbage_on_members_is_left_alone():
     outside = SERVERS[0]
     found = survey({}, _holdings({"garbage": {outside.id: "c"}}), MEMBERS, [], 3)
     assert found.blocks == 0 and found.damage == []
+
+
+class _QuietStore:
+    """What a Repairer asks of its store, with every server up and nothing happening."""
+
+    def __init__(self):
+        self.transport = None
+        self.members, self.leaving = MEMBERS, []
+        self.config = types.SimpleNamespace(replicas=3)
+        up = types.SimpleNamespace(up=True)
+        self.health = types.SimpleNamespace(snapshot=lambda: {m.id: up for m in MEMBERS},
+                                            on_up=lambda callback: None)
+
+    def on_damage(self, callback):
+        pass
+
+
+def test_background_passes_wait_for_the_first_delay_then_the_duty_bound(monkeypatch):
+    """With nothing reported and no server changing state, the first pass comes
+    `first_pass` seconds after start (not at once: a mount's first seconds are its user's);
+    a reported damage brings one at once; a periodic pass then waits at least DUTY times
+    as long as the last pass took, even with a shorter interval."""
+    monkeypatch.setattr(antientropy, "DUTY", 4)
+    passes: list[float] = []
+    ran = threading.Event()
+
+    def run_pass():
+        passes.append(time.monotonic())
+        ran.set()
+        time.sleep(0.5)  # a pass of 0.5 s: the next periodic one no sooner than 2 s after
+        return types.SimpleNamespace(fixed=0)
+
+    repairer = Repairer(_QuietStore(), dict, interval=0.1, first_pass=2.5)
+    monkeypatch.setattr(repairer, "run_pass", run_pass)
+    started = time.monotonic()
+    repairer.start()
+    try:
+        assert ran.wait(10), "no first pass"
+        assert passes[0] - started >= 2.5 - 0.05
+        ran.clear()
+        repairer.report_damage("a" * 32)
+        assert ran.wait(5), "no pass after reported damage"
+        time.sleep(5.5)
+        assert len(passes) >= 3
+        gaps = [b - a for a, b in zip(passes[1:], passes[2:])]
+        assert all(gap >= 0.5 + 4 * 0.5 - 0.05 for gap in gaps), gaps
+    finally:
+        repairer.close()

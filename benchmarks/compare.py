@@ -20,6 +20,11 @@ ratios are medians of the per-round ratios, fusefs / each other target: above 1 
 fusefs is faster. Every figure is a rate (higher is better), including the tree steps
 (entries of the tree per second).
 
+Sequential writes are also set against this disk's replicated-write ceiling, measured in
+the same rounds: the large file's bytes written three times (R=3) by a plain loop into
+three local files, fsync at the end, the rate divided by three. Three copies on one disk
+can go no faster; the line under the table gives each target's seq write as a share of it.
+
 Cold = `sync; echo 3 > /proc/sys/vm/drop_caches` and every FUSE client remounted (MooseFS
 and GlusterFS clients, fusefs), with fusefs's local disk block cache deleted; the column
 "fusefs kept" is the same step again with fusefs's disk block cache kept (remounted, page
@@ -37,6 +42,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -47,9 +53,9 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import fs_bench  # noqa: E402
-from fs_bench import (GiB, KiB, MB, MiB, Bench, BenchError, Floor, Fusefs, Meter,  # noqa: E402
-                      Passthrough, Results, drop_caches, fmt, fmt_ratio, git, random_reads, random_writes,
-                      read_file, write_file)
+from fs_bench import (CHUNK, R, GiB, KiB, MB, MiB, Bench, BenchError, Floor,  # noqa: E402
+                      Fusefs, Meter, Passthrough, Results, drop_caches, fmt, fmt_ratio, git,
+                      random_reads, random_writes, read_file, write_file)
 from fusefs.daemon import MountConfig  # noqa: E402
 from peers import GlusterFS, MooseFS  # noqa: E402
 
@@ -145,6 +151,7 @@ class Compare(Bench):
     def __init__(self, args, targets, results):
         super().__init__(args, targets, results)
         self.entries = 0
+        self.ceilings: list[float] = []  # MB/s per round: the replicated-write ceiling
 
     def record(self, row, target, sample, extra: str = "", as_name: str = "") -> None:
         name = as_name or target.name
@@ -178,10 +185,36 @@ class Compare(Bench):
         for t in self.order(rnd):
             path = os.path.join(t.root, "large")
             self.timed("seq_write", t, size / MB, lambda: write_file(path, size, self.payload))
+        self.ceilings.append(self.ceiling(size))
         for t in self.order(rnd):
             path = os.path.join(t.root, "large")
             self.cold("seq_read_cold", t, size / MB, lambda: read_file(path, size))
             self.timed("seq_read_warm", t, size / MB, lambda: read_file(path, size))
+
+    def ceiling(self, size: int) -> float:
+        """The replicated-write ceiling of this disk, MB/s: `size` bytes written R times
+        into R files of the work directory (next to every target), fsync at the end,
+        divided by R."""
+        d = os.path.join(self.args.work, "ceiling")
+        os.makedirs(d, exist_ok=True)
+        os.sync()
+        started = time.monotonic()
+        fds = [os.open(os.path.join(d, f"copy{r}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                       0o644) for r in range(R)]
+        try:
+            for i in range(size // CHUNK):
+                for fd in fds:
+                    os.write(fd, self.payload.chunk(i))
+            for fd in fds:
+                os.fsync(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        rate = size / MB / (time.monotonic() - started)
+        shutil.rmtree(d)
+        fs_bench.log(f"  {'seq_ceiling':<17} {'disk':<12} {rate:11.1f} MB/s      "
+                     f"({R} copies, /{R})")
+        return rate
 
     def random_io(self, rnd: int) -> None:
         a, rng = self.args, random.Random(1000 + rnd)
@@ -322,6 +355,22 @@ def render(results: Results, targets: list[str], labels: dict) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def ceiling_line(results: Results, targets: list[str], ceilings: list[float]) -> str:
+    """Seq write as a share of the replicated-write ceiling, per target: the median over
+    rounds of each round's seq write / that round's ceiling."""
+    if not ceilings:
+        return ""
+    shares = []
+    for t in columns(results, targets):
+        samples = results.get("seq_write", t)
+        if samples:
+            ratios = sorted(s.value / c for s, c in zip(samples, ceilings))
+            shares.append(f"{t} {statistics.median(ratios):.0%}")
+    return (f"Replicated-write ceiling of this disk ({R} copies by a local loop, fsync at the "
+            f"end, /{R}): {statistics.median(ceilings):,.0f} MB/s; seq write as a share of "
+            f"it: {', '.join(shares)}.")
+
+
 def report(results: Results, targets: list[str], labels: dict) -> dict:
     """What --json prints: per row, the samples, medians and fusefs / peer ratios."""
     cols, rows = columns(results, targets), []
@@ -434,6 +483,7 @@ def print_results(args, bench: Compare, results: Results, started: float) -> Non
     labels = row_labels(args, bench.entries, bench.tar_bytes)
     if args.json:
         out = report(results, args.targets, labels)
+        out["ceiling_mb_s"] = [round(c, 1) for c in bench.ceilings]
         out.update(config={k: getattr(args, k) for k in (
             "rounds", "large", "small", "ops", "files", "small_files", "quick", "groups",
             "targets")}, dirty_limit=DIRTY_LIMIT, seconds=round(time.monotonic() - started))
@@ -442,6 +492,9 @@ def print_results(args, bench: Compare, results: Results, started: float) -> Non
     print()
     print(render(results, args.targets, labels))
     print()
+    line = ceiling_line(results, args.targets, bench.ceilings)
+    if line:
+        print(line)
     for note in FOOTNOTES:
         print(note.format(dirty=size_text(DIRTY_LIMIT)))
     print(f"total time {time.monotonic() - started:.0f}s")

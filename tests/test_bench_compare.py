@@ -205,3 +205,13 @@ def test_glusterfs_needs_a_host_name_on_loopback(monkeypatch):
     monkeypatch.setattr(peers.socket, "gethostbyname", lambda h: "192.0.2.7")
     with pytest.raises(BenchError, match="/etc/hosts"):
         peers.loopback_hostname()
+
+
+def test_seq_write_is_shown_as_a_share_of_the_replicated_write_ceiling():
+    """Each target's seq write over the ceiling of its own round, median over rounds."""
+    r = results_of({("seq_write", "fusefs"): [120, 100, 140],
+                    ("seq_write", "moosefs"): [150, 150, 150]})
+    line = compare.ceiling_line(r, ["fusefs", "moosefs"], [150.0, 100.0, 200.0])
+    # fusefs: 0.8, 1.0, 0.7 -> 80%; MooseFS: 1.0, 1.5, 0.75 -> 100%; ceiling median 150
+    assert line.endswith("150 MB/s; seq write as a share of it: fusefs 80%, moosefs 100%.")
+    assert compare.ceiling_line(r, ["fusefs"], []) == ""

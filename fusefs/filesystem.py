@@ -378,7 +378,10 @@ class Filesystem:
         that lists the names (d_ino equals st_ino; the type, kept with each entry, lets
         `find` skip looking up what is not a directory), at no extra cost."""
         self._dir(ino)
-        return self.metadata.child_entries(ino)
+        entries = self.metadata.child_entries(ino)
+        if self.siblings is not None:
+            self.siblings.listed(ino)
+        return entries
 
     # -- open files -------------------------------------------------------------------------
 

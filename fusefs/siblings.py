@@ -23,6 +23,14 @@ returns (`BlockCache.fetch_batch`), instead of the read fetching it alone. In a 
 small directories (a source tree: five files each) that is one request per directory fewer,
 a third of them. The rest of the step is fetched in the background as before.
 
+Into subdirectories: a tool that copies or archives a tree lists each subdirectory before
+it opens the files in it (GNU tar when it reaches the subdirectory's name, often after only
+one or two files of the parent). When a directory is listed while its parent is being
+walked (a step was asked for there, or a file opened after another in name order), a walk
+of the listed directory starts at once, in the background, from its first file: by the
+time the reader opens that file, its block is on its way. A listing alone (`ls`, `find`,
+`du`) starts nothing.
+
 State: per directory (the DIRECTORIES used last), the name opened last, the name requested up
 to and the name at which to ask for more. Nothing is kept across mounts, nothing is written:
 a wrong guess costs only reads of blocks nobody asked for, within the cache's bounds, and a
@@ -55,6 +63,7 @@ class _Walk:
     """A reader's progress through one directory (names are bytes, compared as SQLite
     orders them: memcmp)."""
     last: bytes  # the name opened last
+    forward: int = 0  # opens in name order so far
     ahead: bytes | None = None  # blocks were requested for the entries up to this name
     refill_at: bytes | None = None  # ask for more once a name past this one is opened
 
@@ -95,6 +104,25 @@ class DirectoryReadAhead:
         if start is not None:
             self._request(parent, start, opened=start == name)
 
+    def listed(self, ino: int) -> None:
+        """A directory was listed: start a walk of it if its parent is being walked (see
+        the module docstring). Never raises."""
+        try:
+            names = self.metadata.names(ino)
+            if len(names) != 1:
+                return
+            with self._lock:
+                parent = self._walks.get(names[0][0])
+                if parent is None or (parent.ahead is None and not parent.forward) \
+                        or ino in self._walks:
+                    return
+                self._walks[ino] = _Walk(b"")
+                while len(self._walks) > DIRECTORIES:
+                    self._walks.popitem(last=False)
+            self._request(ino, b"")
+        except Exception as e:  # noqa: BLE001
+            log.warning("read-ahead across the files of a directory failed: %s", e)
+
     def _begin(self, parent: int, name: bytes) -> None:
         """The first open in a directory: a walk starts if no file before it holds data."""
         starting = not self.metadata.data_before(parent, name)
@@ -116,6 +144,7 @@ class DirectoryReadAhead:
             forward, walk.last = name > walk.last, name
             if not forward:
                 return None
+            walk.forward += 1
             if walk.ahead is None or walk.ahead < name:  # a new walk, or it jumped ahead
                 start = name
             elif walk.refill_at is not None and name >= walk.refill_at:

@@ -136,3 +136,30 @@ def test_a_failure_is_logged_and_never_raised(caplog):
     ahead = DirectoryReadAhead(FailingMetadata(), RecordingCache())
     ahead.opened(5)
     assert "read-ahead across the files of a directory failed: disk I/O error" in caplog.text
+
+
+def test_a_subdirectory_listed_during_a_walk_of_its_parent_is_walked_at_once(md):
+    """tar, cp -r and rsync list a subdirectory before reading its files: once its parent
+    is walked, listing the subdirectory asks for its first files in the background, and
+    its first open then waits for nothing. A listing where nobody reads, or where one file
+    was opened in the middle of the parent (no walk), asks nothing."""
+    d, files = directory(md, 40)
+    sub = md.create(d, b"sub", stat.S_IFDIR | 0o755, 0, 0).ino
+    inner = [make_file(md, sub, b"g%d" % i) for i in range(4)]
+    other = md.create(ROOT_INO, b"other", stat.S_IFDIR | 0o755, 0, 0).ino
+    cache = RecordingCache()
+    ahead = DirectoryReadAhead(md, cache)
+    ahead.listed(other)  # nobody reads in its parent
+    ahead.listed(sub)  # nobody reads in d yet
+    ahead.opened(files[20][0])  # one file in the middle: recorded, no walk
+    ahead.listed(sub)
+    assert cache.asked == cache.fetched == []
+    ahead.opened(files[21][0])  # the next one: a walk of d from here
+    before = len(cache.asked)
+    ahead.listed(sub)
+    assert cache.asked[before:] == [blocks_of(inner)]
+    ahead.listed(sub)  # listed again: already walked
+    for ino, _ in inner:  # the reader goes through it: nothing more to ask, nothing waits
+        ahead.opened(ino)
+    assert cache.asked[before:] == [blocks_of(inner)]
+    assert len(cache.fetched) == 1  # d's walk from files[21] only

@@ -44,6 +44,8 @@ log = logging.getLogger("fusefs.flusher")
 
 SMALL_BLOCK = 256 << 10  # blocks below this size are uploaded in batches
 MAX_IN_FLIGHT = 32 << 20  # bytes being uploaded at once; a block written meanwhile is copied
+GC_TICK = 2.0  # seconds between looks at the garbage
+GC_WAIT = 30.0  # garbage still growing is deleted anyway once it has waited this long
 
 
 @dataclass(slots=True)
@@ -465,9 +467,20 @@ class Flusher:
     # -- garbage ----------------------------------------------------------------------------
 
     def _collect_garbage(self) -> None:
-        while not self._stopped.wait(2.0):
+        """Every GC_TICK seconds, delete the garbage once it stopped growing (the deletes
+        of an `rm -rf` wait until it ends, rather than make the servers unlink files and
+        the journal ship early while it runs), or once it has waited GC_WAIT seconds."""
+        seen, since = 0, None
+        while not self._stopped.wait(GC_TICK):
             try:
-                self.collect_garbage()
+                count = self.metadata.garbage_count()
+                now = time.monotonic()
+                if count and since is None:
+                    since = now
+                if count and (count == seen or now - since >= GC_WAIT):
+                    self.collect_garbage()
+                    count, since = self.metadata.garbage_count(), None
+                seen = count
             except errors.StorageError as e:
                 log.info("garbage collection postponed: %s", e)
             except Exception:  # noqa: BLE001 - keep the thread alive, say what happened

@@ -780,6 +780,10 @@ class Metadata:
             return [r[0] for r in self._db.execute("SELECT block_id FROM garbage LIMIT ?",
                                                    (limit,))]
 
+    def garbage_count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM garbage").fetchone()[0]
+
     def forget_garbage(self, block_ids: list[str]) -> None:
         with self._txn() as db:
             db.executemany("DELETE FROM garbage WHERE block_id=?", [(b,) for b in block_ids])

@@ -1981,26 +1981,28 @@ def test_garbage_waits_until_it_stops_growing_or_has_waited_long_enough(make_cor
     look to the next), so that the servers do not unlink files while the user's rm -rf
     runs; garbage that keeps growing is deleted anyway after GC_WAIT."""
     from fusefs import flusher as flusher_module
-    monkeypatch.setattr(flusher_module, "GC_TICK", 0.3)
+    monkeypatch.setattr(flusher_module, "GC_TICK", 1.0)
     monkeypatch.setattr(flusher_module, "GC_WAIT", 3600.0)
     store = PartialStore()
     core = make_core(store=store)
     fs = core.fs
-    for i in range(80):
+    for i in range(150):
         close(fs, new_file(fs, b"f%d" % i, pattern(100, i))[1])
     core.flusher.flush_all()
-    for i in range(80):  # a removal going on: a file every 10 ms, a few looks meanwhile
+    # A removal going on: a file every 10 ms, so at least one look meanwhile; only a stall
+    # of a whole look (1 s) between two unlinks would let the collector see it stopped.
+    for i in range(150):
         fs.unlink(ROOT_INO, b"f%d" % i)
         time.sleep(0.01)
         assert store.deleted == [], f"deleted while the removal runs (file {i})"
-    wait_until(lambda: len(store.deleted) == 80, what="the garbage deleted once it stopped")
+    wait_until(lambda: len(store.deleted) == 150, what="the garbage deleted once it stopped")
     monkeypatch.setattr(flusher_module, "GC_WAIT", 1.0)  # a removal that goes on and on
-    for i in range(400):
+    for i in range(600):
         close(fs, new_file(fs, b"g%d" % i, pattern(100, i))[1])
     core.flusher.flush_all()
-    for i in range(400):  # 4 s at least
+    for i in range(600):  # 6 s at least
         fs.unlink(ROOT_INO, b"g%d" % i)
         time.sleep(0.01)
-        if len(store.deleted) > 80:
+        if len(store.deleted) > 150:
             break
-    assert len(store.deleted) > 80 and i < 399, "growing garbage waited for the end"
+    assert len(store.deleted) > 150 and i < 599, "growing garbage waited for the end"

@@ -108,6 +108,9 @@ class DirectoryReadAhead:
         """A directory was listed: start a walk of it if its parent is being walked (see
         the module docstring). Never raises."""
         try:
+            with self._lock:
+                if not self._walks:  # nobody reads anywhere: no query per listing
+                    return
             names = self.metadata.names(ino)
             if len(names) != 1:
                 return

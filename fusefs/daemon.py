@@ -93,30 +93,79 @@ def _lock_state_dir(state_dir: str):
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
-def _stop_on_signal(mountpoint: str, finish) -> threading.Event:
+def _stop_on_signal(mountpoint: str, finish) -> "_SignalStop":
     """SIGTERM/SIGINT: upload everything, then unmount, which ends the FUSE loop. Returns
-    the event set once a signal started that.
+    what tells whether a signal started that, and waits for it to end.
 
     `run` blocked the signals before starting any thread, so every thread inherits the
     mask (libfuse's too) and only this waiting thread takes them.
     """
-    stopping = threading.Event()
+    stop = _SignalStop()
 
     def wait():
         received = signal.sigwait(_STOP_SIGNALS)
         log.info("received %s: uploading everything, then unmounting",
                  signal.Signals(received).name)
-        stopping.set()
-        finish()
-        if not mounts.unmount(mountpoint, lazy=True):
-            log.error("could not unmount %s; unmount it by hand", mountpoint)
-            return
-        # Everything is uploaded and the mount detached; descriptors still open on it are
-        # served until closed. `fusefs umount` returns on seeing this mark.
-        mounts.mark_detached(mountpoint)
+        stop.stopping.set()
+        try:
+            finish()
+            if not mounts.unmount(mountpoint, lazy=True):
+                log.error("could not unmount %s; unmount it by hand", mountpoint)
+                return
+            # Everything is uploaded and the mount detached; descriptors still open on it
+            # are served until closed. `fusefs umount` returns on seeing this mark.
+            mounts.mark_detached(mountpoint)
+        except Exception:  # noqa: BLE001 - logged; the session's end finishes again
+            log.exception("error while stopping on a signal")
+        finally:
+            stop.ended.set()
 
     threading.Thread(target=wait, name="signals", daemon=True).start()
-    return stopping
+    return stop
+
+
+class _SignalStop:
+    """A stop signal's progress: `stopping` once one arrived, `ended` once its upload and
+    unmount are over. The session may end before that (the kernel aborting the connection
+    after the signal): the daemon then waits for `ended` before closing anything, or it
+    would close the journal and the metadata under the upload and exit before unmounting."""
+
+    def __init__(self):
+        self.stopping = threading.Event()
+        self.ended = threading.Event()
+
+    def wait(self) -> None:
+        if self.stopping.is_set():
+            self.ended.wait()
+
+
+class _Once:
+    """`action` run once, whoever calls first: the signal thread and the session's end
+    (destroy) both finish the mount, and may do so at the same time. A caller arriving while
+    it runs waits for it to end; if it raised, the next caller runs it again. No lock is
+    held while it runs."""
+
+    def __init__(self, action):
+        self._action = action
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._state = "new"  # new -> running -> done (or back to new if it raised)
+
+    def __call__(self) -> None:
+        with self._lock:
+            while self._state == "running":
+                self._idle.wait()
+            if self._state == "done":
+                return
+            self._state = "running"
+        ok = False
+        try:
+            self._action()
+            ok = True
+        finally:
+            with self._lock:
+                self._state = "done" if ok else "new"
+                self._idle.notify_all()
 
 
 _libc = ctypes.CDLL(None)  # the C library: malloc_trim
@@ -208,6 +257,7 @@ def _serve(config: MountConfig, stack, sb, store, metadata, keeper, gate, writer
                      "log": os.path.join(config.state_dir, "fusefs.log")})
     stack.callback(mounts.unregister, config.mountpoint)
 
+    @_Once
     def finish():
         if config.read_only:
             return
@@ -235,14 +285,15 @@ def _mount(config: MountConfig, stack, sb, fs: Filesystem, finish, meter=None) -
                         "kernel will cache no attributes, which makes metadata slower")
     ops = FuseOps(fs, on_destroy=finish, refresher=refresher, meter=meter)
     fs.subscribe(ops.forget_paths)  # a follower's changes
-    stopping = _stop_on_signal(config.mountpoint, finish)
+    stop = _stop_on_signal(config.mountpoint, finish)
     options = mount_options(config.read_only, config.fuse_options,
                             cache_attributes=refresher is not None)
     log.info("mounting filesystem %s at %s (%d servers, R=%d, W=%d)", sb.fs_id,
              config.mountpoint, len(config.members), sb.replicas, sb.write_quorum)
     mountpoint = os.fsencode(os.path.abspath(config.mountpoint)).decode("latin-1")
     serve_session(lambda: Mount(ops, mountpoint, raw_fi=True, foreground=True,
-                                encoding="latin-1", **options), stopping)
+                                encoding="latin-1", **options), stop.stopping)
+    stop.wait()  # a stop signal's upload and unmount, if the session ended under them
     log.info("unmounted %s", config.mountpoint)
 
 

@@ -76,7 +76,8 @@ class Journal:
         self._error: errors.StorageError | None = None
         self._error_seq = 0
         self._stopping = False
-        self._closed = False
+        self._closed = False  # a close started: a second close waits for `_close_ended`
+        self._close_ended = threading.Event()
         self._last_checkpoint = (metadata.seq, time.monotonic())
         self._obsolete: list[str] = []  # blocks to delete once the next checkpoint is named
         self._threads: list[threading.Thread] = []
@@ -376,10 +377,19 @@ class Journal:
 
     def close(self, checkpoint_after: int = 1000, progress=None) -> None:
         """Unmount: ship everything (retrying until it is done), checkpoint if the chain
-        grew long, and give the lease up so the next mount need not wait for it."""
-        if self._closed:
+        grew long, and give the lease up so the next mount need not wait for it. A close
+        called while another runs returns when that one ends: everything shipped then."""
+        with self._lock:
+            closing, self._closed = self._closed, True
+        if closing:
+            self._close_ended.wait()
             return
-        self._closed = True
+        try:
+            self._close(checkpoint_after, progress)
+        finally:
+            self._close_ended.set()
+
+    def _close(self, checkpoint_after: int, progress) -> None:
         if self.lost:
             self._stop_threads()
             return

@@ -450,6 +450,37 @@ def test_shipped_changes_are_what_another_machine_loads(cluster, writers, tmp_pa
     assert state == dump(second.metadata)
 
 
+def test_a_close_during_a_close_returns_only_once_everything_is_shipped(cluster, writers):
+    """A mount's stop and its session's end may both close the journal, at once. The
+    second close must not return while the first still ships (the daemon then closed the
+    metadata under it): with two of three servers paused, nothing ships until they
+    resume, and neither close returns before."""
+    writer = writers("machine1")
+    md = writer.metadata
+    Workload(md, seed=21).run(30)
+    paused = cluster.servers[:2]
+    closers, returned = [], []
+    try:
+        for server in paused:
+            server.pause()
+        for name in ("signal", "session end"):
+            t = threading.Thread(target=lambda n=name: (writer.journal.close(),
+                                                         returned.append(n)))
+            t.start()
+            closers.append(t)
+        for t in closers:
+            t.join(0.5)  # long enough for a close that does not wait to return
+        assert returned == [], f"{returned} returned with records unshipped"
+    finally:
+        for server in paused:
+            server.resume()
+    for t in closers:
+        t.join(60)
+    assert sorted(returned) == ["session end", "signal"]
+    assert writer.journal.stats()["shipped"] == md.seq
+    assert cluster.superblock().lease is None  # given back once, by the first close
+
+
 def test_a_checkpoint_is_named_by_the_superblock_and_replaces_old_blocks(cluster, writers,
                                                                          tmp_path):
     writer = writers("machine1")

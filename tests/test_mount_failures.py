@@ -447,6 +447,102 @@ def test_a_session_aborted_after_a_sigterm_ends_the_daemon_cleanly(fusefs_mount)
             subprocess.run(["umount", control], check=False)
 
 
+def test_a_session_aborted_while_the_stop_still_uploads_waits_for_the_upload(
+        fusefs_mount, blockservers):
+    """A SIGTERM's upload is still running (two of three servers paused: no write reaches
+    its quorum) when the kernel ends the session (the connection aborted). The session's
+    end finishes the mount too, at the same time: it must wait for the upload in progress;
+    the daemon must not exit before it, nor before the signal's unmount. Then every file
+    reads back. What CI met (the second finish returning while the first still shipped
+    the journal, which the daemon then closed) hangs on which finish reaches the journal
+    first, which this does not steer: the journal's and `_Once`'s tests pin that down."""
+    control = "/sys/fs/fuse/connections"
+    mounted_here = not os.listdir(control)
+    if mounted_here:
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", control], check=True)
+    paused = []
+    try:
+        m = fusefs_mount()
+        connection = os.minor(os.stat(m.path).st_dev)
+        expected, fds = write_dirty(m.path, 13, open_files=2)
+        pid = m.daemon_pid()
+        log = m.registry_record()["log"]
+        try:
+            paused = list(blockservers.servers)[:2]
+            for server in paused:
+                server.pause()
+            os.kill(pid, signal.SIGTERM)
+            wait_until(lambda: "received SIGTERM" in read_text(log), "the daemon to take SIGTERM")
+            with open(f"{control}/{connection}/abort", "w") as f:
+                f.write("1")
+            wait_until(lambda: not_connected(m.path), "the session to end")
+            time.sleep(0.5)  # time for the daemon to see the session's end (not asserted)
+            assert alive(pid), "the daemon exited with its upload still waiting for servers"
+            for server in paused:
+                server.resume()
+            paused = []
+            wait_until(lambda: not m.mounted, "the mount to go away after SIGTERM")
+        finally:
+            for server in paused:
+                server.resume()
+            close_dead(fds)
+        wait_until(lambda: not alive(pid), "the daemon to exit")
+        drop_block_cache(m)
+        m.mount()
+        check_files(expected)
+    finally:
+        if mounted_here:
+            subprocess.run(["umount", control], check=False)
+
+
+def not_connected(path: str) -> bool:
+    """The mount's session ended: a listing (which the kernel cannot answer from its
+    caches, unlike a stat) fails with ENOTCONN."""
+    try:
+        os.listdir(path)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def test_finishing_runs_once_and_a_second_caller_waits_for_the_first():
+    """The signal thread and the session's end both call the mount's finish: one runs it,
+    the other returns only once it ended; if it raised, the next call runs it again."""
+    entered, release, calls = threading.Event(), threading.Event(), []
+
+    def action():
+        calls.append(1)
+        entered.set()
+        release.wait(GUARD)
+        if len(calls) == 1:
+            raise OSError("first try fails")
+    finish = daemon._Once(action)
+    errors_seen, second_done = [], threading.Event()
+
+    def first():
+        try:
+            finish()
+        except OSError as e:
+            errors_seen.append(e)
+    a = threading.Thread(target=first)
+    a.start()
+    entered.wait(GUARD)
+
+    def second():
+        finish()
+        second_done.set()
+    b = threading.Thread(target=second)
+    b.start()
+    assert not second_done.wait(0.2), "a second caller returned while the first still ran"
+    release.set()
+    a.join(GUARD)
+    b.join(GUARD)
+    assert second_done.is_set() and len(errors_seen) == 1
+    assert len(calls) == 2  # the first raised: the waiting caller ran it again
+    finish()
+    assert len(calls) == 2
+
+
 def test_an_error_ending_the_session_is_a_clean_end_only_after_a_stop_signal(caplog):
     """The daemon's side of what CI met once: libfuse's loop returning an error (fusepy
     raises RuntimeError) after a stop signal started the unmount ends the session like

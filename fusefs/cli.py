@@ -59,6 +59,17 @@ def _servers(text: str) -> list[str]:
     return urls
 
 
+def _seconds(text: str) -> float:
+    """argparse type of a delay: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
 def _add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--servers", type=_servers, default=os.environ.get("FUSEFS_SERVERS"),
                    metavar="URL[,URL...]", help="block server URLs (env FUSEFS_SERVERS)")
@@ -132,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when a block server has been down this long, the writer gives its "
                         "blocks their R copies on other servers (moved back when it returns; "
                         "default 600, 0: at once)")
+    p.add_argument("--repair-delay", type=_seconds, default=30.0, metavar="SECONDS",
+                   help="the writer's background repair makes its first pass this long after "
+                        "mounting (default 30: the mount's first seconds are its user's), or "
+                        "sooner when a server's state calls for one. 0: at once, e.g. after "
+                        "servers came back from a failure this mount did not see")
     p.add_argument("--scrub-interval", type=float, default=0.0, metavar="SECONDS",
                    help="scrub in the background: verify every copy on every server slowly "
                         "(a few MiB/s) and repair bad ones, one pass every SECONDS (default "
@@ -427,7 +443,7 @@ def _mount_config(args):
         dirty_limit=args.dirty_limit, read_only=args.read_only, metrics=args.metrics,
         sync_on_close=args.sync_on_close, fuse_options=_parse_options(args.options),
         scrub_interval=0.0 if args.read_only else args.scrub_interval,
-        rehome_after=args.rehome_after)
+        rehome_after=args.rehome_after, repair_delay=args.repair_delay)
 
 
 def _mount_state(path: str) -> str:

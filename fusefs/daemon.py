@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import errors, kernel_attrs, mounts, superblock
-from .antientropy import Repairer, wanted_blocks
+from .antientropy import FIRST_PASS, Repairer, wanted_blocks
 from .cache import BlockCache
 from .cluster import ClusterConfig, ReplicatedStore
 from .filesystem import Filesystem
@@ -67,6 +67,7 @@ class MountConfig:
     metrics: str | None = None  # ADDR:PORT of the Prometheus endpoint (metrics.py); None: off
     repair_rate: float | None = 32 << 20  # bytes/s the background repair copies, at most
     repair_interval: float = 60.0  # seconds between repair passes when nothing happens
+    repair_delay: float = FIRST_PASS  # seconds from the mount to the first repair pass
     rehome_after: float | None = 600.0  # a server down this long stops being a home
     scrub_interval: float = 0  # seconds between background scrub passes; 0: no scrubbing
 
@@ -363,7 +364,8 @@ def _start_repairer(config: MountConfig, stack, store, metadata, journal):
                              segments=range(first, segment + 1))
 
     repairer = Repairer(store, wanted, rate=config.repair_rate,
-                        interval=config.repair_interval, membership=membership,
+                        interval=config.repair_interval, first_pass=config.repair_delay,
+                        membership=membership,
                         down_out=config.rehome_after)
     lease.subscribe(follow)
     repairer.start()

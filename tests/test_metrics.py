@@ -61,7 +61,7 @@ def puts(samples: dict) -> tuple[float, float]:
 
 def test_operations_requests_and_gauges_of_a_real_mount(fusefs_mount):
     port = free_port()
-    m = fusefs_mount(mount=["--metrics", f"127.0.0.1:{port}"])
+    m = fusefs_mount(mount=["--metrics", f"127.0.0.1:{port}", "--repair-delay", "0"])
     wait_until(lambda: total(scrape(port), "fusefs_server_up") == 3, "the first status")
     before = scrape(port)
 

@@ -22,6 +22,9 @@ from fusefs.transport import Transport, TransportConfig
 from tests.support import REPO, WriteLoad, members_of, sha256_of, wait_until
 
 LEASE = ["--lease-seconds", "6"]  # a drain waits one lease time for the writer to see it
+# Tests that wait for the mounted writer's first repair pass ask for it at once (the
+# default waits 30 s, a mount's first seconds being its user's).
+REPAIR_SOON = ["--repair-delay", "0"]
 
 
 def _transport() -> Transport:
@@ -104,7 +107,7 @@ def test_the_reported_scenario_heals_without_any_command(fusefs_mount):
     m.umount()  # the client restarts: whatever it remembered is gone
     m.servers[2].restart()
     assert misplaced(m), "the scenario should leave copies missing"
-    m.mount(*LEASE)
+    m.mount(*LEASE, *REPAIR_SOON)
     wait_until(lambda: not misplaced(m), "every live block has its 3 copies", timeout=90)
     _check(files)
     wait_until(lambda: _status(m)[1]["under_replicated"] == 0, "status shows 0", timeout=30)
@@ -192,7 +195,7 @@ def test_adding_a_server_moves_only_blocks_whose_homes_changed(fusefs_mount, blo
 
 
 def test_status_shows_a_stopped_server_and_under_replication(fusefs_mount):
-    m = fusefs_mount(mount=LEASE)
+    m = fusefs_mount(mount=[*LEASE, *REPAIR_SOON])
     _write_files(m.path, 5)
     wait_until(lambda: _status(m)[1]["under_replicated"] == 0, "a first survey")
     code, status = _status(m)
@@ -248,7 +251,7 @@ def test_a_server_down_for_long_has_its_copies_rebuilt_elsewhere_and_moved_back(
     """4 servers, R=3, `--rehome-after 2`: once a server has been down that long, every
     block gets 3 copies on the servers still up; when it returns, copies go back home and
     the extra ones are deleted."""
-    m = fusefs_mount(servers=4, mount=[*LEASE, "--rehome-after", "2"])
+    m = fusefs_mount(servers=4, mount=[*LEASE, *REPAIR_SOON, "--rehome-after", "2"])
     files = _write_files(m.path, 12)
     wait_until(lambda: _status(m)[1]["under_replicated"] == 0, "a first survey")
     down = m.servers[3]

@@ -950,15 +950,57 @@ def _op_format(db, uid, gid, mode, t):
                (ROOT_INO, stat.S_IFDIR | mode, uid, gid, 2, 0, t, t, t))
 
 
+def _touched(cached, ino: int, t: int, links: int = 0, times: int = 2):
+    """The row of `ino` after a change set its mtime and ctime (`times` 2) or its ctime
+    alone (1) to `t` and added `links` to its link count, from the cached row before it;
+    None if that is not known. (Columns as `Metadata.inode` reads them: ino, mode, uid,
+    gid, nlink, size, atime, mtime, ctime, rdev, target, bytes stored.)"""
+    old = cached(ino)
+    if old is None:
+        return None
+    mtime = t if times == 2 else old[7]
+    return (*old[:4], old[4] + links, old[5], old[6], mtime, t, *old[9:])
+
+
 def _create_rows(cached, ino, parent, name, mode, uid, gid, rdev, target, t):
     """The rows `_op_create` writes: the new inode's whole (no blocks: `_free_ino`), and
     its directory's from the cached one (times, link count), if that is known."""
     up = 1 if stat.S_ISDIR(mode) else 0
-    rows = {ino: (ino, mode, uid, gid, 1 + up, len(target) if target is not None else 0,
-                  t, t, t, rdev, target, 0), parent: None}
-    old = cached(parent)
-    if old is not None:
-        rows[parent] = (*old[:4], old[4] + up, old[5], old[6], t, t, *old[9:])
+    return {ino: (ino, mode, uid, gid, 1 + up, len(target) if target is not None else 0,
+                  t, t, t, rdev, target, 0),
+            parent: _touched(cached, parent, t, up)}
+
+
+def _link_rows(cached, ino, parent, name, t):
+    """`_op_link`'s rows: one more link and a new ctime for the file, new times for the
+    directory (a directory is never linked: ino != parent)."""
+    return {ino: _touched(cached, ino, t, 1, times=1), parent: _touched(cached, parent, t)}
+
+
+def _unlink_rows(cached, parent, name, ino, is_dir, t, remove=False):
+    """`_op_unlink`'s rows: the directory's (times; one link less for a subdirectory);
+    the inode's is forgotten (its link count left is the database's to tell)."""
+    return {ino: None, parent: _touched(cached, parent, t, -1 if is_dir else 0)}
+
+
+def _rename_rows(cached, old_parent, old_name, new_parent, new_name, ino, is_dir, replaced,
+                 replaced_is_dir, t):
+    """`_op_rename`'s rows: both directories' (times, links of a moved or replaced
+    subdirectory), the moved inode's ctime; the replaced inode's is forgotten."""
+    parents = {old_parent, new_parent}
+    others = [ino] + ([replaced] if replaced is not None else [])
+    if len(parents | set(others)) < len(parents) + len(others):  # one inode in two roles
+        return {i: None for i in (*parents, *others)}
+    lost = 1 if replaced is not None and replaced_is_dir else 0
+    if old_parent == new_parent:
+        rows = {old_parent: _touched(cached, old_parent, t, -lost)}
+    else:
+        moved = 1 if is_dir else 0
+        rows = {old_parent: _touched(cached, old_parent, t, -moved),
+                new_parent: _touched(cached, new_parent, t, moved - lost)}
+    rows[ino] = _touched(cached, ino, t, times=1)
+    if replaced is not None:
+        rows[replaced] = None
     return rows
 
 
@@ -976,7 +1018,7 @@ def _op_create(db, ino, parent, name, mode, uid, gid, rdev, target, t):
 
 
 @_op("link", inodes=lambda ino, parent, *_: (ino, parent),
-     names=lambda ino, parent, name, *_: (((parent, name), ino),))
+     names=lambda ino, parent, name, *_: (((parent, name), ino),), rows=_link_rows)
 def _op_link(db, ino, parent, name, t):
     db.execute("INSERT INTO dentries SELECT ?, ?, ?, COALESCE((SELECT mode & ? FROM inodes "
                "WHERE ino=?), 0)", (parent, name, ino, stat.S_IFMT(0o177777), ino))
@@ -985,18 +1027,20 @@ def _op_link(db, ino, parent, name, t):
 
 
 @_op("unlink", inodes=lambda parent, name, ino, *_: (parent, ino),
-     names=lambda parent, name, *_: (((parent, name), None),))
+     names=lambda parent, name, *_: (((parent, name), None),), rows=_unlink_rows)
 def _op_unlink(db, parent, name, ino, is_dir, t, remove=False):
     db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+    db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=?, nlink=nlink-? WHERE ino=?",
+               (t, t, 1 if is_dir else 0, parent))
+    if remove:
+        # The caller saw the last name of a file (nlink 1), or an empty directory, which
+        # goes whatever its count: nothing is left of it.
+        _op_remove_inode(db, ino)  # no use updating a row that goes
+        return 0
     drop = 2 if is_dir else 1  # a directory also loses its "." link
     left = max(db.execute("SELECT nlink FROM inodes WHERE ino=?", (ino,)).fetchone()[0]
                - drop, 0)
-    db.execute("UPDATE inodes SET mtime_ns=?, ctime_ns=?, nlink=nlink-? WHERE ino=?",
-               (t, t, 1 if is_dir else 0, parent))
-    if remove and (left == 0 or is_dir):  # an empty directory goes whatever its count
-        _op_remove_inode(db, ino)  # no use updating a row that goes
-    else:
-        db.execute("UPDATE inodes SET nlink=?, ctime_ns=? WHERE ino=?", (left, t, ino))
+    db.execute("UPDATE inodes SET nlink=?, ctime_ns=? WHERE ino=?", (left, t, ino))
     return left
 
 
@@ -1004,7 +1048,7 @@ def _op_unlink(db, parent, name, ino, is_dir, t, remove=False):
      inodes=lambda old_parent, old_name, new_parent, new_name, ino, is_dir, replaced, *_:
      (old_parent, new_parent, ino, replaced),
      names=lambda old_parent, old_name, new_parent, new_name, ino, *_:
-     (((old_parent, old_name), None), ((new_parent, new_name), ino)))
+     (((old_parent, old_name), None), ((new_parent, new_name), ino)), rows=_rename_rows)
 def _op_rename(db, old_parent, old_name, new_parent, new_name, ino, is_dir, replaced,
                replaced_is_dir, t):
     left = None

@@ -111,7 +111,10 @@ def _stop_on_signal(mountpoint: str, finish) -> "_SignalStop":
         try:
             finish()
             if not mounts.unmount(mountpoint, lazy=True):
-                log.error("could not unmount %s; unmount it by hand", mountpoint)
+                if not mounts.is_mounted(mountpoint):  # unmounted meanwhile (umount)
+                    log.info("%s was unmounted meanwhile", mountpoint)
+                else:
+                    log.error("could not unmount %s; unmount it by hand", mountpoint)
                 return
             # Everything is uploaded and the mount detached; descriptors still open on it
             # are served until closed. `fusefs umount` returns on seeing this mark.

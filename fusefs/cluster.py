@@ -329,12 +329,24 @@ class ReplicatedStore(BlockStore):
         acked: list[Member] = []
         failures: dict[str, errors.StorageError] = {}
         pending: dict[Future, Member] = {}
+        held_back: list[Member] = []  # known down, tried only if the quorum needs them
 
         def launch() -> None:
             while len(acked) + len(pending) < self.config.replicas:
-                member = next(candidates, None)
-                if member is None:
-                    return
+                needed = len(acked) + len(pending) < self.config.write_quorum
+                if held_back and needed:
+                    member = held_back.pop(0)
+                else:
+                    member = next(candidates, None)  # usable servers come first
+                    if member is None:
+                        return
+                    if not needed and not self.health.usable(member.id):
+                        # A server marked down may hang rather than refuse: a copy sent to
+                        # it would hold an I/O thread until the request timeout, and with
+                        # every put doing so, the threads run out and writes stall. Its
+                        # copy (if it is a home) is remembered for repair instead.
+                        held_back.append(member)
+                        continue
                 future = self._io.submit(self._call, member, put_block,
                                          block_id, data, checksum)
                 pending[future] = member
@@ -358,7 +370,9 @@ class ReplicatedStore(BlockStore):
                 self._remember_missing(member, block_id, checksum)
         # The rest finish in the background; one that fails there is replaced by the next
         # server not tried yet, as it would have been before the quorum.
-        untried = list(candidates)  # taken from, under _lock, by the copies' callbacks
+        # taken from, under _lock, by the copies' callbacks (not servers marked down: see
+        # `launch`)
+        untried = [m for m in candidates if self.health.usable(m.id)]
         for future, member in pending.items():
             self._background_put(future, member, (block_id, data, checksum), homes, untried,
                                  put_block)
@@ -408,7 +422,7 @@ class ReplicatedStore(BlockStore):
         for index, (block_id, _, _) in enumerate(items):
             ranking = self.ranking(block_id)
             homes_of.append(ranking[:self.config.replicas])
-            for member in self._by_preference(ranking)[:self.config.replicas]:
+            for member in self._put_targets(ranking):
                 plans.setdefault(member.id, []).append(index)
         acks: list[set[str]] = [set() for _ in items]
         pending = {}
@@ -438,6 +452,15 @@ class ReplicatedStore(BlockStore):
             for member in homes_of[index]:
                 if member.id not in acks[index] and index not in in_flight.get(member.id, ()):
                     self._remember_missing(member, block_id, checksum)
+
+    def _put_targets(self, ranking: list[Member]) -> list[Member]:
+        """Where a batch sends a block's copies: R servers, usable ones first, and those
+        marked down only as far as W needs them (see `put`: a hung server would hold the
+        I/O threads; a home left out has its copy remembered for repair)."""
+        targets = self._by_preference(ranking)[:self.config.replicas]
+        up = [m for m in targets if self.health.usable(m.id)]
+        return up if len(up) >= self.config.write_quorum else \
+            targets[:max(len(up), self.config.write_quorum)]
 
     def _background_batch_done(self, future: Future, member: Member, items) -> None:
         statuses = future.result() if future.exception() is None else [0] * len(items)

@@ -247,6 +247,42 @@ def test_copies_left_behind_by_puts_are_bounded(blockservers, make_cluster):
         assert all(stored_on(s, block_id) == data for s in servers)
 
 
+def test_a_hung_server_marked_down_gets_no_copies_so_puts_never_run_out_of_threads(
+        blockservers, make_cluster):
+    """A server that hangs (accepts connections, answers nothing) is marked down by the
+    heartbeat. From then on a put sends it no copy while the others make the quorum, and
+    its copies are remembered for repair: a copy sent to it would hold one of the few I/O
+    threads until the (here very long) request timeout, and once they are all held, every
+    put stalls. Single puts and batches go on; when it answers again it gets every copy."""
+    servers = blockservers(3)
+    store = make_cluster(servers, read_timeout=300.0, io_threads=4)
+    hung = servers[2]
+    hung_id = members_of(servers)[2].id
+    blocks = [random_block(30_000) for _ in range(12)]
+    batch = [random_block(4096) for _ in range(20)]
+    done = []
+
+    def write():
+        for block in blocks:
+            store.put(*block)
+            done.append(block[0])
+        store.put_many(batch)
+        done.append("batch")
+    writer = threading.Thread(target=write, daemon=True)
+    hung.pause()
+    try:
+        wait_until(lambda: not store.health.usable(hung_id), "the heartbeat marks it down")
+        writer.start()
+        writer.join(60)  # a guard against a hang: far below the request timeout
+        assert not writer.is_alive() and len(done) == len(blocks) + 1
+        assert store.repair_backlog() == len(blocks) + len(batch)
+    finally:
+        hung.resume()
+    wait_until(lambda: store.repair_backlog() == 0, "automatic repair once it answers")
+    for block_id, data, _ in blocks + batch:
+        assert all(stored_on(s, block_id) == data for s in servers)
+
+
 def test_corrupt_replica_is_read_correctly_and_repaired(blockservers, make_cluster):
     servers = blockservers(3)
     store = make_cluster(servers)

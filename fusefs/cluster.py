@@ -334,19 +334,18 @@ class ReplicatedStore(BlockStore):
         def launch() -> None:
             while len(acked) + len(pending) < self.config.replicas:
                 needed = len(acked) + len(pending) < self.config.write_quorum
-                if held_back and needed:
-                    member = held_back.pop(0)
-                else:
-                    member = next(candidates, None)  # usable servers come first
-                    if member is None:
+                member = next(candidates, None)  # in ranking order, usable ones first
+                if member is None:
+                    if not (needed and held_back):
                         return
-                    if not needed and not self.health.usable(member.id):
-                        # A server marked down may hang rather than refuse: a copy sent to
-                        # it would hold an I/O thread until the request timeout, and with
-                        # every put doing so, the threads run out and writes stall. Its
-                        # copy (if it is a home) is remembered for repair instead.
-                        held_back.append(member)
-                        continue
+                    member = held_back.pop(0)
+                elif not needed and not self.health.usable(member.id):
+                    # A server marked down may hang rather than refuse: a copy sent to it
+                    # would hold an I/O thread until the request timeout, and with every
+                    # put doing so, the threads run out and writes stall. Its copy (if it
+                    # is a home) is remembered for repair instead.
+                    held_back.append(member)
+                    continue
                 future = self._io.submit(self._call, member, put_block,
                                          block_id, data, checksum)
                 pending[future] = member

@@ -130,21 +130,29 @@ class Filesystem:
         return bool(self._linked)
 
     def paths(self, ino: int) -> list[bytes]:
-        """Every path naming an inode, from the root ("/a/b"); [] if it has none."""
+        """Every path naming an inode, from the root ("/a/b"); [] if it has none. Each
+        directory's path is looked up once, however many of the names it holds."""
         found = []
+        prefixes: dict[int, bytes | None] = {ROOT_INO: b""}
         for parent, name in self.metadata.names(ino):
-            parts = [name]
-            seen = set()
-            while parent != ROOT_INO:
-                up = self.metadata.names(parent)
-                if not up or parent in seen:  # raced a removal or a move: not reachable
-                    break
-                seen.add(parent)
-                parent, name = up[0]
-                parts.append(name)
-            else:
-                found.append(b"/" + b"/".join(reversed(parts)))
+            if parent not in prefixes:
+                prefixes[parent] = self._dir_path(parent)
+            if prefixes[parent] is not None:
+                found.append(prefixes[parent] + b"/" + name)
         return found
+
+    def _dir_path(self, ino: int) -> bytes | None:
+        """The path of a directory ("/a/b"), or None if it is not reachable (it raced a
+        removal or a move)."""
+        parts, seen = [], set()
+        while ino != ROOT_INO:
+            up = self.metadata.names(ino)
+            if not up or ino in seen:
+                return None
+            seen.add(ino)
+            ino, name = up[0]
+            parts.append(name)
+        return b"".join(b"/" + p for p in reversed(parts))
 
     def _dir(self, ino: int) -> Inode:
         inode = self._inode(ino)

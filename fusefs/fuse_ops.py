@@ -216,8 +216,12 @@ class FuseOps(Operations):
         cached for those; make it fetch the attributes of every other name again."""
         if ino is None or self.refresher is None:
             return
-        skip = {_b(p) for p in through if p}
-        self.refresher.refresh(lambda: [p for p in self.fs.paths(ino) if p not in skip])
+        try:
+            count = self.fs.getattr(ino).nlink
+        except errors.FsError:
+            count = 0
+        self.refresher.refresh(lambda: self.fs.paths(ino), {_b(p) for p in through if p},
+                               key=ino, count=count)
 
     # -- attributes -------------------------------------------------------------------------
 

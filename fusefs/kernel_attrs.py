@@ -24,6 +24,12 @@ Rules that keep this from deadlocking:
   `wait` seconds. If that runs out, the refresh finishes after the callback returns, and
   the names may show old attributes until then.
 
+Passes: the refreshes of one file run one pass at a time, and a pass covers every change
+made before it started, so the changes of a burst share passes. A change waits for its
+pass only when the file has at most WAIT_NAMES names; beyond that the pass runs in the
+background, since waiting would cost each change a round trip per name: n links made
+one after another would cost n²/2 (docs/filesystem.md has the measurements).
+
 No file descriptor on the mount stays open between calls, so unmounting is never
 refused as busy.
 """
@@ -98,6 +104,20 @@ def supported() -> bool:
         os.close(fd)
 
 
+WAIT_NAMES = 64  # a change waits for the refresh of at most this many other names
+
+
+class _Pass:
+    """One refresh of one file's names, for every change it covers: `paths()` gives all of
+    them, `skip` those that every covered change made through (their attributes came in
+    the kernel's reply)."""
+
+    __slots__ = ("paths", "skip", "done")
+
+    def __init__(self, paths, skip):
+        self.paths, self.skip, self.done = paths, set(skip), threading.Event()
+
+
 class AttrRefresher:
     def __init__(self, mountpoint: str, wait: float = 1.0, threads: int = 2):
         self.mountpoint = os.fsencode(os.path.abspath(mountpoint))
@@ -108,16 +128,32 @@ class AttrRefresher:
         # Set by the adapter: whether a rename is running or just ended (the kernel moves
         # its cached names after the daemon's answer, so for a moment they disagree).
         self.busy = lambda: False
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the two dicts below; a leaf lock
+        self._queued: dict = {}  # key -> _Pass not started yet
+        self._running: dict = {}  # key -> _Pass under way
 
-    def refresh(self, names) -> None:
-        """Refresh what the kernel cached for each path that `names()` returns ("/d/name",
-        from the root). It is called on the refresh thread, and again if a name moved
-        meanwhile (a directory on its path was renamed)."""
-        future = self._pool.submit(self._refresh_all, names)
-        try:
-            future.result(timeout=self.wait)
-        except concurrent.futures.TimeoutError:
+    def refresh(self, paths, skip=(), key=None, count: int = 0) -> None:
+        """Refresh what the kernel cached for each path that `paths()` returns ("/d/name",
+        from the root), except those in `skip`. It is called on a refresh thread, and
+        again if a name moved meanwhile (a directory on its path was renamed).
+
+        `key` names the file: changes to one file share a pass that has not started yet,
+        and its passes run one at a time, so a burst of changes costs a few passes, not
+        one each. The caller waits for the pass (at most `wait` seconds) when the file
+        has at most WAIT_NAMES names (`count`); a file with more is refreshed in the
+        background, so that each change does not cost a round trip per name."""
+        key = object() if key is None else key
+        with self._lock:
+            job = self._queued.get(key)
+            if job is None:
+                job = self._queued[key] = _Pass(paths, skip)
+                if key not in self._running:
+                    self._start(key)
+            else:
+                job.skip.intersection_update(skip)
+        if count > WAIT_NAMES:
+            return
+        if not job.done.wait(self.wait):
             with self._lock:
                 self._late += 1
                 late = self._late
@@ -125,16 +161,41 @@ class AttrRefresher:
                 log.warning("refreshing the kernel's view of other names of a hard-linked "
                             "file took over %.1f s (%d times so far); it finishes in the "
                             "background", self.wait, late)
-        except Exception:  # noqa: BLE001 - a failed refresh must not fail the change
-            log.exception("refreshing the kernel's view of other names of a file failed")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
+    def _start(self, key) -> None:
+        """Caller holds _lock: run the queued pass of `key`."""
+        job = self._running[key] = self._queued.pop(key)
+        try:
+            self._pool.submit(self._run, key, job)
+        except RuntimeError:  # closed: nothing is refreshed any more
+            del self._running[key]
+            job.done.set()
+
+    def _run(self, key, job: _Pass) -> None:
+        try:
+            self._refresh_all(lambda: [p for p in job.paths() if p not in job.skip])
+        except Exception:  # noqa: BLE001 - a failed refresh must not fail the change
+            log.exception("refreshing the kernel's view of other names of a file failed")
+        finally:
+            job.done.set()
+            with self._lock:
+                del self._running[key]
+                if key in self._queued:
+                    self._start(key)
+
     def _refresh_all(self, names) -> None:
         delay, deadline = 0.001, time.monotonic() + RETRY_SECONDS
         while True:
-            results = {self._refresh_one(path) for path in names()}
+            dirs: dict[bytes, int] = {}  # directory path -> its descriptor, for this round
+            try:
+                results = {self._refresh_one(path, dirs) for path in names()}
+            finally:
+                for fd in dirs.values():
+                    if not isinstance(fd, str):
+                        os.close(fd)
             # A name is missing, or was not found in the cache while a rename runs: the
             # kernel moves its cached names only after this daemon answered the rename.
             if not (MOVED in results or (UNCACHED in results and self.busy())):
@@ -145,35 +206,57 @@ class AttrRefresher:
             time.sleep(delay)
             delay = min(2 * delay, 0.05)
 
-    def _refresh_one(self, path: bytes) -> str:
+    def _refresh_one(self, path: bytes, dirs: dict) -> str:
         """DONE if the name was in the kernel's cache and got fresh attributes, UNCACHED if
         the kernel has nothing cached under it (or cannot be asked), MOVED if it is not
-        there any more."""
+        there any more. `dirs` keeps the walks to directories (a descriptor, or why there
+        is none) for the other names of the same round."""
+        parent, _, name = path.rpartition(b"/")
+        fd = dirs.get(parent)
+        if fd is None:
+            fd = dirs[parent] = self._walk(parent)
+        if isinstance(fd, str):
+            return fd
+        fd = self._step(fd, name, False)
+        if isinstance(fd, str):
+            return fd
+        try:
+            return DONE if _force_getattr(fd) == 0 else MOVED
+        finally:
+            os.close(fd)
+
+    def _walk(self, directory: bytes):
+        """An O_PATH descriptor of `directory` ("/d/e" from the mount's root; "" is the
+        root) found through the kernel's caches alone, or UNCACHED or MOVED."""
         try:
             fd = os.open(self.mountpoint, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             log.debug("cannot open the mount root %r: %s", self.mountpoint, e)
             return UNCACHED
-        try:
-            parts = [p for p in path.split(b"/") if p]
-            for i, part in enumerate(parts):
-                directory = i < len(parts) - 1
-                nxt = _open_cached(fd, part, directory)
-                if nxt == -errno.EAGAIN:
-                    # The directory's attributes expired (its permission check needs the
-                    # daemon), a rename raced the walk, or the name is not cached: refresh
-                    # the directory and try twice more.
-                    if _force_getattr(fd) < 0:
-                        return MOVED
-                    nxt = _open_cached(fd, part, directory)
-                    if nxt == -errno.EAGAIN:
-                        nxt = _open_cached(fd, part, directory)
-                if nxt in (-errno.ENOENT, -errno.ENOTDIR, -errno.ESTALE):
-                    return MOVED  # renamed or removed meanwhile
-                if nxt < 0:
-                    return UNCACHED  # EAGAIN: nothing cached; EXDEV, EACCES: cannot walk
-                os.close(fd)
-                fd = nxt
-            return DONE if _force_getattr(fd) == 0 else MOVED
-        finally:
+        for part in [p for p in directory.split(b"/") if p]:
+            nxt = self._step(fd, part, True)
             os.close(fd)
+            if isinstance(nxt, str):
+                return nxt
+            fd = nxt
+        return fd
+
+    @staticmethod
+    def _step(fd: int, part: bytes, directory: bool):
+        """The descriptor of fd/part found through the kernel's caches, or UNCACHED or
+        MOVED."""
+        nxt = _open_cached(fd, part, directory)
+        if nxt == -errno.EAGAIN:
+            # The directory's attributes expired (its permission check needs the daemon),
+            # a rename raced the walk, or the name is not cached: refresh the directory
+            # and try twice more.
+            if _force_getattr(fd) < 0:
+                return MOVED
+            nxt = _open_cached(fd, part, directory)
+            if nxt == -errno.EAGAIN:
+                nxt = _open_cached(fd, part, directory)
+        if nxt in (-errno.ENOENT, -errno.ENOTDIR, -errno.ESTALE):
+            return MOVED  # renamed or removed meanwhile
+        if nxt < 0:
+            return UNCACHED  # EAGAIN: nothing cached; EXDEV, EACCES: cannot walk
+        return nxt

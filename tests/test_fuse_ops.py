@@ -114,8 +114,8 @@ class RecordingRefresher:
         self.asked: list[list[bytes]] = []
         self.busy = None
 
-    def refresh(self, names):
-        self.asked.append(sorted(names()))
+    def refresh(self, paths, skip=(), key=None, count=0):
+        self.asked.append(sorted(p for p in paths() if p not in skip))
 
 
 def test_changes_refresh_exactly_the_other_names(tmp_path):

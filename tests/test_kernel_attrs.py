@@ -17,7 +17,7 @@ import pytest
 
 from fusefs import kernel_attrs
 
-from .support import as_user
+from .support import as_user, wait_until
 
 pytestmark = pytest.mark.skipif(not kernel_attrs.supported(),
                                 reason="needs openat2 RESOLVE_CACHED (Linux 5.12)")
@@ -153,6 +153,35 @@ def test_names_not_in_the_kernel_cache_are_skipped_without_waiting(fusefs_mount)
     # Not asserted: that no refresh logged "refreshing the kernel's view ... took over 1 s"
     # (fusefs/kernel_attrs.py). That warning measures time, which a loaded machine stretches;
     # a refresh that waited for the unlink's lock would hang the unlinks above instead.
+
+
+def test_a_burst_of_changes_to_a_file_with_many_names_shares_its_refreshes(fusefs_mount):
+    """Every change refreshes the file's other names, a GETATTR each. Hundreds of links
+    made one after another must not each refresh every name (the square of the names:
+    stress-ng's link stressor made 8192 and took hours); changes share passes, and every
+    name shows the final link count soon after the burst."""
+    from .test_metrics import free_port, op_count, scrape
+
+    port = free_port()
+    m = fusefs_mount(mount=["--metrics", f"127.0.0.1:{port}"])
+    d = os.path.join(m.path, "d")
+    os.mkdir(d)
+    names = [os.path.join(d, "a")] + [os.path.join(d, f"l{i}") for i in range(300)]
+    with open(names[0], "wb") as f:
+        f.write(b"x")
+    before = op_count(scrape(port), "getattr")
+    for name in names[1:]:
+        os.link(names[0], name)
+    wait_until(lambda: all(os.stat(p).st_nlink == len(names) for p in names),
+               "every name showing the new link count")
+    getattrs = op_count(scrape(port), "getattr") - before
+    assert getattrs < len(names) ** 2 / 8, getattrs  # a pass per link: about n^2 / 2
+    for name in names[1:-1]:
+        os.unlink(name)
+    wait_until(lambda: os.stat(names[0]).st_nlink == 2 and os.stat(names[-1]).st_nlink == 2,
+               "both names left showing link count 2")
+    os.chmod(names[-1], 0o600)  # two names: the change waits for the refresh
+    assert stat.S_IMODE(os.stat(names[0]).st_mode) == 0o600
 
 
 def test_concurrent_changes_and_directory_renames_do_not_hang(fusefs_mount):

@@ -567,10 +567,7 @@ class BlockCache:
             try:
                 try:
                     trailer = TRAILER.pack(MAGIC, bytes.fromhex(checksum), len(data))
-                    for part in (data, _segment_sums(data), trailer):
-                        view = memoryview(part)
-                        while view:
-                            view = view[os.write(fd, view):]
+                    _write_all(fd, [data, _segment_sums(data), trailer])
                 finally:
                     os.close(fd)
                 try:
@@ -592,6 +589,19 @@ class BlockCache:
 
     def _unlink(self, block_id: str) -> None:
         _remove(self._path(block_id))
+
+
+def _write_all(fd: int, parts: list) -> None:
+    """Write `parts` one after another: one system call unless the kernel takes less."""
+    left = sum(map(len, parts))
+    while left:
+        done = os.writev(fd, parts)
+        left -= done
+        while parts and done >= len(parts[0]):
+            done -= len(parts[0])
+            parts = parts[1:]
+        if done:
+            parts[0] = memoryview(parts[0])[done:]
 
 
 def _segment_sums(data) -> bytes:

@@ -196,12 +196,17 @@ class DataPath:
     def read(self, live: FileData, offset: int, size: int) -> bytes:
         """Takes live.lock: up to `size` bytes at `offset` (fewer at the end of the file).
         Clean blocks are fetched once the lock is released."""
+        return b"".join(self.read_pieces(live, offset, size))
+
+    def read_pieces(self, live: FileData, offset: int, size: int) -> list:
+        """`read` as a list of bytes-like pieces in order, not joined: the FUSE glue copies
+        them straight into the kernel's buffer. Never to be changed by the caller."""
         pieces: list = []  # bytes; (BlockRef, start, n, overlay) to fetch; an int of zeros
         with live.lock:
             ahead = self._plan_read(live, offset, size, pieces)
         if ahead:
             self.cache.prefetch(ahead)
-        return self._join(pieces)
+        return self._fetched(pieces)
 
     def _plan_read(self, live: FileData, offset: int, size: int, pieces: list) -> list:
         """Caller holds live.lock: fill `pieces` with what the read returns; return the
@@ -236,8 +241,8 @@ class DataPath:
         refs = (live.refs.get(i) for i in range(first, first + self.readahead_blocks))
         return [(r.block_id, r.checksum) for r in refs if r is not None]
 
-    def _join(self, pieces: list) -> bytes:
-        """No lock held: the pieces of a read as one bytes, clean blocks fetched."""
+    def _fetched(self, pieces: list) -> list:
+        """No lock held: the pieces of a read with clean blocks fetched and zeros made."""
         out = []
         for piece in pieces:
             if isinstance(piece, int):
@@ -246,7 +251,7 @@ class DataPath:
                 out.extend(self._stored_range(*piece))
             else:
                 out.append(piece)
-        return b"".join(out)
+        return out
 
     def _stored_range(self, ref: BlockRef, within: int, n: int, overlay=(),
                       whole: bool = False) -> list:

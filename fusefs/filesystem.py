@@ -532,6 +532,10 @@ class Filesystem:
     def read(self, fh: int, offset: int, size: int) -> bytes:
         return self.data.read(self._handle(fh).live, offset, size)
 
+    def read_pieces(self, fh: int, offset: int, size: int) -> list:
+        """`read` as a list of bytes-like pieces (DataPath.read_pieces)."""
+        return self.data.read_pieces(self._handle(fh).live, offset, size)
+
     def write(self, fh: int, offset: int, data: bytes, append: bool = False) -> int:
         """Write `data` at `offset`, or with `append` (an O_APPEND write, not the kernel
         writing back mmap pages) at the file's end, whatever `offset` says."""

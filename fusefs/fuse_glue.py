@@ -22,6 +22,13 @@ buffer from a tuple, its padding as zeros (0.6 µs), and an error is returned, n
 GETXATTR: the kernel asks for `security.capability` before every write, and almost every
 file has none; the answer is returned directly instead of raised through three layers.
 
+READ: fusepy's glue joins the answer into one bytes and copies it into the kernel's buffer
+with `ctypes.memmove`, a foreign call, which releases the GIL and must win it back from the
+daemon's other threads: in a cold sequential read they are many (read-ahead, the disk
+cache writer, the other FUSE threads), so every 128 KiB paid a hand-over. Here the pieces
+of the answer are copied straight into the buffer through a memoryview: one copy, and the
+GIL is kept.
+
 FALLOCATE: fusepy's table of operations stops at `ioctl`; libfuse 2.9's goes on with
 poll, write_buf, read_buf, flock and fallocate. `_Operations` is fusepy's table with those
 five appended (the first four left empty), so that `Mount.fallocate` is called.
@@ -209,6 +216,21 @@ class Mount(FUSE):
         except Exception as e:  # noqa: BLE001 - the adapter's policy: an errno, never an escape
             return -errno_of(e, "getattr", (name,))
         return 0
+
+    def read(self, path, buf, size, offset, fip):
+        name = None if path is None else path.decode(self.encoding)
+        try:
+            pieces = self.operations.read_pieces(name, size, offset, fip.contents)
+            out = memoryview((ctypes.c_ubyte * size).from_address(
+                ctypes.addressof(buf.contents))).cast("B")
+            at = 0
+            for piece in pieces:
+                n = min(len(piece), size - at)
+                out[at:at + n] = piece if n == len(piece) else memoryview(piece)[:n]
+                at += n
+        except Exception as e:  # noqa: BLE001 - as above
+            return -errno_of(e, "read", (name,))
+        return at
 
     def fallocate(self, path, mode, offset, length, fip):
         name = None if path is None else path.decode(self.encoding)

@@ -771,3 +771,29 @@ def test_a_block_discarded_while_waiting_for_the_disk_writer_is_not_written(
     go.set()
     assert cache.settle(10.0)
     assert set(files_on_disk(tmp_path)) == {a}
+
+
+def test_a_disk_cache_file_is_written_whole_when_the_kernel_takes_a_little_at_a_time(
+        tmp_path, monkeypatch):
+    """The disk writer writes a block, its segment sums and its trailer with one writev;
+    when the kernel takes fewer bytes than asked, the rest follows in order."""
+    from fusefs import cache as cache_module
+
+    real = os.writev
+    calls = []
+
+    def stingy(fd, parts):  # takes at most 5,000 bytes per call
+        calls.append(len(parts))
+        data = b"".join(bytes(p) for p in parts)[:5000]
+        return real(fd, [data])
+
+    monkeypatch.setattr(cache_module.os, "writev", stingy)
+    parts = [os.urandom(12_345), b"", os.urandom(77), os.urandom(4_999)]
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        cache_module._write_all(fd, list(parts))
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"".join(parts)
+    assert len(calls) == 4  # 17,421 bytes, 5,000 at a time

@@ -9,9 +9,10 @@ import signal
 import stat
 import threading
 import time
+from ctypes import POINTER, c_byte
 
 import pytest
-from fuse import FuseOSError, Operations, c_stat
+from fuse import FuseOSError, Operations, c_stat, fuse_file_info
 
 from fusefs import errors, fuse_glue
 from fusefs.fuse_ops import STAT_KEYS
@@ -134,6 +135,9 @@ class _Failing:
     def xattr_value(self, path, name):
         raise self.exc
 
+    def read_pieces(self, path, size, offset, fi):
+        raise self.exc
+
 
 GLUE_CASES = [
     (errors.FsError(errno.ENOENT), errno.ENOENT, None),
@@ -151,6 +155,9 @@ def test_the_glue_answers_failures_with_the_adapters_errno(exc, code, level, cap
     with caplog.at_level(logging.WARNING, logger="fusefs.fuse"):
         assert fuse_glue.Mount.fgetattr(glue, b"/a", buf, None) == -code
         assert fuse_glue.Mount.getxattr(glue, b"/a", b"user.x", None, 0) == -code
+        buf = ctypes.create_string_buffer(8)
+        assert fuse_glue.Mount.read(glue, b"/a", ctypes.cast(buf, POINTER(c_byte)), 8, 0,
+                                    ctypes.pointer(fuse_file_info())) == -code
     levels = {r.levelno for r in caplog.records}
     assert levels == ({level} if level else set())
     if level == logging.ERROR:  # a bug is logged with its traceback
@@ -169,3 +176,19 @@ def test_getxattr_answers_size_queries_and_refuses_short_buffers():
     room = ctypes.create_string_buffer(8)
     assert fuse_glue.Mount.getxattr(glue, b"/a", b"user.x", room, 8) == 5
     assert room.raw[:5] == b"value"
+
+
+def test_read_copies_the_pieces_of_the_answer_into_the_kernels_buffer():
+    class Ops:
+        def read_pieces(self, path, size, offset, fi):
+            assert (path, size, offset, fi.fh) == ("/a", 10, 4, 7)
+            return [b"abc", memoryview(b"--defg--")[2:6], bytearray(b"hij"), b""]
+
+    buf = ctypes.create_string_buffer(b"\xff" * 12)
+    fi = fuse_file_info()
+    fi.fh = 7
+    glue = _Stub(Ops())
+    got = fuse_glue.Mount.read(glue, b"/a", ctypes.cast(buf, POINTER(c_byte)), 10, 4,
+                               ctypes.pointer(fi))
+    assert got == 10
+    assert buf.raw == b"abcdefghij\xff\xff\0"  # nothing past the answer is touched

@@ -51,12 +51,22 @@ def errno_of(e: Exception, call: str, args: tuple) -> int:
     if isinstance(e, errors.FsError):
         return e.errno
     if isinstance(e, (errors.StorageError, errors.MetadataFailed)):
-        log.warning("%s %s failed: %s", call, args[0] if args else "", e)
+        log.warning("%s %s failed: %s", call, _shown(args[0]) if args else "", e)
         return e.errno
     if isinstance(e, FuseOSError):
         return e.errno
-    log.error("unexpected error in %s%r; answered EIO", call, args[:2], exc_info=e)
+    log.error("unexpected error in %s(%s); answered EIO", call,
+              ", ".join(map(_shown, args[:2])), exc_info=e)
     return errno.EIO
+
+
+def _shown(arg, limit: int = 300) -> str:
+    """An argument as a log line shows it (a path as it is, anything else as its repr): a
+    path of thousands of characters (a deep tree) by its two ends."""
+    text = arg if isinstance(arg, str) else repr(arg)
+    if len(text) > limit:
+        return f"{text[:limit // 2]}...({len(text)} characters)...{text[-limit // 2:]}"
+    return text
 
 
 def _quiet_errno(e: Exception) -> int:
@@ -361,7 +371,10 @@ class FuseOps(Operations):
     def rmdir(self, path):
         parent, name = self._parent(path)
         self.fs.rmdir(parent, name)
-        self.paths.changed(path, subtree=True)
+        # Not subtree=True: the directory was empty, and every name that left it was
+        # forgotten by its own change. Emptying the whole cache made each rmdir of a deep
+        # tree's removal resolve its path again from the root.
+        self.paths.changed(path)
         return 0
 
     @_op

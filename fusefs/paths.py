@@ -9,9 +9,10 @@ high-level API) in front of a core that works on inode numbers. No FUSE here.
 Invalidation rules (a stale entry would send a call to the wrong file):
 - Every namespace change made through this mount calls `changed` with the paths it
   created, removed or moved: they are forgotten in both maps (another kernel inode, with
-  its own page cache, may answer to such a name now). A change that moves or removes a
-  directory passes `subtree=True`: every path below it changed too, so both maps are
-  emptied whole.
+  its own page cache, may answer to such a name now). A change that moves a directory
+  passes `subtree=True`: every path below it changed too, so both maps are emptied whole.
+  Removing a directory does not: it was empty, and each name that left it was forgotten
+  by its own change.
 - Each change also moves a generation counter. A lookup remembers the generation it
   started in and stores its answer only if no change happened meanwhile: a lookup that
   raced a change could otherwise store the name's old inode after `changed` forgot it.
@@ -52,26 +53,40 @@ class PathCache:
         self._seen: dict[str, tuple[int, int, int, int]] = {}
 
     def resolve(self, path: str) -> int:
-        """Takes _lock, released around core lookups: the inode at `path`."""
+        """Takes _lock, released around core lookups: the inode at `path`. From the
+        nearest ancestor known (cached, pinned or the root), one lookup per component
+        below it; a loop, not a recursion, so any depth resolves."""
         if path == "/":
             return self._root
+        ino = self._known(path)
+        if ino is not None:
+            return ino
+        with self._lock:
+            generation = self._generation
+        below = []  # the names under the nearest known ancestor, deepest first
+        at = path
+        while ino is None:
+            at, _, name = at.rpartition("/")
+            below.append(name)
+            ino = self._known(at) if at else self._root
+        for name in reversed(below):
+            at = f"{at}/{name}"
+            ino = self._lookup(ino, name)
+            with self._lock:
+                if generation == self._generation:
+                    if len(self._paths) >= MAX_CACHED_PATHS:
+                        self._paths.clear()
+                    self._paths[at] = ino
+        return ino
+
+    def _known(self, path: str) -> int | None:
+        """Takes _lock: the inode at `path` if pinned or cached, else None."""
         if self._pinned is not None:
             ino = self._pinned(path)
             if ino is not None:
                 return ino
         with self._lock:
-            ino = self._paths.get(path)
-            generation = self._generation
-        if ino is not None:
-            return ino
-        parent, _, name = path.rpartition("/")
-        ino = self._lookup(self.resolve(parent or "/"), name)
-        with self._lock:
-            if generation == self._generation:
-                if len(self._paths) >= MAX_CACHED_PATHS:
-                    self._paths.clear()
-                self._paths[path] = ino
-        return ino
+            return self._paths.get(path)
 
     def changed(self, *paths: str, subtree: bool = False) -> None:
         """Takes _lock: a namespace change made through this mount touched `paths` (and,

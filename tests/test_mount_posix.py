@@ -1047,3 +1047,46 @@ def test_permissions_with_default_permissions(fusefs_mount):
     assert read_file(p("none")) == b"mode 000"
     assert read_file(p("shared-rw")) == b"by nobody"
     assert read_file(p("open", "mine")) == b"m"
+
+
+def test_a_tree_deeper_than_path_max_works_with_a_cold_path_cache(fusefs_mount):
+    """libfuse 2 hands every call the whole path, which can be far longer than PATH_MAX
+    (stress-ng's dirdeep stressor reached 1,600 levels). Resolving it walked up one
+    recursive call per level, so past about 1,000 uncached levels every call answered
+    EIO (RecursionError), and the tree could not even be removed. With the path cache
+    cold (after a remount), every level must resolve; rmdir must not make the next one
+    resolve from the root either."""
+    depth = 1500
+    m = fusefs_mount()
+    top = os.path.join(m.path, "deep")
+    os.mkdir(top)
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):  # relative calls: the path never passes through one syscall
+            os.mkdir("d", dir_fd=fd)
+            below = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+        with open(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+            f.write(b"at the bottom")
+    finally:
+        os.close(fd)
+    m.umount()
+    m.mount()  # nothing cached: every level is looked up
+
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            below = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+        with open(os.open("leaf", os.O_RDONLY, dir_fd=fd), "rb") as f:
+            assert f.read() == b"at the bottom"
+        os.rename("leaf", "moved", src_dir_fd=fd, dst_dir_fd=fd)
+        assert os.listdir(fd) == ["moved"]
+    finally:
+        os.close(fd)
+    found = subprocess.run(["find", top, "-name", "moved"], capture_output=True, check=True)
+    assert found.stdout.count(b"\n") == 1
+    subprocess.run(["rm", "-rf", top], check=True)
+    assert not os.path.exists(top)

@@ -244,7 +244,8 @@ def rebalance(cluster: Cluster, rate: float | None, progress: Progress,
                 time.sleep(min(5.0, max(0.0, remaining)))
                 continue
             summary, pending = found.summary(), 0  # nothing to move: no need to wait
-        stuck = stuck + 1 if pending and not (report.fixed or report.present) else 0
+        progressed = report.fixed or report.present or report.dropped
+        stuck = stuck + 1 if pending and not progressed else 0
         if stuck >= 3:  # (a target that refuses every copy: full, or read-only)
             progress.say("copies keep failing: " + "; ".join(report.errors[-3:]))
             break

@@ -203,6 +203,7 @@ class PassReport:
     present: int = 0  # found on its target already (copied meanwhile by someone else)
     moved: int = 0  # hand-off copies deleted once every home had the block
     failed: int = 0
+    dropped: int = 0  # deleted everywhere since the survey (their file went): nothing to do
     bytes_copied: int = 0
     survey: dict = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
@@ -225,7 +226,7 @@ class PassReport:
     def as_dict(self) -> dict:
         return {"started": self.started, "finished": self.finished, "found": self.found,
                 "fixed": self.fixed, "copied": self.copied, "present": self.present,
-                "moved": self.moved,
+                "moved": self.moved, "dropped": self.dropped,
                 "failed": self.failed, "bytes_copied": self.bytes_copied,
                 "survey": self.survey, "errors": self.errors[-10:]}
 
@@ -390,7 +391,8 @@ class Repairer:
             self.last = report
         if report.found:
             log.info("repair pass: %d copies found out of place, %d copied, %d hand-offs "
-                     "moved, %d failed", report.found, report.copied, report.moved,
+                     "moved, %d no longer needed (their files were removed meanwhile), "
+                     "%d failed", report.found, report.copied, report.moved, report.dropped,
                      report.failed)
         return report
 
@@ -438,13 +440,13 @@ class Repairer:
         holder, verified, and put."""
         try:
             chunk = self._still_missing(target, chunk, report)
-            data = self._fetch(chunk)
+            data, dropped = self._fetch(chunk)
         except errors.StorageError as e:
             report.tally(failed=len(chunk))
             report.error(f"could not copy blocks to {target.url}: {e}")
             return
         items = [(d.block_id, data[d.block_id], d.checksum) for d in chunk if d.block_id in data]
-        report.tally(failed=len(chunk) - len(items))
+        report.tally(dropped=dropped, failed=len(chunk) - len(items) - dropped)
         if not items:
             return
         try:
@@ -475,9 +477,10 @@ class Repairer:
         report.tally(present=len(chunk) - len(rest))
         return rest
 
-    def _fetch(self, chunk: list[Damage]) -> dict[str, bytes]:
+    def _fetch(self, chunk: list[Damage]) -> tuple[dict[str, bytes], int]:
         """The verified bytes of each block, from a holder the survey saw (by batch), or
-        wherever the store finds them."""
+        wherever the store finds them; and how many no server holds any more (deleted
+        since the survey: only the garbage collector deletes blocks)."""
         found: dict[str, bytes] = {}
         by_source: dict[str, list[Damage]] = {}
         for item in chunk:
@@ -495,13 +498,14 @@ class Repairer:
                 raw = answer.get(item.block_id)
                 if isinstance(raw, bytes) and protocol.checksum(raw) == item.checksum:
                     found[item.block_id] = raw
+        dropped = 0
         for item in chunk:
             if item.block_id not in found:
                 try:
                     found[item.block_id] = self.store.get(item.block_id, item.checksum)
                 except errors.BlockMissing:
-                    pass  # (dropped since the survey: nothing to repair)
-        return found
+                    dropped += 1
+        return found, dropped
 
     def _move_handoffs(self, damage: list[Damage], report: PassReport) -> None:
         """Delete copies outside the homes, each only once every home has a healthy copy."""

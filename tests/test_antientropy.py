@@ -144,3 +144,43 @@ def test_background_passes_wait_for_the_first_delay_then_the_duty_bound(monkeypa
         assert all(gap >= 0.5 + 4 * 0.5 - 0.05 for gap in gaps), gaps
     finally:
         repairer.close()
+
+
+class _VanishingStore:
+    """Every copy of every block was deleted (by the garbage collector) after the survey."""
+
+    def __init__(self):
+        from fusefs.health import Health
+
+        self.members, self.leaving = MEMBERS, []
+        self.servers = MEMBERS
+        self.health = Health([m.id for m in MEMBERS])
+        self.transport = types.SimpleNamespace(
+            batch_check=lambda member, ids: [{"id": i, "status": 404} for i in ids],
+            batch_get=lambda member, ids: dict.fromkeys(ids, 404),
+            batch_put=lambda member, items: [201 for _ in items])
+
+    def on_damage(self, listener) -> None:
+        pass
+
+    def _call(self, member, fn, *args):
+        return fn(member, *args)
+
+    def get(self, block_id, checksum):
+        from fusefs import errors
+
+        raise errors.BlockMissing(f"{block_id}: no server holds it")
+
+
+def test_copies_deleted_since_the_survey_are_dropped_not_failed():
+    """A writer removing files while a pass runs: their blocks leave every server between
+    the survey and the copy. Nothing is left to repair, and the pass must not say that
+    copies failed (a person reading the log would look for a broken server)."""
+    store = _VanishingStore()
+    repairer = Repairer(store, dict)
+    chunk = [antientropy.Damage(f"{i:032x}", "0" * 32, 10, [MEMBERS[0]], [], [MEMBERS[1]])
+             for i in range(5)]
+    report = antientropy.PassReport(started=time.time())
+    repairer._copy_chunk(MEMBERS[0], chunk, report, antientropy._Throttle(None, threading.Event()))
+    assert (report.dropped, report.failed, report.copied) == (5, 0, 0)
+    assert report.as_dict()["dropped"] == 5

@@ -225,12 +225,22 @@ class Fsck:
         ids = sorted(wanted)
         for member in self.sb.members:
             try:
-                for start in range(0, len(ids), 500):
-                    chunk = ids[start:start + 500]
+                todo = ids
+                while todo:
+                    # A server reads a bounded number of bytes per request and answers the
+                    # rest TOO_LARGE: those are asked again, not taken for missing copies.
+                    chunk, again = todo[:500], []
                     for entry in self.transport.batch_check(member, chunk, verify=True):
-                        if entry["status"] == protocol.OK and \
+                        if entry["status"] == protocol.TOO_LARGE:
+                            again.append(entry["id"])
+                        elif entry["status"] == protocol.OK and \
                                 entry.get("checksum") == wanted[entry["id"]]:
                             good[entry["id"]].append(member)
+                    if len(again) == len(chunk):
+                        raise errors.Unavailable(f"{member.url} verified none of {len(chunk)} "
+                                                 "blocks asked for (its batch limit is too "
+                                                 "small)", server=member.url)
+                    todo = again + todo[len(chunk):]
                 reachable.append(member)
             except errors.StorageError as e:
                 self.report.warnings.append(f"server {member.url} could not be checked: {e}")

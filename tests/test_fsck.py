@@ -368,6 +368,22 @@ def test_damaged_replicas_are_reported_and_copied_again(fusefs_mount, cluster, t
     check_files(m.path, expected)
 
 
+def test_copies_a_server_leaves_for_another_request_are_checked_not_lost(
+        fusefs_mount, blockservers, tmp_path):
+    """A server verifies a bounded number of bytes per batch check (--max-batch-size) and
+    answers the rest "ask again". fsck took those for missing copies: on the 1 GiB file
+    of a benchmark mount it reported 872 blocks with no intact copy, and exit status 1."""
+    servers = blockservers.servers.start(3, args=["--max-batch-size", "2MiB"])
+    m = fusefs_mount.track(str(tmp_path / "mnt"), str(tmp_path / "cache"), servers)
+    m.cli("mkfs", *m.cluster_args(), *MKFS)
+    m.mount()
+    write_file(os.path.join(m.path, "f"), os.urandom(6 << 20))  # 96 blocks: 3 requests
+    m.umount()
+    status, report, _ = fsck(m)
+    assert status == 0 and report["clean"], report
+    assert report["counts"]["blocks"] == 96 and report["counts"]["under_replicated"] == 0
+
+
 def test_leftover_blocks_are_reported_and_deleted(fusefs_mount, cluster):
     m = fusefs_mount(mkfs=MKFS)
     expected = digests(make_tree(m.path, 4))

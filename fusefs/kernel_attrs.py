@@ -30,6 +30,11 @@ pass only when the file has at most WAIT_NAMES names; beyond that the pass runs 
 background, since waiting would cost each change a round trip per name: n links made
 one after another would cost n²/2 (docs/filesystem.md has the measurements).
 
+The walks and statx calls run in walker processes (`_Walker`, at most one per refresh
+thread, started when first needed), not in the daemon: a daemon thread waiting for the
+answer to its own request at a kill -9 could never end, which left the daemon a zombie
+holding /dev/fuse and hung the mount and every process using it.
+
 No file descriptor on the mount stays open between calls, so unmounting is never
 refused as busy.
 """
@@ -41,6 +46,10 @@ import ctypes
 import errno
 import logging
 import os
+import queue
+import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -131,6 +140,8 @@ class AttrRefresher:
         self._lock = threading.Lock()  # guards the two dicts below; a leaf lock
         self._queued: dict = {}  # key -> _Pass not started yet
         self._running: dict = {}  # key -> _Pass under way
+        self._walkers: queue.SimpleQueue = queue.SimpleQueue()  # idle _Walker processes
+        self._closed = False
 
     def refresh(self, paths, skip=(), key=None, count: int = 0) -> None:
         """Refresh what the kernel cached for each path that `paths()` returns ("/d/name",
@@ -163,7 +174,13 @@ class AttrRefresher:
                             "background", self.wait, late)
 
     def close(self) -> None:
+        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
+        while True:
+            try:
+                self._walkers.get_nowait().close()
+            except queue.Empty:
+                return
 
     def _start(self, key) -> None:
         """Caller holds _lock: run the queued pass of `key`."""
@@ -189,13 +206,7 @@ class AttrRefresher:
     def _refresh_all(self, names) -> None:
         delay, deadline = 0.001, time.monotonic() + RETRY_SECONDS
         while True:
-            dirs: dict[bytes, int] = {}  # directory path -> its descriptor, for this round
-            try:
-                results = {self._refresh_one(path, dirs) for path in names()}
-            finally:
-                for fd in dirs.values():
-                    if not isinstance(fd, str):
-                        os.close(fd)
+            results = set(self._round(names()))
             # A name is missing, or was not found in the cache while a rename runs: the
             # kernel moves its cached names only after this daemon answered the rename.
             if not (MOVED in results or (UNCACHED in results and self.busy())):
@@ -206,57 +217,156 @@ class AttrRefresher:
             time.sleep(delay)
             delay = min(2 * delay, 0.05)
 
-    def _refresh_one(self, path: bytes, dirs: dict) -> str:
-        """DONE if the name was in the kernel's cache and got fresh attributes, UNCACHED if
-        the kernel has nothing cached under it (or cannot be asked), MOVED if it is not
-        there any more. `dirs` keeps the walks to directories (a descriptor, or why there
-        is none) for the other names of the same round."""
-        parent, _, name = path.rpartition(b"/")
-        fd = dirs.get(parent)
-        if fd is None:
-            fd = dirs[parent] = self._walk(parent)
-        if isinstance(fd, str):
-            return fd
-        fd = self._step(fd, name, False)
-        if isinstance(fd, str):
-            return fd
+    def _round(self, paths: list[bytes]) -> list[str]:
+        """One round over `paths`, by a walker process (taken from the idle ones, or new)."""
+        if not paths:
+            return []
         try:
-            return DONE if _force_getattr(fd) == 0 else MOVED
+            walker = self._walkers.get_nowait()
+        except queue.Empty:
+            walker = _Walker(self.mountpoint)
+        try:
+            return walker.refresh(paths)
         finally:
-            os.close(fd)
+            if walker.alive and not self._closed:
+                self._walkers.put(walker)
+            else:
+                walker.close()
 
-    def _walk(self, directory: bytes):
-        """An O_PATH descriptor of `directory` ("/d/e" from the mount's root; "" is the
-        root) found through the kernel's caches alone, or UNCACHED or MOVED."""
-        try:
-            fd = os.open(self.mountpoint, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as e:
-            log.debug("cannot open the mount root %r: %s", self.mountpoint, e)
-            return UNCACHED
-        for part in [p for p in directory.split(b"/") if p]:
-            nxt = self._step(fd, part, True)
-            os.close(fd)
-            if isinstance(nxt, str):
-                return nxt
-            fd = nxt
+def refresh_round(mountpoint: bytes, paths: list[bytes]) -> list[str]:
+    """DONE, UNCACHED or MOVED for each path (`_refresh_one`), walking each directory
+    once. Runs in a walker process (`_Walker`), never in the daemon."""
+    dirs: dict[bytes, int | str] = {}  # directory path -> its descriptor, or why none
+    try:
+        return [_refresh_one(mountpoint, path, dirs) for path in paths]
+    finally:
+        for fd in dirs.values():
+            if not isinstance(fd, str):
+                os.close(fd)
+
+
+def _refresh_one(mountpoint: bytes, path: bytes, dirs: dict) -> str:
+    """DONE if the name was in the kernel's cache and got fresh attributes, UNCACHED if
+    the kernel has nothing cached under it (or cannot be asked), MOVED if it is not
+    there any more. `dirs` keeps the walks to directories (a descriptor, or why there
+    is none) for the other names of the same round."""
+    parent, _, name = path.rpartition(b"/")
+    fd = dirs.get(parent)
+    if fd is None:
+        fd = dirs[parent] = _walk(mountpoint, parent)
+    if isinstance(fd, str):
         return fd
+    fd = _step(fd, name, False)
+    if isinstance(fd, str):
+        return fd
+    try:
+        return DONE if _force_getattr(fd) == 0 else MOVED
+    finally:
+        os.close(fd)
 
-    @staticmethod
-    def _step(fd: int, part: bytes, directory: bool):
-        """The descriptor of fd/part found through the kernel's caches, or UNCACHED or
-        MOVED."""
+
+def _walk(mountpoint: bytes, directory: bytes):
+    """An O_PATH descriptor of `directory` ("/d/e" from the mount's root; "" is the
+    root) found through the kernel's caches alone, or UNCACHED or MOVED."""
+    try:
+        fd = os.open(mountpoint, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        log.debug("cannot open the mount root %r: %s", mountpoint, e)
+        return UNCACHED
+    for part in [p for p in directory.split(b"/") if p]:
+        nxt = _step(fd, part, True)
+        os.close(fd)
+        if isinstance(nxt, str):
+            return nxt
+        fd = nxt
+    return fd
+
+
+def _step(fd: int, part: bytes, directory: bool):
+    """The descriptor of fd/part found through the kernel's caches, or UNCACHED or
+    MOVED."""
+    nxt = _open_cached(fd, part, directory)
+    if nxt == -errno.EAGAIN:
+        # The directory's attributes expired (its permission check needs the daemon),
+        # a rename raced the walk, or the name is not cached: refresh the directory
+        # and try twice more.
+        if _force_getattr(fd) < 0:
+            return MOVED
         nxt = _open_cached(fd, part, directory)
         if nxt == -errno.EAGAIN:
-            # The directory's attributes expired (its permission check needs the daemon),
-            # a rename raced the walk, or the name is not cached: refresh the directory
-            # and try twice more.
-            if _force_getattr(fd) < 0:
-                return MOVED
             nxt = _open_cached(fd, part, directory)
-            if nxt == -errno.EAGAIN:
-                nxt = _open_cached(fd, part, directory)
-        if nxt in (-errno.ENOENT, -errno.ENOTDIR, -errno.ESTALE):
-            return MOVED  # renamed or removed meanwhile
-        if nxt < 0:
-            return UNCACHED  # EAGAIN: nothing cached; EXDEV, EACCES: cannot walk
-        return nxt
+    if nxt in (-errno.ENOENT, -errno.ENOTDIR, -errno.ESTALE):
+        return MOVED  # renamed or removed meanwhile
+    if nxt < 0:
+        return UNCACHED  # EAGAIN: nothing cached; EXDEV, EACCES: cannot walk
+    return nxt
+
+
+_RESULTS = {b"D": DONE, b"U": UNCACHED, b"M": MOVED}
+_CODES = {v: k for k, v in _RESULTS.items()}
+_FRAME = struct.Struct(">I")
+
+
+class _Walker:
+    """A process of its own that walks to names and forces their GETATTRs: a request to
+    the mount made by a thread of the daemon itself would keep the daemon from dying. A
+    thread killed (kill -9) while its request waits for an answer only the daemon can
+    give never ends, so the process never exits, /dev/fuse stays open, and the mount and
+    everything using it hang until someone aborts the connection by hand. A separate
+    process holds no /dev/fuse: when the daemon dies, the connection ends, its request
+    fails, and it exits (it also goes when its pipe closes)."""
+
+    def __init__(self, mountpoint: bytes):
+        self.alive = True
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "fusefs.kernel_attrs", os.fsdecode(mountpoint)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+
+    def refresh(self, paths: list[bytes]) -> list[str]:
+        """refresh_round in the walker; every name UNCACHED if the walker is gone."""
+        payload = b"\0".join(paths)
+        try:
+            self._proc.stdin.write(_FRAME.pack(len(payload)) + payload)
+            self._proc.stdin.flush()
+            answer = self._proc.stdout.read(len(paths))
+        except OSError:
+            answer = b""
+        if len(answer) != len(paths):
+            self.alive = False
+            log.warning("the process refreshing the kernel's view of hard-linked files "
+                        "ended; starting another")
+            return [UNCACHED] * len(paths)
+        return [_RESULTS[answer[i:i + 1]] for i in range(len(paths))]
+
+    def close(self) -> None:
+        self.alive = False
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self._proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+
+
+def _serve(mountpoint: str) -> None:
+    """A walker's loop: a frame of NUL-separated paths in, one result byte per path out,
+    until the daemon closes the pipe."""
+    source, sink = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        head = source.read(_FRAME.size)
+        if len(head) < _FRAME.size:
+            return
+        payload = source.read(_FRAME.unpack(head)[0])
+        paths = payload.split(b"\0")
+        sink.write(b"".join(_CODES[r] for r in refresh_round(os.fsencode(mountpoint), paths)))
+        sink.flush()
+
+
+if __name__ == "__main__":
+    try:
+        _serve(sys.argv[1])
+    except (BrokenPipeError, KeyboardInterrupt):
+        pass  # the daemon is gone: nothing to answer
+    os._exit(0)  # nothing buffered to flush into a pipe nobody reads

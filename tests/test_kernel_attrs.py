@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import stat
 import threading
 import time
@@ -257,3 +258,52 @@ def test_unlinked_open_file_keeps_its_other_names_right(fusefs_mount):
     with pytest.raises(OSError) as e:
         os.stat(a)
     assert e.value.errno == errno.ENOENT
+
+
+def test_kill_9_during_refreshes_ends_the_daemon_and_the_mount(fusefs_mount):
+    """The refreshes' GETATTRs are requests to the mount itself. Made by a thread of the
+    daemon, one waiting for its answer at a kill -9 never ended (only the dead daemon
+    could answer it): the daemon stayed a zombie holding /dev/fuse, and the mount and
+    every process using it hung until the connection was aborted by hand. They are made
+    by a walker process now: the daemon's death ends the connection and everything."""
+    m = fusefs_mount()
+    d = os.path.join(m.path, "d")
+    os.mkdir(d)
+    a = os.path.join(d, "a")
+    with open(a, "wb") as f:
+        f.write(b"x")
+    for i in range(100):  # more than WAIT_NAMES: refreshes run all the time in the background
+        os.link(a, os.path.join(d, f"l{i}"))
+    connection = os.minor(os.stat(m.path).st_dev)
+    stop = threading.Event()
+
+    def churn() -> None:
+        i = 0
+        try:
+            while not stop.is_set():
+                os.link(a, os.path.join(d, f"x{i}"))
+                os.unlink(os.path.join(d, f"x{i}"))
+                i += 1
+        except OSError:
+            pass  # the mount died under it
+
+    worker = threading.Thread(target=churn, daemon=True)
+    worker.start()
+    time.sleep(1.0)
+    pid = m.daemon_pid()
+    os.kill(pid, signal.SIGKILL)
+    try:
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}"),
+                   "every thread of the killed daemon to end", timeout=30)
+    finally:
+        stop.set()
+        abort = f"/sys/fs/fuse/connections/{connection}/abort"
+        if os.path.exists(f"/proc/{pid}") and os.path.exists(abort):
+            with open(abort, "w") as f:  # leave nothing hanging behind a failed test
+                f.write("1")
+    worker.join(60)
+    assert not worker.is_alive()
+    m.force_unmount()
+    wait_until(lambda: not m.mounted, "the dead mount to go away")
+    m.mount()
+    assert os.stat(a).st_nlink >= 101

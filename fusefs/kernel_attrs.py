@@ -233,6 +233,7 @@ class AttrRefresher:
             else:
                 walker.close()
 
+
 def refresh_round(mountpoint: bytes, paths: list[bytes]) -> list[str]:
     """DONE, UNCACHED or MOVED for each path (`_refresh_one`), walking each directory
     once. Runs in a walker process (`_Walker`), never in the daemon."""
@@ -318,9 +319,14 @@ class _Walker:
 
     def __init__(self, mountpoint: bytes):
         self.alive = True
+        # This very package, wherever the daemon's working directory is.
+        top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (top, os.environ.get("PYTHONPATH")) if p))
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "fusefs.kernel_attrs", os.fsdecode(mountpoint)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True, cwd="/",
+            env=env)
 
     def refresh(self, paths: list[bytes]) -> list[str]:
         """refresh_round in the walker; every name UNCACHED if the walker is gone."""

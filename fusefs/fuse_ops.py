@@ -228,7 +228,7 @@ class FuseOps(Operations):
             return
         try:
             count = self.fs.getattr(ino).nlink
-        except errors.FsError:
+        except Exception:  # noqa: BLE001 - the change is made; its refresh must not fail it
             count = 0
         self.refresher.refresh(lambda: self.fs.paths(ino), {_b(p) for p in through if p},
                                key=ino, count=count)

@@ -422,6 +422,16 @@ def test_sigterm_to_the_daemon_flushes_and_unmounts(fusefs_mount):
     sigterm_then_check(fusefs_mount(), seed=5, open_files=4)
 
 
+def mount_fusectl(control: str) -> bool:
+    """Mount fusectl at `control` unless something is mounted there already (systemd
+    mounts it at boot on most machines; an empty listing only means no FUSE connection
+    is open). True if this call mounted it: the caller unmounts it."""
+    if os.path.ismount(control):
+        return False
+    subprocess.run(["mount", "-t", "fusectl", "fusectl", control], check=True)
+    return True
+
+
 def test_a_session_aborted_after_a_sigterm_ends_the_daemon_cleanly(fusefs_mount):
     """Once a SIGTERM started the stop, the kernel may end the FUSE session by aborting
     the connection rather than with ENODEV at the unmount. Here the connection's `abort`
@@ -431,9 +441,7 @@ def test_a_session_aborted_after_a_sigterm_ends_the_daemon_cleanly(fusefs_mount)
     raising) depends on timing this does not reproduce: the daemon's handling of that
     return (`_mount`, only after a stop signal) is not exercised deterministically."""
     control = "/sys/fs/fuse/connections"
-    mounted_here = not os.listdir(control)  # fusectl not mounted: this test mounts it
-    if mounted_here:
-        subprocess.run(["mount", "-t", "fusectl", "fusectl", control], check=True)
+    mounted_here = mount_fusectl(control)
     try:
         m = fusefs_mount()
         connection = os.minor(os.stat(m.path).st_dev)
@@ -457,9 +465,7 @@ def test_a_session_aborted_while_the_stop_still_uploads_waits_for_the_upload(
     the journal, which the daemon then closed) hangs on which finish reaches the journal
     first, which this does not steer: the journal's and `_Once`'s tests pin that down."""
     control = "/sys/fs/fuse/connections"
-    mounted_here = not os.listdir(control)
-    if mounted_here:
-        subprocess.run(["mount", "-t", "fusectl", "fusectl", control], check=True)
+    mounted_here = mount_fusectl(control)
     paused = []
     try:
         m = fusefs_mount()

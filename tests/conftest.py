@@ -72,6 +72,7 @@ TIERS = {
     "test_journal": "cluster",
     "test_mount_smoke": "mount",
     "test_fuse_glue": "mount",
+    "test_bench_mounts": "mount",
     "test_kernel_attrs": "mount",
     "test_mount_limits": "mount",
     "test_mount_space": "mount",

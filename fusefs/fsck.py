@@ -23,6 +23,11 @@ thread for the whole run (a large filesystem takes far longer to check than the 
 lasts), and renewed once more, by compare-and-swap, after the servers were listed and
 before anything is deleted: if that succeeds, nobody else wrote the filesystem since fsck
 took it, so every block listed is one fsck's metadata can judge.
+
+Without `--repair`, a mounted writer goes on during the check: a block found on no server
+is looked up in the metadata loaded again (the writer may have dropped and deleted it),
+and a new checkpoint that deleted what the check was reading starts the check over
+(docs/journal.md, "Leftovers").
 """
 
 from __future__ import annotations
@@ -40,13 +45,15 @@ from .checkpoint import checkpoint_blocks, write_checkpoint
 from .host import new_mount_id
 from .lease import Lease, new_lease
 from .leftovers import list_everything, live_blocks
-from .loading import open_metadata
+from .loading import open_metadata, remove_database
 from .metadata import ROOT_INO, Metadata
 from .segments import segment_id
+from .transport import at_given_urls
 
 log = logging.getLogger("fusefs.fsck")
 
 LEASE_SECONDS = 60.0  # the lease --repair holds (renewed every third of it)
+LOAD_TRIES = 3  # checks started over when a mounted writer's checkpoints move on meanwhile
 
 
 @dataclass
@@ -91,24 +98,55 @@ class Fsck:
             if self.repair:
                 self.lease = self._take_lease()
             try:
-                sb = self.sb
-                self.progress(f"loading metadata (checkpoint of record {sb.checkpoint['seq']})")
-                metadata, _, end = open_metadata(self.store, sb,
-                                                 os.path.join(work, "metadata.db"))
-                try:
-                    self._check_names(metadata)
-                    self._check_blocks(metadata)
-                    self._check_leftovers(metadata, end)
-                    if self.repair:
-                        self._write_back(metadata, end, work)
-                finally:
-                    metadata.close()
+                for attempt in range(1, LOAD_TRIES + 1):
+                    try:
+                        self._check(work)
+                        break
+                    except (errors.JournalGap, errors.BlockMissing) as e:
+                        if attempt == LOAD_TRIES or not self._moved_on(e):
+                            raise
             finally:
                 if self.lease is not None:
                     self.lease.stop()
                     if self.sb.lease is not None and self.lease.lost is None:
                         self.lease.release()  # (a lost lease: the first error tells why)
         return self.report
+
+    def _check(self, work: str) -> None:
+        sb = self.sb
+        self.progress(f"loading metadata (checkpoint of record {sb.checkpoint['seq']})")
+        path = os.path.join(work, "metadata.db")
+        remove_database(path)
+        metadata, _, end = open_metadata(self.store, sb, path)
+        try:
+            self._check_names(metadata)
+            self._check_blocks(metadata, work)
+            self._check_leftovers(metadata, end)
+            if self.repair:
+                self._write_back(metadata, end, work)
+        finally:
+            metadata.close()
+
+    def _moved_on(self, error: errors.StorageError) -> bool:
+        """Whether a mounted writer's new checkpoint deleted what the check was reading
+        (the checkpoint it loaded, the journal after it). If so, the check starts over
+        from the superblock as it is now. Never while repairing: fsck holds the lease."""
+        if self.repair:
+            return False
+        fresh = self._read_superblock()
+        if fresh.checkpoint == self._sb.checkpoint:
+            return False
+        self.progress(f"the mounted writer wrote a new checkpoint during the check ({error}); "
+                      "checking again")
+        self._sb, self.report = fresh, Report()
+        return True
+
+    def _read_superblock(self) -> superblock.Superblock:
+        """The superblock by quorum now, its servers at the URLs this check uses."""
+        given = {m.id: m.url for m in (*self._sb.members, *self._sb.leaving)}
+        fresh = superblock.read_quorum(self.transport, self._sb.members)
+        return fresh.with_changes(members=at_given_urls(fresh.members, given),
+                                  leaving=at_given_urls(fresh.leaving, given))
 
     def _take_lease(self) -> Lease:
         """The writer lease, named for fsck, renewed until the run ends."""
@@ -211,7 +249,7 @@ class Fsck:
 
     # -- blocks -----------------------------------------------------------------------------
 
-    def _check_blocks(self, md: Metadata) -> None:
+    def _check_blocks(self, md: Metadata, work: str) -> None:
         rows = md.block_rows()
         wanted: dict[str, str] = {}
         users: dict[str, int] = {}
@@ -246,6 +284,14 @@ class Fsck:
                 self.report.warnings.append(f"server {member.url} could not be checked: {e}")
         replicas = self.sb.replicas
         under = 0
+        gone = [b for b, holders in good.items() if not holders]
+        if gone and self.sb.lease is not None and not self.repair:
+            dropped = set(gone) - self._still_referenced(gone, work)
+            if dropped:
+                log.info("%d blocks the check looked for were dropped by the mounted writer "
+                         "meanwhile", len(dropped))
+            good = {b: holders for b, holders in good.items() if b not in dropped}
+            self.report.counts["dropped_meanwhile"] = len(dropped)
         for block_id, holders in good.items():
             if not holders:
                 if len(reachable) == len(self.sb.members):
@@ -266,6 +312,21 @@ class Fsck:
                 text + (" (copied again)" if self.repair else
                         "; `fusefs fsck --repair` copies them again"))
         self.report.counts["under_replicated"] = under
+
+    def _still_referenced(self, block_ids: list[str], work: str) -> set[str]:
+        """Which of `block_ids` the metadata references now. A mounted writer may have
+        dropped a block (rewritten or removed its file) after the check loaded its state,
+        and deleted it once that change was on the servers: gone, but not lost."""
+        self.progress(f"{len(block_ids)} blocks found on no server: loading the metadata "
+                      "again to see whether the mounted writer dropped them meanwhile")
+        path = os.path.join(work, "recheck.db")
+        remove_database(path)
+        fresh, _, _ = open_metadata(self.store, self._read_superblock(), path)
+        try:
+            referenced = {block_id for _, block_id, _ in fresh.block_rows()}
+        finally:
+            fresh.close()
+        return referenced.intersection(block_ids)
 
     def _re_replicate(self, block_id: str, checksum: str, holders: list) -> None:
         data = self.store.get(block_id, checksum)

@@ -28,6 +28,7 @@ import xxhash
 from blockserver import protocol
 from fusefs import errors, superblock
 from fusefs.checkpoint import checkpoint_blocks, write_checkpoint
+from fusefs.fsck import Fsck
 from fusefs.host import new_mount_id
 from fusefs.lease import acquire, new_lease
 from fusefs.loading import open_metadata
@@ -382,6 +383,63 @@ def test_copies_a_server_leaves_for_another_request_are_checked_not_lost(
     status, report, _ = fsck(m)
     assert status == 0 and report["clean"], report
     assert report["counts"]["blocks"] == 96 and report["counts"]["under_replicated"] == 0
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["remove", "remove+checkpoint"])
+def test_a_check_beside_a_writer_that_moves_on_finishes_and_reports_nothing_lost(
+        fusefs_mount, cluster, tmp_path, checkpoint):
+    """A check takes its time; a mounted writer goes on meanwhile. Found under fault
+    injection: fsck said "could not finish: block ... is on no server" because the
+    writer's new checkpoint had deleted the one the check loaded. And a file removed
+    during the check has its blocks deleted: they are gone, not lost."""
+    m = fusefs_mount(mkfs=MKFS)
+    expected = {"kept": write_file(os.path.join(m.path, "kept"), os.urandom(3 * BS))}
+    doomed = os.path.join(m.path, "doomed")
+    write_file(doomed, os.urandom(4 * BS))
+    os.mkdir(os.path.join(m.path, "many"))
+    for i in range(1100):  # a chain long enough that the unmount writes a checkpoint
+        os.close(os.open(os.path.join(m.path, "many", f"{i}"), os.O_CREAT | os.O_WRONLY))
+    root = os.open(m.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(root)
+    finally:
+        os.close(root)
+    store = cluster(m)
+    md = load_metadata(store, str(tmp_path))
+    try:
+        doomed_ino = ino_of(md, "doomed")
+        doomed_blocks = [b for ino, b, _ in md.block_rows() if ino == doomed_ino]
+    finally:
+        md.close()
+    assert len(doomed_blocks) == 4
+    sb = superblock.read_quorum(store.transport, store.members)
+    assert sb.lease is not None
+
+    said = []
+
+    def progress(message: str) -> None:
+        said.append(message)
+        if message.startswith("verifying") and sum(s.startswith("verifying") for s in said) == 1:
+            os.unlink(doomed)  # its blocks become garbage the writer deletes
+            wait_until(lambda: not any(store.has_many(doomed_blocks).values()),
+                       "the writer deleted the removed file's blocks", timeout=90)
+            if checkpoint:
+                m.umount()  # a clean unmount writes a checkpoint and deletes the old one
+
+    report = Fsck(store, store.transport, sb, progress=progress).run()
+    assert report.clean and report.errors == [], (report, said)
+    assert any("loading the metadata again" in s for s in said), said
+    assert any("new checkpoint during the check" in s and "checking again" in s
+               for s in said) == checkpoint, said
+    if checkpoint:  # the second pass loaded the new checkpoint: the file is not in it
+        assert report.counts["inodes"] == 1 + 1 + 1 + 1100, report.counts  # root, kept, many
+        m.mount()
+    else:
+        assert report.counts["dropped_meanwhile"] == 4, report.counts
+    status, final, _ = fsck(m)
+    assert status == 0 and final["clean"], final
+    check_files(m.path, expected)
+    assert not os.path.exists(doomed)
 
 
 def test_leftover_blocks_are_reported_and_deleted(fusefs_mount, cluster):

@@ -26,11 +26,21 @@ Membership can change while the store runs (`set_membership`, from the superbloc
 `members` are the servers blocks live on (homes and write targets); `leaving` servers are
 being drained: never written to, still read from (after every member) until they are empty.
 
-Threads: calls come from many threads. `_io` runs single requests only (hedged reads and
-replica writes in parallel) and never waits for anything else; `_fanout` runs whole
-put/get fall-backs of batch calls, and `_repairs` runs repair jobs; both wait on `_io`
-tasks only, so no pool ever waits on itself. `_lock` guards `_missing` and is never held
-across a request.
+Threads: calls come from many threads. Each server has its own pool of I/O threads
+(`_pool`), which runs single requests to it only (hedged reads and replica writes in
+parallel) and never waits for anything else: a server that hangs holds its own threads,
+never the other servers'. `_probes` runs the heartbeat's status requests, `_fanout` runs
+whole put/get fall-backs of batch calls, and `_repairs` runs repair jobs; they wait on
+I/O tasks only, so no pool ever waits on itself. `_lock` guards `_missing` and the pools,
+and is never held across a request.
+
+A hung server (it accepts connections and answers nothing) is marked down once it has
+left requests unanswered for `stall_after` seconds while other servers answered (or by the
+heartbeat's status request, when idle). Copies left behind to it until then (put returned at W
+without them) are given up at that moment: the ones not started yet are cancelled, the
+bytes of the ones in flight stop counting against `behind_bytes`, and every home among them
+is remembered for repair. Writers therefore wait on a hung server no longer than it takes
+to notice it, instead of the request timeout.
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ log = logging.getLogger("fusefs.cluster")
 
 HEARTBEAT = 2.0  # seconds between status requests to every usable server
 SMALL_BATCH = 32  # a batch read of at most this many blocks goes to as few servers as can
+STALE_CHECK = 0.25  # seconds between looks, while a put waits, at its servers' health
 
 # Failures that say something about the server rather than about one block.
 _SERVER_FAILURES = (errors.Unavailable, errors.WrongServer, errors.AuthenticationFailed)
@@ -66,7 +77,10 @@ class ClusterConfig:
     replicas: int = 3
     write_quorum: int = 2
     hedge_delay: float = 0.05  # seconds before a slow read is raced by a second replica
-    io_threads: int = 32
+    io_threads: int = 16  # per server: requests in flight to one server, at most
+    # A server that leaves requests unanswered this long while others answer is marked
+    # down (hung) without waiting for the request timeout.
+    stall_after: float = 2.0
     # Copies still being written after their put returned (at W acknowledgements) hold
     # their data: puts wait while these hold more than this many bytes (back-pressure).
     behind_bytes: int = 64 << 20
@@ -115,7 +129,12 @@ class ReplicatedStore(BlockStore):
         self._by_id = {m.id: m for m in members}
         self._latencies: dict[str, float] = {}  # server id -> seconds of its last status
         self._damage_listeners: list = []
-        self._io = ThreadPoolExecutor(config.io_threads, thread_name_prefix="cluster-io")
+        self._pools: dict[str, ThreadPoolExecutor] = {}  # server id -> its I/O threads
+        # server id -> [requests waiting for an answer, when it last answered or, idle
+        # until then, when the oldest of them started]; and the last answer of any server
+        self._silence: dict[str, list] = {}
+        self._answered = 0.0
+        self._probes = ThreadPoolExecutor(8, thread_name_prefix="cluster-probe")
         self._fanout = ThreadPoolExecutor(8, thread_name_prefix="cluster-fanout")
         self._repairs = ThreadPoolExecutor(2, thread_name_prefix="cluster-repair")
         self._lock = threading.Lock()
@@ -127,6 +146,8 @@ class ReplicatedStore(BlockStore):
         self._server_space: dict[str, tuple[int, int]] = {}  # the same, by server id
         self._behind = 0  # bytes held by copies left behind by puts; guarded by _behind_changed
         self._behind_changed = threading.Condition()
+        # server id -> {copy left behind to it: its bytes}, guarded by _behind_changed
+        self._copies: dict[str, dict[Future, int]] = {}
         self._space_checked = 0.0
         # Repair rounds, guarded by _lock: servers with a round running, and per server
         # (when the next round is due, the back-off delay).
@@ -181,7 +202,7 @@ class ReplicatedStore(BlockStore):
         not the member recorded for this filesystem; unreachable servers are only marked
         down (the cluster works without them and repairs them when they return).
         """
-        futures = {self._io.submit(self.transport.status, m): m for m in self.servers}
+        futures = {self._probes.submit(self.transport.status, m): m for m in self.servers}
         for future, member in futures.items():
             try:
                 self._check_identity(member, future.result())
@@ -206,7 +227,26 @@ class ReplicatedStore(BlockStore):
             self._prober.join(timeout=5)
         self._repairs.shutdown(wait=True, cancel_futures=True)
         self._fanout.shutdown(wait=True, cancel_futures=True)
-        self._io.shutdown(wait=True, cancel_futures=True)
+        self._probes.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            pools = list(self._pools.values())
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _pool(self, member: Member) -> ThreadPoolExecutor:
+        """The server's own I/O threads (made on first use). RuntimeError once closing."""
+        with self._lock:
+            if self._stopping.is_set():
+                raise RuntimeError("the store is closed")
+            pool = self._pools.get(member.id)
+            if pool is None:
+                pool = self._pools[member.id] = ThreadPoolExecutor(
+                    self.config.io_threads, thread_name_prefix=f"cluster-io-{member.id[:8]}")
+            return pool
+
+    def _send(self, member: Member, fn, *args, **kwargs) -> Future:
+        """Run `_call(member, fn, ...)` on the server's I/O threads."""
+        return self._pool(member).submit(self._call, member, fn, *args, **kwargs)
 
     def _note_space(self, member: Member, status: dict) -> None:
         with self._lock:
@@ -237,7 +277,7 @@ class ReplicatedStore(BlockStore):
             self._note_space(member, status)
 
         usable = [m for m in self.servers if self.health.usable(m.id)]
-        for future in [self._io.submit(ask, m) for m in usable]:
+        for future in [self._probes.submit(ask, m) for m in usable]:
             try:
                 future.result()
             except RuntimeError:  # shutting down
@@ -245,6 +285,7 @@ class ReplicatedStore(BlockStore):
 
     def _probe_loop(self) -> None:
         while not self._stopping.wait(0.2):
+            self._find_hung()
             if time.monotonic() - self._space_checked > HEARTBEAT:
                 self._space_checked = time.monotonic()
                 self._refresh_space()
@@ -263,16 +304,58 @@ class ReplicatedStore(BlockStore):
     # -- calls to one server, with health bookkeeping ---------------------------------------
 
     def _call(self, member: Member, fn, *args, **kwargs):
+        self._waiting(member.id, +1)
+        answered = False
         try:
             result = fn(member, *args, **kwargs)
+            answered = True
         except _SERVER_FAILURES as e:
-            if self.health.usable(member.id):
-                log.warning("block server %s marked down: %s", member.url, e)
-            self.health.failed(member.id, e)
+            self._mark_down(member, e)
             raise
+        except errors.StorageError:
+            answered = True  # an answer about the request (missing, full, ...)
+            raise
+        finally:
+            self._waiting(member.id, -1, answered)
         if not self.health.usable(member.id):
             self.health.succeeded(member.id)
         return result
+
+    def _mark_down(self, member: Member, error: errors.StorageError) -> None:
+        if self.health.usable(member.id):
+            log.warning("block server %s marked down: %s", member.url, error)
+        self.health.failed(member.id, error)
+        self._give_up_copies(member.id)
+
+    def _waiting(self, member_id: str, change: int, answered: bool = False) -> None:
+        """Count a request to the server starting (+1) or ending (-1), and when it last
+        answered (or, idle until then, when its oldest waiting request started)."""
+        now = time.monotonic()
+        with self._lock:
+            entry = self._silence.setdefault(member_id, [0, now])
+            if change > 0 and entry[0] == 0:
+                entry[1] = now
+            entry[0] += change
+            if answered:
+                entry[1] = self._answered = now
+
+    def _find_hung(self) -> None:
+        """Mark down a usable server that has left requests unanswered for `stall_after`
+        seconds while another server answered: a hung server (stopped, its disk stuck, a
+        network path that drops packets) would otherwise be noticed only when a request
+        to it times out, and writers wait on its copies until then."""
+        now = time.monotonic()
+        with self._lock:
+            hung = [(member_id, waiting, now - since)
+                    for member_id, (waiting, since) in self._silence.items()
+                    if waiting and now - since > self.config.stall_after
+                    and self._answered > since]
+        for member_id, waiting, silent in hung:
+            member = self._by_id.get(member_id)
+            if member is not None and self.health.usable(member_id):
+                self._mark_down(member, errors.Timeout(
+                    f"{member.url}: {waiting} requests unanswered for {silent:.1f} s while "
+                    "other servers answer", server=member.url))
 
     def ranking(self, block_id: str) -> list[Member]:
         """The members, best home first (the first R are the block's homes)."""
@@ -299,17 +382,37 @@ class ReplicatedStore(BlockStore):
             while self._behind > self.config.behind_bytes and not self._stopping.is_set():
                 self._behind_changed.wait(1.0)
 
-    def _left_behind(self, future: Future, size: int) -> None:
-        """`future` goes on after its put returned, holding `size` bytes until it ends."""
+    def _left_behind(self, future: Future, member_id: str, size: int) -> None:
+        """`future`, a copy to the server `member_id`, goes on after its put returned,
+        holding `size` bytes until it ends or is given up."""
         with self._behind_changed:
             self._behind += size
+            self._copies.setdefault(member_id, {})[future] = size
 
-        def ended(_future):
+        def ended(done: Future) -> None:
             with self._behind_changed:
-                self._behind -= size
-                self._behind_changed.notify_all()
+                held = self._copies.get(member_id, {}).pop(done, None)
+                if held is not None:
+                    self._behind -= held
+                    self._behind_changed.notify_all()
 
         future.add_done_callback(ended)
+        if not self.health.usable(member_id):
+            self._give_up_copies(member_id)  # marked down before this copy was left to it
+
+    def _give_up_copies(self, member_id: str) -> None:
+        """The server was marked down: the copies left behind to it stop holding writers
+        back. Those not started are cancelled (their callbacks remember the homes for
+        repair); those in flight end at their timeout, and no longer count meanwhile."""
+        with self._behind_changed:
+            copies = self._copies.pop(member_id, {})
+            if not copies:
+                return
+            self._behind -= sum(copies.values())
+            self._behind_changed.notify_all()
+        cancelled = sum(future.cancel() for future in copies)
+        log.info("gave up %d copies left behind to a server marked down (%d not started)",
+                 len(copies), cancelled)
 
     @property
     def behind_bytes(self) -> int:
@@ -330,10 +433,13 @@ class ReplicatedStore(BlockStore):
         failures: dict[str, errors.StorageError] = {}
         pending: dict[Future, Member] = {}
         held_back: list[Member] = []  # known down, tried only if the quorum needs them
+        sent_up: set[Future] = set()  # copies sent to a server usable then
+        stale: set[Future] = set()  # of those, to a server marked down since: still
+        # awaited (an answer still counts), no longer counted on
 
         def launch() -> None:
-            while len(acked) + len(pending) < self.config.replicas:
-                needed = len(acked) + len(pending) < self.config.write_quorum
+            while len(acked) + len(pending) - len(stale) < self.config.replicas:
+                needed = len(acked) + len(pending) - len(stale) < self.config.write_quorum
                 member = next(candidates, None)  # in ranking order, usable ones first
                 if member is None:
                     if not (needed and held_back):
@@ -346,20 +452,26 @@ class ReplicatedStore(BlockStore):
                     # is a home) is remembered for repair instead.
                     held_back.append(member)
                     continue
-                future = self._io.submit(self._call, member, put_block,
-                                         block_id, data, checksum)
+                future = self._send(member, put_block, block_id, data, checksum)
                 pending[future] = member
+                if self.health.usable(member.id):
+                    sent_up.add(future)
 
         launch()
         while pending and len(acked) < self.config.write_quorum:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            done, _ = wait(pending, timeout=STALE_CHECK, return_when=FIRST_COMPLETED)
             for future in done:
                 member = pending.pop(future)
+                stale.discard(future)
                 try:
                     future.result()
                     acked.append(member)
                 except errors.StorageError as e:
                     failures[member.url] = e
+            # A server that hangs is marked down while we wait: the quorum is sought
+            # elsewhere (a server held back included) instead of at its request timeout.
+            stale.update(f for f, m in pending.items()
+                         if f in sent_up and not self.health.usable(m.id))
             launch()
         if len(acked) < self.config.write_quorum:
             raise self._quorum_error(f"block {block_id} was stored on {len(acked)} of the "
@@ -378,13 +490,13 @@ class ReplicatedStore(BlockStore):
 
     def _background_put(self, future: Future, member: Member, block, homes: list[Member],
                         untried: list[Member], put_block) -> None:
-        self._left_behind(future, len(block[1]))
+        self._left_behind(future, member.id, len(block[1]))
         future.add_done_callback(
             lambda f: self._background_put_done(f, member, block, homes, untried, put_block))
 
     def _background_put_done(self, future: Future, member: Member, block,
                              homes: list[Member], untried: list[Member], put_block) -> None:
-        if future.exception() is None:
+        if not future.cancelled() and future.exception() is None:
             return
         block_id, _, checksum = block
         if member in homes:
@@ -394,7 +506,7 @@ class ReplicatedStore(BlockStore):
         if other is None or self._stopping.is_set():
             return
         try:
-            replacement = self._io.submit(self._call, other, put_block, *block)
+            replacement = self._send(other, put_block, *block)
         except RuntimeError:
             return  # shutting down: the home's copy is remembered for repair
         self._background_put(replacement, other, block, homes, untried, put_block)
@@ -427,19 +539,23 @@ class ReplicatedStore(BlockStore):
         pending = {}
         for member_id, indexes in plans.items():
             for chunk in self._chunks(indexes, items):
-                future = self._io.submit(self._call, self._by_id[member_id],
-                                         self.transport.batch_put, [items[i] for i in chunk])
+                future = self._send(self._by_id[member_id], self.transport.batch_put,
+                                    [items[i] for i in chunk])
                 pending[future] = (member_id, chunk)
+        sent_up = {f for f, (member_id, _) in pending.items() if self.health.usable(member_id)}
         while pending and any(len(a) < self.config.write_quorum for a in acks):
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            done, _ = wait(pending, timeout=STALE_CHECK, return_when=FIRST_COMPLETED)
             for future in done:
                 member_id, chunk = pending.pop(future)
                 if future.exception() is None:
                     for index, status in zip(chunk, future.result()):
                         if status in protocol.PUT_OK:
                             acks[index].add(member_id)
+            if pending and all(f in sent_up and not self.health.usable(member_id)
+                               for f, (member_id, _) in pending.items()):
+                break  # all that is left waits on servers marked down since: fail over
         for future, (member_id, chunk) in pending.items():
-            self._left_behind(future, sum(len(items[i][1]) for i in chunk))
+            self._left_behind(future, member_id, sum(len(items[i][1]) for i in chunk))
             future.add_done_callback(lambda f, m=member_id, c=chunk: self._background_batch_done(
                 f, self._by_id[m], [items[i] for i in c]))
         short = [i for i, a in enumerate(acks) if len(a) < self.config.write_quorum]
@@ -462,7 +578,8 @@ class ReplicatedStore(BlockStore):
             targets[:max(len(up), self.config.write_quorum)]
 
     def _background_batch_done(self, future: Future, member: Member, items) -> None:
-        statuses = future.result() if future.exception() is None else [0] * len(items)
+        failed = future.cancelled() or future.exception() is not None
+        statuses = [0] * len(items) if failed else future.result()
         for (block_id, _, checksum), status in zip(items, statuses):
             if status not in protocol.PUT_OK:
                 self._remember_missing(member, block_id, checksum)
@@ -497,8 +614,7 @@ class ReplicatedStore(BlockStore):
             member = next(candidates, None)
             if member is None:
                 return False
-            pending[self._io.submit(self._call, member, self.transport.get_block,
-                                    block_id)] = member
+            pending[self._send(member, self.transport.get_block, block_id)] = member
             return True
 
         launch()
@@ -542,7 +658,7 @@ class ReplicatedStore(BlockStore):
         means so many servers answered "missing" that no W of them can hold it; when too
         few answered to tell, this raises Unavailable rather than guess.
         """
-        futures = {self._io.submit(self._call, m, self.transport.get_block, block_id): m
+        futures = {self._send(m, self.transport.get_block, block_id): m
                    for m in self._by_preference(self.servers)}
         missing, failures = 0, {}
         for future in as_completed(futures):
@@ -609,8 +725,7 @@ class ReplicatedStore(BlockStore):
         for member_id, ids in plans.items():
             for start in range(0, len(ids), self.config.batch_items):
                 chunk = ids[start:start + self.config.batch_items]
-                future = self._io.submit(self._call, self._by_id[member_id],
-                                         self.transport.batch_get, chunk)
+                future = self._send(self._by_id[member_id], self.transport.batch_get, chunk)
                 pending[future] = (member_id, chunk)
         found: dict[str, bytes] = {}
         slow: list[tuple[str, str]] = []  # (block id, server to try last)
@@ -669,7 +784,7 @@ class ReplicatedStore(BlockStore):
             homes = self.ranking(block_id)[:self.config.replicas]
             for member in self._by_preference(homes + self.leaving):
                 by_server.setdefault(member.id, []).append(block_id)
-        futures = [self._io.submit(self._call, self._by_id[m], self.transport.batch_check, ids)
+        futures = [self._send(self._by_id[m], self.transport.batch_check, ids)
                    for m, ids in by_server.items()]
         reached = 0
         for future in futures:
@@ -691,8 +806,8 @@ class ReplicatedStore(BlockStore):
         for member in self.servers:
             if self.health.usable(member.id):
                 for start in range(0, len(block_ids), self.config.batch_items):
-                    futures.append(self._io.submit(self._call, member, self.transport.batch_delete,
-                                                   block_ids[start:start + self.config.batch_items]))
+                    futures.append(self._send(member, self.transport.batch_delete,
+                                              block_ids[start:start + self.config.batch_items]))
         for future in futures:
             try:
                 future.result()
@@ -788,31 +903,58 @@ class ReplicatedStore(BlockStore):
 
     def repair_server(self, member_id: str) -> int:
         """Copy the blocks `member_id` is missing to it, 64 at a time; returns how many
-        landed. A round stops at the first chunk that lands nothing (the server is still
-        full, say): the next round starts over after a back-off."""
+        left the backlog (landed, or deleted meanwhile). A round stops at the first chunk
+        that lands nothing (the server is still full, say): the next round starts over
+        after a back-off."""
         member = self._by_id[member_id]
         with self._lock:
             todo = list(self._missing[member_id].items())
         if not todo:
             return 0
         log.info("repairing %d block copies on %s", len(todo), member.url)
-        repaired = 0
+        repaired = gone = 0
         for start in range(0, len(todo), 64):
             try:
-                landed = self._repair_chunk(member, todo[start:start + 64])
+                landed, deleted = self._repair_chunk(member, todo[start:start + 64])
             except errors.StorageError as e:
                 log.warning("repair of %s paused: %s (retried later)", member.url, e)
                 break
             repaired += landed
-            if not landed:
+            gone += deleted
+            if not landed and not deleted:
                 log.info("repair of %s paused: no copy of a batch landed (retried later)",
                          member.url)
                 break
-        log.info("repaired %d block copies on %s", repaired, member.url)
-        return repaired
+        log.info("repaired %d block copies on %s%s", repaired, member.url,
+                 f" ({gone} others were deleted meanwhile: nothing to repair)" if gone else "")
+        return repaired + gone
 
-    def _repair_chunk(self, member: Member, chunk: list[tuple[str, str]]) -> int:
-        blocks = self.get_many(chunk)
+    def _fetch_for_repair(self, member: Member, chunk: list[tuple[str, str]]) -> dict:
+        """The blocks of `chunk` that are still stored somewhere. A block on no server was
+        deleted after its copy was remembered (its file went: a copy that failed in the
+        background, or was given up, can be remembered after the delete); it leaves the
+        backlog, or every later round would stop at it."""
+        try:
+            return self.get_many(chunk)
+        except errors.BlockMissing:
+            pass
+        found = {}
+        for block_id, checksum in chunk:
+            try:
+                found[block_id] = self.get(block_id, checksum)
+            except errors.BlockMissing:
+                with self._lock:
+                    if self._missing[member.id].get(block_id) == checksum:
+                        del self._missing[member.id][block_id]
+        return found
+
+    def _repair_chunk(self, member: Member, chunk: list[tuple[str, str]]) -> tuple[int, int]:
+        """(copies that landed, blocks dropped from the backlog as deleted)."""
+        blocks = self._fetch_for_repair(member, chunk)
+        deleted = len(chunk) - len(blocks)
+        chunk = [(b, c) for b, c in chunk if b in blocks]
+        if not chunk:
+            return 0, deleted
         statuses = self._call(member, self.transport.batch_put,
                               [(b, blocks[b], c) for b, c in chunk])
         landed = 0
@@ -830,7 +972,7 @@ class ReplicatedStore(BlockStore):
             with self._lock:
                 if self._missing[member.id].get(block_id) == checksum:
                     del self._missing[member.id][block_id]
-        return landed
+        return landed, deleted
 
     def stats(self) -> dict:
         states = self.health.snapshot()

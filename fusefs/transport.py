@@ -255,9 +255,17 @@ class Transport:
                 server_id=server_id, role=self.config.role, headers=sent)
             nonce = signed[protocol.H_NONCE]
             sent.update(signed)
-        with self._slot(member.url):
+        slot = self._slot(member.url)
+        # As long as an answer may take: a server whose every connection waits that long
+        # for one is as good as one that does not answer.
+        if not slot.acquire(timeout=timeout or self.config.read_timeout):
+            raise errors.Timeout(f"{member.url}: no answer in time ({self.config.pool_size} "
+                                 "requests to it still wait for theirs)", server=member.url)
+        try:
             status, reply_headers, content = self._send(member, method, path, body, sent,
                                                         timeout)
+        finally:
+            slot.release()
         served_by = reply_headers.get(protocol.H_SERVER_ID)
         if member.id and served_by != member.id and (served_by or nonce is not None):
             raise wrong_server(member.url, served_by, member.id)

@@ -350,7 +350,7 @@ def cmd_mkfs(args) -> int:
         members.append(Member(status["server_id"], url))
     if len({m.id for m in members}) != len(members):
         raise CliError("two of the URLs reach the same server; list each server once")
-    existing = superblock.read(transport, urls)
+    existing = superblock.read(transport, urls, everyone=True)
     if existing is not None and not args.force:
         raise CliError(f"these servers already hold filesystem {existing.fs_id}; "
                        "refusing to format over it (add --force to destroy it)")
@@ -419,8 +419,8 @@ def _mount_config(args):
         raise CliError("no filesystem on these servers; create one with "
                        "`fusefs mkfs --servers ...`")
     # URLs given now win over the recorded ones for the same server id (servers may move).
-    given = {s["server_id"]: url for url, s in superblock.probe(transport, urls).items()
-             if isinstance(s, dict)}
+    given = {s["server_id"]: url for url, s in
+             superblock.probe(transport, urls, majority=True).items() if isinstance(s, dict)}
     members = at_given_urls(sb.members, given)
     if not args.read_only:
         from .lease import refusal

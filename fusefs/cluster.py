@@ -67,6 +67,7 @@ log = logging.getLogger("fusefs.cluster")
 HEARTBEAT = 2.0  # seconds between status requests to every usable server
 SMALL_BATCH = 32  # a batch read of at most this many blocks goes to as few servers as can
 STALE_CHECK = 0.25  # seconds between looks, while a put waits, at its servers' health
+START_WAIT = 3.0  # seconds start() waits for a server's status (a hung one is marked down)
 
 # Failures that say something about the server rather than about one block.
 _SERVER_FAILURES = (errors.Unavailable, errors.WrongServer, errors.AuthenticationFailed)
@@ -202,9 +203,13 @@ class ReplicatedStore(BlockStore):
         not the member recorded for this filesystem; unreachable servers are only marked
         down (the cluster works without them and repairs them when they return).
         """
-        futures = {self._probes.submit(self.transport.status, m): m for m in self.servers}
+        futures = {self._probes.submit(self.transport.status, m, timeout=START_WAIT): m
+                   for m in self.servers}
+        wait(futures, timeout=START_WAIT + 1.0)
         for future, member in futures.items():
             try:
+                if not future.done():  # (its connection alone took too long)
+                    raise errors.Timeout(f"{member.url}: no answer in {START_WAIT:.0f} s")
                 self._check_identity(member, future.result())
                 self._note_space(member, future.result())
             except (errors.AuthenticationFailed, errors.WrongServer):
@@ -668,6 +673,8 @@ class ReplicatedStore(BlockStore):
             except errors.BlockMissing as e:
                 missing += 1
                 failures[member.url] = e
+                if len(futures) - missing < self.config.write_quorum:
+                    return None  # proven absent: a hung server is not waited for
                 continue
             except errors.StorageError as e:
                 failures[member.url] = e

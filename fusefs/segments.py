@@ -151,9 +151,10 @@ def fence_chain(store, transport, metadata: Metadata, fs_id: str, chain: str,
         block_id = segment_id(fs_id, chain, number)
         data = fence_block(fs_id, chain, number)
         checksum = protocol.checksum(data)
-        answers = superblock.ask_all(
+        answers = superblock.ask_until(  # enough tombstones: a hung server is not awaited
             transport, members,
-            lambda m: transport.put_block(m, block_id, data, checksum, metadata=True))
+            lambda m: transport.put_block(m, block_id, data, checksum, metadata=True),
+            lambda found: sum(1 for a in found.values() if isinstance(a, bool)) >= need)
         if sum(1 for a in answers.values() if isinstance(a, bool)) >= need:
             return applied, number
         records = _stored_instead(transport, answers, fs_id, chain, number)

@@ -99,8 +99,16 @@ class Superblock:
         return replace(self, **changes)
 
 
-def probe(transport: Transport, urls: list[str]) -> dict[str, dict | errors.StorageError]:
-    """url -> /v1/status JSON, or the error met asking for it; all asked in parallel."""
+def probe(transport: Transport, urls: list[str],
+          majority: bool = False) -> dict[str, dict | errors.StorageError]:
+    """url -> /v1/status JSON, or the error met asking for it; all asked in parallel.
+    With `majority`, once more than half answered the others get STRAGGLER_GRACE more
+    (a hung server is left out rather than waited for)."""
+    if majority:
+        answers = ask_until(transport, [Member("", u) for u in urls],
+                             lambda m: transport.status(m, timeout=5.0), _most_answered(urls))
+        return {m.url: a for m, a in answers.items()}
+
     def ask(url):
         try:
             return transport.status(Member("", url), timeout=5.0)
@@ -109,6 +117,12 @@ def probe(transport: Transport, urls: list[str]) -> dict[str, dict | errors.Stor
 
     with ThreadPoolExecutor(max(1, len(urls))) as pool:
         return dict(zip(urls, pool.map(ask, urls)))
+
+
+def _most_answered(asked):
+    """A `settled` test for `ask_until`: more than half of `asked` answered."""
+    return lambda answers: len([a for a in answers.values()
+                                if not isinstance(a, errors.StorageError)]) > len(asked) // 2
 
 
 def ask_all(transport: Transport, members, fn):
@@ -127,7 +141,7 @@ def ask_all(transport: Transport, members, fn):
 STRAGGLER_GRACE = 1.0  # seconds a decided update still waits for the other answers
 
 
-def _ask_until(transport: Transport, members, fn, settled):
+def ask_until(transport: Transport, members, fn, settled):
     """Like `ask_all`, but once `settled(answers so far)` is true the other answers are
     awaited for STRAGGLER_GRACE seconds only: a hung server is not waited for (its request
     ends by its own timeout, in the background), while a server that answers at once is
@@ -174,10 +188,14 @@ def _poisoned(url: str, generation: int) -> errors.Rejected:
         "and the next superblock change brings it up to date", server=url)
 
 
-def _answers(transport: Transport, members) -> dict:
+def _answers(transport: Transport, members, settled=None) -> dict:
     """member -> (generation, value), None (no register) or StorageError; a generation
-    past GENERATION_LIMIT counts as an error, never as the newest value."""
-    answers = ask_all(transport, members, lambda m: transport.register_get(m, REGISTER))
+    past GENERATION_LIMIT counts as an error, never as the newest value. With `settled`,
+    the answers once it holds (see `ask_until`), else every member's."""
+    def ask(member):
+        return transport.register_get(member, REGISTER)
+    answers = ask_all(transport, members, ask) if settled is None else \
+        ask_until(transport, members, ask, settled)
     for member, answer in answers.items():
         if isinstance(answer, tuple) and not 0 <= answer[0] < GENERATION_LIMIT:
             answers[member] = _poisoned(member.url, answer[0])
@@ -191,12 +209,17 @@ def _newest(found: list[tuple[int, bytes]]) -> tuple[int, bytes]:
     return top, max(values, key=lambda v: (values.count(v), hashlib.sha256(v).digest()))
 
 
-def read(transport: Transport, urls: list[str]) -> Superblock | None:
+def read(transport: Transport, urls: list[str], everyone: bool = False) -> Superblock | None:
     """The newest superblock held by any of `urls`; None if none holds one.
 
-    Raises the first error when no server could be asked at all.
+    Once more than half of them answered, the others get STRAGGLER_GRACE more: a hung
+    server is left out rather than waited for (the reader then reads by quorum among the
+    members this names). `everyone` waits for every answer (mkfs, which must not format
+    over a filesystem on any of them). Raises the first error when no server could be
+    asked at all.
     """
-    answers = _answers(transport, [Member("", u) for u in urls])
+    answers = _answers(transport, [Member("", u) for u in urls],
+                       None if everyone else _most_answered(urls))
     failures = [a for a in answers.values() if isinstance(a, errors.StorageError)]
     found = [a for a in answers.values() if isinstance(a, tuple)]
     if not found and len(failures) == len(urls):
@@ -339,7 +362,7 @@ def _update_once(transport: Transport, sb: Superblock,
     if generation >= GENERATION_LIMIT:
         raise errors.Rejected(f"superblock generation {generation} is out of range")
     raw = sb.encode()
-    answers = _ask_until(transport, members,
+    answers = ask_until(transport, members,
                          lambda m: _cas(transport, m, expect, generation, raw),
                          lambda got: _cas_settled(got, groups))
     accepted = [m for m, a in answers.items() if a is None]

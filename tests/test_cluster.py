@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from blockserver import protocol
-from fusefs import errors
+from fusefs import errors, superblock
 from fusefs.cluster import SMALL_BATCH
 from fusefs.placement import rank
 from fusefs.transport import Member, Transport, TransportConfig
@@ -358,6 +358,37 @@ def test_a_put_waiting_on_a_server_that_hangs_turns_to_one_held_back(blockserver
         hung.resume()
     for block_id, data, _ in blocks:
         assert stored_on(servers[0], block_id) == data and stored_on(back, block_id) == data
+
+
+def test_what_asks_every_server_does_not_wait_for_a_hung_one(blockservers, make_cluster):
+    """The steps of a mount that ask every server: reading the superblock from the URLs
+    given, their status, the store's start, looking a journal segment up that does not
+    exist. Each waited for the hung server's request timeout (here 300 s); each now
+    decides with the servers that answered (a majority, or enough "missing" answers)."""
+    servers = blockservers(3)
+    members = members_of(servers)
+    urls = [s.url for s in servers]
+    store = make_cluster(servers, read_timeout=300.0)
+    superblock.write_all(store.transport, superblock.new(members, 1 << 20, 3, 2), 1)
+    results = {}
+
+    def mount_steps():
+        results["sb"] = superblock.read(store.transport, urls)
+        results["probe"] = superblock.probe(store.transport, urls, majority=True)
+        results["absent"] = store.find(protocol.new_block_id(), lambda data: True)
+        results["started"] = make_cluster(servers, members=members, read_timeout=300.0)
+    servers[2].pause()
+    try:
+        steps = threading.Thread(target=mount_steps, daemon=True)
+        steps.start()
+        steps.join(60)  # a guard against a hang: far below the request timeout
+        assert not steps.is_alive(), results
+    finally:
+        servers[2].resume()
+    assert results["sb"].members == tuple(members)
+    assert {u for u, a in results["probe"].items() if isinstance(a, dict)} == set(urls[:2])
+    assert results["absent"] is None
+    assert not results["started"].health.usable(members[2].id)
 
 
 def test_corrupt_replica_is_read_correctly_and_repaired(blockservers, make_cluster):

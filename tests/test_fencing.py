@@ -256,8 +256,8 @@ def test_fsck_repair_keeps_its_lease_for_its_whole_run(cluster, writers, tmp_pat
     attempts: list = []
     slow = fsck.Fsck._check_blocks
 
-    def check_blocks_of_a_large_filesystem(self, md):
-        found = slow(self, md)
+    def check_blocks_of_a_large_filesystem(self, md, *args):
+        found = slow(self, md, *args)
         time.sleep(3.0)  # longer than the lease: a large filesystem takes that long
         try:
             attempts.append(writers("intruder"))

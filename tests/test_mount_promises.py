@@ -108,6 +108,32 @@ def test_fsync_returns_with_every_block_on_w_servers(fusefs_mount):
             assert copies >= 2, f"{path}: block {block_id} on {copies} server(s) after fsync"
 
 
+def test_a_mount_with_a_hung_server_comes_up_and_writes(fusefs_mount):
+    """One server hangs (SIGSTOP: it accepts connections and answers nothing) while the
+    filesystem is not mounted. Every step of the mount that asked all servers waited for
+    its request timeout, one after the other: 96 s measured, long enough for the writer
+    lease to lapse before the mount was up, and the first fsync then waited 10 s more.
+    Each step now goes on with the servers that answer."""
+    m = fusefs_mount()
+    rng = random.Random(7)
+    before = rng.randbytes(3 * MiB + 5)
+    write_file(os.path.join(m.path, "before"), before, sync=os.fsync)
+    m.umount()
+    m.mark_logs()
+    m.servers[1].pause()
+    try:
+        m.mount()
+        during = rng.randbytes(2 * MiB + 3)
+        write_file(os.path.join(m.path, "during"), during, sync=os.fsync)
+        assert read_through(os.path.join(m.path, "during")) == during
+        assert read_through(os.path.join(m.path, "before")) == before
+        logs = m.logs()
+        assert "lease lapsed" not in logs, m.log_tail()
+        assert m.servers[1].url in logs and "not reachable yet" in logs, m.log_tail()
+    finally:
+        m.servers[1].resume()
+
+
 @pytest.mark.parametrize("sync", ["fdatasync", "fsync-of-the-directory"])
 def test_fdatasync_and_directory_fsync_survive_kill_9(fusefs_mount, sync):
     m = fusefs_mount()

@@ -247,19 +247,9 @@ def test_copies_left_behind_by_puts_are_bounded(blockservers, make_cluster):
         assert all(stored_on(s, block_id) == data for s in servers)
 
 
-def test_a_hung_server_marked_down_gets_no_copies_so_puts_never_run_out_of_threads(
-        blockservers, make_cluster):
-    """A server that hangs (accepts connections, answers nothing) is marked down by the
-    heartbeat. From then on a put sends it no copy while the others make the quorum, and
-    its copies are remembered for repair: a copy sent to it would hold one of the few I/O
-    threads until the (here very long) request timeout, and once they are all held, every
-    put stalls. Single puts and batches go on; when it answers again it gets every copy."""
-    servers = blockservers(3)
-    store = make_cluster(servers, read_timeout=300.0, io_threads=4)
-    hung = servers[2]
-    hung_id = members_of(servers)[2].id
-    blocks = [random_block(30_000) for _ in range(12)]
-    batch = [random_block(4096) for _ in range(20)]
+def writing(store, blocks, batch) -> tuple[threading.Thread, list]:
+    """A thread (not started) that puts `blocks` one by one, then `batch` with put_many,
+    and the list of what it finished: the block ids, then "batch"."""
     done = []
 
     def write():
@@ -268,52 +258,47 @@ def test_a_hung_server_marked_down_gets_no_copies_so_puts_never_run_out_of_threa
             done.append(block[0])
         store.put_many(batch)
         done.append("batch")
-    writer = threading.Thread(target=write, daemon=True)
-    hung.pause()
-    try:
-        wait_until(lambda: not store.health.usable(hung_id), "the heartbeat marks it down")
-        writer.start()
-        writer.join(60)  # a guard against a hang: far below the request timeout
-        assert not writer.is_alive() and len(done) == len(blocks) + 1
-        assert store.repair_backlog() == len(blocks) + len(batch)
-    finally:
-        hung.resume()
-    wait_until(lambda: store.repair_backlog() == 0, "automatic repair once it answers")
-    for block_id, data, _ in blocks + batch:
-        assert all(stored_on(s, block_id) == data for s in servers)
+    return threading.Thread(target=write, daemon=True), done
 
 
-def test_a_server_that_hangs_while_puts_flow_holds_no_writer_until_the_timeout(
-        blockservers, make_cluster):
-    """The server hangs in the middle of a stream of puts, so copies are sent to it before
-    the heartbeat notices. Those copies once held every I/O thread, and the back-pressure
-    of copies left behind, until the request timeout (here 300 s): every put stalled that
-    long, though two servers answered. Measured on a mount before: an fsync stalled as long
-    as a server stayed stopped, up to the 10 s timeout. Now they are given up when it is
-    marked down, its homes remembered for repair."""
+def assert_finishes(writer: threading.Thread, done: list, count: int) -> None:
+    writer.join(60)  # a guard against a hang: far below the (300 s) request timeout
+    assert not writer.is_alive() and len(done) == count
+
+
+@pytest.mark.parametrize("hangs", ["before the puts", "while puts flow"])
+def test_a_hung_server_holds_no_writer_until_the_request_timeout(blockservers, make_cluster,
+                                                                 hangs):
+    """A server that hangs (accepts connections, answers nothing) is marked down, by the
+    heartbeat or because it leaves requests unanswered while the others answer. From then
+    on a put sends it no copy while the others make the quorum, and its copies are
+    remembered for repair. Copies sent to it before that (it hangs while puts flow) are
+    given up when it is marked down. Either kind once held every I/O thread, and the
+    back-pressure of copies left behind, until the request timeout (here 300 s): every
+    put stalled, though two servers answered (on a mount: an fsync waited as long as a
+    server stayed stopped, up to the 10 s timeout). Single puts and batches go on; when
+    it answers again it gets every copy."""
     servers = blockservers(3)
     store = make_cluster(servers, read_timeout=300.0, io_threads=4, behind_bytes=1 << 20)
     hung = servers[2]
     hung_id = members_of(servers)[2].id
-    blocks = [random_block(100_000) for _ in range(80)]
+    blocks = [random_block(60_000) for _ in range(60)]
     batch = [random_block(4096) for _ in range(20)]
-    done = []
-
-    def write():
-        for block in blocks:
-            store.put(*block)
-            done.append(block[0])
-        store.put_many(batch)
-        done.append("batch")
-    writer = threading.Thread(target=write, daemon=True)
-    writer.start()
-    wait_until(lambda: len(done) >= 10, "the first puts")
-    hung.pause()
+    writer, done = writing(store, blocks, batch)
+    if hangs == "while puts flow":
+        writer.start()
+        wait_until(lambda: len(done) >= 10, "the first puts")
+        hung.pause()
+    else:
+        hung.pause()
+        wait_until(lambda: not store.health.usable(hung_id), "the heartbeat marks it down")
+        writer.start()
     try:
-        writer.join(60)  # a guard against a hang: far below the request timeout
-        assert not writer.is_alive() and len(done) == len(blocks) + 1
+        assert_finishes(writer, done, len(blocks) + 1)
         assert not store.health.usable(hung_id)
-        assert store.behind_bytes <= 1 << 20  # what it sent meanwhile no longer counts
+        assert store.behind_bytes <= 1 << 20  # what it was sent meanwhile no longer counts
+        if hangs == "before the puts":
+            assert store.repair_backlog() == len(blocks) + len(batch)
     finally:
         hung.resume()
     wait_until(lambda: store.repair_backlog() == 0 and store.behind_bytes == 0,
@@ -339,20 +324,11 @@ def test_a_put_waiting_on_a_server_that_hangs_turns_to_one_held_back(blockserver
     back.start()  # answers again, but nobody asks it before the probe in 600 s
     assert not store.health.usable(members[1].id)
     blocks = [random_block(50_000) for _ in range(6)]
-    done = []
-
-    def write():
-        for block in blocks:
-            store.put(*block)
-            done.append(block[0])
-        store.put_many([random_block(4096) for _ in range(5)])
-        done.append("batch")
+    writer, done = writing(store, blocks, [random_block(4096) for _ in range(5)])
     hung.pause()
     try:
-        writer = threading.Thread(target=write, daemon=True)
         writer.start()
-        writer.join(60)  # a guard against a hang: far below the request timeout
-        assert not writer.is_alive() and len(done) == len(blocks) + 1
+        assert_finishes(writer, done, len(blocks) + 1)
         assert not store.health.usable(members[2].id)
     finally:
         hung.resume()

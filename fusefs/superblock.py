@@ -237,7 +237,7 @@ def locate(transport: Transport, urls: list[str]) -> Superblock:
     found = read(transport, urls)
     if found is None:
         raise errors.BlockMissing("no filesystem on these servers (`fusefs mkfs` makes one)")
-    given = {s["server_id"]: url for url, s in probe(transport, urls).items()
+    given = {s["server_id"]: url for url, s in probe(transport, urls, majority=True).items()
              if isinstance(s, dict)}
 
     sb = read_quorum(transport, at_given_urls(found.members, given))

@@ -104,25 +104,22 @@ def probe(transport: Transport, urls: list[str],
     """url -> /v1/status JSON, or the error met asking for it; all asked in parallel.
     With `majority`, once more than half answered the others get STRAGGLER_GRACE more
     (a hung server is left out rather than waited for)."""
-    if majority:
-        answers = ask_until(transport, [Member("", u) for u in urls],
-                             lambda m: transport.status(m, timeout=5.0), _most_answered(urls))
-        return {m.url: a for m, a in answers.items()}
+    members = [Member("", u) for u in urls]
 
-    def ask(url):
-        try:
-            return transport.status(Member("", url), timeout=5.0)
-        except errors.StorageError as e:
-            return e
-
-    with ThreadPoolExecutor(max(1, len(urls))) as pool:
-        return dict(zip(urls, pool.map(ask, urls)))
+    def ask(member):
+        return transport.status(member, timeout=5.0)
+    answers = ask_until(transport, members, ask, _most_answered(urls)) if majority else \
+        ask_all(transport, members, ask)
+    return {m.url: a for m, a in answers.items()}
 
 
-def _most_answered(asked):
-    """A `settled` test for `ask_until`: more than half of `asked` answered."""
-    return lambda answers: len([a for a in answers.values()
-                                if not isinstance(a, errors.StorageError)]) > len(asked) // 2
+def _most_answered(asked, found=lambda answer: True):
+    """A `settled` test for `ask_until`: more than half of `asked` answered, and at least
+    one answer is `found`."""
+    def settled(answers):
+        good = [a for a in answers.values() if not isinstance(a, errors.StorageError)]
+        return len(good) > len(asked) // 2 and any(map(found, good))
+    return settled
 
 
 def ask_all(transport: Transport, members, fn):
@@ -212,14 +209,14 @@ def _newest(found: list[tuple[int, bytes]]) -> tuple[int, bytes]:
 def read(transport: Transport, urls: list[str], everyone: bool = False) -> Superblock | None:
     """The newest superblock held by any of `urls`; None if none holds one.
 
-    Once more than half of them answered, the others get STRAGGLER_GRACE more: a hung
-    server is left out rather than waited for (the reader then reads by quorum among the
-    members this names). `everyone` waits for every answer (mkfs, which must not format
-    over a filesystem on any of them). Raises the first error when no server could be
-    asked at all.
+    Once more than half of them answered and one of those holds a superblock, the others
+    get STRAGGLER_GRACE more: a hung server is left out rather than waited for (the reader
+    then reads by quorum among the members this names). "None" waits for every answer, as
+    does `everyone` (mkfs, which must not format over a filesystem on any of them).
+    Raises the first error when no server could be asked at all.
     """
-    answers = _answers(transport, [Member("", u) for u in urls],
-                       None if everyone else _most_answered(urls))
+    holds = _most_answered(urls, lambda answer: isinstance(answer, tuple))
+    answers = _answers(transport, [Member("", u) for u in urls], None if everyone else holds)
     failures = [a for a in answers.values() if isinstance(a, errors.StorageError)]
     found = [a for a in answers.values() if isinstance(a, tuple)]
     if not found and len(failures) == len(urls):

@@ -43,6 +43,12 @@ PREFETCH_BATCH = 64  # blocks per batch read-ahead request (prefetch_batch)
 # Bytes of fetched blocks waiting for the disk writer at most; a block beyond it is not
 # written to the disk level (it is in memory; the disk level is only a cache).
 DISK_BACKLOG = 64 << 20
+# A sequential read is a scan once it has run past 1/SCAN_SHARE of the disk level (64 MiB
+# of the default 2 GiB): the blocks read ahead for it beyond that go to disk only when seen
+# before (SCAN_SEEN ids remembered), so one pass over a large file neither evicts the rest
+# of the disk level nor pays a local write of every byte it reads (docs/cache.md).
+SCAN_SHARE = 32
+SCAN_SEEN = 1 << 16
 _BAD = object()  # a disk cache file that is torn, not ours, or failed verification
 # A block's file in the disk cache: its bytes, then the xxh3-64 of each SEGMENT of them, then
 # TRAILER (magic, the block's xxh3-128 checksum, its length): a read of a few KiB of a
@@ -152,7 +158,9 @@ class BlockCache:
         self._flights: dict[tuple[str, str], _Flight] = {}  # (id, checksum) -> fetch under way
         self._queued: set[tuple[str, str]] = set()  # read-ahead requests not yet started
         self._counts = dict.fromkeys(
-            ("hits_memory", "hits_disk", "misses", "fetches", "evictions"), 0)
+            ("hits_memory", "hits_disk", "misses", "fetches", "evictions", "scan_skips"), 0)
+        self.scan_after = (disk_bytes if self._dir else 0) // SCAN_SHARE
+        self._scan_seen: OrderedDict[str, None] = OrderedDict()  # scanned, not kept on disk
         # Fetched blocks the disk writer has not written yet: id -> (checksum, bytes); a
         # read takes them from here as from their file. `_written` tells when it empties.
         self._pending: dict[str, tuple[str, bytes]] = {}
@@ -187,10 +195,13 @@ class BlockCache:
             with self._lock:
                 self._counts[source] += 1
 
-    def prefetch(self, items: list[tuple[str, str]]) -> None:
-        """Read (id, checksum) pairs ahead in the background; drops what does not fit."""
+    def prefetch(self, items: list[tuple[str, str]], run: int = 0) -> None:
+        """Read (id, checksum) pairs ahead in the background; drops what does not fit.
+        `run`: the bytes the sequential reader asking for them has read so far; past
+        `scan_after`, the blocks are written to the disk level only if seen before."""
         if self._stopping.is_set() or not self._threads:
             return
+        scan = self._dir is not None and run > self.scan_after
         for done, key in enumerate(items):
             _check_id(key[0])
             with self._lock:
@@ -198,7 +209,7 @@ class BlockCache:
                     continue
                 self._queued.add(key)
             try:
-                self._queue.put_nowait(key)
+                self._queue.put_nowait((key, scan))
             except queue.Full:
                 with self._lock:
                     self._queued.discard(key)
@@ -312,7 +323,8 @@ class BlockCache:
 
     # -- the read path ----------------------------------------------------------------------
 
-    def _obtain(self, block_id: str, checksum: str) -> tuple[bytes, str]:
+    def _obtain(self, block_id: str, checksum: str,
+                scan: bool = False) -> tuple[bytes, str]:
         key = (block_id, checksum)
         with self._lock:
             entry = self._memory.get(block_id)
@@ -339,9 +351,21 @@ class BlockCache:
             raise
         flight.data = data
         self._land(key, flight)
-        if flight.source == "misses":
+        if flight.source == "misses" and (not scan or self._seen_in_scan(block_id)):
             self._write_disk_later(block_id, checksum, data)
         return data, flight.source
+
+    def _seen_in_scan(self, block_id: str) -> bool:
+        """A scan fetched this block: True if a scan fetched it before (recently), else
+        remember it and return False."""
+        with self._lock:
+            if self._scan_seen.pop(block_id, 0) is None:
+                return True
+            self._scan_seen[block_id] = None
+            if len(self._scan_seen) > SCAN_SEEN:
+                self._scan_seen.popitem(last=False)
+            self._counts["scan_skips"] += 1
+            return False
 
     def _fetch(self, block_id: str, checksum: str) -> bytes:
         with self._lock:
@@ -378,10 +402,11 @@ class BlockCache:
             if isinstance(key, list):
                 self._fetch_batch(key)
                 continue
+            key, scan = key
             with self._lock:
                 self._queued.discard(key)
             try:
-                self._obtain(*key)
+                self._obtain(*key, scan=scan)
             except Exception as e:  # noqa: BLE001 - read-ahead is a hint; get() will report
                 log.debug("read-ahead of block %s failed: %s", key[0], e)
 

@@ -157,6 +157,7 @@ class FileData:
         # or superseded upload may have left copies on some servers).
         self.unsettled: dict[str, tuple[int, DirtyBlock]] = {}
         self.last_read_end = -1  # for read-ahead
+        self.run_start = 0  # where the current sequential run of reads began
 
 
 class DataPath:
@@ -204,8 +205,9 @@ class DataPath:
         pieces: list = []  # bytes; (BlockRef, start, n, overlay) to fetch; an int of zeros
         with live.lock:
             ahead = self._plan_read(live, offset, size, pieces)
+            run = live.last_read_end - live.run_start
         if ahead:
-            self.cache.prefetch(ahead)
+            self.cache.prefetch(ahead, run=run)
         return self._fetched(pieces)
 
     def _plan_read(self, live: FileData, offset: int, size: int, pieces: list) -> list:
@@ -231,6 +233,8 @@ class DataPath:
         # Read ahead when a sequential reader enters a block (not at each of the eight
         # 128 KiB reads inside it: the cache ignores what it has or fetches anyway).
         sequential = offset == live.last_read_end
+        if abs(offset - live.last_read_end) > bs:  # the kernel's reads come a little out of order
+            live.run_start = offset
         live.last_read_end = end
         entering = offset % bs == 0 or offset // bs != (end - 1) // bs
         return self._readahead(live, end) if sequential and entering else []

@@ -270,7 +270,9 @@ class _StatusCollector(Collector):
         yield hits
         for key, doc in (("misses", "Block reads the cache could not serve"),
                          ("fetches", "Blocks fetched from the servers into the cache"),
-                         ("evictions", "Blocks evicted from the cache")):
+                         ("evictions", "Blocks evicted from the cache"),
+                         ("scan_skips", "Blocks a long sequential read fetched and did not "
+                          "keep on disk (seen for the first time)")):
             if _number(cache.get(key)) is not None:
                 family = CounterMetricFamily(f"fusefs_cache_{key}", doc)
                 family.add_metric([], cache[key])

@@ -552,6 +552,43 @@ def test_prefetch_skips_blocks_already_cached(store, make_cache, tmp_path):
     assert cache.stats()["memory_bytes"] == 2000
 
 
+def test_a_long_scan_keeps_on_disk_only_what_it_read_before(store, make_cache, tmp_path):
+    """Read ahead for a sequential read past scan_after (1/32 of the disk level): a block
+    seen for the first time stays off the disk, the second time it goes there; read-ahead
+    for a shorter run, and get(), write every fetched block to disk as before."""
+    cache = make_cache(memory_bytes=0, disk_dir=str(tmp_path), disk_bytes=32 << 20,
+                       prefetch_threads=1)
+    assert cache.scan_after == 1 << 20
+    scanned, short = [stored(store) for _ in range(4)], [stored(store) for _ in range(2)]
+    read = stored(store)
+
+    def prefetched(blocks, run):
+        before = cache.stats()["fetches"]
+        cache.prefetch([(b, c) for b, _, c in blocks], run=run)
+        wait_until(lambda: cache.stats()["fetches"] == before + len(blocks), "read-ahead")
+        assert cache.settle(10.0)
+
+    prefetched(scanned, run=(1 << 20) + 1)
+    prefetched(short, run=1 << 20)
+    cache.get(read[0], read[2])
+    assert set(files_on_disk(str(tmp_path))) == {b for b, _, _ in short + [read]}
+    assert cache.stats()["scan_skips"] == 4
+    prefetched(scanned[:2], run=64 << 20)  # seen before: now kept
+    assert set(files_on_disk(str(tmp_path))) == {b for b, _, _ in short + [read] + scanned[:2]}
+    assert cache.stats()["scan_skips"] == 4
+    for block_id, data, checksum in scanned:
+        assert cache.get(block_id, checksum) == data  # a get is no scan: all kept now
+    assert len(files_on_disk(str(tmp_path))) == 7
+
+
+def test_without_a_disk_level_nothing_counts_as_a_scan(store, make_cache):
+    cache = make_cache()
+    blocks = [stored(store) for _ in range(3)]
+    cache.prefetch([(b, c) for b, _, c in blocks], run=1 << 40)
+    wait_until(lambda: cache.stats()["fetches"] == 3, "read-ahead")
+    assert cache.stats()["scan_skips"] == 0
+
+
 def test_a_get_joins_the_read_ahead_fetch(store, make_cache):
     cache = make_cache(prefetch_threads=1)
     block_id, data, checksum = stored(store)
@@ -686,7 +723,7 @@ def test_stats_count_every_level(store, make_cache, tmp_path):
     cache.get(a[0], a[2])  # disk; evicts b from memory
     cache.insert(protocol.new_block_id(), protocol.EMPTY_CHECKSUM, b"")  # 0 bytes
     assert cache.stats() == {"hits_memory": 1, "hits_disk": 1, "misses": 2, "fetches": 2,
-                             "evictions": 2, "memory_bytes": 1000,
+                             "evictions": 2, "scan_skips": 0, "memory_bytes": 1000,
                              "disk_bytes": 2 * file_size(1000)}
 
 

@@ -712,13 +712,19 @@ def test_sequential_reads_ask_for_read_ahead_once_per_block(core):
     ino, fh = new_file(fs, b"big", data)
     fs.fsync(fh)
     close(fs, fh)
-    asked = []
-    core.cache.prefetch = lambda items: asked.append([b for b, _ in items])
+    asked, runs = [], []
+
+    def prefetch(items, run=0):
+        asked.append([b for b, _ in items])
+        runs.append(run)
+
+    core.cache.prefetch = prefetch
     fh = fs.open(ino, os.O_RDONLY)
     got = b"".join(fs.read(fh, off, BS // 4) for off in range(0, 6 * BS, BS // 4))
     assert got == data
     # Entering blocks 1..4: the first read followed nothing, block 5 has nothing after it.
     assert len(asked) == 4
+    assert runs == [BS * i + BS // 4 for i in range(1, 5)]  # how far the reader has come
     refs = core.md.block_refs(ino, 0, 5)
     assert asked[0] == [refs[i].block_id for i in range(2, 6)]
     asked.clear()
@@ -728,6 +734,9 @@ def test_sequential_reads_ask_for_read_ahead_once_per_block(core):
     asked.clear()
     fs.read(fh, 3 * BS, 100)  # not where the last read ended: no read-ahead
     assert asked == []
+    runs.clear()
+    fs.read(fh, 3 * BS + 100, BS)  # a new run, from 3 * BS
+    assert asked and runs == [BS + 100]
     close(fs, fh)
 
 

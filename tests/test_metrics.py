@@ -16,6 +16,8 @@ from fusefs.metrics import parse_address
 
 from .support import wait_until
 
+MiB = 1 << 20
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -228,6 +230,44 @@ def test_reading_a_directory_in_name_order_fetches_its_files_in_batches(fusefs_m
     singles, batches = requests_to("GET", "block"), requests_to("POST", "batch_get")
     assert batches >= 2, (singles, batches)  # 200 files: at least two steps ahead
     assert singles <= 50, (singles, batches)  # one per file without read-ahead: 200
+
+
+def test_one_pass_over_a_large_file_stays_off_the_disk_cache_a_second_one_does_not(
+        fusefs_mount, tmp_path):
+    """A sequential read past 1/32 of the disk cache (2 MiB of 64 MiB here) is a scan: its
+    read-ahead blocks go to the disk cache only when read before. File a is read once, b
+    twice (its pages dropped between): b ends up on disk, a only for its first part."""
+    m = fusefs_mount()
+    sizes = {"a": 24 * MiB, "b": 24 * MiB}
+    written = {}
+    for name, size in sizes.items():
+        written[name] = data = os.urandom(size)
+        with open(os.path.join(m.path, name), "wb") as f:
+            f.write(data)
+    m.umount()
+    port = free_port()
+    cache_dir = tmp_path / "cache"
+    m.mount("--metrics", f"127.0.0.1:{port}", "--cache-size", "64MiB", "--memory-cache",
+            "16MiB", cache_dir=str(cache_dir))
+
+    def read_all(name):
+        with open(os.path.join(m.path, name), "rb") as f:
+            got = b"".join(iter(lambda: f.read(MiB), b""))
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # the next read is ours
+        assert got == written[name], name
+
+    read_all("a")
+    read_all("b")
+    read_all("b")
+    wait_until(lambda: value(scrape(port), "fusefs_cache_scan_skips_total") > 0,
+               "the scan_skips counter")
+    m.umount()  # the disk writer finishes what it was given
+    on_disk = sum(os.path.getsize(os.path.join(d, name))
+                  for d, _, names in os.walk(cache_dir) if os.path.basename(d) != "tmp"
+                  for name in names if len(name) == 32)
+    # all of b (its second pass kept what the first did not), and of a its first 2 MiB
+    # and the few blocks the reader fetched itself before its read-ahead did
+    assert 20 * MiB <= on_disk <= 36 * MiB, on_disk / MiB
 
 
 def test_a_cold_find_looks_up_directories_only(fusefs_mount, tmp_path):

@@ -43,11 +43,11 @@ PREFETCH_BATCH = 64  # blocks per batch read-ahead request (prefetch_batch)
 # Bytes of fetched blocks waiting for the disk writer at most; a block beyond it is not
 # written to the disk level (it is in memory; the disk level is only a cache).
 DISK_BACKLOG = 64 << 20
-# A sequential read is a scan once it has run past 1/SCAN_SHARE of the disk level (64 MiB
+# A sequential read is a scan once it has run past 1/SCAN_SHARE of the disk level (1 GiB
 # of the default 2 GiB): the blocks read ahead for it beyond that go to disk only when seen
-# before (SCAN_SEEN ids remembered), so one pass over a large file neither evicts the rest
-# of the disk level nor pays a local write of every byte it reads (docs/cache.md).
-SCAN_SHARE = 32
+# before (SCAN_SEEN ids remembered), so one pass over a file too large to keep neither
+# flushes the disk level nor pays a local write of every byte it reads (docs/cache.md).
+SCAN_SHARE = 2
 SCAN_SEEN = 1 << 16
 _BAD = object()  # a disk cache file that is torn, not ours, or failed verification
 # A block's file in the disk cache: its bytes, then the xxh3-64 of each SEGMENT of them, then

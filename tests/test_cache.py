@@ -553,10 +553,10 @@ def test_prefetch_skips_blocks_already_cached(store, make_cache, tmp_path):
 
 
 def test_a_long_scan_keeps_on_disk_only_what_it_read_before(store, make_cache, tmp_path):
-    """Read ahead for a sequential read past scan_after (1/32 of the disk level): a block
+    """Read ahead for a sequential read past scan_after (half the disk level): a block
     seen for the first time stays off the disk, the second time it goes there; read-ahead
     for a shorter run, and get(), write every fetched block to disk as before."""
-    cache = make_cache(memory_bytes=0, disk_dir=str(tmp_path), disk_bytes=32 << 20,
+    cache = make_cache(memory_bytes=0, disk_dir=str(tmp_path), disk_bytes=2 << 20,
                        prefetch_threads=1)
     assert cache.scan_after == 1 << 20
     scanned, short = [stored(store) for _ in range(4)], [stored(store) for _ in range(2)]

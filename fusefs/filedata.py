@@ -233,7 +233,9 @@ class DataPath:
         # Read ahead when a sequential reader enters a block (not at each of the eight
         # 128 KiB reads inside it: the cache ignores what it has or fetches anyway).
         sequential = offset == live.last_read_end
-        if abs(offset - live.last_read_end) > bs:  # the kernel's reads come a little out of order
+        # The run of a sequential reader goes on across the kernel's slightly reordered
+        # reads; a jump of more than a block starts a new one (the cache's scans).
+        if abs(offset - live.last_read_end) > bs:
             live.run_start = offset
         live.last_read_end = end
         entering = offset % bs == 0 or offset // bs != (end - 1) // bs

@@ -51,7 +51,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from blockserver import protocol
@@ -68,6 +68,7 @@ HEARTBEAT = 2.0  # seconds between status requests to every usable server
 SMALL_BATCH = 32  # a batch read of at most this many blocks goes to as few servers as can
 STALE_CHECK = 0.25  # seconds between looks, while a put waits, at its servers' health
 START_WAIT = 3.0  # seconds start() waits for a server's status (a hung one is marked down)
+FIND_GRACE = 1.0  # seconds find() still waits for silent servers once absence is proven
 
 # Failures that say something about the server rather than about one block.
 _SERVER_FAILURES = (errors.Unavailable, errors.WrongServer, errors.AuthenticationFailed)
@@ -661,30 +662,39 @@ class ReplicatedStore(BlockStore):
 
         Every member is asked; the first copy that `verify(data)` accepts wins. Absent
         means so many servers answered "missing" that no W of them can hold it; when too
-        few answered to tell, this raises Unavailable rather than guess.
+        few answered to tell, this raises Unavailable rather than guess. Once absent is
+        proven, the servers still silent get FIND_GRACE seconds more: a hung one is not
+        waited for, but a copy on a slow one still wins. (A "missing" can be transient:
+        read repair replaces a copy that holds other bytes by a delete, then a put.)
         """
         futures = {self._send(m, self.transport.get_block, block_id): m
                    for m in self._by_preference(self.servers)}
+        pending, deadline = set(futures), None
         missing, failures = 0, {}
-        for future in as_completed(futures):
-            member = futures[future]
-            try:
-                data = future.result()
-            except errors.BlockMissing as e:
-                missing += 1
-                failures[member.url] = e
-                if len(futures) - missing < self.config.write_quorum:
-                    return None  # proven absent: a hung server is not waited for
-                continue
-            except errors.StorageError as e:
-                failures[member.url] = e
-                continue
-            if verify(data):
-                self._repair_found(block_id, data, futures)
-                return data
-            failures[member.url] = errors.BlockCorrupt(f"{member.url}: block {block_id} "
-                                                       "failed verification")
-            log.warning("block %s from %s failed verification", block_id, member.url)
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+            if not done:
+                return None  # proven absent, and the silent servers had their grace
+            for future in done:
+                member = futures[future]
+                try:
+                    data = future.result()
+                except errors.BlockMissing as e:
+                    missing += 1
+                    failures[member.url] = e
+                    if deadline is None and len(futures) - missing < self.config.write_quorum:
+                        deadline = time.monotonic() + FIND_GRACE
+                    continue
+                except errors.StorageError as e:
+                    failures[member.url] = e
+                    continue
+                if verify(data):
+                    self._repair_found(block_id, data, futures)
+                    return data
+                failures[member.url] = errors.BlockCorrupt(f"{member.url}: block {block_id} "
+                                                           "failed verification")
+                log.warning("block %s from %s failed verification", block_id, member.url)
         if len(futures) - missing < self.config.write_quorum:
             return None
         reasons = "; ".join(str(e) for e in failures.values())

@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from blockserver import protocol
-from fusefs import errors, superblock
+from fusefs import cluster, errors, superblock
 from fusefs.cluster import SMALL_BATCH
 from fusefs.placement import rank
 from fusefs.transport import Member, Transport, TransportConfig
@@ -365,6 +365,35 @@ def test_what_asks_every_server_does_not_wait_for_a_hung_one(blockservers, make_
     assert {u for u, a in results["probe"].items() if isinstance(a, dict)} == set(urls[:2])
     assert results["absent"] is None
     assert not results["started"].health.usable(members[2].id)
+
+
+def test_find_waits_a_grace_for_a_slow_server_holding_the_only_copy(blockservers,
+                                                                     make_cluster,
+                                                                     monkeypatch):
+    """Two "missing" answers prove a W=2 block absent, but the third server may still hold
+    a copy: a "missing" can be transient (read repair replaces other bytes by a delete and
+    a put, and journal replay then saw a segment vanish). find() gives the silent server
+    its grace and returns the copy it brings; only a server silent past it is not waited
+    for."""
+    monkeypatch.setattr(cluster, "FIND_GRACE", 60.0, raising=False)  # the slow one's margin
+    servers = blockservers(3)
+    store = make_cluster(servers, read_timeout=300.0)
+    members = members_of(servers)
+    data = b"a journal segment on one server only"
+    block_id = protocol.new_block_id()
+    store.transport.put_block(members[2], block_id, data, protocol.checksum(data))
+    found = {}
+    finder = threading.Thread(target=lambda: found.update(
+        copy=store.find(block_id, lambda d: d == data)), daemon=True)
+    servers[2].pause()
+    try:
+        finder.start()
+        finder.join(1.0)  # the two "missing" answers come in meanwhile
+        assert finder.is_alive(), found  # the old code settled on absent here
+    finally:
+        servers[2].resume()
+    finder.join(60)
+    assert found == {"copy": data}
 
 
 def test_corrupt_replica_is_read_correctly_and_repaired(blockservers, make_cluster):

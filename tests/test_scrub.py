@@ -275,8 +275,11 @@ def test_an_interrupted_scrub_resumes_after_its_cursor(fusefs_mount, tmp_path, h
     listed = sorted(c.listing(0))
     state = str(tmp_path / "scrub.json")
 
+    # A suite started in the background by a shell (`cmd &`) ignores SIGINT, and Python
+    # keeps an ignored SIGINT ignored: the scrub must get the disposition a terminal gives.
     proc = subprocess.Popen(scrub_cmd(m, state, "--rate", "64KiB"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=REPO)
+                            stderr=subprocess.PIPE, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         def progressed():
             try:

@@ -313,6 +313,11 @@ class Server:
         self._listener.bind(listen)
         self._listener.listen(128)
         self.address = self._listener.getsockname()[:2]
+        # stop() writes a byte here: serve_forever's select and the supervisor's wait end at
+        # once instead of at their next timeout (a stop takes milliseconds, not 0.2 s).
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+        self._stop_asked = threading.Event()
 
     def reserve_body(self, length: int) -> bool:
         """Admit a body of `length` bytes into memory if the budget allows (one at least)."""
@@ -337,8 +342,10 @@ class Server:
         supervisor.start()
         with selectors.DefaultSelector() as sel:
             sel.register(self._listener, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
             while not self.stopping:
-                if not sel.select(timeout=0.2):
+                if not any(key.fileobj is self._listener
+                           for key, _ in sel.select(timeout=0.2)):
                     continue
                 try:
                     sock, addr = self._listener.accept()
@@ -348,10 +355,18 @@ class Server:
         self._listener.close()
         self._drain()
         self._stopped.set()
+        self._wake_r.close()
+        self._wake_w.close()
 
     def stop(self) -> None:
-        """Ask serve_forever to finish in-flight requests and return. Safe from any thread."""
+        """Ask serve_forever to finish in-flight requests and return. Safe from any thread
+        and from a signal handler."""
         self.stopping = True
+        self._stop_asked.set()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:  # already woken (buffer full) or already closed: nothing to do
+            pass
 
     def _admit(self, sock: socket.socket, peer: str) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -462,7 +477,10 @@ class Server:
                     conn.cut("shutdown")
                 elif now > conn.deadline and conn.state != "handling":
                     conn.cut(f"no progress: {conn.state} deadline passed")
-            self._stopped.wait(0.1)
+            if self.stopping:
+                self._stopped.wait(0.02)  # cut the connections that turn idle quickly
+            else:
+                self._stop_asked.wait(0.1)
 
     def _drain(self) -> None:
         deadline = time.monotonic() + self.limits.shutdown_grace
@@ -471,7 +489,7 @@ class Server:
                 threads = list(self._threads)
             if not threads:
                 return
-            threads[0].join(timeout=0.1)
+            threads[0].join(timeout=0.02)
         with self._lock:
             conns = list(self._connections)
         for conn in conns:

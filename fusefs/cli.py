@@ -716,7 +716,7 @@ def cmd_umount(args) -> int:
                 print(f"uploading {format_size(status['dirty_bytes'])} before unmounting...",
                       file=sys.stderr)
             shown = time.monotonic()
-        time.sleep(0.1)
+        time.sleep(0.02)
     if _is_mounted(path):
         _run_unmount(path)
     print(f"unmounted {path}")

@@ -91,9 +91,17 @@ class BlockServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20.0) -> "BlockServer":
+        self.launch()
+        return self.ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process; `ready` waits until it serves (ServerSet starts several
+        processes before it waits for the first)."""
         refuse_in_unit_tier("a block server")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self._command(), stdout=subprocess.PIPE, stderr=log, cwd=REPO)
+
+    def ready(self, timeout: float = 20.0) -> "BlockServer":
         line = _read_line(self.proc.stdout, timeout)
         if not line.startswith("serving "):
             self.stop()
@@ -119,6 +127,12 @@ class BlockServer:
             return False
         return status in (200, 401)
 
+    def ask_to_stop(self) -> None:
+        """SIGTERM without waiting (ServerSet stops several at once)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused server cannot hear SIGTERM
+            self.proc.terminate()
+
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -129,8 +143,7 @@ class BlockServer:
             return None
         if self.proc.poll() is None:
             try:
-                self.proc.send_signal(signal.SIGCONT)  # a paused server cannot hear SIGTERM
-                self.proc.terminate()
+                self.ask_to_stop()
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
@@ -231,11 +244,13 @@ class ServerSet(list):
             server = BlockServer(os.path.join(self.directory, f"server{i}"),
                                  os.path.join(self.directory, f"server{i}.log"), extra, secret)
             self.append(server)  # before start(): a server that fails to start is stopped
-            new.append(server.start())
-        return new
+            server.launch()
+            new.append(server)
+        return [server.ready() for server in new]  # they start side by side
 
     def stop_all(self) -> None:
-        cleanup_all([server.stop for server in self], "stopping block servers")
+        cleanup_all([server.ask_to_stop for server in self] + [server.stop for server in self],
+                    "stopping block servers")
 
     def mark(self) -> None:
         """From now on, only log lines written after this call count as problems."""

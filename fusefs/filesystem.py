@@ -111,6 +111,14 @@ class Filesystem:
             raise FsError(errno.ENOENT, f"inode {ino} does not exist")
         return inode
 
+    def _kind(self, ino: int) -> tuple[int, int]:
+        """(mode, link count) of an inode (ENOENT if none): all that unlink, rmdir and
+        rename need to know of the inodes they remove or replace, for less than `_inode`."""
+        found = self.metadata.kind(ino)
+        if found is None:
+            raise FsError(errno.ENOENT, f"inode {ino} does not exist")
+        return found
+
     def getattr(self, ino: int) -> Inode:
         return self._inode(ino)
 
@@ -270,11 +278,11 @@ class Filesystem:
             if ino is None:
                 self._dir(parent)
                 raise FsError(errno.ENOENT)
-            inode = self._inode(ino)
-            if inode.is_dir:
+            mode, nlink = self._kind(ino)
+            if stat.S_ISDIR(mode):
                 raise FsError(errno.EISDIR)
             # The last name of a file nobody has open: one record removes both.
-            last = inode.nlink <= 1 and not self._is_open(ino)
+            last = nlink <= 1 and not self._is_open(ino)
             left = self.metadata.unlink(parent, name, ino, False, remove=last)
             self._unlinked(ino, left)
             if not last:
@@ -291,7 +299,7 @@ class Filesystem:
             if ino is None:
                 self._dir(parent)
                 raise FsError(errno.ENOENT)
-            if not self._inode(ino).is_dir:
+            if not stat.S_ISDIR(self._kind(ino)[0]):
                 raise FsError(errno.ENOTDIR)
             if self.metadata.has_children(ino):
                 raise FsError(errno.ENOTEMPTY)
@@ -309,31 +317,30 @@ class Filesystem:
                 self._dir(old_parent)
                 raise FsError(errno.ENOENT)
             self._dir(new_parent)
-            source = self._inode(ino)
+            is_dir = stat.S_ISDIR(self._kind(ino)[0])
             existing = self.metadata.lookup(new_parent, new_name)
             if existing == ino:
-                return source.is_dir  # two names of one inode: POSIX says do nothing
-            if source.is_dir and self.metadata.is_ancestor(ino, new_parent):
+                return is_dir  # two names of one inode: POSIX says do nothing
+            if is_dir and self.metadata.is_ancestor(ino, new_parent):
                 raise FsError(errno.EINVAL, "cannot move a directory into itself")
             replaced_is_dir = False
             if existing is not None:
-                target = self._inode(existing)
-                replaced_is_dir = target.is_dir
-                if source.is_dir and not target.is_dir:
+                replaced_is_dir = stat.S_ISDIR(self._kind(existing)[0])
+                if is_dir and not replaced_is_dir:
                     raise FsError(errno.ENOTDIR)
-                if not source.is_dir and target.is_dir:
+                if not is_dir and replaced_is_dir:
                     raise FsError(errno.EISDIR)
-                if target.is_dir and self.metadata.has_children(existing):
+                if replaced_is_dir and self.metadata.has_children(existing):
                     raise FsError(errno.ENOTEMPTY)
             left = self.metadata.rename(old_parent, old_name, new_parent, new_name, ino,
-                                        source.is_dir, existing, replaced_is_dir)
+                                        is_dir, existing, replaced_is_dir)
             if existing is not None:
                 self._unlinked(existing, left)
             self._ctime_changed(ino)
             self._ctime_changed(existing)
         if existing is not None and left == 0:
             self._release_inode(existing)
-        return source.is_dir
+        return is_dir
 
     def _unlinked(self, ino: int, left: int) -> None:
         """A file lost a name (caller holds _ns). While open, a descriptor of the lost name

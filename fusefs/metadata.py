@@ -553,6 +553,18 @@ class Metadata:
                     self._rows[ino] = row
         return Inode(*row) if row else None
 
+    def kind(self, ino: int) -> tuple[int, int] | None:
+        """(mode, link count) of an inode, None if there is none: what unlink, rmdir and
+        rename check. From the cached row when there is one, else one query of the row
+        alone: a file's row is forgotten when its blocks are committed, and `inode()`
+        would then also sum the sizes of its blocks."""
+        with self._lock:
+            row = self._rows.get(ino)
+            if row is not None:
+                return row[1], row[4]
+            return self._db.execute("SELECT mode, nlink FROM inodes WHERE ino=?",
+                                    (ino,)).fetchone()
+
     def lookup(self, parent: int, name: bytes) -> int | None:
         key = (parent, name)
         with self._lock:
@@ -1085,8 +1097,8 @@ def _op_set_attrs(db, ino, fields):
 @_op("remove_inode", inodes=lambda ino: (ino,),
      names=_nothing)  # only an inode without names is removed
 def _op_remove_inode(db, ino):
-    db.execute("INSERT OR IGNORE INTO garbage SELECT block_id FROM blocks WHERE ino=?", (ino,))
-    db.execute("INSERT OR IGNORE INTO garbage SELECT block_id FROM patches WHERE ino=?", (ino,))
+    db.execute("INSERT OR IGNORE INTO garbage SELECT block_id FROM blocks WHERE ino=? "
+               "UNION ALL SELECT block_id FROM patches WHERE ino=?", (ino, ino))
     for table in ("blocks", "patches", "xattrs", "inodes"):
         db.execute(f"DELETE FROM {table} WHERE ino=?", (ino,))
 

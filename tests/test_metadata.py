@@ -210,6 +210,9 @@ def test_cached_rows_names_and_xattr_owners_always_match_the_database(tmp_path, 
                 cached = md.inode(ino)  # its last field: the bytes its blocks hold
                 got = tuple(vars(cached).values()) if cached else None
                 assert got == (rows[0] if rows else None), f"step {step} ({action}): inode {ino}"
+                # what unlink, rmdir and rename check: (mode, links), cached or not
+                assert md.kind(ino) == ((rows[0][1], rows[0][4]) if rows else None), \
+                    f"step {step} ({action}): kind of inode {ino}"
             for d in rng.sample(dirs, (len(dirs) + 1) // 2):  # some not read since a forget
                 # every name that may exist, and some that never do
                 for name in [b"n%d" % i for i in range(9)]:

@@ -701,3 +701,41 @@ def test_a_small_batch_read_asks_as_few_servers_as_hold_it(blockservers, make_cl
         spread = {rank(b, members)[0].id for b in ids[:size]}
         assert len(plan) <= min(len(spread), 3)
     assert len(five._read_plan(ids)) == 5
+
+
+def test_a_block_sent_to_three_servers_is_hashed_once(blockservers, make_cluster,
+                                                      monkeypatch):
+    """The signature needs the body's SHA-256. The three replicas' requests start together
+    on three I/O threads: one hashes the block, the others wait for its digest (each
+    hashing it was 2 of the client's 9 CPU-seconds per GiB written). A hasher that fails
+    leaves the next one to hash."""
+    secret = b"hash-once-secret-0123456789abcdef"
+    servers = blockservers(3, secret=secret)
+    store = make_cluster(servers, secret=secret, write_quorum=3)
+    real = protocol.content_digest
+    hashed, fail_next = [], []
+
+    def counting(*parts):
+        if sum(len(p) for p in parts) >= 1 << 20:  # a block body, not an answer
+            hashed.append(threading.get_ident())
+            threading.Event().wait(0.2)  # long enough for the three requests to meet here
+            if fail_next:
+                fail_next.pop()
+                raise MemoryError("injected: the first hasher fails")
+        return real(*parts)
+
+    monkeypatch.setattr(protocol, "content_digest", counting)
+    block_id, data, checksum = random_block(1 << 20)
+    store.put(block_id, data, checksum)
+    assert len(hashed) == 1
+    for server in servers:
+        assert stored_on(server, block_id) == data
+
+    hashed.clear()
+    fail_next.append(True)
+    block_id, data, checksum = random_block(1 << 20)
+    with contextlib.suppress(errors.StorageError, MemoryError):
+        store.put(block_id, data, checksum)  # the failed hasher's replica may be missing
+    assert len(hashed) == 2  # the failure, then one more: never one per replica
+    wait_until(lambda: sum(stored_on(s, block_id) == data for s in servers) >= 2,
+               "the replicas that waited for the digest are stored")

@@ -167,6 +167,7 @@ def serve(args) -> int:
         server = Server(args.listen, api, _limits(args), ssl_context=tls,
                         on_cut=metrics.connection_closed,
                         response_headers={protocol.H_SERVER_ID: store.server_id,
+                                          protocol.H_DIGESTS: ",".join(protocol.SUPPORTED_DIGESTS),
                                           "Server": f"fusefs-blockserver/{__version__}"})
     except OSError as e:
         raise SystemExit(f"blockserver: cannot listen on {args.listen[0]}:{args.listen[1]}: "

@@ -95,6 +95,7 @@ class Request:
     body_read: bool = False
     signed_hash: str | None = None  # the body digest a valid signature vouches for
     auth_key: bytes | None = None  # the key that signed it (signs the answer too)
+    digest_algorithm: str = "sha256"  # of signed_hash; the answer's body digest uses it too
     nonce: str = ""  # the signed request's nonce (named in the answer's signature)
 
     def read_body(self) -> bytearray:

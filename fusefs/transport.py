@@ -151,7 +151,7 @@ class Reply:
         return json.loads(self.content)
 
 
-_DIGEST_MEMO = 256  # bodies whose SHA-256 is kept for the next replica's request
+_DIGEST_MEMO = 256  # bodies whose digest is kept for the next replica's request
 
 # Endpoint names for `observe`, by path prefix (one block's path before the listing's): a
 # bounded set, never a block id or register name.
@@ -179,11 +179,13 @@ class Transport:
         self._observe = observe  # (method, endpoint, outcome, sent, received, seconds)
         self._adapter = requests.adapters.HTTPAdapter(
             pool_connections=64, pool_maxsize=max(1, config.pool_size), max_retries=0)
-        self._lock = threading.Lock()  # guards the three dicts below; never held over I/O
+        self._lock = threading.Lock()  # guards the dicts and set below; never held over I/O
         self._slots: dict[str, threading.BoundedSemaphore] = {}
         self._ids: dict[str, str] = {}  # url -> server id learnt from a signed status
         self._digests: OrderedDict[tuple, str] = OrderedDict()
-        self._hashing: dict[tuple, threading.Event] = {}  # keys being hashed now; _lock
+        self._hashing: dict[tuple, threading.Event] = {}  # keys being hashed now
+        # URLs whose signed answers said the server takes BLAKE3 digests (X-Fusefs-Digests)
+        self._blake3: set[str] = set()
 
     def _slot(self, url: str) -> threading.BoundedSemaphore:
         with self._lock:
@@ -193,14 +195,35 @@ class Transport:
                     max(1, self.config.pool_size))
             return slot
 
-    def _digest(self, key: tuple, parts) -> str:
-        """The SHA-256 of a body, computed once for all replicas it is sent to. `key`
+    def _algorithm(self, member: Member) -> str:
+        """The digest to sign a request to `member` with: BLAKE3 once its server said it
+        takes it (docs/blockserver-api.md, "Digests"), else SHA-256."""
+        if protocol.BLAKE3 not in protocol.SUPPORTED_DIGESTS:
+            return protocol.SHA256
+        with self._lock:
+            return protocol.BLAKE3 if member.url in self._blake3 else protocol.SHA256
+
+    def _learn_digests(self, member: Member, headers, algorithm: str, authentic: bool) -> None:
+        """After a signed answer: use BLAKE3 with this server from now on if it says it takes
+        it; stop if an answer to a BLAKE3 request failed its check (the server at this URL
+        may have been replaced by an older one). The header is not signed: a forger who
+        adds it only makes requests fail, which a forger can do anyway."""
+        offered = protocol.BLAKE3 in headers.get(protocol.H_DIGESTS, "").split(",")
+        with self._lock:
+            if authentic and offered:
+                self._blake3.add(member.url)
+            elif authentic or algorithm == protocol.BLAKE3:
+                self._blake3.discard(member.url)
+
+    def _digest(self, key: tuple, parts, algorithm: str = protocol.SHA256) -> str:
+        """The digest of a body, computed once for all replicas it is sent to. `key`
         names the content (block ids are never reused for other bytes); a wrong memo can
         only make a server refuse the request (401), never accept other bytes.
 
         The replicas' requests start together on their servers' I/O threads: the first
         hashes and the others wait for its digest (each hashing the same MiB was 2 of the
         daemon's 9 CPU-seconds per GiB written)."""
+        key = (*key, algorithm)
         while True:
             with self._lock:
                 digest = self._digests.get(key)
@@ -212,7 +235,7 @@ class Transport:
                     break
             busy.wait(1.0)  # its hasher returns or fails; then look again
         try:
-            digest = protocol.content_digest(*parts)
+            digest = protocol.content_digest(*parts, algorithm=algorithm)
             with self._lock:
                 self._digests[key] = digest
                 while len(self._digests) > _DIGEST_MEMO:
@@ -236,15 +259,17 @@ class Transport:
              body_checksum: str | None = None) -> Reply:
         """One request to one server. Raises a StorageError for any status not in `ok`.
 
-        `body_digest`, when the caller already has it (content_digest of the body), saves
-        hashing the body again. (`body_checksum` is ignored: the signature needs the
-        SHA-256, not the block's xxh3.)"""
+        `body_digest`, when the caller already has it (content_digest of the body, with
+        `_algorithm(member)`), saves hashing the body again. (`body_checksum` is ignored:
+        the signature needs a cryptographic digest, not the block's xxh3.)"""
         if self._observe is None:
-            return self._call(member, method, path, body, headers, ok, timeout, body_digest)
+            return self._signed_call(member, method, path, body, headers, ok, timeout,
+                                     body_digest)
         started = time.perf_counter()
         outcome, received = "ok", 0
         try:
-            reply = self._call(member, method, path, body, headers, ok, timeout, body_digest)
+            reply = self._signed_call(member, method, path, body, headers, ok, timeout,
+                                      body_digest)
             received = len(reply.content)
             return reply
         except Exception as e:
@@ -261,14 +286,33 @@ class Transport:
         except Exception:  # noqa: BLE001 - counting must never fail a request
             pass
 
+    def _signed_call(self, member: Member, method: str, path: str, body, headers, ok, timeout,
+                     body_digest) -> Reply:
+        """`_call`; a BLAKE3 request that fails authentication is sent once more with
+        SHA-256 (the server at this URL may have been replaced by one without BLAKE3:
+        `_learn_digests` has forgotten it by then)."""
+        algorithm = protocol.SHA256
+        if self.config.secret is not None:
+            algorithm = protocol.digest_algorithm(body_digest) if body_digest else \
+                self._algorithm(member)
+        try:
+            return self._call(member, method, path, body, headers, ok, timeout, body_digest,
+                              algorithm)
+        except errors.AuthenticationFailed:
+            if algorithm != protocol.BLAKE3:
+                raise
+        return self._call(member, method, path, body, headers, ok, timeout, None,
+                          protocol.SHA256)
+
     def _call(self, member: Member, method: str, path: str, body, headers, ok, timeout,
-              body_digest) -> Reply:
+              body_digest, algorithm: str) -> Reply:
         sent = dict(headers or {})
         nonce = None
         if self.config.secret is not None:
             server_id = self._server_id(member, path)
+            body_digest = body_digest or protocol.content_digest(body, algorithm=algorithm)
             signed = protocol.sign_request(
-                self.config.secret, method, path, body_digest or protocol.content_digest(body),
+                self.config.secret, method, path, body_digest,
                 server_id=server_id, role=self.config.role, headers=sent)
             nonce = signed[protocol.H_NONCE]
             sent.update(signed)
@@ -287,7 +331,8 @@ class Transport:
         if member.id and served_by != member.id and (served_by or nonce is not None):
             raise wrong_server(member.url, served_by, member.id)
         if nonce is not None:
-            self._check_answer(member, status, reply_headers, content, nonce, served_by)
+            self._check_answer(member, status, reply_headers, content, nonce, served_by,
+                               algorithm)
             if status == protocol.UNAUTHENTICATED and not member.id:
                 with self._lock:  # the URL may now lead to another server: ask again
                     self._ids.pop(member.url, None)
@@ -296,14 +341,19 @@ class Transport:
         return Reply(status, reply_headers, content)
 
     def _check_answer(self, member: Member, status: int, headers, content: bytes,
-                      nonce: str, served_by) -> None:
-        """The answer must be signed by a server holding our key, for our request."""
+                      nonce: str, served_by, algorithm: str) -> None:
+        """The answer must be signed by a server holding our key, for our request (its body
+        digest taken with the request's `algorithm`)."""
         given = headers.get(protocol.H_RESPONSE_SIGNATURE, "")
         expected = protocol.response_signature(
-            self.config.secret, status, nonce, served_by or "", protocol.content_digest(content),
+            self.config.secret, status, nonce, served_by or "",
+            protocol.content_digest(content, algorithm=algorithm),
             {n: headers.get(n, "") for n in protocol.SIGNED_RESPONSE_HEADERS})
-        if not (served_by and hmac.compare_digest(given.encode("latin-1", "replace"),
-                                                  expected.encode())):
+        authentic = bool(served_by and hmac.compare_digest(
+            given.encode("latin-1", "replace"), expected.encode()))
+        self._learn_digests(member, headers, algorithm,
+                            authentic and status != protocol.UNAUTHENTICATED)
+        if not authentic:
             if status in protocol.UNSIGNED_REFUSALS:
                 return  # refused before the signature was checked; _status_error explains
             raise errors.AuthenticationFailed(
@@ -358,7 +408,8 @@ class Transport:
         journal segment, which may use the space servers keep back from file data."""
         digest = None
         if self.config.secret is not None:
-            digest = self._digest(("block", block_id, checksum, len(data)), (data,))
+            digest = self._digest(("block", block_id, checksum, len(data)), (data,),
+                                  self._algorithm(member))
         reply = self.call(member, "PUT", protocol.block_path(block_id, metadata), data,
                           headers={protocol.H_CHECKSUM: checksum},
                           ok=protocol.PUT_OK, body_digest=digest)
@@ -377,7 +428,8 @@ class Transport:
         body = b"".join(parts)
         digest = None
         if self.config.secret is not None:
-            digest = self._digest(("batch", parts[0]), (body,))  # the manifest names it all
+            digest = self._digest(("batch", parts[0]), (body,),  # the manifest names it all
+                                  self._algorithm(member))
         results = self.call(member, "POST", protocol.BATCH_PUT, body,
                             body_digest=digest).json()["results"]
         return [r["status"] for r in results]

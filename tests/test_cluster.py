@@ -715,14 +715,14 @@ def test_a_block_sent_to_three_servers_is_hashed_once(blockservers, make_cluster
     real = protocol.content_digest
     hashed, fail_next = [], []
 
-    def counting(*parts):
+    def counting(*parts, **how):
         if sum(len(p) for p in parts) >= 1 << 20:  # a block body, not an answer
             hashed.append(threading.get_ident())
             threading.Event().wait(0.2)  # long enough for the three requests to meet here
             if fail_next:
                 fail_next.pop()
                 raise MemoryError("injected: the first hasher fails")
-        return real(*parts)
+        return real(*parts, **how)
 
     monkeypatch.setattr(protocol, "content_digest", counting)
     block_id, data, checksum = random_block(1 << 20)

@@ -31,11 +31,14 @@ SECRET = b"wire-security-secret-0123456789ab"
 
 
 def sign(method: str, target: str, body: bytes = b"", *, server_id: str = "",
-         headers=None, key: bytes = SECRET, role: str = "write", now=None) -> dict:
+         headers=None, key: bytes = SECRET, role: str = "write", now=None,
+         algorithm: str = "sha256") -> dict:
     """What a client with `key` sends to sign a request (the protocol's own function)."""
     if not hasattr(protocol, "content_digest"):  # the protocol before the fix: same attack
         return protocol.sign_request(key, method, target, protocol.checksum(body), now=now)
-    return protocol.sign_request(key, method, target, protocol.content_digest(body), now,
+    digest = protocol.content_digest(body, algorithm=algorithm) if algorithm != "sha256" \
+        else protocol.content_digest(body)
+    return protocol.sign_request(key, method, target, digest, now,
                                  server_id=server_id, role=role, headers=headers or {})
 
 
@@ -82,14 +85,15 @@ def test_a_signature_over_only_the_xxh3_of_the_body_is_refused(blockservers):
     assert get(server, sid, target).status_code == 404
 
 
-def test_a_changed_body_under_a_valid_signature_is_refused(blockservers):
+@pytest.mark.parametrize("algorithm", ["sha256", "blake3"])
+def test_a_changed_body_under_a_valid_signature_is_refused(blockservers, algorithm):
     server = blockservers(1, secret=SECRET)[0]
     sid = server_id(server)
     data, forged = os.urandom(4096), os.urandom(4096)
     block_id = protocol.new_block_id()
     target = f"/v1/blocks/{block_id}"
     headers = {protocol.H_CHECKSUM: protocol.checksum(forged)}
-    signed = sign("PUT", target, data, server_id=sid, headers=headers)
+    signed = sign("PUT", target, data, server_id=sid, headers=headers, algorithm=algorithm)
     r = requests.put(server.url + target, data=forged, timeout=GUARD,
                      headers={**headers, **signed})
     assert r.status_code == 401 and r.json()["error"] == "bad_signature", r.text
@@ -335,8 +339,73 @@ def test_a_forged_answer_is_refused_by_the_client(blockservers):
         forged = Member(member.id, f"http://127.0.0.1:{proxy.port}")
         with pytest.raises(errors.AuthenticationFailed):
             Transport(TransportConfig(secret=SECRET)).register_get(forged, "root")
+        # A client that signs with BLAKE3 (its status answer offered it) refuses it too,
+        # and so does its second try with SHA-256.
+        learnt = Transport(TransportConfig(secret=SECRET))
+        learnt.status(forged)
+        assert learnt._algorithm(forged) == protocol.BLAKE3
+        with pytest.raises(errors.AuthenticationFailed):
+            learnt.register_get(forged, "root")
     finally:
         proxy.close()
+
+
+def test_blake3_with_servers_that_offer_it_sha256_with_the_others_and_after_a_downgrade(
+        blockservers, monkeypatch):
+    """Digests are agreed per server: a client signs with BLAKE3 only once a server's
+    signed answer said it takes it. A server without it (FUSEFS_DIGESTS=sha256 plays one
+    from before) gets SHA-256. One restarted without it at the same URL refuses the next
+    BLAKE3 request; the client sends it again with SHA-256 and keeps to SHA-256."""
+    new = blockservers(1, secret=SECRET)[0]
+    monkeypatch.setenv("FUSEFS_DIGESTS", "sha256")
+    old = blockservers(1, secret=SECRET)[0]
+    monkeypatch.delenv("FUSEFS_DIGESTS")
+    transport = Transport(TransportConfig(secret=SECRET))
+    used = []
+    real = protocol.content_digest
+
+    def noting(*parts, algorithm=protocol.SHA256):
+        used.append(algorithm)
+        return real(*parts, algorithm=algorithm)
+
+    monkeypatch.setattr(protocol, "content_digest", noting)
+    data = os.urandom(100_000)
+    checksum = protocol.checksum(data)
+    for server, expected in ((new, protocol.BLAKE3), (old, protocol.SHA256)):
+        member = members_of([server])[0]
+        transport.status(member)
+        block_id = protocol.new_block_id()
+        used.clear()
+        assert transport.put_block(member, block_id, data, checksum)
+        assert transport.get_block(member, block_id) == data
+        assert set(used) == {expected}, server.url
+
+    member = members_of([new])[0]
+    new.stop()
+    monkeypatch.setenv("FUSEFS_DIGESTS", "sha256")
+    new.start()  # same port and data, now without BLAKE3
+    monkeypatch.delenv("FUSEFS_DIGESTS")
+    assert transport._algorithm(member) == protocol.BLAKE3  # not told yet
+    block_id = protocol.new_block_id()
+    assert transport.put_block(member, block_id, data, checksum)
+    assert transport.get_block(member, block_id) == data
+    assert transport._algorithm(member) == protocol.SHA256
+
+
+def test_a_content_hash_of_a_digest_the_server_lacks_is_refused(blockservers, monkeypatch):
+    monkeypatch.setenv("FUSEFS_DIGESTS", "sha256")
+    server = blockservers(1, secret=SECRET)[0]
+    monkeypatch.delenv("FUSEFS_DIGESTS")
+    sid = server_id(server)
+    data = os.urandom(4096)
+    target = f"/v1/blocks/{protocol.new_block_id()}"
+    headers = {protocol.H_CHECKSUM: protocol.checksum(data)}
+    signed = sign("PUT", target, data, server_id=sid, headers=headers, algorithm="blake3")
+    r = requests.put(server.url + target, data=data, timeout=GUARD,
+                     headers={**headers, **signed})
+    assert r.status_code == 401 and "sha256" in r.json()["message"], r.text
+    assert r.headers[protocol.H_DIGESTS] == "sha256"
+    assert get(server, sid, target).status_code == 404
 
 
 def test_a_block_stored_again_after_a_delete_is_answered_with_its_new_bytes_signed(

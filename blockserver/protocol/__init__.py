@@ -19,9 +19,10 @@ builds them with it, so the two meet only here.
 """
 
 from .batch import MAX_BATCH_ITEMS, BatchFormatError, decode_batch, encode_batch
-from .digests import EMPTY_CHECKSUM, EMPTY_DIGEST, checksum, content_digest, is_checksum
+from .digests import (BLAKE3, EMPTY_CHECKSUM, EMPTY_DIGEST, SHA256, SUPPORTED_DIGESTS, checksum,
+                      content_digest, digest_algorithm, is_checksum)
 from .headers import (AUTH_SCHEME, H_AUTHORIZATION, H_CHECKSUM, H_CONTENT_HASH, H_DATE,
-                      H_EXPECT_GENERATION, H_FOR_SERVER, H_GENERATION, H_NONCE,
+                      H_DIGESTS, H_EXPECT_GENERATION, H_FOR_SERVER, H_GENERATION, H_NONCE,
                       H_RESPONSE_SIGNATURE, H_ROLE, H_SERVER_ID)
 from .ids import (BLOCK_ID_LEN, MAX_DIGITS, MAX_GENERATION, PROCESS_TAG, REGISTER_NAME_RULE,
                   is_block_id, is_generation, is_number, is_register_name, new_block_id)
@@ -48,7 +49,7 @@ __all__ = [
     # headers
     "H_CHECKSUM", "H_GENERATION", "H_EXPECT_GENERATION", "H_SERVER_ID", "H_DATE", "H_NONCE",
     "H_CONTENT_HASH", "H_FOR_SERVER", "H_ROLE", "H_RESPONSE_SIGNATURE", "H_AUTHORIZATION",
-    "AUTH_SCHEME",
+    "H_DIGESTS", "AUTH_SCHEME",
     # statuses
     "OK", "STORED", "ALREADY_STORED", "DONE", "UNAUTHENTICATED", "READ_ONLY", "MISSING",
     "CONFLICT", "CORRUPT", "TOO_LARGE", "CHECKSUM_MISMATCH", "BUSY", "FULL", "PUT_OK",
@@ -58,6 +59,7 @@ __all__ = [
     "new_block_id", "is_block_id", "is_register_name", "is_number", "is_generation",
     # digests
     "checksum", "is_checksum", "content_digest", "EMPTY_CHECKSUM", "EMPTY_DIGEST",
+    "SHA256", "BLAKE3", "SUPPORTED_DIGESTS", "digest_algorithm",
     # keys
     "ROLE_WRITE", "ROLE_READ", "READ_KEY_PREFIX", "MIN_SECRET_LEN", "SecretError",
     "Credentials", "derive_read_key", "role_keys", "load_credentials", "load_secret",

@@ -204,10 +204,11 @@ class Transport:
             return protocol.BLAKE3 if member.url in self._blake3 else protocol.SHA256
 
     def _learn_digests(self, member: Member, headers, algorithm: str, authentic: bool) -> None:
-        """After a signed answer: use BLAKE3 with this server from now on if it says it takes
-        it; stop if an answer to a BLAKE3 request failed its check (the server at this URL
-        may have been replaced by an older one). The header is not signed: a forger who
-        adds it only makes requests fail, which a forger can do anyway."""
+        """After an answer: use BLAKE3 with this server from now on if a signed answer
+        offers it; stop when a signed answer no longer offers it, or when an answer to a
+        BLAKE3 request fails its check (the server at this URL may have been replaced by
+        an older one). The header is not signed: a forger who adds it only makes requests
+        fail, which a forger can do anyway."""
         offered = protocol.BLAKE3 in headers.get(protocol.H_DIGESTS, "").split(",")
         with self._lock:
             if authentic and offered:

@@ -38,9 +38,8 @@ def _supported() -> tuple[str, ...]:
     comma-separated list, e.g. `sha256`) leaves it out: how a test plays a peer that
     predates it."""
     wanted = os.environ.get("FUSEFS_DIGESTS")
-    allowed = {w.strip() for w in wanted.split(",")} if wanted else {SHA256, BLAKE3}
-    return tuple(a for a in (SHA256, BLAKE3)
-                 if a in allowed and (a != BLAKE3 or _blake3 is not None))
+    allowed = {w.strip() for w in wanted.split(",")} if wanted else {BLAKE3}
+    return (SHA256,) + ((BLAKE3,) if BLAKE3 in allowed and _blake3 is not None else ())
 
 
 SUPPORTED_DIGESTS = _supported()

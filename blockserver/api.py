@@ -289,8 +289,9 @@ class Api:
             headers)
 
     def _body(self, req: Request, limit: int) -> bytearray:
-        """The body, checked against the signed SHA-256 (the block checksum, xxh3, is the
-        store's to check: it guards against accidents, not against forgers)."""
+        """The body, checked against the signed digest, with the algorithm the request named
+        (the block checksum, xxh3, is the store's to check: it guards against accidents, not
+        against forgers)."""
         if req.content_length > limit:
             raise HttpError(protocol.TOO_LARGE, "too_large",
                             f"body of {req.content_length} bytes exceeds the limit of {limit}")

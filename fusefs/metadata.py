@@ -198,10 +198,14 @@ class Metadata:
         self._lock = threading.Lock()
         self._db = self._connect()
         # The open group, guarded by _lock: when its first change was made (None: no group)
-        # and how many changes it holds. `_grouped` wakes the committer when a group opens.
+        # and its changes' journal records, (seq, encoded), written to the journal table
+        # just before its COMMIT (the first `_journaled` of them already are): one
+        # statement per group instead of one per change, and what `_redo_group` applies
+        # again when a change fails. `_grouped` wakes the committer when a group opens.
         self.group_seconds = group_seconds
         self._group_since: float | None = None
-        self._group_changes = 0
+        self._group_records: list[tuple[int, bytes]] = []
+        self._journaled = 0
         self._grouped = threading.Condition(self._lock)
         self._committer: threading.Thread | None = None
         self._closing = False
@@ -299,23 +303,22 @@ class Metadata:
             if self._failed:
                 raise MetadataFailed(self._failed)
             seq = self._seq + 1
+            if self._group_since is not None and not self._db.in_transaction:
+                self._group_lost(None)  # SQLite rolled the group back (a disk error)
             if self._group_since is None:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._group_since = time.monotonic()
                 self._wake_committer()
-            self._db.execute("SAVEPOINT change")
+            record = encode_record(seq, op, args)
             try:
                 result = spec.apply(self._db, *args)
-                self._db.execute("INSERT INTO journal VALUES (?, ?)",
-                                 (seq, encode_record(seq, op, args)))
-                self._db.execute("RELEASE change")
             except BaseException:
                 self._forget_cached()
-                self._undo_change()
+                self._redo_group()
                 raise
+            self._group_records.append((seq, record))
             self._learn(spec, args)
             self._seq = seq
-            self._group_changes += 1
             if self.group_seconds <= 0:
                 self._commit_group()
         if self.on_record is not None:
@@ -369,21 +372,36 @@ class Metadata:
                 "SELECT DISTINCT ino FROM xattrs")}
         return ino in self._xattr_inos
 
-    def _undo_change(self) -> None:
-        """Expects _lock: roll the failed change back to its savepoint, keep the group."""
+    def _redo_group(self) -> None:
+        """Expects _lock: a change failed part way through the open group. Undo it by
+        rolling the whole group back and applying the group's earlier changes again from
+        their records, which are kept in memory until the group commits. A savepoint per
+        change would undo it alone, but costs two statements on every change for a
+        failure that the filesystem's own checks make rare."""
+        records = self._group_records
+        self._group_since, self._journaled = None, 0
         try:
-            self._db.execute("ROLLBACK TO change")
-            self._db.execute("RELEASE change")
-        except sqlite3.Error as e:
             if self._db.in_transaction:
-                raise
+                self._db.execute("ROLLBACK")
+            if records:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._group_since = time.monotonic()
+                for _, raw in records:
+                    _, op, args = decode_record(raw)
+                    _OPS[op].apply(self._db, *args)
+                self._wake_committer()
+        except (sqlite3.Error, ValueError) as e:
+            try:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
             self._group_lost(e)
-        if not self._db.in_transaction:  # SQLite rolled the whole group back
-            self._group_lost(None)
 
     def _group_lost(self, error: Exception | None) -> None:
         """Expects _lock: the open group is gone; refuse changes from now on if it held any."""
-        changes, self._group_changes, self._group_since = self._group_changes, 0, None
+        changes = len(self._group_records)
+        self._group_since, self._group_records, self._journaled = None, [], 0
         self._forget_cached()
         if changes and not self._failed:
             self._failed = (f"the local metadata database {self.path} lost its last "
@@ -397,14 +415,22 @@ class Metadata:
         database (see MetadataFailed)."""
         if self._group_since is None:
             return
+        if not self._db.in_transaction:  # SQLite rolled the group back (a disk error)
+            self._group_lost(None)
+            return
         try:
+            if self._journaled < len(self._group_records):
+                # OR REPLACE: an insert that failed half way may have left some rows.
+                self._db.executemany("INSERT OR REPLACE INTO journal VALUES (?, ?)",
+                                     self._group_records[self._journaled:])
+                self._journaled = len(self._group_records)
             self._db.execute("COMMIT")
         except sqlite3.Error as e:
             if self._db.in_transaction:
                 raise
             self._group_lost(e)
             return
-        self._group_since, self._group_changes = None, 0
+        self._group_since, self._group_records, self._journaled = None, [], 0
 
     def _wake_committer(self) -> None:
         """Expects _lock: a group just opened; the committer commits it in group_seconds."""

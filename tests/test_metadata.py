@@ -4,6 +4,7 @@ record format byte for byte, the named whole-filesystem reads.
 These use a real SQLite file and, for the crash, a real process killed with SIGKILL.
 """
 
+import dataclasses
 import errno
 import os
 import random
@@ -85,6 +86,68 @@ def test_a_failed_change_leaves_the_rest_of_its_group(md):
     assert md.inode(a.ino).nlink == 1  # the failed link left no trace
     seqs = [s for s, _ in md.unshipped(0)]
     assert seqs == list(range(1, len(seqs) + 1)) == list(range(1, md.seq + 1))
+
+
+def failing_after_its_writes(monkeypatch, op: str, times: int) -> None:
+    """Make the next `times` applications of `op` (a change, or a record applied again)
+    fail once they have written their rows, as a disk error in a last statement would."""
+    spec = metadata_module._OPS[op]
+    left = [times]
+
+    def apply(db, *args):
+        result = spec.apply(db, *args)
+        if left[0] > 0:
+            left[0] -= 1
+            raise sqlite3.OperationalError("disk I/O error (injected)")
+        return result
+    monkeypatch.setitem(metadata_module._OPS, op, dataclasses.replace(spec, apply=apply))
+
+
+def test_a_change_failing_half_way_leaves_every_other_change_of_its_group(
+        tmp_path, monkeypatch):
+    """A change that fails after some of its writes is undone alone: the group is rolled
+    back and its earlier changes (every kind of record, all in one group) applied again,
+    so the database and the journal are exactly what they were before it, and the next
+    change takes the next sequence number."""
+    clock = iter(range(1000, 2000))
+    monkeypatch.setattr(metadata_module, "now_ns", lambda: next(clock))
+    a = Metadata(str(tmp_path / "a.db"), group_seconds=3600)
+    b = Metadata(str(tmp_path / "b.db"))
+    try:
+        make_old_records(a)
+        before = dump(a)
+        sub = a.lookup(ROOT_INO, b"sub")
+        failing_after_its_writes(monkeypatch, "unlink", 1)
+        with pytest.raises(sqlite3.OperationalError, match="injected"):
+            a.unlink(ROOT_INO, b"sub", sub, True, remove=True)
+        assert a.lookup(ROOT_INO, b"sub") == sub and a.seq == len(OLD_RECORDS)
+        assert dump(a) == before
+        monkeypatch.undo()
+        monkeypatch.setattr(metadata_module, "now_ns", lambda: 5000)
+        a.create(sub, b"after", FILE, 0, 0)
+        a.sync()
+        assert b"sub" in committed_names(a.path)
+        raws = [bytes(raw) for _, raw in a.unshipped(0)]
+        assert raws[:-1] == OLD_RECORDS and decode_record(raws[-1])[:2] == (24, "create")
+        assert b.replay([decode_record(raw) for raw in raws], {}) == len(raws)
+        assert dump(b) == dump(a)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_group_that_cannot_be_applied_again_fails_the_database(md, monkeypatch):
+    """If the earlier changes of the group fail when applied again after a failed change,
+    they are lost locally: every later change fails with EIO, saying to mount again."""
+    md.create(ROOT_INO, b"a", FILE, 0, 0)
+    failing_after_its_writes(monkeypatch, "create", 2)
+    with pytest.raises(MetadataFailed, match="mount again"):
+        md.create(ROOT_INO, b"b", FILE, 0, 0)
+    monkeypatch.undo()
+    with pytest.raises(MetadataFailed) as refused:
+        md.create(ROOT_INO, b"c", FILE, 0, 0)
+    assert refused.value.errno == errno.EIO
+    assert committed_names(md.path) == set()
 
 
 def test_a_group_sqlite_lost_makes_every_later_change_fail_with_eio(md):

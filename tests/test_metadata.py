@@ -324,7 +324,13 @@ def test_the_named_reads_answer_what_fsck_and_the_sweep_ask(md):
     md.commit_blocks(f, {0: BlockRef("c" * 32, "3" * 32, 10)}, 15, 2, 2)  # "a..." is garbage
     gone = md.create(d, b"gone", FILE, 0, 0).ino
     md.commit_blocks(gone, {0: BlockRef("d" * 32, "4" * 32, 1)}, 1, 3, 3)
-    md._db.execute("DELETE FROM inodes WHERE ino=?", (gone,))  # damage, as fsck meets it
+    md.commit()
+    other = sqlite3.connect(md.path)  # damage, as fsck meets it: another connection has
+    try:  # none of this one's triggers, so the inode's blocks stay
+        with other:
+            other.execute("DELETE FROM inodes WHERE ino=?", (gone,))
+    finally:
+        other.close()
     md._forget_cached()
     assert md.inode_modes() == [(ROOT_INO, stat.S_IFDIR | 0o755, 3), (f, FILE, 2),
                                 (d, stat.S_IFDIR | 0o755, 2)]
@@ -337,6 +343,40 @@ def test_the_named_reads_answer_what_fsck_and_the_sweep_ask(md):
     assert md.referenced_blocks() == {"b" * 32, "c" * 32, "d" * 32}
     assert md.garbage_ids() == {"a" * 32}
     assert md.names(f) == [(ROOT_INO, b"f"), (d, b"g")]
+
+
+def test_removing_an_inode_takes_its_blocks_patches_and_xattrs_with_it(md):
+    """Whether the inode's row is there (the connection's trigger does the rest) or gone
+    already (fsck's damage: the blocks are moved by hand), every block and patch it held
+    becomes garbage and nothing of it is left; other inodes keep theirs."""
+    keep = md.create(ROOT_INO, b"keep", FILE, 0, 0).ino
+    md.commit_blocks(keep, {0: BlockRef("k" * 32, "3" * 32, 1)}, 1, 1, 1)
+    md.set_xattr(keep, b"user.k", b"v")
+    for name, block, patch in ((b"f", "a", "b"), (b"g", "c", "d")):
+        ino = md.create(ROOT_INO, name, FILE, 0, 0).ino
+        patched = BlockRef(block * 32, "1" * 32, 8192,
+                           (metadata_module.Patch(0, 4096, patch * 32, "2" * 32, 0),))
+        md.commit_blocks(ino, {0: patched, 1: BlockRef(name.decode() * 32, "4" * 32, 1)},
+                         8193, 2, 2)
+        md.set_xattr(ino, b"user.x", b"y")
+        if name == b"f":
+            md.unlink(ROOT_INO, name, ino, False, remove=True)
+        else:
+            md.commit()
+            other = sqlite3.connect(md.path)  # no trigger on this connection
+            try:
+                with other:
+                    other.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+            finally:
+                other.close()
+            md._forget_cached()
+            md.remove_dentry(ROOT_INO, name)
+            md.remove_inode(ino)
+        for table in ("blocks", "patches", "xattrs", "inodes"):
+            assert md._query(f"SELECT * FROM {table} WHERE ino=?", (ino,)) == [], table
+    assert md.garbage_ids() == {c * 32 for c in "abcdfg"}
+    assert md.block_rows() == [(keep, "k" * 32, "3" * 32)]
+    assert md.xattr_names(keep) == [b"user.k"]
 
 
 # Records as this format has always written them, one of every kind of change (with and

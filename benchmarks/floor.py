@@ -26,7 +26,8 @@ FUSE glue and options, as fusefs mounts (fusefs/fuse_glue.py, fusefs/fuse_ops.py
 
   glue       fusefs's `fuse_glue.Mount`: lasting Python thread states for libfuse's
              threads, getattr written with one struct.pack_into, getxattr answered without
-             raising. readdir is its own here (below).
+             raising, reads and writes without fusepy's copies. readdir is its own here
+             (below).
   options    `fuse_ops.mount_options(cache_attributes=True)`, i.e. fusefs's read-write mount
              on a kernel with openat2 RESOLVE_CACHED: use_ino, default_permissions,
              allow_other (as root), big_writes, max_write=max_read=131072,

@@ -232,6 +232,14 @@ class Mount(FUSE):
             return -errno_of(e, "read", (name,))
         return at
 
+    def write(self, path, buf, size, offset, fip):
+        """The kernel's bytes as a view of libfuse's buffer, not fusepy's copy of them: the
+        core copies them into the file's block and keeps no reference past the call."""
+        data = memoryview((ctypes.c_ubyte * size).from_address(
+            ctypes.addressof(buf.contents))).cast("B")
+        return self.operations("write", self._decode_optional_path(path), data, offset,
+                               fip.contents if self.raw_fi else fip.contents.fh)
+
     def fallocate(self, path, mode, offset, length, fip):
         name = None if path is None else path.decode(self.encoding)
         try:

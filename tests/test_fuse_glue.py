@@ -192,3 +192,29 @@ def test_read_copies_the_pieces_of_the_answer_into_the_kernels_buffer():
                                ctypes.pointer(fi))
     assert got == 10
     assert buf.raw == b"abcdefghij\xff\xff\0"  # nothing past the answer is touched
+
+
+@pytest.mark.parametrize("raw_fi", [True, False])
+def test_write_hands_the_adapter_a_view_of_the_kernels_bytes(raw_fi):
+    """No copy on the way in (fusepy's string_at made one per 128 KiB): the adapter gets
+    a view of exactly the `size` bytes in libfuse's buffer, with the handle as fusepy
+    would give it."""
+    seen = []
+
+    class Ops:
+        def __call__(self, op, *args):
+            path, data, offset, fh = args
+            seen.append((op, path, bytes(data), type(data), offset,
+                         fh.fh if raw_fi else fh))
+            return len(data)
+
+    buf = ctypes.create_string_buffer(b"0123456789")
+    fi = fuse_file_info()
+    fi.fh = 9
+    glue = _Stub(Ops())
+    glue.raw_fi = raw_fi
+    glue._decode_optional_path = lambda path: path.decode(glue.encoding)
+    got = fuse_glue.Mount.write(glue, b"/w", ctypes.cast(buf, POINTER(c_byte)), 7, 4096,
+                                ctypes.pointer(fi))
+    assert got == 7
+    assert seen == [("write", "/w", b"0123456", memoryview, 4096, 9)]

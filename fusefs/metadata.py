@@ -407,7 +407,7 @@ class Metadata:
                     _, op, args = decode_record(raw)
                     _OPS[op].apply(self._db, *args)
                 self._wake_committer()
-        except (sqlite3.Error, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - whatever it was, the group is not whole
             try:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")

@@ -123,11 +123,16 @@ class Filesystem:
         return self._inode(ino)
 
     def lookup(self, parent: int, name: bytes) -> Inode:
+        return self._inode(self.lookup_ino(parent, name))
+
+    def lookup_ino(self, parent: int, name: bytes) -> int:
+        """`lookup`'s inode number alone, for resolving a path: no attributes read (the
+        caller asks for them if it needs them, as GETATTR does)."""
         ino = self.metadata.lookup(parent, name)
         if ino is None:
             self._dir(parent)  # ENOTDIR beats ENOENT
             raise FsError(errno.ENAMETOOLONG if len(name) > NAME_MAX else errno.ENOENT)
-        return self._inode(ino)
+        return ino
 
     def has_other_names(self, ino: int) -> bool:
         """Whether the inode is a file with more than one name (a hard link)."""

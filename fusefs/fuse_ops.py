@@ -185,7 +185,7 @@ class FuseOps(Operations):
     # -- paths ------------------------------------------------------------------------------
 
     def _lookup(self, parent: int, name: str) -> int:
-        return self.fs.lookup(parent, _b(name)).ino
+        return self.fs.lookup_ino(parent, _b(name))
 
     def _hidden_ino(self, path: str) -> int | None:
         """The open file a hidden name stands for; None for any other path (a file that

@@ -83,6 +83,12 @@ def test_find_returns_a_verified_copy_none_when_absent_and_never_guesses(blockse
     members, transport = store.members, store.transport
     good, bad = b"the bytes verify accepts", b"other bytes under the same id"
 
+    def good_everywhere(block_id: str) -> bool:
+        try:
+            return all(transport.get_block(m, block_id) == good for m in members)
+        except errors.BlockMissing:
+            return False
+
     # two servers hold a copy that fails verification, one holds the good one
     mixed = protocol.new_block_id()
     for member, data in zip(members, (bad, bad, good)):
@@ -92,28 +98,16 @@ def test_find_returns_a_verified_copy_none_when_absent_and_never_guesses(blockse
         assert store.find(mixed, lambda data: seen.append(data) or data == good) == good
         assert good in seen and set(seen) <= {good, bad}
 
-    def repaired():
-        try:
-            return all(transport.get_block(m, mixed) == good for m in members)
-        except errors.BlockMissing:
-            return False
-
     # Read repair replaced the bad copies in the background, each by a delete then a put:
     # while one is in flight its server says "missing", and two of those would rightly
     # make the block look absent below. Once it is done, every server holds the good copy.
-    wait_until(repaired, "read repair of the two bad copies")
+    wait_until(lambda: good_everywhere(mixed), "read repair of the two bad copies")
     with pytest.raises(errors.Unavailable):  # copies exist, none is acceptable
         store.find(mixed, lambda data: False)
 
     stored = protocol.new_block_id()
     store.put(stored, good, protocol.checksum(good))
-    def everywhere():
-        try:
-            return all(transport.get_block(m, stored) == good for m in members)
-        except errors.BlockMissing:
-            return False
-
-    wait_until(everywhere, "the third copy")
+    wait_until(lambda: good_everywhere(stored), "the third copy")
     assert store.find(stored, lambda data: data == good) == good
 
     absent = protocol.new_block_id()

@@ -646,6 +646,7 @@ class ReplicatedStore(BlockStore):
                             self._latency.observe(time.monotonic() - started)
                         self._read_repair(block_id, data, checksum,
                                           [m for m in bad if m in homes])
+                        self._repair_late(block_id, data, checksum, pending, homes)
                         return data
                     bad.append(member)
                     failures[member.url] = errors.BlockCorrupt(
@@ -690,7 +691,8 @@ class ReplicatedStore(BlockStore):
                     failures[member.url] = e
                     continue
                 if verify(data):
-                    self._repair_found(block_id, data, futures)
+                    self._repair_late(block_id, data, protocol.checksum(data), futures,
+                                      self.ranking(block_id)[:self.config.replicas])
                     return data
                 failures[member.url] = errors.BlockCorrupt(f"{member.url}: block {block_id} "
                                                            "failed verification")
@@ -700,22 +702,25 @@ class ReplicatedStore(BlockStore):
         reasons = "; ".join(str(e) for e in failures.values())
         raise errors.Unavailable(f"cannot tell whether block {block_id} exists: {reasons}")
 
-    def _repair_found(self, block_id: str, data: bytes, futures: dict) -> None:
-        """Read repair for `find`: every home that answered (or will answer) that it has no
-        good copy gets the verified one, so a segment that lost copies does not stay one
-        failure away from looking never written."""
-        homes = set(self.ranking(block_id)[:self.config.replicas])
-        checksum = protocol.checksum(data)
+    def _repair_late(self, block_id: str, data: bytes, checksum: str,
+                     futures: dict[Future, Member], homes) -> None:
+        """Read repair of answers still to come: each of `homes` among `futures` that
+        answers it has no good copy (missing, corrupt, other bytes) gets `data`, verified,
+        once its answer arrives. A read returns at the first copy that verifies (a hedged
+        `get`, a `find`); without this, a slower replica's bad copy would stay as it is
+        until anti-entropy came by (for `find`: a journal segment one failure away from
+        looking never written)."""
+        homes = set(homes)
 
         def check(future: Future, member: Member) -> None:
+            if member not in homes or future.cancelled():
+                return
             error = future.exception()
-            if member in homes and isinstance(error, (errors.BlockMissing,
-                                                      errors.BlockCorrupt)):
-                self._read_repair(block_id, data, checksum, [member])
-            elif member in homes and error is None and future.result() != data:
+            if isinstance(error, (errors.BlockMissing, errors.BlockCorrupt)) or (
+                    error is None and protocol.checksum(future.result()) != checksum):
                 self._read_repair(block_id, data, checksum, [member])
 
-        for future, member in futures.items():
+        for future, member in list(futures.items()):
             future.add_done_callback(lambda f, m=member: check(f, m))
 
     @staticmethod

@@ -414,6 +414,34 @@ def test_corrupt_replica_is_read_correctly_and_repaired(blockservers, make_clust
     assert len(os.listdir(os.path.join(first.data_dir, "quarantine"))) == 1
 
 
+def test_a_bad_copy_on_a_replica_a_hedged_read_left_behind_is_repaired(blockservers,
+                                                                         make_cluster):
+    """The first replica is slow (paused) and holds a bad copy: the read hedges to the next
+    one and returns its good copy before the slow one has answered. When that answer comes
+    (corrupt), the bad copy is still repaired, as if it had come first."""
+    servers = blockservers(3)
+    store = make_cluster(servers, read_timeout=120.0, hedge_delay=0.05)
+    members = members_of(servers)
+    block_id, data, checksum = random_block(100000)
+    while rank(block_id, members)[0].id != members[0].id:
+        block_id, data, checksum = random_block(100000)
+    store.put(block_id, data, checksum)
+    first = servers[0]
+    wait_until(lambda: all(stored_on(s, block_id) for s in servers), "three copies")
+    with open(block_path(first, block_id), "r+b") as f:
+        f.seek(5000)
+        byte = f.read(1)
+        f.seek(5000)
+        f.write(bytes([byte[0] ^ 0x01]))
+    first.pause()
+    try:
+        assert store.get(block_id, checksum) == data  # from another replica
+    finally:
+        first.resume()
+    wait_until(lambda: stored_on(first, block_id) == data, "read repair of the slow replica")
+    assert len(os.listdir(os.path.join(first.data_dir, "quarantine"))) == 1
+
+
 def test_find_repairs_the_copies_a_block_lost(blockservers, make_cluster):
     """A journal segment is read with `find` (its checksum is not known in advance). Two
     of its three copies lost (one deleted, one corrupt and quarantined): the read returns

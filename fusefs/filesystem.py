@@ -407,28 +407,29 @@ class Filesystem:
 
     def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
                gid: int) -> tuple[Inode, int]:
-        self._writable()
-        ino = self.metadata.lookup(parent, name)
-        if ino is None:
-            try:
-                ino = self._new(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid).ino
-            except FsError as e:  # EEXIST: created by someone else since the lookup
-                if e.errno != errno.EEXIST or flags & os.O_EXCL:
-                    raise
-                ino = self.lookup(parent, name).ino
-        elif flags & os.O_EXCL:
-            raise FsError(errno.EEXIST)
-        fh = self.open(ino, flags)
-        return self._inode(ino), fh
+        """The kernel sends CREATE for a name its lookup just found missing, so the new
+        inode is tried first; a name that exists after all is opened (EEXIST with O_EXCL).
+        A new file's attributes are those `_new` returns: nothing else has seen it yet."""
+        try:
+            inode = self._new(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
+        except FsError as e:  # EEXIST: created by someone else since the kernel's lookup
+            if e.errno != errno.EEXIST or flags & os.O_EXCL:
+                raise
+            ino = self.lookup_ino(parent, name)
+            fh = self.open(ino, flags)
+            return self._inode(ino), fh
+        return inode, self.open(inode.ino, flags, inode)
 
-    def open(self, ino: int, flags: int) -> int:
+    def open(self, ino: int, flags: int, new: Inode | None = None) -> int:
+        """`new`: the inode's attributes when the caller has just created it (nothing to
+        read: it has no live state yet)."""
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             self._writable()
-        inode = self._inode(ino)
+        inode = new if new is not None else self._inode(ino)
         if inode.is_dir and flags & os.O_ACCMODE != os.O_RDONLY:
             raise FsError(errno.EISDIR)
         while True:
-            live = self.flusher.file(ino)
+            live = self.flusher.file(ino, new)
             with live.lock:
                 if self.flusher.registered(live):  # not forgotten since file() returned it
                     live.open_count += 1

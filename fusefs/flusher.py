@@ -38,7 +38,7 @@ from blockserver.protocol import new_block_id
 
 from . import errors
 from .filedata import DirtyBlock, FileData, live_patches
-from .metadata import BlockRef, Metadata, Patch
+from .metadata import BlockRef, Inode, Metadata, Patch
 
 log = logging.getLogger("fusefs.flusher")
 
@@ -99,13 +99,15 @@ class Flusher:
 
     # -- the registry of live files ---------------------------------------------------------
 
-    def file(self, ino: int) -> FileData:
-        """The live state of `ino`, loaded from the metadata on first use."""
+    def file(self, ino: int, inode: Inode | None = None) -> FileData:
+        """The live state of `ino`, loaded from the metadata on first use (`inode`: its
+        attributes there, when the caller has just read or made them)."""
         with self._lock:
             live = self._files.get(ino)
         if live is not None:
             return live
-        inode = self.metadata.inode(ino)
+        if inode is None:
+            inode = self.metadata.inode(ino)
         # An empty file stores nothing (a truncation drops every block row past its size):
         # a new file's open reads no block map.
         stored = inode is not None and (inode.size or inode.stored)

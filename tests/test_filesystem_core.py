@@ -208,6 +208,25 @@ def test_create_with_o_excl_on_existing_is_eexist_without_it_opens(fs):
     expect_errno(errno.EISDIR, fs.create, ROOT_INO, b"d", 0o644, RW_CREATE, 0, 0)
 
 
+def test_create_answers_the_attributes_getattr_gives(fs):
+    """create returns the attributes it made (a new file) or read (an existing one, opened,
+    with O_TRUNC cut): each is what getattr then says, and the new file is open as such."""
+    sub = fs.mkdir(ROOT_INO, b"sub", 0o2775, 0, 7)  # setgid: the new file takes gid 7
+    inode, fh = fs.create(sub.ino, b"f", 0o640, RW_CREATE | os.O_EXCL, 3, 5)
+    assert (stat.S_IMODE(inode.mode), inode.uid, inode.gid, inode.size) == (0o640, 3, 7, 0)
+    assert inode == fs.getattr(inode.ino)
+    assert fs.write(fh, 0, b"data") == 4
+    assert fs.getattr(inode.ino).size == 4
+    close(fs, fh)
+    again, fh = fs.create(sub.ino, b"f", 0o600, RW_CREATE, 0, 0)
+    assert again == fs.getattr(inode.ino) and again.size == 4
+    close(fs, fh)
+    cut, fh = fs.create(sub.ino, b"f", 0o600, RW_CREATE | os.O_TRUNC, 0, 0)
+    assert cut == fs.getattr(inode.ino) and cut.size == 0
+    close(fs, fh)
+    expect_errno(errno.ENOTDIR, fs.create, inode.ino, b"x", 0o644, RW_CREATE, 0, 0)
+
+
 def test_names_longer_than_255_bytes_are_enametoolong(fs):
     long = b"n" * 256
     ok = b"n" * 255
@@ -1602,8 +1621,8 @@ def test_state_forgotten_just_after_lookup_is_not_used(make_core, action):
     paused, go = threading.Event(), threading.Event()
     results = []
 
-    def file_then_pause(i):
-        live = original(i)
+    def file_then_pause(i, *rest):
+        live = original(i, *rest)
         if threading.current_thread() is worker and not go.is_set():
             paused.set()
             go.wait(GUARD)

@@ -18,6 +18,9 @@ Rules that keep this from deadlocking:
   A name that is not cached has nothing stale to fix: its next lookup returns fresh
   attributes. When a directory's own cached attributes expired, the permission check
   would need the daemon, so the walk refreshes that directory first and tries again.
+  When a directory's name expired, the names below it may still be cached (a process
+  working inside reaches them by relative paths), so that one component is looked up
+  through the daemon.
 - The statx calls are nested requests. They need a free libfuse worker, and libfuse may
   queue them behind a rename of a directory on the path, which waits for this very
   callback. So they run on two threads of their own, and the callback waits at most
@@ -83,10 +86,12 @@ if _statx is not None:
     _statx.restype = ctypes.c_int
 
 
-def _open_cached(dirfd: int, name: bytes, directory: bool) -> int:
-    """An O_PATH descriptor of dirfd/name found in the kernel's caches alone, or -errno."""
+def _open_cached(dirfd: int, name: bytes, directory: bool, cached: bool = True) -> int:
+    """An O_PATH descriptor of dirfd/name found in the kernel's caches alone, or -errno.
+    `cached=False`: looked up as any path is, asking the daemon if the cache cannot say."""
     flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_DIRECTORY if directory else 0)
-    how = _OpenHow(flags, 0, RESOLVE_CACHED | RESOLVE_NO_XDEV | RESOLVE_NO_SYMLINKS)
+    how = _OpenHow(flags, 0, (RESOLVE_CACHED if cached else 0) | RESOLVE_NO_XDEV
+                   | RESOLVE_NO_SYMLINKS)
     fd = _libc.syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_long(dirfd), ctypes.c_char_p(name),
                        ctypes.byref(how), ctypes.c_long(ctypes.sizeof(how)))
     return fd if fd >= 0 else -ctypes.get_errno()
@@ -284,8 +289,8 @@ def _walk(mountpoint: bytes, directory: bytes):
 
 
 def _step(fd: int, part: bytes, directory: bool):
-    """The descriptor of fd/part found through the kernel's caches, or UNCACHED or
-    MOVED."""
+    """The descriptor of fd/part found through the kernel's caches (a directory: also
+    when its name expired), or UNCACHED or MOVED."""
     nxt = _open_cached(fd, part, directory)
     if nxt == -errno.EAGAIN:
         # The directory's attributes expired (its permission check needs the daemon),
@@ -296,6 +301,14 @@ def _step(fd: int, part: bytes, directory: bool):
         nxt = _open_cached(fd, part, directory)
         if nxt == -errno.EAGAIN:
             nxt = _open_cached(fd, part, directory)
+    if nxt == -errno.EAGAIN and directory:
+        # The directory's own name expired (entry_timeout): it was looked up long ago
+        # and is kept by a process working below it, which reaches names under it by
+        # relative paths and never looks this one up again. So names under it may be
+        # cached with attributes that are stale now. Look it up as any path is: the
+        # daemon confirms the name (a LOOKUP; no directory lock unless the name changed,
+        # and then only until a rename holding that lock returns).
+        nxt = _open_cached(fd, part, directory, cached=False)
     if nxt in (-errno.ENOENT, -errno.ENOTDIR, -errno.ESTALE):
         return MOVED  # renamed or removed meanwhile
     if nxt < 0:

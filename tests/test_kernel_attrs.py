@@ -134,6 +134,41 @@ def test_a_directory_whose_attributes_expired_is_walked(fusefs_mount):
         os.close(fd)
 
 
+def test_a_directory_whose_name_expired_is_walked(fusefs_mount):
+    """A process working in a directory reaches the names under it by relative paths and
+    never looks the directory up again, so its name expires (entry_timeout) while the
+    names below stay cached. The refresher's walk must look such a directory up instead
+    of taking it for uncached and leaving the names below stale. (pjdfstest's rename/23
+    found this: a rename over one name of a file left the other name's link count and
+    ctime as they were, for the minute the kernel keeps attributes.)"""
+    m = fusefs_mount(mount=["-o", "entry_timeout=1,attr_timeout=60"])
+    top = os.path.join(m.path, "top")
+    os.mkdir(top)
+    here = os.getcwd()
+    os.chdir(top)
+    try:
+        time.sleep(1.5)  # top's name has expired; the process's cwd keeps its dentry
+        os.mkdir("p")
+        for kind in ("regular", "fifo"):
+            open("src", "w").close()
+            if kind == "fifo":
+                os.mkfifo("p/dst")
+            else:
+                open("p/dst", "w").close()
+            os.link("p/dst", "p/other")
+            before = os.lstat("p/other")  # cached for a minute, nlink 2
+            assert before.st_nlink == 2
+            time.sleep(0.05)
+            os.rename("src", "p/dst")
+            after = os.lstat("p/other")
+            assert after.st_nlink == 1, kind
+            assert after.st_ctime_ns > before.st_ctime_ns, kind
+            os.unlink("p/dst")
+            os.unlink("p/other")
+    finally:
+        os.chdir(here)
+
+
 def test_names_not_in_the_kernel_cache_are_skipped_without_waiting(fusefs_mount):
     """After a remount the kernel has cached no name: unlinking one name of each file must
     not wait for a refresh of the other (which would need the directory the unlink locks)."""

@@ -20,7 +20,8 @@ Rules that keep this from deadlocking:
   would need the daemon, so the walk refreshes that directory first and tries again.
   When a directory's name expired, the names below it may still be cached (a process
   working inside reaches them by relative paths), so that one component is looked up
-  through the daemon.
+  through the daemon, but never inside a directory of a name the change was made
+  through: that lookup could need the lock the changing syscall holds.
 - The statx calls are nested requests. They need a free libfuse worker, and libfuse may
   queue them behind a rename of a directory on the path, which waits for this very
   callback. So they run on two threads of their own, and the callback waits at most
@@ -124,12 +125,14 @@ WAIT_NAMES = 64  # a change waits for the refresh of at most this many other nam
 class _Pass:
     """One refresh of one file's names, for every change it covers: `paths()` gives all of
     them, `skip` those that every covered change made through (their attributes came in
-    the kernel's reply)."""
+    the kernel's reply), `locked` the directories of those names for any covered change
+    (its syscall may hold their locks while it waits for the pass)."""
 
-    __slots__ = ("paths", "skip", "done")
+    __slots__ = ("paths", "skip", "locked", "done")
 
     def __init__(self, paths, skip):
         self.paths, self.skip, self.done = paths, set(skip), threading.Event()
+        self.locked = _parents(skip)
 
 
 class AttrRefresher:
@@ -167,6 +170,7 @@ class AttrRefresher:
                     self._start(key)
             else:
                 job.skip.intersection_update(skip)
+                job.locked.update(_parents(skip))
         if count > WAIT_NAMES:
             return
         if not job.done.wait(self.wait):
@@ -198,7 +202,8 @@ class AttrRefresher:
 
     def _run(self, key, job: _Pass) -> None:
         try:
-            self._refresh_all(lambda: [p for p in job.paths() if p not in job.skip])
+            self._refresh_all(lambda: [p for p in job.paths() if p not in job.skip],
+                              job.locked)
         except Exception:  # noqa: BLE001 - a failed refresh must not fail the change
             log.exception("refreshing the kernel's view of other names of a file failed")
         finally:
@@ -208,10 +213,10 @@ class AttrRefresher:
                 if key in self._queued:
                     self._start(key)
 
-    def _refresh_all(self, names) -> None:
+    def _refresh_all(self, names, locked) -> None:
         delay, deadline = 0.001, time.monotonic() + RETRY_SECONDS
         while True:
-            results = set(self._round(names()))
+            results = set(self._round(names(), locked))
             # A name is missing, or was not found in the cache while a rename runs: the
             # kernel moves its cached names only after this daemon answered the rename.
             if not (MOVED in results or (UNCACHED in results and self.busy())):
@@ -222,7 +227,7 @@ class AttrRefresher:
             time.sleep(delay)
             delay = min(2 * delay, 0.05)
 
-    def _round(self, paths: list[bytes]) -> list[str]:
+    def _round(self, paths: list[bytes], locked=frozenset()) -> list[str]:
         """One round over `paths`, by a walker process (taken from the idle ones, or new)."""
         if not paths:
             return []
@@ -231,7 +236,7 @@ class AttrRefresher:
         except queue.Empty:
             walker = _Walker(self.mountpoint)
         try:
-            return walker.refresh(paths)
+            return walker.refresh(paths, locked)
         finally:
             if walker.alive and not self._closed:
                 self._walkers.put(walker)
@@ -239,19 +244,25 @@ class AttrRefresher:
                 walker.close()
 
 
-def refresh_round(mountpoint: bytes, paths: list[bytes]) -> list[str]:
+def _parents(paths) -> set[bytes]:
+    return {path.rpartition(b"/")[0] for path in paths}
+
+
+def refresh_round(mountpoint: bytes, paths: list[bytes], locked=frozenset()) -> list[str]:
     """DONE, UNCACHED or MOVED for each path (`_refresh_one`), walking each directory
-    once. Runs in a walker process (`_Walker`), never in the daemon."""
+    once. `locked`: directories ("" is the root) whose lock the changing syscall may
+    hold; the walk never looks a name up through the daemon in them. Runs in a walker
+    process (`_Walker`), never in the daemon."""
     dirs: dict[bytes, int | str] = {}  # directory path -> its descriptor, or why none
     try:
-        return [_refresh_one(mountpoint, path, dirs) for path in paths]
+        return [_refresh_one(mountpoint, path, dirs, locked) for path in paths]
     finally:
         for fd in dirs.values():
             if not isinstance(fd, str):
                 os.close(fd)
 
 
-def _refresh_one(mountpoint: bytes, path: bytes, dirs: dict) -> str:
+def _refresh_one(mountpoint: bytes, path: bytes, dirs: dict, locked) -> str:
     """DONE if the name was in the kernel's cache and got fresh attributes, UNCACHED if
     the kernel has nothing cached under it (or cannot be asked), MOVED if it is not
     there any more. `dirs` keeps the walks to directories (a descriptor, or why there
@@ -259,7 +270,7 @@ def _refresh_one(mountpoint: bytes, path: bytes, dirs: dict) -> str:
     parent, _, name = path.rpartition(b"/")
     fd = dirs.get(parent)
     if fd is None:
-        fd = dirs[parent] = _walk(mountpoint, parent)
+        fd = dirs[parent] = _walk(mountpoint, parent, locked)
     if isinstance(fd, str):
         return fd
     fd = _step(fd, name, False)
@@ -271,7 +282,7 @@ def _refresh_one(mountpoint: bytes, path: bytes, dirs: dict) -> str:
         os.close(fd)
 
 
-def _walk(mountpoint: bytes, directory: bytes):
+def _walk(mountpoint: bytes, directory: bytes, locked=frozenset()):
     """An O_PATH descriptor of `directory` ("/d/e" from the mount's root; "" is the
     root) found through the kernel's caches alone, or UNCACHED or MOVED."""
     try:
@@ -279,8 +290,10 @@ def _walk(mountpoint: bytes, directory: bytes):
     except OSError as e:
         log.debug("cannot open the mount root %r: %s", mountpoint, e)
         return UNCACHED
+    here = b""
     for part in [p for p in directory.split(b"/") if p]:
-        nxt = _step(fd, part, True)
+        nxt = _step(fd, part, True, look_up=here not in locked)
+        here += b"/" + part
         os.close(fd)
         if isinstance(nxt, str):
             return nxt
@@ -288,9 +301,10 @@ def _walk(mountpoint: bytes, directory: bytes):
     return fd
 
 
-def _step(fd: int, part: bytes, directory: bool):
-    """The descriptor of fd/part found through the kernel's caches (a directory: also
-    when its name expired), or UNCACHED or MOVED."""
+def _step(fd: int, part: bytes, directory: bool, look_up: bool = False):
+    """The descriptor of fd/part found through the kernel's caches, or UNCACHED or
+    MOVED. `look_up`: a directory whose name expired is looked up through the daemon
+    (never where the changing syscall may hold fd's lock)."""
     nxt = _open_cached(fd, part, directory)
     if nxt == -errno.EAGAIN:
         # The directory's attributes expired (its permission check needs the daemon),
@@ -301,13 +315,14 @@ def _step(fd: int, part: bytes, directory: bool):
         nxt = _open_cached(fd, part, directory)
         if nxt == -errno.EAGAIN:
             nxt = _open_cached(fd, part, directory)
-    if nxt == -errno.EAGAIN and directory:
-        # The directory's own name expired (entry_timeout): it was looked up long ago
-        # and is kept by a process working below it, which reaches names under it by
-        # relative paths and never looks this one up again. So names under it may be
-        # cached with attributes that are stale now. Look it up as any path is: the
-        # daemon confirms the name (a LOOKUP; no directory lock unless the name changed,
-        # and then only until a rename holding that lock returns).
+    if nxt == -errno.EAGAIN and look_up:
+        # The directory's own name expired (entry_timeout), or it is not cached at all.
+        # Expired: it was looked up long ago and is kept by a process working below it,
+        # which reaches names under it by relative paths and never looks it up again,
+        # so names under it may be cached with attributes that are stale now. Look it
+        # up as any path is: for an expired name, the daemon confirms it (a LOOKUP) and
+        # no lock is taken; a name not cached at all takes fd's lock, which the changing
+        # syscall does not hold (its directories are `locked`, and never looked up).
         nxt = _open_cached(fd, part, directory, cached=False)
     if nxt in (-errno.ENOENT, -errno.ENOTDIR, -errno.ESTALE):
         return MOVED  # renamed or removed meanwhile
@@ -341,11 +356,13 @@ class _Walker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True, cwd="/",
             env=env)
 
-    def refresh(self, paths: list[bytes]) -> list[str]:
+    def refresh(self, paths: list[bytes], locked=frozenset()) -> list[str]:
         """refresh_round in the walker; every name UNCACHED if the walker is gone."""
-        payload = b"\0".join(paths)
+        # Each directory after a "d": the root is "" and must not read as no directory.
+        payload, dirs = b"\0".join(paths), b"\0".join(b"d" + d for d in locked)
         try:
-            self._proc.stdin.write(_FRAME.pack(len(payload)) + payload)
+            self._proc.stdin.write(_FRAME.pack(len(payload)) + payload
+                                   + _FRAME.pack(len(dirs)) + dirs)
             self._proc.stdin.flush()
             answer = self._proc.stdout.read(len(paths))
         except OSError:
@@ -370,16 +387,21 @@ class _Walker:
 
 
 def _serve(mountpoint: str) -> None:
-    """A walker's loop: a frame of NUL-separated paths in, one result byte per path out,
-    until the daemon closes the pipe."""
+    """A walker's loop: a frame of NUL-separated paths and one of NUL-separated locked
+    directories in, one result byte per path out, until the daemon closes the pipe."""
     source, sink = sys.stdin.buffer, sys.stdout.buffer
     while True:
         head = source.read(_FRAME.size)
         if len(head) < _FRAME.size:
             return
-        payload = source.read(_FRAME.unpack(head)[0])
-        paths = payload.split(b"\0")
-        sink.write(b"".join(_CODES[r] for r in refresh_round(os.fsencode(mountpoint), paths)))
+        paths = source.read(_FRAME.unpack(head)[0]).split(b"\0")
+        head = source.read(_FRAME.size)
+        if len(head) < _FRAME.size:
+            return
+        dirs = source.read(_FRAME.unpack(head)[0])
+        locked = {d[1:] for d in dirs.split(b"\0")} if dirs else set()
+        results = refresh_round(os.fsencode(mountpoint), paths, locked)
+        sink.write(b"".join(_CODES[r] for r in results))
         sink.flush()
 
 

@@ -169,6 +169,38 @@ def test_a_directory_whose_name_expired_is_walked(fusefs_mount):
         os.chdir(here)
 
 
+def test_a_directory_the_change_may_hold_locked_is_never_looked_up(fusefs_mount):
+    """The walk looks up a directory it cannot find in the cache (its name may just have
+    expired), but never inside a directory whose lock the changing syscall may hold: that
+    lookup would wait for the change, and the change waits for the walk (for a second, then
+    it gives up). Here each unlink of top/a<i> holds top's lock while the other name,
+    top/d/b<i>, is refreshed, and d is not cached after the remount: d must stay
+    uncached, since nothing but such a lookup would bring it into the cache."""
+    m = fusefs_mount()
+    top = os.path.join(m.path, "top")
+    os.makedirs(os.path.join(top, "d"))
+    for i in range(5):
+        with open(os.path.join(top, f"a{i}"), "wb") as f:
+            f.write(b"x" * i)
+        os.link(os.path.join(top, f"a{i}"), os.path.join(top, "d", f"b{i}"))
+    m.umount()
+    m.mount()
+    for i in range(5):
+        os.unlink(os.path.join(top, f"a{i}"))
+    time.sleep(0.5)  # a lookup that waited for an unlink ends once the unlink returned
+    fd = os.open(top, os.O_PATH | os.O_DIRECTORY)
+    try:  # through the cache alone (top's attributes refreshed first: the unlinks moved them)
+        found = kernel_attrs._step(fd, b"d", True)
+        if not isinstance(found, str):
+            os.close(found)
+        assert found == kernel_attrs.UNCACHED, "the walk looked up d inside the locked top"
+    finally:
+        os.close(fd)
+    for i in range(5):
+        st = os.stat(os.path.join(top, "d", f"b{i}"))
+        assert (st.st_nlink, st.st_size) == (1, i)
+
+
 def test_names_not_in_the_kernel_cache_are_skipped_without_waiting(fusefs_mount):
     """After a remount the kernel has cached no name: unlinking one name of each file must
     not wait for a refresh of the other (which would need the directory the unlink locks)."""

@@ -30,7 +30,7 @@ from .siblings import DirectoryReadAhead
 NAME_MAX = 255
 XATTR_MAX = 65536
 XATTR_CREATE, XATTR_REPLACE = 1, 2
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 
 
 @dataclass
@@ -561,14 +561,20 @@ class Filesystem:
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         """fallocate(2). Mode 0 (and KEEP_SIZE alone) reserves nothing (blocks are stored
         as they are written) but succeeds, growing the file to offset+length if mode 0
-        asks past its end. PUNCH_HOLE|KEEP_SIZE frees the range (`DataPath.punch`). Other
-        modes: EOPNOTSUPP."""
+        asks past its end. PUNCH_HOLE|KEEP_SIZE frees the range (`DataPath.punch`).
+        ZERO_RANGE makes the range read as zeros the same way (a hole stores nothing) and,
+        without KEEP_SIZE, grows the file to offset+length. Other modes: EOPNOTSUPP."""
         if offset < 0 or length <= 0:
             raise FsError(errno.EINVAL)
         handle = self._handle(fh)
         self._writable()
         if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
             self.data.punch(handle.live, offset, offset + length)
+        elif mode & ~FALLOC_FL_KEEP_SIZE == FALLOC_FL_ZERO_RANGE:
+            self.data.punch(handle.live, offset, offset + length)
+            if not mode & FALLOC_FL_KEEP_SIZE \
+                    and offset + length > self._inode(handle.ino).size:
+                self.setattr(handle.ino, size=offset + length)
         elif mode == 0:
             if offset + length > self._inode(handle.ino).size:
                 self.setattr(handle.ino, size=offset + length)

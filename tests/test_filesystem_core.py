@@ -1967,6 +1967,20 @@ def test_fallocate_mode_zero_grows_other_modes_are_refused(core):
     close(fs, fh)
 
 
+def test_fallocate_zero_range_zeroes_and_grows_unless_keep_size(core):
+    fs = core.fs
+    ino, fh = new_file(fs, b"f", b"x" * (3 * BS))
+    fs.fallocate(fh, 0x10, BS // 2, BS)  # FALLOC_FL_ZERO_RANGE inside the file
+    assert fs.read(fh, 0, 3 * BS) == b"x" * (BS // 2) + bytes(BS) + b"x" * (3 * BS // 2)
+    fs.fallocate(fh, 0x10 | 0x01, 3 * BS, BS)  # past the end, KEEP_SIZE: nothing changes
+    assert fs.getattr(ino).size == 3 * BS
+    fs.fallocate(fh, 0x10, 2 * BS, 2 * BS)  # over the end: zeroed, and grown to 4 blocks
+    assert fs.getattr(ino).size == 4 * BS
+    assert fs.read(fh, 2 * BS - 1, 2 * BS + 1) == b"x" + bytes(2 * BS)
+    expect_errno(errno.EOPNOTSUPP, fs.fallocate, fh, 0x10 | 0x02, 0, BS)  # with PUNCH_HOLE
+    close(fs, fh)
+
+
 def test_statfs_free_space_drops_by_what_is_stored_between_server_reports(core):
     fs = core.fs
     report = {"space": (1 << 30, 1 << 29)}  # what the servers said at their last sample

@@ -139,6 +139,38 @@ def test_punch_hole_of_unsynced_data_and_at_the_end(shared_mount):
     assert os.stat(path).st_blocks * 512 <= MiB + 4096
 
 
+def test_zero_range_zeroes_frees_and_grows_unless_asked_to_keep_the_size(shared_mount):
+    """fallocate -z (FALLOC_FL_ZERO_RANGE): the range reads as zeros at once and after a
+    remount, whole blocks inside it are freed, and a range past the end grows the file
+    unless KEEP_SIZE is given (fallocate -z -n)."""
+    m, here = shared_mount
+    path = os.path.join(here, "z")
+    data = bytes(range(256)) * (4 * MiB // 256)
+    with open(path, "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    with open(path, "rb") as f:
+        assert f.read() == data  # cached by the kernel, then zeroed under it
+    before = os.stat(path).st_blocks
+    subprocess.run(["fallocate", "-z", "-o", str(MiB // 2), "-l", str(2 * MiB), path],
+                   check=True)
+    expected = data[:MiB // 2] + bytes(2 * MiB) + data[5 * MiB // 2:]
+    with open(path, "rb") as f:
+        assert f.read() == expected
+    assert (before - os.stat(path).st_blocks) * 512 >= MiB  # block 1 is gone
+    subprocess.run(["fallocate", "-z", "-n", "-o", str(4 * MiB), "-l", str(MiB), path],
+                   check=True)
+    assert os.stat(path).st_size == 4 * MiB
+    subprocess.run(["fallocate", "-z", "-o", str(7 * MiB // 2), "-l", str(MiB), path],
+                   check=True)
+    expected = expected[:7 * MiB // 2] + bytes(MiB)
+    assert os.stat(path).st_size == 9 * MiB // 2
+    m.umount()
+    m.mount()
+    with open(path, "rb") as f:
+        assert f.read() == expected
+
+
 def test_plain_fallocate_succeeds_and_grows_other_modes_are_refused(shared_mount):
     m, here = shared_mount
     path = os.path.join(here, "f")

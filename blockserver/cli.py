@@ -176,10 +176,8 @@ def serve(args) -> int:
     if secret is not None:
         api.nonces.wait_for_floor()  # requests signed before this start are refused (replays)
 
-    def on_signal(signum, frame):
-        log.info("received %s: finishing requests in flight, then stopping",
-                 signal.Signals(signum).name)
-        server.stop()
+    def on_signal(signum, frame):  # no lock, no logging: see Server.stop
+        server.stop(f"received {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -190,6 +188,11 @@ def serve(args) -> int:
     log.info("blockserver %s serving %s://%s:%d from %s (server id %s, auth %s)", __version__,
              scheme, shown, port, store.root, store.server_id, "on" if secret else "off")
     server.serve_forever()
+    # Stopped: later signals change nothing, and must not kill the interpreter on its way
+    # out (it puts back the default action of every signal it handled, but not of an
+    # ignored one), which made a server that got a burst of SIGTERMs exit with -15.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
     log.info("stopped")
     return 0
 

@@ -303,6 +303,7 @@ class Server:
         self.on_cut = on_cut or (lambda reason: None)
         self.response_headers = response_headers or {}
         self.stopping = False
+        self.stop_reason: str | None = None  # for the log: who asked serve_forever to end
         self._lock = threading.Lock()
         self._connections: set[Connection] = set()  # guarded by _lock
         self._body_bytes = 0  # guarded by _lock: bodies being read or handled
@@ -353,17 +354,24 @@ class Server:
                 except OSError:
                     continue
                 self._admit(sock, f"{addr[0]}:{addr[1]}")
+        log.info("%s: finishing requests in flight, then stopping",
+                 self.stop_reason or "asked to stop")
+        self._stop_asked.set()  # here, not in stop(): see there
         self._listener.close()
         self._drain()
         self._stopped.set()
         self._wake_r.close()
         self._wake_w.close()
 
-    def stop(self) -> None:
+    def stop(self, reason: str | None = None) -> None:
         """Ask serve_forever to finish in-flight requests and return. Safe from any thread
-        and from a signal handler."""
+        and from a signal handler: it takes no lock. A handler runs in the main thread
+        between two bytecodes, maybe inside another handler's call of this: a second
+        SIGTERM that arrived while the first one's handler set a threading.Event (which
+        holds the Event's lock) waited for that lock forever, and the server never
+        stopped."""
+        self.stop_reason = self.stop_reason or reason
         self.stopping = True
-        self._stop_asked.set()
         try:
             self._wake_w.send(b"x")
         except OSError:  # already woken (buffer full) or already closed: nothing to do

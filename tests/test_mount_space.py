@@ -96,13 +96,19 @@ def test_st_blocks_counts_the_bytes_written_not_the_size(shared_mount):
     assert 3 * MiB <= os.stat(path).st_blocks * 512 < 4 * MiB
 
 
-def test_punch_hole_frees_whole_blocks_and_zeroes_the_edges(shared_mount):
-    m, here = shared_mount
-    path = os.path.join(here, "img")
-    data = bytes(range(256)) * (8 * MiB // 256)
+def fsynced_pattern(here: str, name: str, size: int) -> tuple[str, bytes]:
+    """here/name holding `size` bytes of a repeating pattern, fsynced: (path, bytes)."""
+    path = os.path.join(here, name)
+    data = bytes(range(256)) * (size // 256)
     with open(path, "wb") as f:
         f.write(data)
         os.fsync(f.fileno())
+    return path, data
+
+
+def test_punch_hole_frees_whole_blocks_and_zeroes_the_edges(shared_mount):
+    m, here = shared_mount
+    path, data = fsynced_pattern(here, "img", 8 * MiB)
     before = os.stat(path).st_blocks
     # 1 MiB blocks: [1.5 MiB, 6.5 MiB) drops blocks 2..5 and zeroes half of 1 and of 6.
     subprocess.run(["fallocate", "-p", "-o", str(3 * MiB // 2), "-l", str(5 * MiB), path],
@@ -144,11 +150,7 @@ def test_zero_range_zeroes_frees_and_grows_unless_asked_to_keep_the_size(shared_
     remount, whole blocks inside it are freed, and a range past the end grows the file
     unless KEEP_SIZE is given (fallocate -z -n)."""
     m, here = shared_mount
-    path = os.path.join(here, "z")
-    data = bytes(range(256)) * (4 * MiB // 256)
-    with open(path, "wb") as f:
-        f.write(data)
-        os.fsync(f.fileno())
+    path, data = fsynced_pattern(here, "z", 4 * MiB)
     with open(path, "rb") as f:
         assert f.read() == data  # cached by the kernel, then zeroed under it
     before = os.stat(path).st_blocks

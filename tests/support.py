@@ -519,8 +519,22 @@ class Mount:
             if self.mounted or self.daemon_pid():
                 self.force_unmount()
             if not self.mounted:
+                self._wait_for_exit(pid)
                 return
         raise RuntimeError(f"{self.path} is still mounted after cleanup")
+
+    @staticmethod
+    def _wait_for_exit(pid: int | None, timeout: float = 30.0) -> None:
+        """`fusefs umount` returns once the mount is detached; the daemon then closes what
+        it holds (its metrics endpoint takes up to half a second) and exits. Wait for that,
+        so a test leaves no process behind; raise if it does not come."""
+        deadline = time.monotonic() + timeout
+        while pid and _is_fusefs_daemon(pid):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                raise RuntimeError(f"fusefs daemon {pid} still running {timeout:.0f} s after "
+                                   "its unmount (killed)")
+            time.sleep(0.01)
 
     def _log_files(self) -> list[str]:
         found = []

@@ -570,16 +570,13 @@ class Filesystem:
         self._writable()
         if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
             self.data.punch(handle.live, offset, offset + length)
-        elif mode & ~FALLOC_FL_KEEP_SIZE == FALLOC_FL_ZERO_RANGE:
-            self.data.punch(handle.live, offset, offset + length)
-            if not mode & FALLOC_FL_KEEP_SIZE \
-                    and offset + length > self._inode(handle.ino).size:
-                self.setattr(handle.ino, size=offset + length)
-        elif mode == 0:
-            if offset + length > self._inode(handle.ino).size:
-                self.setattr(handle.ino, size=offset + length)
-        elif mode != FALLOC_FL_KEEP_SIZE:
+            return
+        if mode & ~FALLOC_FL_KEEP_SIZE not in (0, FALLOC_FL_ZERO_RANGE):
             raise FsError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} is not supported")
+        if mode & FALLOC_FL_ZERO_RANGE:
+            self.data.punch(handle.live, offset, offset + length)
+        if not mode & FALLOC_FL_KEEP_SIZE and offset + length > self._inode(handle.ino).size:
+            self.setattr(handle.ino, size=offset + length)
 
     # -- extended attributes ----------------------------------------------------------------
 

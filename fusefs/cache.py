@@ -168,6 +168,7 @@ class BlockCache:
         self._written = threading.Condition(self._lock)
         self._writes: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = None
+        self.room = None  # a LocalRoom: while it is low, nothing more is written to disk
         if self._dir:
             self._open_disk()
             self._writer = threading.Thread(target=self._write_loop, daemon=True,
@@ -292,6 +293,21 @@ class BlockCache:
             self._forget_pending(block_id)
         if self._dir:
             self._unlink(block_id)
+
+    def shrink_disk(self, nbytes: int) -> int:
+        """Give back at least `nbytes` of disk (the least recently used files first), or
+        all there is: the disk under the cache is short of room. Returns the bytes freed."""
+        doomed, freed = [], 0
+        with self._lock:
+            while freed < nbytes and self._disk.entries:
+                block_id, (_, size) = next(iter(self._disk.entries.items()))
+                self._disk.pop(block_id)
+                doomed.append(block_id)
+                freed += size
+            self._counts["evictions"] += len(doomed)
+        for block_id in doomed:
+            self._unlink(block_id)
+        return freed
 
     def stats(self) -> dict:
         with self._lock:
@@ -578,8 +594,9 @@ class BlockCache:
 
     def _write_disk(self, block_id: str, checksum: str, data: bytes) -> None:
         size = len(data) + 8 * -(-len(data) // SEGMENT) + TRAILER.size  # the file's
-        if not self._dir or not self._disk.fits(size):
-            return
+        if not self._dir or not self._disk.fits(size) or (
+                self.room is not None and self.room.low):
+            return  # (a disk short of room keeps what it has for the metadata)
         with self._lock:
             if self._disk.touch(block_id):
                 return

@@ -43,9 +43,10 @@ def write_checkpoint(store, metadata: Metadata, fs_id: str, chain: str, segment:
         seq = metadata.snapshot(path)
         with open(path, "rb") as f:
             raw = f.read()
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    finally:  # VACUUM INTO that fails (a full disk) leaves its rollback journal too
+        for leftover in (path, path + "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
     chunks = []
     for start in range(0, len(raw), CHUNK):
         data = zlib.compress(raw[start:start + CHUNK], 3)

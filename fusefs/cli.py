@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="disk block cache bound (default 2GiB)")
     p.add_argument("--memory-cache", type=size_argument, default="256MiB", metavar="SIZE",
                    help="memory block cache bound (default 256MiB)")
+    p.add_argument("--cache-dir-reserve", type=size_argument, default="64MiB",
+                   metavar="SIZE",
+                   help="free space kept on the disk of --cache-dir for the metadata "
+                        "(default 64MiB): below it the disk block cache shrinks, then new "
+                        "files, directories and attributes fail with ENOSPC until there "
+                        "is room again; removals, writes and fsync go on")
     p.add_argument("--dirty-limit", type=size_argument, default="256MiB", metavar="SIZE",
                    help="unsaved data held in memory before writers wait (default 256MiB)")
     p.add_argument("--read-only", action="store_true",
@@ -440,6 +446,7 @@ def _mount_config(args):
         secret=transport.config.secret, role=transport.config.role,
         tls_verify=transport.config.tls_verify,
         memory_cache=args.memory_cache, disk_cache=args.cache_size,
+        local_reserve=args.cache_dir_reserve,
         dirty_limit=args.dirty_limit, read_only=args.read_only, metrics=args.metrics,
         sync_on_close=args.sync_on_close, fuse_options=_parse_options(args.options),
         scrub_interval=0.0 if args.read_only else args.scrub_interval,
@@ -797,6 +804,8 @@ def _with_health(s: dict) -> dict:
     servers = s["cluster"]["servers"]
     problems = [f"server {v['url']} is down: {v['last_error']}" for v in servers if not v["up"]]
     problems += [f"upload error: {e}" for e in s.get("upload_errors", [])]
+    if s.get("local_room"):
+        problems.append(f"local disk: {s['local_room']}")
     journal = s.get("journal") or {}
     problems += [f"journal: {journal[k]}" for k in ("lost", "error") if journal.get(k)]
     under, handoffs = health.get("under_replicated"), health.get("handoffs")
@@ -884,6 +893,8 @@ def _print_alive(s: dict) -> None:
         print(f"  {_scrub_line(s.get('health'))}")
     for line in s.get("upload_errors", []):
         print(f"  upload error: {line}")
+    if s.get("local_room"):
+        print(f"  local disk: {s['local_room']}")
     print(f"  {_journal_line(s.get('journal'))}")
 
 

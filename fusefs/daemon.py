@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import logging
 import os
@@ -38,6 +39,7 @@ from .host import new_mount_id
 from .journal import Journal
 from .lease import LEASE_SECONDS, Lease, new_lease
 from .loading import open_metadata
+from .localroom import DEFAULT_RESERVE, LocalRoom
 from .metrics import MetricsError, MountMetrics, oldest_dirty_seconds, parse_address, status_file
 from .transport import Member, Transport, TransportConfig, at_given_urls
 
@@ -55,6 +57,7 @@ class MountConfig:
     tls_verify: bool | str = True
     memory_cache: int = 256 << 20
     disk_cache: int = 2 << 30
+    local_reserve: int = DEFAULT_RESERVE  # free bytes kept on state_dir's disk (localroom.py)
     dirty_limit: int = 256 << 20
     flush_age: float = 5.0
     read_only: bool = False
@@ -89,6 +92,15 @@ def _lock_state_dir(state_dir: str):
                     state_dir)
         fcntl.flock(lock, fcntl.LOCK_EX)
     return lock
+
+
+def _remove_temporary_databases(state_dir: str) -> None:
+    """Checkpoint and follower copies a daemon killed while making one left behind (the
+    state directory is ours alone once locked)."""
+    for name in os.listdir(state_dir):
+        if name.startswith(("checkpoint-", "follow-")) and ".db" in name:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(state_dir, name))
 
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
@@ -201,6 +213,7 @@ def run(config: MountConfig) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # before any thread starts
     with contextlib.ExitStack() as stack:
         stack.enter_context(_lock_state_dir(config.state_dir))
+        _remove_temporary_databases(config.state_dir)
         meter = _start_metrics(config, stack)
         transport = Transport(TransportConfig(secret=config.secret, role=config.role,
                                               tls_verify=config.tls_verify),
@@ -238,10 +251,14 @@ def _serve(config: MountConfig, stack, sb, store, metadata, keeper, gate, writer
                       dirty_limit=config.dirty_limit, max_age=config.flush_age,
                       collect_garbage=not config.read_only, durable=durable)
     stack.callback(flusher.close)
+    room = None
+    if not config.read_only:
+        room = LocalRoom(config.state_dir, config.local_reserve, make_room=cache.shrink_disk)
+        cache.room = room
     fs = Filesystem(metadata, cache, flusher, sb.block_size, capacity=store.capacity,
                     sync_on_close=config.sync_on_close, gate=gate, durable=durable,
                     read_only="mounted read-only" if config.read_only else None,
-                    changes=keeper if config.read_only else None)
+                    changes=keeper if config.read_only else None, room=room)
     if config.read_only:
         keeper.start()
         stack.callback(keeper.close)
@@ -252,7 +269,7 @@ def _serve(config: MountConfig, stack, sb, store, metadata, keeper, gate, writer
     repairer = _start_repairer(config, stack, store, metadata, writer)
     status_path = os.path.join(config.state_dir, "status.json")
     reporter = _StatusReporter(status_path, config, store, flusher, cache, keeper, repairer,
-                               scrubber)
+                               scrubber, room)
     reporter.start()
     stack.callback(reporter.stop)
     mounts.register(config.mountpoint,
@@ -462,8 +479,10 @@ class _StatusReporter:
     gives the memory freed meanwhile back to the system."""
 
     def __init__(self, path: str, config: MountConfig, store, flusher, cache, keeper,
-                 repairer=None, scrubber=None):
+                 repairer=None, scrubber=None, room=None):
         self.path, self.config, self.repairer, self.scrubber = path, config, repairer, scrubber
+        self.room = room
+        self._full_since = None  # when writing the file last failed for want of room
         self.store, self.flusher, self.cache, self.keeper = store, flusher, cache, keeper
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="status", daemon=True)
@@ -478,6 +497,9 @@ class _StatusReporter:
 
     def _run(self) -> None:
         while True:
+            if self.room is not None:  # looked at each second, creates or not
+                with contextlib.suppress(errors.FsError):
+                    self.room.check()
             try:
                 mounts.write_json(self.path, {
                     "pid": os.getpid(), "mountpoint": self.config.mountpoint,
@@ -487,7 +509,16 @@ class _StatusReporter:
                     "upload_errors": self.flusher.recent_errors(),
                     "cluster": self.store.stats(), "cache": self.cache.stats(),
                     "journal": self.keeper.stats() if self.keeper else None,
-                    "health": _health(self.repairer, self.config, self.scrubber)})
+                    "health": _health(self.repairer, self.config, self.scrubber),
+                    "local_room": self.room.low if self.room is not None else None})
+                self._full_since = None
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    log.exception("could not write %s", self.path)
+                elif self._full_since is None or time.monotonic() - self._full_since > 60:
+                    self._full_since = time.monotonic()  # once a minute, not every second
+                    log.warning("could not write %s: %s (`fusefs status` shows an older "
+                                "state meanwhile)", self.path, e)
             except Exception:  # noqa: BLE001 - status is best effort, never fatal
                 log.exception("could not write %s", self.path)
             _give_freed_memory_back()

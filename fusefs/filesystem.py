@@ -50,8 +50,12 @@ class Filesystem:
 
     def __init__(self, metadata: Metadata, cache, flusher: Flusher, block_size: int, *,
                  capacity=None, readahead_blocks: int = 4, sync_on_close: bool = False,
-                 gate=None, durable=None, read_only: str | None = None, changes=None):
+                 gate=None, durable=None, read_only: str | None = None, changes=None,
+                 room=None):
         self.metadata = metadata
+        # Asked before a change that adds a name or an attribute (`room.check()`): the
+        # local disk under the metadata database (fusefs/localroom.py). None: not asked.
+        self.room = room
         self.flusher = flusher
         self.data = DataPath(metadata, cache, flusher, block_size, readahead_blocks)
         # read-ahead across the files of a directory read in name order (tar, cp -r, ...)
@@ -232,10 +236,13 @@ class Filesystem:
              target: bytes | None = None) -> Inode:
         self._writable()
         self._check_name(name)
+        short = self._short_of_room()
         with self._ns:
             directory = self._dir(parent)
             if self.metadata.lookup(parent, name) is not None:
                 raise FsError(errno.EEXIST)
+            if short is not None:
+                raise short
             if directory.mode & stat.S_ISGID:  # BSD group semantics of a setgid directory
                 gid = directory.gid
                 if stat.S_ISDIR(mode):
@@ -265,12 +272,15 @@ class Filesystem:
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
         self._writable()
         self._check_name(name)
+        short = self._short_of_room()
         with self._ns:
             if self._inode(ino).is_dir:
                 raise FsError(errno.EPERM, "hard links to directories are not allowed")
             self._dir(parent)
             if self.metadata.lookup(parent, name) is not None:
                 raise FsError(errno.EEXIST)
+            if short is not None:
+                raise short
             self.metadata.link(ino, parent, name)
             self._linked.add(ino)
             self._ctime_changed(ino)
@@ -510,6 +520,18 @@ class Filesystem:
         """A directory's entries are metadata: make every change so far durable."""
         self.durable()
 
+    def _short_of_room(self) -> FsError | None:
+        """ENOSPC, to raise once the call's other checks passed, if the local disk under
+        the metadata is short of room (fusefs/localroom.py); asked outside `_ns` because
+        it may look at the disk and shrink the disk cache."""
+        if self.room is None:
+            return None
+        try:
+            self.room.check()
+        except FsError as e:
+            return e
+        return None
+
     def _writable(self) -> None:
         if self.read_only:
             raise FsError(errno.EROFS, self.read_only)
@@ -617,12 +639,15 @@ class Filesystem:
             raise FsError(errno.ERANGE)
         if len(value) > XATTR_MAX:
             raise FsError(errno.E2BIG)
+        short = self._short_of_room()
         with self._ns:
             exists = self.metadata.xattr(ino, name) is not None
             if flags & XATTR_CREATE and exists:
                 raise FsError(errno.EEXIST)
             if flags & XATTR_REPLACE and not exists:
                 raise FsError(errno.ENODATA)
+            if short is not None:
+                raise short
             self.metadata.set_xattr(ino, name, value)
         self._ctime_changed(ino)
 

@@ -206,12 +206,24 @@ class Flusher:
                 live.changed.wait(0.5)
 
     def flush_all(self, progress=None) -> None:
-        """Upload everything dirty, retrying until it is done (unmount). Never drops data."""
+        """Upload everything dirty, retrying until it is done (unmount). Never drops data,
+        unless the metadata database has failed (MetadataFailed): then no upload can ever
+        be recorded in this mount, and waiting would only make the unmount hang; the log
+        names each file whose unsaved data is given up."""
         delay = 0.5
         while True:
             with self._lock:
                 files = [f for f in self._files.values() if f.dirty]
             if not files:
+                return
+            failed = getattr(self.metadata, "failed", None)
+            if failed:
+                for live in files:
+                    with live.lock:
+                        size = sum(len(block.data) for block in live.dirty.values())
+                    log.error("unmounting: the unsaved data of inode %d (%d bytes in blocks "
+                              "not yet recorded) is lost, as nothing can be recorded once %s",
+                              live.ino, size, failed)
                 return
             pending = 0
             for live in files:

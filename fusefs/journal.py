@@ -28,7 +28,9 @@ taken while holding the metadata's lock or the lease's state lock.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import sqlite3
 import threading
 import time
 
@@ -47,6 +49,7 @@ log = logging.getLogger("fusefs.journal")
 
 SEGMENT_RECORDS = 5000  # records per segment at most
 SEGMENT_BYTES = 4 << 20  # bytes per segment at most (servers refuse blocks over 16 MiB)
+CHECKPOINT_RETRY = 60  # seconds before a checkpoint that found no local room is tried again
 
 
 class Journal:
@@ -79,6 +82,7 @@ class Journal:
         self._closed = False  # a close started: a second close waits for `_close_ended`
         self._close_ended = threading.Event()
         self._last_checkpoint = (metadata.seq, time.monotonic())
+        self._checkpoint_retry_at = 0.0  # (monotonic) after a checkpoint found no room
         self._obsolete: list[str] = []  # blocks to delete once the next checkpoint is named
         self._threads: list[threading.Thread] = []
         self._segment_bytes = SEGMENT_BYTES  # lowered when a server refuses a segment's size
@@ -208,7 +212,7 @@ class Journal:
             try:
                 self._ship_once()
                 if self._checkpoint_due() and not self._stopping:
-                    self.checkpoint()
+                    self._checkpoint_if_room()
                 delay = 0.5
             except Fenced:
                 return
@@ -217,6 +221,18 @@ class Journal:
                     self._error, self._error_seq = e, self._error_seq + 1
                     self._changed.notify_all()
                 log.warning("journal shipping failed, retrying in %.1f s: %s", delay, e)
+                if self._wait_stopping(delay, even_when_stopping=True):
+                    return
+                delay = min(delay * 2, 5.0)
+            except (sqlite3.OperationalError, OSError) as e:
+                if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    log.exception("unexpected error while shipping the journal")
+                    if self._wait_stopping(delay, even_when_stopping=True):
+                        return
+                    continue
+                log.warning("journal shipping waits %.1f s: the local metadata database or "
+                            "its directory cannot be written (%s); if the disk of %s is "
+                            "full, free space there", delay, e, self.work_dir)
                 if self._wait_stopping(delay, even_when_stopping=True):
                     return
                 delay = min(delay * 2, 5.0)
@@ -300,6 +316,24 @@ class Journal:
         behind = self.metadata.seq - seq
         return behind >= self.checkpoint_records or (
             behind > 0 and time.monotonic() - at >= self.checkpoint_seconds)
+
+    def _checkpoint_if_room(self) -> None:
+        """A checkpoint, unless the last one failed for want of local room less than
+        CHECKPOINT_RETRY seconds ago: its compact copy of the database is made in the
+        state directory first, and may not fit where the database itself still does. The
+        journal then grows on the servers meanwhile (a longer replay, nothing lost), and
+        shipping goes on without waiting for it."""
+        if time.monotonic() < self._checkpoint_retry_at:
+            return
+        try:
+            self.checkpoint()
+        except (sqlite3.OperationalError, OSError) as e:
+            if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self._checkpoint_retry_at = time.monotonic() + CHECKPOINT_RETRY
+            log.warning("checkpoint postponed for %d s: its copy of the metadata database "
+                        "does not fit on the disk of %s (%s); free space there",
+                        CHECKPOINT_RETRY, self.work_dir, e)
 
     def checkpoint(self) -> dict:
         """Write a checkpoint and name it in the superblock; then delete what it replaced:
@@ -400,6 +434,11 @@ class Journal:
             except Fenced:
                 break
             except errors.StorageError as e:
+                failed = self.metadata.failed
+                if failed:  # nothing more can be shipped or recorded: waiting is for ever
+                    log.error("unmounting without shipping the last %d journal records: %s",
+                              self.metadata.seq - self._shipped, failed)
+                    break
                 log.warning("unmount waits for the journal to reach the servers: %s", e)
                 if progress:
                     progress(e)
@@ -408,7 +447,7 @@ class Journal:
             return
         try:
             if self.metadata.seq - self.lease.superblock.checkpoint["seq"] >= checkpoint_after:
-                self.checkpoint()
+                self._checkpoint_if_room()
             self.lease.release()
             log.info("writer lease released")
         except errors.StorageError as e:

@@ -29,8 +29,8 @@ log = logging.getLogger("fusefs.loading")
 
 
 def remove_database(path: str) -> None:
-    """Delete a SQLite database and its WAL files."""
-    for suffix in ("", "-wal", "-shm"):
+    """Delete a SQLite database and its journal files (rollback or WAL)."""
+    for suffix in ("", "-journal", "-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path + suffix)
 

@@ -482,6 +482,12 @@ class Metadata:
                     log.error("%s", e)
 
     @property
+    def failed(self) -> str | None:
+        """Why every change is refused (an open group was lost), or None."""
+        with self._lock:
+            return self._failed
+
+    @property
     def seq(self) -> int:
         """The number of the newest journal record (0 before the first)."""
         with self._lock:

@@ -60,6 +60,7 @@ TIERS = {
     "test_journal_records": "unit",
     "test_antientropy": "unit",
     "test_progress": "unit",
+    "test_localroom": "unit",
     "test_admin": "unit",
     "test_filesystem_core": "unit",
     "test_blockserver_spares": "unit",

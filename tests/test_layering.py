@@ -94,7 +94,7 @@ FUSEFS_LAYERS = [
     {"metadata", "cache", "flusher", "filedata", "siblings", "journal", "follower", "loading", "lease",
      "checkpoint", "segments", "leftovers", "antientropy", "membership", "scrub", "replicas"},
     {"cluster", "memstore", "health", "placement", "blockstore", "superblock", "host", "mounts",
-     "progress"},
+     "progress", "localroom"},
     {"transport"},
     {"errors", "__init__"},
 ]

@@ -1,0 +1,82 @@
+"""LocalRoom, on its own: when it looks at the disk, what it asks the disk cache for, what
+it refuses and when it stops refusing. The disk is a stand-in (`free` overridden) and so
+is the clock; the mounted behaviour is tested in test_mount_promises.py."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from fusefs import localroom
+from fusefs.errors import FsError
+from fusefs.localroom import LocalRoom
+
+MiB = 1 << 20
+
+
+class Disk(LocalRoom):
+    """A LocalRoom over a disk whose free bytes the test sets (and that counts looks)."""
+
+    def __init__(self, free: int, reserve: int = 10 * MiB, cache: int = 0):
+        self.now, self.bytes_free, self.cache, self.looks, self.asked = 0.0, free, cache, 0, []
+        super().__init__("/nowhere", reserve, make_room=self.shrink, clock=lambda: self.now)
+
+    def free(self) -> int:
+        self.looks += 1
+        return self.bytes_free
+
+    def shrink(self, nbytes: int) -> int:
+        self.asked.append(nbytes)
+        given = min(nbytes, self.cache)
+        self.cache -= given
+        self.bytes_free += given
+        return given
+
+
+def test_far_from_the_reserve_the_disk_is_looked_at_once_per_interval():
+    disk = Disk(free=100 * MiB)
+    for _ in range(50):
+        disk.check()
+    assert disk.looks == 1 and disk.low is None
+    disk.now += localroom.INTERVAL
+    disk.check()
+    assert disk.looks == 2
+
+
+def test_near_the_reserve_every_check_looks():
+    disk = Disk(free=30 * MiB)  # under NEAR x 10 MiB
+    for _ in range(5):
+        disk.check()
+    assert disk.looks == 5 and disk.low is None
+
+
+def test_short_of_room_the_cache_gives_back_first_then_enospc_with_what_to_do():
+    disk = Disk(free=4 * MiB, cache=3 * MiB)
+    with pytest.raises(FsError) as refused:
+        disk.check()
+    assert refused.value.errno == errno.ENOSPC
+    assert disk.asked == [16 * MiB]  # twice the reserve, less what is free
+    assert "free space on that disk" in str(refused.value) and disk.low
+
+
+def test_when_the_cache_gives_enough_nothing_is_refused():
+    disk = Disk(free=4 * MiB, cache=50 * MiB)
+    disk.check()
+    assert disk.low is None and disk.bytes_free == 20 * MiB
+
+
+def test_refusing_ends_as_soon_as_there_is_room_again():
+    disk = Disk(free=1 * MiB)
+    for _ in range(3):
+        with pytest.raises(FsError):
+            disk.check()
+    disk.bytes_free = 12 * MiB  # freed by someone; no time passes
+    disk.check()
+    assert disk.low is None
+
+
+def test_a_directory_that_cannot_be_looked_at_refuses_nothing(tmp_path):
+    room = LocalRoom(str(tmp_path / "gone"), 10 * MiB)
+    room.check()
+    assert room.low is None

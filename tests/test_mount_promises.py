@@ -253,25 +253,29 @@ def test_crash_leaves_unsynced_files_as_prefixes(fusefs_mount):
 # -- P7 -----------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def full_cluster(tmp_path, n: int, size: str):
-    """tmpfs data directories for the next n servers of the test (root only)."""
+def small_disk(path, size: str):
+    """A tmpfs of `size` mounted at the new directory `path` (root only), unmounted at
+    the end (lazily if something still uses it)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    dirs = []
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
     try:
-        for i in range(n):
-            d = tmp_path / f"server{i}"
-            d.mkdir()
-            dirs.append(d)
-            done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
-                                   str(d)], capture_output=True, text=True)
-            if done.returncode != 0:
-                pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
-        yield dirs
+        yield str(path)
     finally:
-        for d in dirs:
-            if subprocess.run(["umount", str(d)], capture_output=True).returncode != 0:
-                subprocess.run(["umount", "-l", str(d)], capture_output=True)
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@contextlib.contextmanager
+def full_cluster(tmp_path, n: int, size: str):
+    """tmpfs data directories for the next n servers of the test (root only)."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(small_disk(tmp_path / f"server{i}", size))
+               for i in range(n)]
 
 
 def test_full_cluster_fsync_says_enospc_keeps_data_and_logs_it(fusefs_mount, blockservers,
@@ -433,15 +437,11 @@ def test_a_full_local_disk_refuses_new_names_with_enospc_and_loses_nothing(fusef
     its room back first, then new names and attributes fail with ENOSPC before the
     database is touched, while writes, fsync and removals go on; once there is room
     again, new files work without a remount, and nothing acknowledged is lost."""
-    small = tmp_path / "small-disk"
-    small.mkdir()
-    with full_cluster(tmp_path, 0, "0"):  # (root only: skips otherwise)
-        pass
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(small)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
-    m = fusefs_mount()
+    with small_disk(tmp_path / "small-disk", "40m") as small:
+        _fill_the_local_disk(fusefs_mount(), small)
+
+
+def _fill_the_local_disk(m, small: str) -> None:
     try:
         payload = random.Random(8).randbytes(8 * MiB)
         write_file(os.path.join(m.path, "payload"), payload, sync=os.fsync)
@@ -513,8 +513,6 @@ def test_a_full_local_disk_refuses_new_names_with_enospc_and_loses_nothing(fusef
     finally:
         if m.mounted:
             m.force_unmount()
-        if subprocess.run(["umount", str(small)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(small)], capture_output=True)
 
 
 def test_a_mount_whose_metadata_failed_still_unmounts_and_says_what_was_lost(fusefs_mount,
@@ -523,15 +521,11 @@ def test_a_mount_whose_metadata_failed_still_unmounts_and_says_what_was_lost(fus
     open group; the mount then refuses every change (EIO) until it is mounted again.
     Unmounting it must end (it waited for ever for uploads it could never record) and the
     log must name the unsaved data given up."""
-    small = tmp_path / "tiny-disk"
-    small.mkdir()
-    with full_cluster(tmp_path, 0, "0"):  # (root only: skips otherwise)
-        pass
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(small)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
-    m = fusefs_mount()
+    with small_disk(tmp_path / "tiny-disk", "6m") as small:
+        _lose_a_group_then_unmount(fusefs_mount(), small)
+
+
+def _lose_a_group_then_unmount(m, small: str) -> None:
     try:
         m.umount()
         m.mount("--cache-dir-reserve", "0", cache_dir=str(small))
@@ -556,5 +550,3 @@ def test_a_mount_whose_metadata_failed_still_unmounts_and_says_what_was_lost(fus
     finally:
         if m.mounted:
             m.force_unmount()
-        if subprocess.run(["umount", str(small)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(small)], capture_output=True)

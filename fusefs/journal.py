@@ -52,6 +52,16 @@ SEGMENT_BYTES = 4 << 20  # bytes per segment at most (servers refuse blocks over
 CHECKPOINT_RETRY = 60  # seconds before a checkpoint that found no local room is tried again
 
 
+def _disk_full(e: BaseException) -> bool:
+    """The local disk (or the user's quota on it) is full: SQLite's SQLITE_FULL, or an
+    OSError saying so."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, sqlite3.Error) and (
+        getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        or "disk is full" in str(e))
+
+
 class Journal:
     """Ships a read-write mount's journal and writes its checkpoints, while `lease` holds.
 
@@ -224,22 +234,18 @@ class Journal:
                 if self._wait_stopping(delay, even_when_stopping=True):
                     return
                 delay = min(delay * 2, 5.0)
-            except (sqlite3.OperationalError, OSError) as e:
-                if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            except Exception as e:  # noqa: BLE001 - keep shipping; the log says what failed
+                full = _disk_full(e)
+                if full:
+                    log.warning("journal shipping waits %.1f s: the local metadata database "
+                                "cannot be written (%s); free space on the disk of %s",
+                                delay, e, self.work_dir)
+                else:
                     log.exception("unexpected error while shipping the journal")
-                    if self._wait_stopping(delay, even_when_stopping=True):
-                        return
-                    continue
-                log.warning("journal shipping waits %.1f s: the local metadata database or "
-                            "its directory cannot be written (%s); if the disk of %s is "
-                            "full, free space there", delay, e, self.work_dir)
                 if self._wait_stopping(delay, even_when_stopping=True):
                     return
-                delay = min(delay * 2, 5.0)
-            except Exception:  # noqa: BLE001 - keep shipping; the log says what went wrong
-                log.exception("unexpected error while shipping the journal")
-                if self._wait_stopping(delay, even_when_stopping=True):
-                    return
+                if full:
+                    delay = min(delay * 2, 5.0)
 
     def _ship_once(self) -> None:
         with self._lock:
@@ -327,8 +333,8 @@ class Journal:
             return
         try:
             self.checkpoint()
-        except (sqlite3.OperationalError, OSError) as e:
-            if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        except Exception as e:
+            if not _disk_full(e):
                 raise
             self._checkpoint_retry_at = time.monotonic() + CHECKPOINT_RETRY
             log.warning("checkpoint postponed for %d s: its copy of the metadata database "

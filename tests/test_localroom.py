@@ -80,3 +80,16 @@ def test_a_directory_that_cannot_be_looked_at_refuses_nothing(tmp_path):
     room = LocalRoom(str(tmp_path / "gone"), 10 * MiB)
     room.check()
     assert room.low is None
+
+
+def test_only_a_full_disk_counts_as_a_full_disk():
+    import sqlite3
+
+    from fusefs.journal import _disk_full
+
+    assert _disk_full(sqlite3.OperationalError("database or disk is full"))
+    assert _disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert _disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not _disk_full(sqlite3.OperationalError("database is locked"))
+    assert not _disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not _disk_full(ValueError("database or disk is full"))

@@ -550,3 +550,39 @@ def _lose_a_group_then_unmount(m, small: str) -> None:
     finally:
         if m.mounted:
             m.force_unmount()
+
+
+def test_a_checkpoint_that_does_not_fit_leaves_nothing_and_is_told_apart(tmp_path):
+    """The checkpoint's compact copy is made next to the database: on a disk with room for
+    the copy but not for the rollback journal of what is then deleted in it, it fails as
+    "disk full" (the journal postpones it, `_disk_full`), nothing of the copy is left,
+    and the same checkpoint works once there is room. (A daemon filling a 24 MiB disk
+    left a checkpoint-*.db-journal per attempt; this does not reproduce that, so the
+    files are also removed with the copy, and at each mount: see the test above.)"""
+    from fusefs.checkpoint import write_checkpoint
+    from fusefs.journal import _disk_full
+    from fusefs.memstore import MemoryBlockStore
+    from fusefs.metadata import Metadata
+
+    with small_disk(tmp_path / "tight", "16m") as tight:
+        metadata = Metadata(os.path.join(tight, "metadata.db"), group_seconds=0)
+        try:
+            value = random.Random(11).randbytes(60 * KiB)
+            for i in range(10):  # about 1.2 MiB of rows and journal records
+                metadata.set_xattr(1, f"user.fill{i}".encode(), value)
+            metadata.snapshot(str(tmp_path / "probe.db"))  # how large the copy is
+            copy = os.path.getsize(tmp_path / "probe.db")
+            # Room for the copy, not for the rollback journal of the deletions made in it.
+            filler = os.path.join(tight, "filler")
+            with open(filler, "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, free_on(tight) - copy - 64 * KiB)
+            with pytest.raises(Exception) as failed:
+                write_checkpoint(MemoryBlockStore(), metadata, "fs", "chain", 1, tight)
+            assert _disk_full(failed.value), failed.value
+            assert sorted(os.listdir(tight)) == ["filler", "metadata.db", "metadata.db-shm",
+                                                 "metadata.db-wal"]
+            os.unlink(filler)  # room again: the same checkpoint works
+            assert write_checkpoint(MemoryBlockStore(), metadata, "fs", "chain", 1,
+                                    tight)["seq"] == metadata.seq
+        finally:
+            metadata.close()

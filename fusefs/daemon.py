@@ -287,7 +287,10 @@ def _serve(config: MountConfig, stack, sb, store, metadata, keeper, gate, writer
             "still waiting to upload %d bytes of %d files", dirty, files))
         if keeper is not None:
             keeper.close()
-        log.info("all data and metadata uploaded")
+        if metadata.failed:  # (the lines above name what was given up)
+            log.error("unmounting with changes that were not saved: %s", metadata.failed)
+        else:
+            log.info("all data and metadata uploaded")
 
     if meter is not None:
         meter.dirty_age = lambda: oldest_dirty_seconds(flusher)

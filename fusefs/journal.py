@@ -214,9 +214,9 @@ class Journal:
             with self._lock:
                 if self.lease.lost:
                     return
-                if self._stopping and self._pending is None and \
-                        self.metadata.seq == self._shipped:
-                    return
+                if self._stopping and (self.metadata.failed or (
+                        self._pending is None and self.metadata.seq == self._shipped)):
+                    return  # (a failed database can record no shipping: see _close)
                 if not self._stopping and not self._urgent():
                     self._changed.wait(self.ship_delay)
             try:
@@ -434,17 +434,17 @@ class Journal:
             self._stop_threads()
             return
         while True:
+            failed = self.metadata.failed
+            if failed:  # nothing more can be shipped or recorded: waiting is for ever
+                log.error("unmounting without shipping the last %d journal records: %s",
+                          self.metadata.seq - self._shipped, failed)
+                break
             try:
                 self.wait_durable(timeout=10)
                 break
             except Fenced:
                 break
             except errors.StorageError as e:
-                failed = self.metadata.failed
-                if failed:  # nothing more can be shipped or recorded: waiting is for ever
-                    log.error("unmounting without shipping the last %d journal records: %s",
-                              self.metadata.seq - self._shipped, failed)
-                    break
                 log.warning("unmount waits for the journal to reach the servers: %s", e)
                 if progress:
                     progress(e)

@@ -50,6 +50,9 @@ class LocalRoom:
         self.make_room = make_room
         self._clock = clock
         self._lock = threading.Lock()  # guards the fields below; statvfs runs outside it
+        # One shrink at a time: a thread that finds one under way only looks again, or
+        # every thread short of room at once would give back its own twice-the-reserve.
+        self._shrinking = threading.Lock()
         self._next_look = 0.0
         self._low: str | None = None  # the message while short of room
         self._told = -REMIND  # when the log last said so
@@ -73,15 +76,19 @@ class LocalRoom:
                 return
         try:
             free = self.free()
+            if free < self.reserve and self.make_room is not None:
+                if self._shrinking.acquire(blocking=False):
+                    try:
+                        freed = self.make_room(2 * self.reserve - free)
+                    finally:
+                        self._shrinking.release()
+                    if freed:
+                        log.info("local disk holding %s was short of room: the disk block "
+                                 "cache gave back %d MiB", self.path, freed >> 20)
+                free = self.free()
         except OSError as e:  # the directory is gone or unreadable: nothing to say here
             log.debug("statvfs of %s failed: %s", self.path, e)
             return
-        if free < self.reserve and self.make_room is not None:
-            freed = self.make_room(2 * self.reserve - free)
-            if freed:
-                log.info("local disk holding %s was short of room: the disk block cache "
-                         "gave back %d MiB", self.path, freed >> 20)
-                free = self.free()
         with self._lock:
             self._next_look = now + INTERVAL if free > NEAR * self.reserve else now
             if free >= self.reserve:

@@ -1304,7 +1304,10 @@ class _Transaction:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            self._md._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if not exc_type:
+                self._md._db.execute("COMMIT")
+            elif self._md._db.in_transaction:  # (SQLite may have rolled it back: disk full)
+                self._md._db.execute("ROLLBACK")
         finally:
             try:
                 if self._writes_namespace:

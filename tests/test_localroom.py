@@ -93,3 +93,27 @@ def test_only_a_full_disk_counts_as_a_full_disk():
     assert not _disk_full(sqlite3.OperationalError("database is locked"))
     assert not _disk_full(OSError(errno.EACCES, "Permission denied"))
     assert not _disk_full(ValueError("database or disk is full"))
+
+
+def test_one_shrink_at_a_time():
+    """A check that finds the disk short while another check is shrinking the cache does
+    not shrink it again (it would give back twice what is needed)."""
+    import threading
+
+    inside, go = threading.Event(), threading.Event()
+
+    class Slow(Disk):
+        def shrink(self, nbytes: int) -> int:
+            inside.set()
+            go.wait(5)
+            return super().shrink(nbytes)
+
+    disk = Slow(free=4 * MiB, cache=100 * MiB)
+    first = threading.Thread(target=disk.check)
+    first.start()
+    assert inside.wait(5)
+    with pytest.raises(FsError):  # still short: the first shrink has not given back yet
+        disk.check()
+    go.set()
+    first.join(5)
+    assert disk.asked == [16 * MiB] and disk.low is None

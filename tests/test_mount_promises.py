@@ -545,8 +545,11 @@ def _lose_a_group_then_unmount(m, small: str) -> None:
             with contextlib.suppress(OSError):
                 os.close(fd)
         m.umount()  # returns (the cli gives it 120 s) instead of hanging
-        if "lost its last" in m.logs():  # the group was lost (not always: timing)
-            assert "is lost, as nothing can be recorded" in m.logs()
+        logs = m.logs()
+        assert "lost its last" in logs  # the group was lost (4 runs of 4 here)
+        assert "is lost, as nothing can be recorded" in logs
+        assert "unmounting with changes that were not saved" in logs
+        assert "all data and metadata uploaded" not in logs.split("mounting filesystem")[-1]
     finally:
         if m.mounted:
             m.force_unmount()

@@ -117,6 +117,29 @@ CREATE TEMP TRIGGER IF NOT EXISTS inode_removed AFTER DELETE ON main.inodes BEGI
 END
 """
 
+# The number of inodes and the bytes the block maps reference (what statfs reports), kept
+# by TEMP triggers in a TEMP table of one row: counted once when the connection opens, then
+# changed in the same transaction as the rows they count (a rolled-back group rolls them
+# back too), so that a statfs, which `find` and `du` make at their start, costs one row
+# instead of a scan of both tables under the lock. Nothing of it is in the database file.
+# (recursive_triggers: a row that INSERT OR REPLACE replaces counts as deleted.)
+_TOTALS = (
+    "CREATE TEMP TABLE IF NOT EXISTS totals (files INTEGER NOT NULL, used INTEGER NOT NULL)",
+    "DELETE FROM temp.totals",
+    "INSERT INTO temp.totals SELECT (SELECT COUNT(*) FROM main.inodes), "
+    "(SELECT COALESCE(SUM(length), 0) FROM main.blocks)",
+    "CREATE TEMP TRIGGER IF NOT EXISTS totals_inode_added AFTER INSERT ON main.inodes "
+    "BEGIN UPDATE totals SET files=files+1; END",
+    "CREATE TEMP TRIGGER IF NOT EXISTS totals_inode_removed AFTER DELETE ON main.inodes "
+    "BEGIN UPDATE totals SET files=files-1; END",
+    "CREATE TEMP TRIGGER IF NOT EXISTS totals_block_added AFTER INSERT ON main.blocks "
+    "BEGIN UPDATE totals SET used=used+NEW.length; END",
+    "CREATE TEMP TRIGGER IF NOT EXISTS totals_block_removed AFTER DELETE ON main.blocks "
+    "BEGIN UPDATE totals SET used=used-OLD.length; END",
+    "CREATE TEMP TRIGGER IF NOT EXISTS totals_block_changed AFTER UPDATE OF length "
+    "ON main.blocks BEGIN UPDATE totals SET used=used+NEW.length-OLD.length; END",
+)
+
 _INODE_COLUMNS = ("ino", "mode", "uid", "gid", "nlink", "size", "atime_ns", "mtime_ns",
                   "ctime_ns", "rdev", "target")
 
@@ -257,8 +280,13 @@ class Metadata:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
+        # Before any TEMP object: a change of temp_store deletes them all.
+        db.execute("PRAGMA temp_store=MEMORY")
+        db.execute("PRAGMA recursive_triggers=ON")  # for _TOTALS
         db.executescript(_SCHEMA)
         db.execute(_INODE_REMOVED)
+        for statement in _TOTALS:
+            db.execute(statement)
         if "kind" not in {r[1] for r in db.execute("PRAGMA table_info(dentries)")}:
             # A database from before entries carried their file type: theirs stay unknown
             # (0; readdir then leaves the type to a lookup, as before).
@@ -758,11 +786,9 @@ class Metadata:
             return [r[0] for r in self._db.execute("SELECT ino FROM inodes WHERE nlink<=0")]
 
     def statistics(self) -> tuple[int, int]:
-        """(number of inodes, bytes of file data referenced)."""
+        """(number of inodes, bytes of file data referenced): one row (`_TOTALS`)."""
         with self._lock:
-            files = self._db.execute("SELECT COUNT(*) FROM inodes").fetchone()[0]
-            used = self._db.execute("SELECT COALESCE(SUM(length), 0) FROM blocks").fetchone()[0]
-        return files, used
+            return self._db.execute("SELECT files, used FROM temp.totals").fetchone()
 
     # -- block maps -------------------------------------------------------------------------
 

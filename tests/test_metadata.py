@@ -122,6 +122,7 @@ def test_a_change_failing_half_way_leaves_every_other_change_of_its_group(
             a.unlink(ROOT_INO, b"sub", sub, True, remove=True)
         assert a.lookup(ROOT_INO, b"sub") == sub and a.seq == len(OLD_RECORDS)
         assert dump(a) == before
+        assert a.statistics() == counted(a)  # the totals were rolled back with the rows
         monkeypatch.undo()
         monkeypatch.setattr(metadata_module, "now_ns", lambda: 5000)
         a.create(sub, b"after", FILE, 0, 0)
@@ -131,6 +132,7 @@ def test_a_change_failing_half_way_leaves_every_other_change_of_its_group(
         assert raws[:-1] == OLD_RECORDS and decode_record(raws[-1])[:2] == (24, "create")
         assert b.replay([decode_record(raw) for raw in raws], {}) == len(raws)
         assert dump(b) == dump(a)
+        assert b.statistics() == counted(b) == a.statistics()
     finally:
         a.close()
         b.close()
@@ -286,8 +288,15 @@ def test_cached_rows_names_and_xattr_owners_always_match_the_database(tmp_path, 
             owners = {r[0] for r in md._query("SELECT DISTINCT ino FROM xattrs")}
             for ino in owners:
                 assert md.xattr_names(ino), f"step {step} ({action}): xattrs of {ino} hidden"
+            assert md.statistics() == counted(md), f"step {step} ({action}): statfs totals"
     finally:
         core.close()
+
+
+def counted(md: Metadata) -> tuple[int, int]:
+    """What `statistics` keeps (inodes, bytes the block maps reference), by a scan."""
+    return tuple(md._query("SELECT (SELECT COUNT(*) FROM inodes), "
+                           "(SELECT COALESCE(SUM(length), 0) FROM blocks)")[0])
 
 
 def test_a_punch_record_replays_to_the_same_block_map_and_garbage(tmp_path):

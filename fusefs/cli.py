@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="free space kept on the disk of --cache-dir for the metadata "
                         "(default 64MiB): below it the disk block cache shrinks, then new "
                         "files, directories and attributes fail with ENOSPC until there "
-                        "is room again; removals, writes and fsync go on")
+                        "is room again; removals, writes and fsync go on (a read-only "
+                        "mount stops following the writer meanwhile)")
     p.add_argument("--dirty-limit", type=size_argument, default="256MiB", metavar="SIZE",
                    help="unsaved data held in memory before writers wait (default 256MiB)")
     p.add_argument("--read-only", action="store_true",
@@ -807,7 +808,8 @@ def _with_health(s: dict) -> dict:
     if s.get("local_room"):
         problems.append(f"local disk: {s['local_room']}")
     journal = s.get("journal") or {}
-    problems += [f"journal: {journal[k]}" for k in ("lost", "error") if journal.get(k)]
+    problems += [f"journal: {journal[k]}" for k in ("lost", "error", "stalled")
+                 if journal.get(k)]
     under, handoffs = health.get("under_replicated"), health.get("handoffs")
     # (None before the writer's first survey, a second or two after mounting: not known
     # to be unhealthy; a read-only mount leaves the survey to the writer)
@@ -928,7 +930,8 @@ def _journal_line(j: dict | None) -> str:
     if j is None:
         return "journal: off (changes stay on this machine)"
     if "following" in j:
-        return f"read-only, following the writer: at record {j['seq']}"
+        line = f"read-only, following the writer: at record {j['seq']}"
+        return line + (f"; STALLED: {j['stalled']}" if j.get("stalled") else "")
     if j.get("lost"):
         return f"READ-ONLY: {j['lost']}"
     behind = j["seq"] - j["shipped"]

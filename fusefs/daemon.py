@@ -39,7 +39,7 @@ from .host import new_mount_id
 from .journal import Journal
 from .lease import LEASE_SECONDS, Lease, new_lease
 from .loading import open_metadata
-from .localroom import DEFAULT_RESERVE, LocalRoom
+from .localroom import BEHIND, DEFAULT_RESERVE, REFUSED, LocalRoom
 from .metrics import MetricsError, MountMetrics, oldest_dirty_seconds, parse_address, status_file
 from .transport import Member, Transport, TransportConfig, at_given_urls
 
@@ -251,15 +251,16 @@ def _serve(config: MountConfig, stack, sb, store, metadata, keeper, gate, writer
                       dirty_limit=config.dirty_limit, max_age=config.flush_age,
                       collect_garbage=not config.read_only, durable=durable)
     stack.callback(flusher.close)
-    room = None
-    if not config.read_only:
-        room = LocalRoom(config.state_dir, config.local_reserve, make_room=cache.shrink_disk)
-        cache.room = room
+    # A read-only mount needs room too: its copy of the database takes the writer's changes.
+    room = LocalRoom(config.state_dir, config.local_reserve, make_room=cache.shrink_disk,
+                     consequence=BEHIND if config.read_only else REFUSED)
+    cache.room = room
     fs = Filesystem(metadata, cache, flusher, sb.block_size, capacity=store.capacity,
                     sync_on_close=config.sync_on_close, gate=gate, durable=durable,
                     read_only="mounted read-only" if config.read_only else None,
                     changes=keeper if config.read_only else None, room=room)
     if config.read_only:
+        keeper.room = room
         keeper.start()
         stack.callback(keeper.close)
     else:

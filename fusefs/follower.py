@@ -6,6 +6,16 @@ chain (a new writer), a checkpoint past n (the segments it needs were deleted), 
 replay meets a gap → following the checkpoint's chain again. It never writes to the
 cluster: a crash of a follower, or of the writer it follows, changes nothing on the
 servers; a follower that loses track reloads from the checkpoint the superblock names.
+
+*stalled*: the local disk under the state directory is short of room, so the local copy
+of the database must not take the writer's changes now: either the mount's `room` (a
+LocalRoom) finds less than its reserve free, after the disk block cache gave back what it
+could, or applying failed with the disk full (`localroom.disk_full`; replay is one
+transaction, so what did not fit is rolled back whole). The copy stays the filesystem as
+of its last record, and the mount goes on serving that; the log says so once a minute,
+`fusefs status` shows it (and exits 1), and each poll looks again, so following resumes
+by itself as soon as there is room. Stopping at the reserve, not at a full disk, leaves
+room for the status file and for SQLite to finish what it began.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import time
 from . import errors, superblock
 from .checkpoint import load_checkpoint
 from .loading import remove_database, replay_chain
+from .localroom import REMIND, disk_full
 from .metadata import RecordGap  # a record that does not follow the last one
 from .metadata import Metadata
 
@@ -41,6 +52,9 @@ class Follower:
         self.segment = next_segment
         self.interval = interval
         self._listeners: list = []  # called after each applied change
+        self.room = None  # a LocalRoom: while it is short, nothing is applied
+        self.stalled: str | None = None  # why the writer's changes cannot be applied now
+        self._told = 0.0  # when the log last said so
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="journal-follow", daemon=True)
 
@@ -60,19 +74,42 @@ class Follower:
         self._thread.join(timeout=15)
 
     def stats(self) -> dict:
-        return {"following": self.chain, "segment": self.segment, "seq": self.metadata.seq}
+        return {"following": self.chain, "segment": self.segment, "seq": self.metadata.seq,
+                "stalled": self.stalled}
 
     def _run(self) -> None:
         last_superblock = 0.0
         while not self._stop.wait(self.interval):
             try:
+                if self.room is not None:
+                    self.room.check()  # FsError(ENOSPC) while short of room
                 if self.catch_up() == 0 and time.monotonic() - last_superblock > 3:
                     last_superblock = time.monotonic()
                     self._check_superblock()
+                self._resumed()
             except errors.StorageError as e:
                 log.warning("cannot follow the journal right now: %s", e)
-            except Exception:  # noqa: BLE001 - a reader keeps serving what it has
-                log.exception("unexpected error while following the journal")
+            except errors.FsError:  # the room's ENOSPC (the room logs its own message)
+                self._stall(f"the disk under {self.work_dir} is short of room")
+            except Exception as e:  # noqa: BLE001 - a reader keeps serving what it has
+                if disk_full(e):
+                    self._stall(f"the disk under {self.work_dir} is full ({e})")
+                else:
+                    log.exception("unexpected error while following the journal")
+
+    def _stall(self, why: str) -> None:
+        """Short of local room: say so (once a minute); the next poll looks again."""
+        self.stalled = (f"the writer's changes are not applied here while {why}; showing "
+                        f"the filesystem as of record {self.metadata.seq}")
+        if time.monotonic() - self._told >= REMIND:
+            self._told = time.monotonic()
+            log.warning("%s; free space on that disk (or mount with a smaller "
+                        "--cache-size) and this mount catches up by itself", self.stalled)
+
+    def _resumed(self) -> None:
+        if self.stalled is not None:
+            self.stalled, self._told = None, 0.0
+            log.info("following the writer again, at record %d", self.metadata.seq)
 
     def catch_up(self) -> int:
         """Apply the segments that appeared since the last call; returns records applied."""

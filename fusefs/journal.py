@@ -28,9 +28,7 @@ taken while holding the metadata's lock or the lease's state lock.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import sqlite3
 import threading
 import time
 
@@ -42,6 +40,7 @@ from .checkpoint import checkpoint_blocks, write_checkpoint
 from .errors import Fenced
 from .lease import Lease
 from .leftovers import list_everything, live_blocks
+from .localroom import disk_full
 from .metadata import Metadata
 from .segments import encode_segment, fence_chain, segment_id
 
@@ -50,16 +49,6 @@ log = logging.getLogger("fusefs.journal")
 SEGMENT_RECORDS = 5000  # records per segment at most
 SEGMENT_BYTES = 4 << 20  # bytes per segment at most (servers refuse blocks over 16 MiB)
 CHECKPOINT_RETRY = 60  # seconds before a checkpoint that found no local room is tried again
-
-
-def _disk_full(e: BaseException) -> bool:
-    """The local disk (or the user's quota on it) is full: SQLite's SQLITE_FULL, or an
-    OSError saying so."""
-    if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(e, sqlite3.Error) and (
-        getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-        or "disk is full" in str(e))
 
 
 class Journal:
@@ -235,7 +224,7 @@ class Journal:
                     return
                 delay = min(delay * 2, 5.0)
             except Exception as e:  # noqa: BLE001 - keep shipping; the log says what failed
-                full = _disk_full(e)
+                full = disk_full(e)
                 if full:
                     log.warning("journal shipping waits %.1f s: the local metadata database "
                                 "cannot be written (%s); free space on the disk of %s",
@@ -334,7 +323,7 @@ class Journal:
         try:
             self.checkpoint()
         except Exception as e:
-            if not _disk_full(e):
+            if not disk_full(e):
                 raise
             self._checkpoint_retry_at = time.monotonic() + CHECKPOINT_RETRY
             log.warning("checkpoint postponed for %d s: its copy of the metadata database "

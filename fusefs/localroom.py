@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sqlite3
 import threading
 import time
 
@@ -38,14 +39,29 @@ DEFAULT_RESERVE = 64 << 20
 INTERVAL = 0.25  # seconds between looks while there is plenty of room
 NEAR = 4  # "plenty": more than NEAR x the reserve free
 REMIND = 60.0  # seconds between log lines while the disk stays short
+REFUSED = "new files, directories and attributes are refused (ENOSPC)"  # a read-write mount
+BEHIND = ("this read-only mount stops applying the writer's changes (it goes on showing "
+          "the filesystem as it was)")
+
+
+def disk_full(e: BaseException) -> bool:
+    """The local disk (or the user's quota on it) is full: SQLite's SQLITE_FULL, or an
+    OSError saying so. Any other error is not, whatever its message."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, sqlite3.Error) and (
+        getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        or "disk is full" in str(e))
 
 
 class LocalRoom:
     def __init__(self, path: str, reserve: int = DEFAULT_RESERVE, make_room=None,
-                 clock=time.monotonic):
+                 clock=time.monotonic, consequence: str = REFUSED):
         """`make_room(nbytes)` frees up to nbytes on that disk (the disk cache's
-        `shrink_disk`) and returns how much it freed."""
+        `shrink_disk`) and returns how much it freed. `consequence`: what being short of
+        room means for this mount, as the message says it."""
         self.path = path
+        self.consequence = consequence
         self.reserve = reserve
         self.make_room = make_room
         self._clock = clock
@@ -93,15 +109,14 @@ class LocalRoom:
             self._next_look = now + INTERVAL if free > NEAR * self.reserve else now
             if free >= self.reserve:
                 if self._low is not None:
-                    log.warning("local disk holding %s has room again (%d MiB free); new "
-                                "files are accepted again", self.path, free >> 20)
+                    log.warning("local disk holding %s has room again (%d MiB free)",
+                                self.path, free >> 20)
                 self._low = None
                 return
             self._low = (f"the local disk holding {self.path} has {free >> 20} MiB free, less "
                          f"than the {self.reserve >> 20} MiB fusefs keeps for its metadata; "
-                         "new files, directories and attributes are refused (ENOSPC) until "
-                         "there is room: free space on that disk, or mount with --cache-dir "
-                         "on another one")
+                         f"{self.consequence} until there is room: free space on that disk, "
+                         "or mount with --cache-dir on another one")
             remind = now - self._told >= REMIND
             if remind:
                 self._told = now

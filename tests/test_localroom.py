@@ -85,14 +85,14 @@ def test_a_directory_that_cannot_be_looked_at_refuses_nothing(tmp_path):
 def test_only_a_full_disk_counts_as_a_full_disk():
     import sqlite3
 
-    from fusefs.journal import _disk_full
+    from fusefs.localroom import disk_full
 
-    assert _disk_full(sqlite3.OperationalError("database or disk is full"))
-    assert _disk_full(OSError(errno.ENOSPC, "No space left on device"))
-    assert _disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
-    assert not _disk_full(sqlite3.OperationalError("database is locked"))
-    assert not _disk_full(OSError(errno.EACCES, "Permission denied"))
-    assert not _disk_full(ValueError("database or disk is full"))
+    assert disk_full(sqlite3.OperationalError("database or disk is full"))
+    assert disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not disk_full(sqlite3.OperationalError("database is locked"))
+    assert not disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not disk_full(ValueError("database or disk is full"))
 
 
 def test_one_shrink_at_a_time():

@@ -558,12 +558,12 @@ def _lose_a_group_then_unmount(m, small: str) -> None:
 def test_a_checkpoint_that_does_not_fit_leaves_nothing_and_is_told_apart(tmp_path):
     """The checkpoint's compact copy is made next to the database: on a disk with room for
     the copy but not for the rollback journal of what is then deleted in it, it fails as
-    "disk full" (the journal postpones it, `_disk_full`), nothing of the copy is left,
+    "disk full" (the journal postpones it, `localroom.disk_full`), nothing of the copy is left,
     and the same checkpoint works once there is room. (A daemon filling a 24 MiB disk
     left a checkpoint-*.db-journal per attempt; this does not reproduce that, so the
     files are also removed with the copy, and at each mount: see the test above.)"""
     from fusefs.checkpoint import write_checkpoint
-    from fusefs.journal import _disk_full
+    from fusefs.localroom import disk_full
     from fusefs.memstore import MemoryBlockStore
     from fusefs.metadata import Metadata
 
@@ -581,7 +581,7 @@ def test_a_checkpoint_that_does_not_fit_leaves_nothing_and_is_told_apart(tmp_pat
                 os.posix_fallocate(f.fileno(), 0, free_on(tight) - copy - 64 * KiB)
             with pytest.raises(Exception) as failed:
                 write_checkpoint(MemoryBlockStore(), metadata, "fs", "chain", 1, tight)
-            assert _disk_full(failed.value), failed.value
+            assert disk_full(failed.value), failed.value
             assert sorted(os.listdir(tight)) == ["filler", "metadata.db", "metadata.db-shm",
                                                  "metadata.db-wal"]
             os.unlink(filler)  # room again: the same checkpoint works

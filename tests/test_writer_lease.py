@@ -239,6 +239,51 @@ def test_clean_unmount_gives_the_lease_back(fusefs_mount, beside):
     write_file(os.path.join(other.path, "g"), b"the new writer writes")
 
 
+def test_a_read_only_mount_short_of_local_room_keeps_serving_and_catches_up(
+        fusefs_mount, beside, tmp_path):
+    """The disk under a read-only mount's --cache-dir fills up: its copy of the database
+    cannot take the writer's changes. Before, the follower logged a traceback at every poll,
+    the status file could not be written any more and `fusefs status` said all was well.
+    Now it stops applying at the reserve, goes on serving the filesystem as it was, says so
+    (a warning, no traceback; `fusefs status` names it and exits 1), and catches up by
+    itself once there is room."""
+    from .test_mount_promises import small_disk
+    m = fusefs_mount()
+    rng = random.Random(21)
+    before = write_file(os.path.join(m.path, "before"), rng.randbytes(300 * KiB))
+    attrs = os.path.join(m.path, "attrs")
+    write_file(attrs, b"")
+    with small_disk(tmp_path / "small", "40m") as small:
+        reader = beside(m, "reader")
+        reader.mount("--read-only", "--cache-dir-reserve", "16MiB", cache_dir=small)
+        wait_until(lambda: matches(reader.path, {"before": before}), "the reader to start",
+                   timeout=FOLLOW)
+        value = rng.randbytes(60 * KiB)  # 480 of them: more than the small disk holds
+        for i in range(480):
+            os.setxattr(attrs, f"user.fill{i}", value)
+
+        def status():
+            return reader.cli("status", reader.path, check=False)
+
+        wait_until(lambda: "STALLED" in status().stdout, "the reader to say it stopped",
+                   timeout=60)
+        shown = status()
+        assert shown.returncode == 1 and "short of room" in shown.stdout, shown.stdout
+        # It serves what it had, byte for byte, and refuses nothing it did not before.
+        assert matches(reader.path, {"before": before})
+        assert "fusefs.follower" in reader.logs() and "catches up by itself" in reader.logs()
+
+        after = write_file(os.path.join(m.path, "after"), rng.randbytes(100 * KiB))
+        subprocess.run(["mount", "-o", "remount,size=200m", small], check=True)
+        wait_until(lambda: matches(reader.path, {"before": before, "after": after}),
+                   "the reader to catch up once there is room", timeout=60)
+        assert os.getxattr(os.path.join(reader.path, "attrs"), "user.fill479") == value
+        wait_until(lambda: status().returncode == 0, "the reader's status to be healthy",
+                   timeout=FOLLOW)
+        assert "following the writer again" in reader.logs()
+        reader.umount()
+
+
 def test_mount_anywhere_with_an_empty_cache_reads_the_same(fusefs_mount, beside):
     m = fusefs_mount()
     rng = random.Random(4)

@@ -48,6 +48,7 @@ DISK_BACKLOG = 64 << 20
 # before (SCAN_SEEN ids remembered), so one pass over a file too large to keep neither
 # flushes the disk level nor pays a local write of every byte it reads (docs/cache.md).
 SCAN_SHARE = 2
+WRITE_REMIND = 60.0  # seconds between log lines while writes to the disk level fail
 SCAN_SEEN = 1 << 16
 _BAD = object()  # a disk cache file that is torn, not ours, or failed verification
 # A block's file in the disk cache: its bytes, then the xxh3-64 of each SEGMENT of them, then
@@ -167,6 +168,7 @@ class BlockCache:
         self._pending_bytes = 0
         self._written = threading.Condition(self._lock)
         self._writes: queue.SimpleQueue = queue.SimpleQueue()
+        self._unwritten, self._told_unwritten = 0, -WRITE_REMIND  # (the writer's own)
         self._writer = None
         self.room = None  # a LocalRoom: while it is low, nothing more is written to disk
         if self._dir:
@@ -621,13 +623,25 @@ class BlockCache:
                 _remove(tmp)
                 raise
         except OSError as e:
-            log.warning("cannot write block %s to the disk cache: %s", block_id, e)
+            self._write_failed(block_id, e)
             return
         with self._lock:
             evicted = self._disk.add(block_id, None, size)
             self._counts["evictions"] += len(evicted)
         for old in evicted:
             self._unlink(old)
+
+    def _write_failed(self, block_id: str, e: OSError) -> None:
+        """A write that failed is said once a minute, not once a block: a disk out of room
+        or out of inodes (which statvfs's free bytes do not show) fails every one. Called
+        on the writer thread only."""
+        self._unwritten += 1
+        now = time.monotonic()
+        if now - self._told_unwritten >= WRITE_REMIND:
+            log.warning("cannot write block %s to the disk cache in %s: %s (%d blocks left "
+                        "uncached since the last such line; they are read from the servers)",
+                        block_id, self._dir, e, self._unwritten)
+            self._told_unwritten, self._unwritten = now, 0
 
     def _unlink(self, block_id: str) -> None:
         _remove(self._path(block_id))

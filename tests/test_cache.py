@@ -3,6 +3,7 @@ flight, read-ahead, corruption of the disk level."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -369,6 +370,35 @@ def test_start_removes_write_debris_and_ignores_foreign_files(make_cache, tmp_pa
     assert os.listdir(tmp_path / "tmp") == []
     assert (tmp_path / "notes.txt").exists() and (tmp_path / "ab" / "not-an-id").exists()
     assert cache.stats()["disk_bytes"] == 0
+
+
+def test_a_disk_that_takes_no_more_files_is_said_once_not_per_block(
+        store, make_cache, tmp_path, caplog, monkeypatch):
+    """Out of inodes, statvfs still shows free bytes, so nothing else stops the writer
+    trying: every block fails to be written. The log says so once (a minute), with the
+    count, not once per block; reads go on from the servers."""
+    from fusefs import cache as cache_module
+    cache = make_cache(memory_bytes=0, disk_dir=str(tmp_path), disk_bytes=1 << 20)
+    real_open = os.open
+
+    def no_inodes(path, flags, *args):
+        if flags & os.O_CREAT:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(cache_module.os, "open", no_inodes)
+    blocks = [stored(store) for _ in range(5)]
+    with caplog.at_level(logging.WARNING, logger="fusefs.cache"):
+        for block_id, data, checksum in blocks:
+            assert cache.get(block_id, checksum) == data
+    said = [r for r in caplog.records if "cannot write block" in r.getMessage()]
+    assert len(said) == 1 and "No space left" in said[0].getMessage(), caplog.text
+    assert files_on_disk(str(tmp_path)) == {}
+    monkeypatch.setattr(cache_module, "WRITE_REMIND", 0.0)  # a minute later: said again,
+    block_id, data, checksum = stored(store)  # with the count of what was left uncached
+    with caplog.at_level(logging.WARNING, logger="fusefs.cache"):
+        assert cache.get(block_id, checksum) == data
+    said = [r.getMessage() for r in caplog.records if "cannot write block" in r.getMessage()]
+    assert len(said) == 2 and "(5 blocks left uncached" in said[1], said
 
 
 @pytest.mark.parametrize("disk", [(None, 1 << 20), ("dir", 0)])

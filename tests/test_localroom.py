@@ -117,3 +117,49 @@ def test_one_shrink_at_a_time():
     go.set()
     first.join(5)
     assert disk.asked == [16 * MiB] and disk.low is None
+
+
+def test_a_follower_on_a_full_disk_stalls_says_so_once_and_resumes(tmp_path, caplog):
+    """A read-only mount's follower whose replay fails with the disk full (no reserve left
+    to stop it first) is stalled: a warning, not a traceback, `stats()` says why, each poll
+    tries again, and the first poll that applies says it follows again. Any other error is
+    still logged as unexpected. (The mount-level test, with a reserve, is in
+    tests/test_writer_lease.py; this is the branch a reserve of 0 leaves.)"""
+    import logging
+    import sqlite3
+    import threading
+    from types import SimpleNamespace
+
+    from fusefs.follower import Follower
+    from fusefs.metadata import Metadata
+
+    md = Metadata(str(tmp_path / "metadata.db"), group_seconds=3600)
+    md.format(uid=0, gid=0)
+    sb = SimpleNamespace(checkpoint={"chain": "c"}, fs_id="f")
+    follower = Follower(None, None, sb, md, str(tmp_path), next_segment=0, interval=0.01)
+    failures = [sqlite3.OperationalError("database or disk is full")] * 3
+    polls = threading.Semaphore(0)
+    stalled_seen = []  # what stats() said at each poll
+
+    def catch_up():
+        stalled_seen.append(follower.stats()["stalled"])
+        polls.release()
+        if failures:
+            raise failures.pop()
+        return 1  # applied something: no superblock check in this test
+    follower.catch_up = catch_up
+    try:
+        with caplog.at_level(logging.INFO, logger="fusefs.follower"):
+            follower.start()
+            for _ in range(5):  # three failed polls, then two that apply
+                assert polls.acquire(timeout=30)
+            follower.close()
+    finally:
+        md.close()
+    said = [r for r in caplog.records if r.name == "fusefs.follower"]
+    assert [r.levelname for r in said] == ["WARNING", "INFO"], caplog.text
+    assert "disk is full" in said[0].getMessage() and "as of record" in said[0].getMessage()
+    assert "following the writer again" in said[1].getMessage()
+    assert stalled_seen[0] is None and "disk is full" in stalled_seen[1]  # while stalled
+    assert follower.stats()["stalled"] is None
+    assert not any(r.exc_info for r in said)

@@ -48,8 +48,8 @@ DISK_BACKLOG = 64 << 20
 # before (SCAN_SEEN ids remembered), so one pass over a file too large to keep neither
 # flushes the disk level nor pays a local write of every byte it reads (docs/cache.md).
 SCAN_SHARE = 2
-WRITE_REMIND = 60.0  # seconds between log lines while writes to the disk level fail
 SCAN_SEEN = 1 << 16
+WRITE_REMIND = 60.0  # seconds between log lines while writes to the disk level fail
 _BAD = object()  # a disk cache file that is torn, not ours, or failed verification
 # A block's file in the disk cache: its bytes, then the xxh3-64 of each SEGMENT of them, then
 # TRAILER (magic, the block's xxh3-128 checksum, its length): a read of a few KiB of a

@@ -137,7 +137,9 @@ def test_a_follower_on_a_full_disk_stalls_says_so_once_and_resumes(tmp_path, cap
     md.format(uid=0, gid=0)
     sb = SimpleNamespace(checkpoint={"chain": "c"}, fs_id="f")
     follower = Follower(None, None, sb, md, str(tmp_path), next_segment=0, interval=0.01)
-    failures = [sqlite3.OperationalError("database or disk is full")] * 3
+    # popped from the end: three full disks, then an error that is something else
+    failures = [sqlite3.OperationalError("database is locked"),
+                *[sqlite3.OperationalError("database or disk is full")] * 3]
     polls = threading.Semaphore(0)
     stalled_seen = []  # what stats() said at each poll
 
@@ -151,15 +153,16 @@ def test_a_follower_on_a_full_disk_stalls_says_so_once_and_resumes(tmp_path, cap
     try:
         with caplog.at_level(logging.INFO, logger="fusefs.follower"):
             follower.start()
-            for _ in range(5):  # three failed polls, then two that apply
+            for _ in range(6):  # four failed polls, then two that apply
                 assert polls.acquire(timeout=30)
             follower.close()
     finally:
         md.close()
     said = [r for r in caplog.records if r.name == "fusefs.follower"]
-    assert [r.levelname for r in said] == ["WARNING", "INFO"], caplog.text
+    assert [r.levelname for r in said] == ["WARNING", "ERROR", "INFO"], caplog.text
     assert "disk is full" in said[0].getMessage() and "as of record" in said[0].getMessage()
-    assert "following the writer again" in said[1].getMessage()
+    assert not said[0].exc_info  # a full disk: one line, no traceback
+    assert "unexpected" in said[1].getMessage() and said[1].exc_info  # anything else: as before
+    assert "following the writer again" in said[2].getMessage()
     assert stalled_seen[0] is None and "disk is full" in stalled_seen[1]  # while stalled
     assert follower.stats()["stalled"] is None
-    assert not any(r.exc_info for r in said)

@@ -269,7 +269,7 @@ def test_a_read_only_mount_short_of_local_room_keeps_serving_and_catches_up(
                    timeout=60)
         shown = status()
         assert shown.returncode == 1 and "short of room" in shown.stdout, shown.stdout
-        # It serves what it had, byte for byte, and refuses nothing it did not before.
+        # It serves what it had, byte for byte.
         assert matches(reader.path, {"before": before})
         assert "fusefs.follower" in reader.logs() and "catches up by itself" in reader.logs()
 

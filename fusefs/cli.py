@@ -39,6 +39,7 @@ commands, in the order you meet them:
   fusefs repair --servers URL           give every live block its R copies on its homes
   fusefs servers list|add|remove|replace  change the servers, online (drains first)
   fusefs status --servers URL           the whole cluster's health (exit 1 if not healthy)
+  mount.fusefs URL,... DIR -o OPTS      mount(8)'s helper: /etc/fstab lines of type fusefs
 
 environment: FUSEFS_SERVERS, FUSEFS_SECRET_FILE and FUSEFS_CACHE_DIR stand in for
 --servers, --secret-file and --cache-dir. Sizes take units: 4KiB, 1MiB, 2GiB."""
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "MOUNTPOINT; returns once it is mounted. A dead fusefs mount left "
                        "there by a daemon that died (kill -9, out of memory: 'Transport "
                        "endpoint is not connected') is detached first, then mounted again.")
+    parser.mount_parser = p  # the fstab helper reads its options (mount_helper)
     _add_cluster_args(p)
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--foreground", action="store_true", help="stay in the foreground")
@@ -503,30 +505,39 @@ def cmd_mount(args) -> int:
         from .daemon import run
 
         _log_to(os.path.join(config.state_dir, "fusefs.log"), args.verbose, also_stderr=True)
-        run(config)
+        try:
+            run(config)
+        except errors.MountRefused as e:
+            raise CliError(str(e)) from None
         return 0
     from .daemon import private_dir
 
     private_dir(config.state_dir)
     log_path = os.path.join(config.state_dir, "fusefs.log")
+    given = _INVOCATION or sys.argv[1:]
     argv = [sys.executable, "-m", "fusefs", *(["-v"] if args.verbose else []),
-            "mount", "--foreground", *sys.argv[sys.argv.index("mount") + 1:]]
+            "mount", "--foreground", *given[given.index("mount") + 1:]]
     with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log_file:
         os.fchmod(log_file.fileno(), 0o600)
+        began = log_file.seek(0, os.SEEK_END)  # this attempt's lines start here
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
                                  stderr=subprocess.STDOUT, start_new_session=True)
     while not _is_mounted(args.mountpoint):
         if child.poll() is not None:
-            raise CliError(f"mount failed:\n{_tail(log_path)}\n(full log: {log_path})")
+            raise CliError(f"mount failed:\n{_tail(log_path, since=began)}\n"
+                           f"(full log: {log_path})")
         time.sleep(0.05)
     print(f"mounted at {config.mountpoint} (log: {log_path})")
     return 0
 
 
-def _tail(path: str, lines: int = 15) -> str:
+def _tail(path: str, lines: int = 15, since: int = 0) -> str:
+    """The last `lines` lines of the log at `path`, of those from byte `since` on."""
     try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:]).rstrip()
+        with open(path, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        return "".join(text.splitlines(keepends=True)[-lines:]).rstrip() or "(nothing logged)"
     except FileNotFoundError:
         return "(no log)"
 
@@ -964,8 +975,18 @@ COMMANDS = {"fsck": cmd_fsck, "mkfs": cmd_mkfs, "mount": cmd_mount, "umount": cm
 RESULT_STATUSES = {"fsck", "gc", "repair", "scrub", "servers"}
 
 
+# The arguments main() was given: `mount` starts its daemon with the same ones.
+_INVOCATION: list[str] = []
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if len(given) >= 2 and "://" in given[0]:
+        from .mount_helper import main as helper  # mount.fuse's form: fusefs SOURCE DIR -o ...
+
+        return helper(given)
+    _INVOCATION[:] = given
+    args = build_parser().parse_args(given)
     if args.command != "mount" or not args.foreground:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")

@@ -317,24 +317,30 @@ def _mount(config: MountConfig, stack, sb, fs: Filesystem, finish, meter=None) -
              config.mountpoint, len(config.members), sb.replicas, sb.write_quorum)
     mountpoint = os.fsencode(os.path.abspath(config.mountpoint)).decode("latin-1")
     serve_session(lambda: Mount(ops, mountpoint, raw_fi=True, foreground=True,
-                                encoding="latin-1", **options), stop.stopping)
+                                encoding="latin-1", **options), stop.stopping, ops.started)
     stop.wait()  # a stop signal's upload and unmount, if the session ended under them
     log.info("unmounted %s", config.mountpoint)
 
 
-def serve_session(serve, stopping: threading.Event) -> None:
+def serve_session(serve, stopping: threading.Event, started: threading.Event) -> None:
     """Run the FUSE session (`serve`, fusepy's Mount: returns when it ends). An error from
     libfuse's loop (fusepy raises RuntimeError) once a stop signal started the unmount
     (`stopping`) ends it like the unmount: the kernel may end the session by aborting the
     connection (libfuse reads ECONNABORTED, not ENODEV, and returns 1), and everything was
-    uploaded before the unmount and again at the session's end (destroy). Before that, the
-    error is raised."""
+    uploaded before the unmount and again at the session's end (destroy). One before the
+    session `started` (FUSE's init) is libfuse refusing to mount: MountRefused, said in a
+    line under libfuse's own. Any other is raised."""
     try:
         serve()
     except RuntimeError as e:
-        if not stopping.is_set():
+        if stopping.is_set():
+            log.info("the FUSE session ended with status %s after the unmount", e)
+        elif not started.is_set():
+            raise errors.MountRefused("FUSE did not mount; libfuse's reason is its line "
+                                      "('fuse: ...') above: an unknown -o option? a "
+                                      "mountpoint it cannot use?") from None
+        else:
             raise
-        log.info("the FUSE session ended with status %s after the unmount", e)
 
 
 def _start_scrubber(config: MountConfig, stack, transport, lease: Lease):

@@ -44,6 +44,11 @@ class FsError(FusefsError):
         self.errno = code
 
 
+class MountRefused(FusefsError):
+    """libfuse did not mount (it printed its reason just before: an unknown -o option, a
+    mountpoint it cannot use)."""
+
+
 class MetadataFailed(FusefsError):
     """The local metadata database lost changes it had accepted (a failed group commit)."""
 

@@ -172,6 +172,7 @@ class FuseOps(Operations):
         if refresher is not None:
             refresher.busy = self._renaming
         self._lock = threading.Lock()
+        self.started = threading.Event()  # set by init: the kernel mounted us
         self.paths = PathCache(self._lookup, ROOT_INO, pinned=self._hidden_ino)
         # hidden name -> inode of an open file whose last name is gone. libfuse makes each
         # name unique in the mount (node id and a counter), so the name alone is the key:
@@ -552,6 +553,9 @@ class FuseOps(Operations):
     @_op
     def statfs(self, path):
         return self.fs.statfs()
+
+    def init(self, path):
+        self.started.set()
 
     def destroy(self, path):
         try:

@@ -61,6 +61,7 @@ TIERS = {
     "test_antientropy": "unit",
     "test_progress": "unit",
     "test_localroom": "unit",
+    "test_mount_helper": "unit",
     "test_admin": "unit",
     "test_filesystem_core": "unit",
     "test_blockserver_spares": "unit",

@@ -31,7 +31,7 @@ import time
 
 import pytest
 
-from fusefs import daemon
+from fusefs import daemon, errors
 
 from .support import REPO, alive, read_through, sha256_of, wait_until
 
@@ -552,15 +552,20 @@ def test_finishing_runs_once_and_a_second_caller_waits_for_the_first():
 def test_an_error_ending_the_session_is_a_clean_end_only_after_a_stop_signal(caplog):
     """The daemon's side of what CI met once: libfuse's loop returning an error (fusepy
     raises RuntimeError) after a stop signal started the unmount ends the session like
-    the unmount, said at info level; before any signal it is raised, as a failure."""
+    the unmount, said at info level; before any signal it is raised, as a failure; and
+    before the session started (libfuse refused to mount) it is MountRefused, which the
+    command line says in one line instead of a traceback."""
     def failing_session():
         raise RuntimeError(1)
-    stopping = threading.Event()
+    stopping, started = threading.Event(), threading.Event()
+    with pytest.raises(errors.MountRefused, match="libfuse's reason"):
+        daemon.serve_session(failing_session, stopping, started)
+    started.set()
     with pytest.raises(RuntimeError):
-        daemon.serve_session(failing_session, stopping)
+        daemon.serve_session(failing_session, stopping, started)
     stopping.set()
     with caplog.at_level(logging.INFO, logger="fusefs.daemon"):
-        daemon.serve_session(failing_session, stopping)
+        daemon.serve_session(failing_session, stopping, started)
     assert "ended with status 1 after the unmount" in caplog.text
 
 

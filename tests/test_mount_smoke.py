@@ -1,7 +1,14 @@
 """The smallest end-to-end check: a real mount on real servers survives a remount."""
 
+import errno
 import hashlib
 import os
+import subprocess
+import sys
+
+import pytest
+
+from .support import alive, wait_until
 
 
 def test_write_fsync_remount_identical(fusefs_mount):
@@ -31,3 +38,104 @@ def test_mounting_servers_with_no_filesystem_says_how_to_make_one(fusefs_mount, 
     assert refused.returncode != 0 and not m.mounted
     assert "no filesystem on these servers" in refused.stderr, refused.stderr
     assert "fusefs mkfs" in refused.stderr, refused.stderr
+
+
+# -- /etc/fstab: the mount.fusefs helper ---------------------------------------------------
+
+HELPER = os.path.join(os.path.dirname(sys.executable), "mount.fusefs")
+SBIN_HELPER = "/sbin/mount.fusefs"
+
+
+def _wait_for_daemon_exit(pid: int) -> None:
+    wait_until(lambda: not alive(pid), f"the daemon {pid} to exit", timeout=60)
+
+
+def test_the_fstab_helper_mounts_and_a_plain_umount_uploads_everything(fusefs_mount):
+    """mount(8)'s calling convention: `mount.fusefs SERVERS DIR -o OPTIONS`, with
+    fstab-only options mixed in; it returns once mounted, exit 0. A plain umount(8) (what
+    shutdown does) still uploads the data written just before it."""
+    m = fusefs_mount(secret=b"s" * 32)
+    m.umount()
+    options = (f"defaults,_netdev,nofail,x-systemd.requires=network-online.target,"
+               f"secret-file={m.secret_file},cache_dir={m.cache_dir},noatime")
+    done = subprocess.run([HELPER, m.urls, m.path, "-o", options], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert m.mounted
+    table = open("/proc/self/mountinfo").read()
+    assert any(line.split()[4] == m.path and "noatime" in line.split()[5]
+               for line in table.splitlines()), "noatime did not reach FUSE"
+    data = os.urandom(5 << 20)
+    with open(os.path.join(m.path, "late.bin"), "wb") as f:
+        f.write(data)  # no fsync: only the unmount's upload saves it
+    pid = m.daemon_pid()
+    subprocess.run(["umount", m.path], check=True, timeout=120)
+    _wait_for_daemon_exit(pid)
+    m.mount()
+    with open(os.path.join(m.path, "late.bin"), "rb") as f:
+        assert f.read() == data
+
+
+def test_the_fstab_helper_refuses_what_it_cannot_mount_with_mounts_exit_statuses(
+        fusefs_mount):
+    """1 for a wrong invocation (said before anything starts), 32 for a mount that
+    failed, with the daemon's reason; nothing is left mounted."""
+    m = fusefs_mount()
+    m.umount()
+    wrong = subprocess.run([HELPER, m.urls, m.path, "-o", f"cache-dir,servers={m.urls}"],
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 1 and "needs a value" in wrong.stderr, wrong.stderr
+    failed = subprocess.run([HELPER, m.urls, m.path, "-o",
+                             f"cache-dir={m.cache_dir},no_such_fuse_option"],
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 32, failed.stderr
+    assert "no_such_fuse_option" in failed.stderr, failed.stderr
+    assert "FUSE did not mount" in failed.stderr and "Traceback" not in failed.stderr
+    assert not m.mounted
+    m.mount()  # and the filesystem is none the worse for it
+    assert m.mounted
+
+
+def test_an_fstab_line_mounts_with_mount_8_read_only_beside_the_writer(fusefs_mount,
+                                                                        tmp_path):
+    """The whole path a user takes: a line in an fstab, `mount DIR` (here `mount -T` reads
+    a private fstab), and umount(8). `ro` is a read-only mount beside the writer."""
+    if os.path.lexists(SBIN_HELPER) and os.path.realpath(SBIN_HELPER) != \
+            os.path.realpath(HELPER):
+        pytest.skip(f"{SBIN_HELPER} belongs to another installation")
+    m = fusefs_mount()
+    with open(os.path.join(m.path, "shared.txt"), "w") as f:
+        f.write("from the writer\n")
+        f.flush()
+        os.fsync(f.fileno())
+    reader = str(tmp_path / "reader")
+    os.makedirs(reader)
+    fusefs_mount.track(reader, str(tmp_path / "reader-cache"), m.servers)
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"# fusefs, read-only\n{m.urls}  {reader}  fusefs  "
+                     f"ro,cache-dir={tmp_path / 'reader-cache'},_netdev,nofail  0  0\n")
+    installed = not os.path.lexists(SBIN_HELPER)
+    if installed:
+        os.symlink(HELPER, SBIN_HELPER)
+    try:
+        done = subprocess.run(["mount", "-T", str(fstab), reader], capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        if installed:
+            os.unlink(SBIN_HELPER)
+    assert done.returncode == 0, done.stderr
+    with open(os.path.join(reader, "shared.txt")) as f:
+        assert f.read() == "from the writer\n"
+    with pytest.raises(OSError) as refused:
+        open(os.path.join(reader, "new.txt"), "w")
+    assert refused.value.errno == errno.EROFS
+    pid = _mount_pid(reader)
+    subprocess.run(["umount", reader], check=True, timeout=120)
+    _wait_for_daemon_exit(pid)
+    assert m.mounted  # the writer goes on
+
+
+def _mount_pid(path: str) -> int:
+    from fusefs.mounts import read_registry
+
+    return read_registry(path)["pid"]

@@ -1,0 +1,137 @@
+"""`mount.fusefs`: the helper mount(8) runs for a filesystem of type `fusefs`, so that an
+/etc/fstab line (mounted at boot, or by `mount DIR`) and `mount -t fusefs` work.
+
+mount(8) calls a helper as `mount.fusefs SOURCE DIR [-sfnv] [-N NS] [-o OPTIONS]`. For us
+SOURCE is the block server URLs, comma-separated (what `--servers` takes), and OPTIONS
+mixes three kinds, told apart here:
+- fusefs's own mount options, spelled as the long option without its dashes
+  (`secret-file=/etc/fusefs/secret`, `cache-dir=...`, `sync-on-close`), and `ro`, which is
+  `--read-only`;
+- options meant for mount(8) or systemd alone (`defaults`, `noauto`, `nofail`, `_netdev`,
+  `x-systemd.*`, ...), dropped;
+- everything else, handed to FUSE as `-o` (`allow_other`, `noatime`, `attr_timeout=5`).
+
+Then it runs `fusefs mount`, which returns once the filesystem is mounted; its daemon
+lives on detached. Exit status as mount(8) expects of a helper: 0 mounted, 1 a wrong
+invocation, 32 the mount failed. `fusefs SOURCE DIR -o OPTIONS` (what mount.fuse runs for
+type `fuse.fusefs`) comes here too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+# mount(8)'s exit statuses for a helper
+USAGE, FAILED = 1, 32
+
+# Options that only mount(8), fstab or systemd read: a helper never passes them on.
+MOUNT_ONLY = {"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group",
+              "nofail", "_netdev", "netdev", "rw", "loop"}
+MOUNT_ONLY_PREFIXES = ("x-", "X-", "comment=", "X-mount.")
+# `fusefs mount` options that make no sense in fstab: the source names the servers, and
+# mount(8) needs the helper to return once mounted.
+NOT_IN_FSTAB = {"servers", "foreground", "help"}
+
+
+class HelperError(Exception):
+    """A wrong invocation, said in one line."""
+
+
+def fusefs_options() -> dict[str, bool]:
+    """`fusefs mount`'s long options, without dashes -> whether it takes a value."""
+    from .cli import build_parser
+
+    found = {}
+    for action in build_parser().mount_parser._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--") and action.help != argparse.SUPPRESS:
+                found[flag[2:]] = action.nargs != 0
+    return {name: takes for name, takes in found.items() if name not in NOT_IN_FSTAB}
+
+
+def translate(source: str, directory: str, options: list[str], known=None) -> list[str]:
+    """The `fusefs` arguments for `mount.fusefs SOURCE DIR -o OPTIONS` (`options` the
+    -o values as given, each comma-separated). Raises HelperError."""
+    known = fusefs_options() if known is None else known
+    if not source or source.startswith("-"):
+        raise HelperError("the source (fstab's first field) must be the block server URLs, "
+                          "comma-separated, e.g. http://10.0.0.5:7001,http://10.0.0.6:7001")
+    ours, fuse = [], []
+    for option in (o.strip() for text in options for o in text.split(",")):
+        name, eq, value = option.partition("=")
+        if not option or option in MOUNT_ONLY or option.startswith(MOUNT_ONLY_PREFIXES):
+            continue
+        if option == "ro":
+            ours.append("--read-only")
+            continue
+        key = name.replace("_", "-")
+        if key in NOT_IN_FSTAB:
+            raise HelperError(f"option {name!r} cannot be used here" + (
+                ": the servers are the source (fstab's first field)" if key == "servers"
+                else ""))
+        if key not in known:
+            fuse.append(option)  # FUSE's to accept or refuse
+        elif known[key] and not (eq and value):
+            raise HelperError(f"option {name!r} needs a value: {name}=...")
+        elif not known[key] and eq:
+            raise HelperError(f"option {name!r} takes no value")
+        else:
+            ours += [f"--{key}", value] if known[key] else [f"--{key}"]
+    return ["mount", "--servers", source, *ours,
+            *(["-o", ",".join(fuse)] if fuse else []), directory]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mount.fusefs", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Mount a fusefs filesystem the way mount(8) does for type fusefs: "
+        "link this program as /sbin/mount.fusefs, and an /etc/fstab line mounts it at boot "
+        "or with `mount DIR`.",
+        epilog="example /etc/fstab line (one line):\n"
+        "  http://10.0.0.5:7001,http://10.0.0.6:7001,http://10.0.0.7:7001  /srv/data  fusefs"
+        "\n    secret-file=/etc/fusefs/secret,cache-dir=/var/cache/fusefs,_netdev,"
+        "allow_other  0  0\n\n"
+        "options: `fusefs mount`'s long options without their dashes (secret-file=F, "
+        "cache-dir=DIR,\nsync-on-close, ...), `ro` for --read-only; mount(8)'s own "
+        "(defaults, noauto, nofail,\n_netdev, x-systemd.*) are ignored; the rest go to "
+        "FUSE (allow_other, noatime, ...).\n"
+        "exit status: 0 mounted, 1 wrong invocation, 32 the mount failed.")
+    p.add_argument("source", metavar="SERVERS", help="block server URLs, comma-separated")
+    p.add_argument("directory", metavar="DIR", help="where to mount")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
+    p.add_argument("-f", dest="fake", action="store_true",
+                   help="check and show what would run, mount nothing")
+    p.add_argument("-v", dest="verbose", action="store_true", help="show what runs")
+    p.add_argument("-s", dest="sloppy", action="store_true", help="accepted; no effect")
+    p.add_argument("-n", dest="no_mtab", action="store_true", help="accepted; no effect")
+    p.add_argument("-N", dest="namespace", metavar="NS",
+                   help="not supported: mount from inside the namespace instead")
+    p.add_argument("-t", dest="type", metavar="TYPE", help="accepted (fusefs)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:
+        return 0 if e.code == 0 else USAGE
+    try:
+        if args.namespace:
+            raise HelperError("-N is not supported: run mount inside the namespace")
+        command = translate(args.source, args.directory, args.options)
+    except HelperError as e:
+        print(f"mount.fusefs: {e}", file=sys.stderr)
+        return USAGE
+    if args.verbose or args.fake:
+        print("fusefs " + shlex.join(command), file=sys.stderr)
+    if args.fake:
+        return 0
+    from .cli import main as fusefs_main
+
+    try:
+        status = fusefs_main(command)
+    except SystemExit as e:  # argparse refused a value (it said why)
+        return USAGE if e.code == 2 else FAILED
+    return 0 if status == 0 else FAILED

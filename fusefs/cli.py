@@ -60,6 +60,29 @@ def _servers(text: str) -> list[str]:
     return urls
 
 
+def _lease_seconds(text: str) -> float:
+    """argparse type of --lease-seconds: renewed every third of it, so at least 2 s (a
+    lease of 0 would be lapsed always, and every change of the mount would fail)."""
+    value = _seconds(text)
+    if value < MIN_LEASE_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r}: a lease lasts at least "
+                                         f"{MIN_LEASE_SECONDS:g} seconds")
+    return value
+
+
+def _readable_file(text: str) -> str:
+    """argparse type of a file read later (a CA bundle): there and readable now."""
+    try:
+        with open(text, "rb"):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {e.strerror}") from None
+    return text
+
+
+MIN_LEASE_SECONDS = 2.0
+
+
 def _seconds(text: str) -> float:
     """argparse type of a delay: a number of seconds, 0 or more."""
     try:
@@ -76,7 +99,8 @@ def _add_cluster_args(p: argparse.ArgumentParser) -> None:
                    metavar="URL[,URL...]", help="block server URLs (env FUSEFS_SERVERS)")
     p.add_argument("--secret-file", default=os.environ.get("FUSEFS_SECRET_FILE"), metavar="F",
                    help="the cluster's shared secret (env FUSEFS_SECRET_FILE)")
-    p.add_argument("--tls-ca", metavar="PEM", help="CA bundle to verify https servers with")
+    p.add_argument("--tls-ca", type=_readable_file, metavar="PEM",
+                   help="CA bundle to verify https servers with")
 
 
 def metrics_address(text: str) -> str:
@@ -135,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-only", action="store_true",
                    help="mount read-only, beside the writer if there is one: shows its "
                         "changes within a few seconds")
-    p.add_argument("--lease-seconds", type=float, default=30.0, metavar="S",
-                   help="how long the writer lease lasts unless renewed (default 30). If "
+    p.add_argument("--lease-seconds", type=_lease_seconds, default=30.0, metavar="S",
+                   help="how long the writer lease lasts unless renewed (default 30, at "
+                        "least 2). If "
                         "this machine dies, another can mount read-write after this long")
     p.add_argument("--sync-on-close", action="store_true",
                    help="close() of a file opened for writing returns only once the file "
@@ -148,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "exactly ADDR and has no authentication: use 127.0.0.1 unless the "
                         "network is trusted")
     p.add_argument("--unsafe-no-journal", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--rehome-after", type=float, default=600.0, metavar="SECONDS",
+    p.add_argument("--rehome-after", type=_seconds, default=600.0, metavar="SECONDS",
                    help="when a block server has been down this long, the writer gives its "
                         "blocks their R copies on other servers (moved back when it returns; "
                         "default 600, 0: at once)")
@@ -157,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "mounting (default 30: the mount's first seconds are its user's), or "
                         "sooner when a server's state calls for one. 0: at once, e.g. after "
                         "servers came back from a failure this mount did not see")
-    p.add_argument("--scrub-interval", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--scrub-interval", type=_seconds, default=0.0, metavar="SECONDS",
                    help="scrub in the background: verify every copy on every server slowly "
                         "(a few MiB/s) and repair bad ones, one pass every SECONDS (default "
                         "0: off; `fusefs up` uses a day). Read-write mounts only")
@@ -499,8 +524,16 @@ def _check_mountpoint(path: str) -> None:
 
 
 def cmd_mount(args) -> int:
+    from .daemon import private_dir
+
     _check_mountpoint(args.mountpoint)
     config = _mount_config(args)
+    try:
+        private_dir(config.state_dir)
+    except OSError as e:
+        raise CliError(f"cannot use the cache directory {os.path.dirname(config.state_dir)}: "
+                       f"{e.strerror} ({e.filename}); give --cache-dir a directory this user "
+                       "can write") from None
     if args.foreground:
         from .daemon import run
 
@@ -510,9 +543,6 @@ def cmd_mount(args) -> int:
         except errors.MountRefused as e:
             raise CliError(str(e)) from None
         return 0
-    from .daemon import private_dir
-
-    private_dir(config.state_dir)
     log_path = os.path.join(config.state_dir, "fusefs.log")
     given = _INVOCATION or sys.argv[1:]
     argv = [sys.executable, "-m", "fusefs", *(["-v"] if args.verbose else []),

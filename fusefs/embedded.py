@@ -80,8 +80,13 @@ def _start_server(root: str, index: int, server: dict, secret: str) -> None:
 
 def up(directory: str) -> int:
     root = os.path.abspath(directory)
-    for sub in ("servers", "cache"):
-        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    try:
+        for sub in ("servers", "cache"):
+            os.makedirs(os.path.join(root, sub), exist_ok=True)
+    except OSError as e:
+        print(f"fusefs up: cannot use {root}: {e.strerror} ({e.filename}); give a "
+              "directory this user can write", file=sys.stderr)
+        return 1
     secret = _secret(root)
     cluster = _load(root)
     for index, server in enumerate(cluster["servers"]):
@@ -129,6 +134,10 @@ def _mount(mnt: str, args: list[str]) -> int:
 
 def down(directory: str) -> int:
     root = os.path.abspath(directory)
+    if not os.path.exists(os.path.join(root, "cluster.json")):
+        print(f"nothing to take down: {root} holds no fusefs (`fusefs up {directory}` "
+              "would make one there)")
+        return 0
     mnt = os.path.join(root, "mnt")
     result = _fusefs("umount", mnt)
     if result.returncode != 0 and "nothing is mounted" not in result.stderr:

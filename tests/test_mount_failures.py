@@ -643,6 +643,50 @@ def test_mount_and_mkfs_refusals_say_why(fusefs_mount, tmp_path):
         assert f.read() == b"still here"
 
 
+def test_mount_arguments_it_cannot_use_are_refused_before_anything_mounts(fusefs_mount,
+                                                                          tmp_path):
+    """Each wrong value is named, with what to give instead, and nothing is mounted; no
+    traceback. (A lease of 0 s used to mount, then fail every change with EIO; a cache
+    directory that is a file ended in a traceback.)"""
+    m = fusefs_mount()
+    m.umount()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    fusefs_mount.track(m.path, a_file)
+    cases = [
+        (["--cache-dir", str(a_file)], "cannot use the cache directory"),
+        (["--lease-seconds", "0"], "a lease lasts at least 2 seconds"),
+        (["--lease-seconds", "-3"], "not a number of seconds"),
+        (["--rehome-after", "-1"], "not a number of seconds"),
+        (["--scrub-interval", "-1"], "not a number of seconds"),
+        (["--tls-ca", str(tmp_path / "missing.pem")], "cannot read"),
+        (["-o", "no_such_fuse_option"], "FUSE did not mount"),
+    ]
+    for extra, said in cases:
+        refused = m.cli("mount", *m.cluster_args(), "--cache-dir", m.cache_dir, *extra,
+                        m.path, check=False)
+        assert refused.returncode != 0, extra
+        assert said in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+        assert not m.mounted, extra
+    m.mount()
+    assert m.mounted
+
+
+def test_up_and_down_of_a_directory_they_cannot_use(tmp_path):
+    """`up` on a path that is a file says so (it was a traceback); `down` of a directory
+    that holds no fusefs says there is nothing to take down, and succeeds."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    up = subprocess.run([sys.executable, "-m", "fusefs", "up", str(a_file)],
+                        capture_output=True, text=True, timeout=60)
+    assert up.returncode == 1 and "cannot use" in up.stderr, up.stderr
+    assert "Traceback" not in up.stderr
+    down = subprocess.run([sys.executable, "-m", "fusefs", "down", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0 and "nothing to take down" in down.stdout, down.stderr
+    assert not (tmp_path / "none").exists()
+
+
 def test_mount_with_a_wrong_secret_says_so(fusefs_mount, tmp_path):
     m = fusefs_mount(secret=b"s" * 32)
     wrong = tmp_path / "wrong-secret"

@@ -863,3 +863,28 @@ def test_request_bodies_held_in_memory_are_bounded(blockservers):
     r = exchange(server, put_head(block_id, len(other), protocol.checksum(other)) + other)
     assert r.status == 201
     assert_serving(server)
+
+
+# -- the command line ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, said", [
+    (["--listen", "127.0.0.1:99999"], "a port is 0 to 65535"),
+    (["--listen", "127.0.0.1"], "is not HOST:PORT"),
+    (["--data", "{file}", "--listen", "127.0.0.1:0"], "cannot use data directory"),
+    (["--listen", "127.0.0.1:0", "--tls-cert", "{file}", "--tls-key", "{file}"],
+     "cannot load TLS certificate"),
+])
+def test_serve_arguments_it_cannot_use_are_refused_in_one_line(tmp_path, extra, said):
+    """A wrong value is named, without a traceback (a port above 65535 was one), and
+    the server does not start."""
+    import subprocess
+    import sys
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    extra = [a.replace("{file}", str(a_file)) for a in extra]
+    data = [] if "--data" in extra else ["--data", str(tmp_path / "d")]
+    done = subprocess.run([sys.executable, "-m", "blockserver", "serve", *data, *extra],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0 and "serving" not in done.stdout
+    assert said in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import json
 import logging
+import logging.handlers
 import os
 import signal
 import subprocess
@@ -572,13 +573,43 @@ def _tail(path: str, lines: int = 15, since: int = 0) -> str:
         return "(no log)"
 
 
+# The daemon's log is kept to LOG_BYTES, then moved to fusefs.log.1 (and .1 to .2 ...),
+# LOG_BACKUPS of them: at most 32 MiB for years of running, whatever a failing loop says.
+LOG_BYTES = 8 << 20
+LOG_BACKUPS = 3
+
+
+class DaemonLog(logging.handlers.RotatingFileHandler):
+    """The daemon's log file, rotated by size. The background daemon's stdout and stderr
+    are the log file too (libfuse's messages, a crash's traceback): after a rotation they
+    follow to the new file, instead of writing on into the moved one."""
+
+    def __init__(self, path: str, max_bytes: int = LOG_BYTES, backups: int = LOG_BACKUPS):
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups)
+        self._std = [fd for fd in (1, 2) if _same_file(fd, self.stream.fileno())]
+
+    def doRollover(self) -> None:
+        super().doRollover()
+        for fd in self._std:
+            os.dup2(self.stream.fileno(), fd)
+        os.chmod(self.baseFilename, 0o600)
+
+
+def _same_file(fd: int, other: int) -> bool:
+    try:
+        a, b = os.fstat(fd), os.fstat(other)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def _log_to(path: str, verbose: bool, also_stderr: bool = False) -> None:
     from .daemon import private_dir
 
     private_dir(os.path.dirname(path))
     os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
     os.chmod(path, 0o600)
-    handlers = [logging.FileHandler(path)]
+    handlers = [DaemonLog(path)]
     if also_stderr and sys.stderr.isatty():
         handlers.append(logging.StreamHandler())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers,

@@ -95,3 +95,35 @@ def test_hand_offs_judged_by_an_old_membership_are_not_deleted():
     store.set_membership([A, B, C], [D])  # a renewal adopted the drain of D
     view["now"] = ([A, B, C], [D])
     assert not repairer._view_current()
+
+
+def test_the_daemon_log_is_rotated_by_size_and_stderr_follows_it(tmp_path):
+    """Years of running (or a loop that fails and says so every minute) keep the log
+    directory bounded: fusefs.log plus LOG_BACKUPS moved files of at most LOG_BYTES. The
+    background daemon's stderr is the log file; after a rotation what it writes (libfuse's
+    messages, a crash's traceback) lands in the new fusefs.log, not the moved one. Run in
+    a child process, whose stderr is the log as the daemon's is."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "fusefs.log"
+    program = f"""
+import logging, os, sys
+from fusefs.cli import DaemonLog
+handler = DaemonLog({str(log)!r}, max_bytes=20_000, backups=2)
+logging.basicConfig(level=logging.INFO, handlers=[handler], format="%(message)s")
+for i in range(2000):
+    logging.getLogger("x").info("line %05d %s", i, "." * 40)
+os.write(2, b"from stderr after the rotations\\n")
+"""
+    with open(log, "ab") as out:
+        done = subprocess.run([sys.executable, "-c", program], stdout=out, stderr=out,
+                              cwd=cli.__file__.rsplit("/fusefs/", 1)[0], timeout=60)
+    assert done.returncode == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["fusefs.log", "fusefs.log.1", "fusefs.log.2"]
+    for p in tmp_path.iterdir():
+        assert p.stat().st_size <= 20_000 + 200, p
+        assert p.stat().st_mode & 0o077 == 0, p
+    text = log.read_text()
+    assert "line 01999" in text and text.rstrip().endswith("from stderr after the rotations")

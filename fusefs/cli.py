@@ -582,17 +582,45 @@ LOG_BACKUPS = 3
 class DaemonLog(logging.handlers.RotatingFileHandler):
     """The daemon's log file, rotated by size. The background daemon's stdout and stderr
     are the log file too (libfuse's messages, a crash's traceback): after a rotation they
-    follow to the new file, instead of writing on into the moved one."""
+    follow to the new file, instead of writing on into the moved one.
 
-    def __init__(self, path: str, max_bytes: int = LOG_BYTES, backups: int = LOG_BACKUPS):
+    A line the file cannot take (its disk is full: a read-only mount with no
+    --cache-dir-reserve left) goes to the system log at `syslog` if the machine has one,
+    instead of Python's report of the failure to stderr, which is that same file."""
+
+    def __init__(self, path: str, max_bytes: int = LOG_BYTES, backups: int = LOG_BACKUPS,
+                 syslog: str = "/dev/log"):
         super().__init__(path, maxBytes=max_bytes, backupCount=backups)
         self._std = [fd for fd in (1, 2) if _same_file(fd, self.stream.fileno())]
+        self._syslog_address = syslog
+        self._syslog: logging.Handler | None | bool = None  # False: there is none
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self._syslog is None:
+            try:
+                self._syslog = _Syslog(self._syslog_address)
+            except OSError:
+                self._syslog = False
+        if self._syslog:
+            self._syslog.handle(record)
 
     def doRollover(self) -> None:
         super().doRollover()
         for fd in self._std:
             os.dup2(self.stream.fileno(), fd)
         os.chmod(self.baseFilename, 0o600)
+
+
+class _Syslog(logging.handlers.SysLogHandler):
+    """Where the daemon's log lines go when its file cannot take them."""
+
+    def __init__(self, address: str):
+        super().__init__(address=address)
+        self.setFormatter(logging.Formatter(
+            f"fusefs[{os.getpid()}]: %(levelname)s %(name)s: %(message)s"))
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass  # nowhere left to say it
 
 
 def _same_file(fd: int, other: int) -> bool:

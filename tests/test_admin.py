@@ -127,3 +127,38 @@ os.write(2, b"from stderr after the rotations\\n")
         assert p.stat().st_mode & 0o077 == 0, p
     text = log.read_text()
     assert "line 01999" in text and text.rstrip().endswith("from stderr after the rotations")
+
+
+def test_lines_the_log_file_cannot_take_go_to_the_system_log(tmp_path, capsys):
+    """On a disk too full for the log file (/dev/full here), a line goes to the system
+    log socket if there is one; if there is none it is dropped without a report on
+    stderr (which is that same file for the daemon)."""
+    import logging
+    import socket
+
+    address = str(tmp_path / "log.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(address)
+    listener.settimeout(10)
+    logger = logging.getLogger("fusefs.test-full-disk")
+    logger.propagate = False
+    handlers = [cli.DaemonLog("/dev/full", syslog=address),
+                cli.DaemonLog("/dev/full", syslog=str(tmp_path / "no-such-socket"))]
+    try:
+        logger.addHandler(handlers[0])
+        logger.warning("the disk under the cache is full")
+        got = listener.recv(4096)
+        logger.removeHandler(handlers[0])
+        logger.addHandler(handlers[1])
+        logger.warning("said to no one")
+    finally:
+        listener.close()
+        for handler in handlers:
+            logger.removeHandler(handler)
+            try:
+                handler.close()
+            except OSError:
+                pass  # /dev/full refuses the last flush too
+    assert b"fusefs[" in got and \
+        b"WARNING fusefs.test-full-disk: the disk under the cache is full" in got
+    assert "Logging error" not in capsys.readouterr().err

@@ -29,7 +29,7 @@ USAGE, FAILED = 1, 32
 # Options that only mount(8), fstab or systemd read: a helper never passes them on.
 MOUNT_ONLY = {"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group",
               "nofail", "_netdev", "netdev", "rw", "loop"}
-MOUNT_ONLY_PREFIXES = ("x-", "X-", "comment=", "X-mount.")
+MOUNT_ONLY_PREFIXES = ("x-", "X-", "comment=")
 # `fusefs mount` options that make no sense in fstab: the source names the servers, and
 # mount(8) needs the helper to return once mounted.
 NOT_IN_FSTAB = {"servers", "foreground", "help"}

@@ -61,6 +61,9 @@ def _servers(text: str) -> list[str]:
     return urls
 
 
+MIN_LEASE_SECONDS = 2.0  # renewed every third of it: shorter would be lapsed most of the time
+
+
 def _lease_seconds(text: str) -> float:
     """argparse type of --lease-seconds: renewed every third of it, so at least 2 s (a
     lease of 0 would be lapsed always, and every change of the mount would fail)."""
@@ -79,9 +82,6 @@ def _readable_file(text: str) -> str:
     except OSError as e:
         raise argparse.ArgumentTypeError(f"cannot read {text}: {e.strerror}") from None
     return text
-
-
-MIN_LEASE_SECONDS = 2.0
 
 
 def _seconds(text: str) -> float:

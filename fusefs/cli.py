@@ -61,7 +61,7 @@ def _servers(text: str) -> list[str]:
     return urls
 
 
-MIN_LEASE_SECONDS = 2.0  # renewed every third of it: shorter would be lapsed most of the time
+MIN_LEASE_SECONDS = 2.0  # renewed every third of it: with less, a stall under a second lapses it
 
 
 def _lease_seconds(text: str) -> float:

@@ -668,6 +668,15 @@ def test_mount_arguments_it_cannot_use_are_refused_before_anything_mounts(fusefs
         assert refused.returncode != 0, extra
         assert said in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
         assert not m.mounted, extra
+    full = tmp_path / "not-empty"  # libfuse 2 refuses it: its reason, then ours
+    full.mkdir()
+    (full / "something").write_text("")
+    fusefs_mount.track(full, m.cache_dir)
+    refused = m.cli("mount", *m.cluster_args(), "--cache-dir", m.cache_dir, str(full),
+                    check=False)
+    assert refused.returncode != 0 and not os.path.ismount(full)
+    assert "mountpoint is not empty" in refused.stderr, refused.stderr
+    assert "FUSE did not mount" in refused.stderr and "Traceback" not in refused.stderr
     m.mount()
     assert m.mounted
 

@@ -625,10 +625,9 @@ class _Syslog(logging.handlers.SysLogHandler):
 
 def _same_file(fd: int, other: int) -> bool:
     try:
-        a, b = os.fstat(fd), os.fstat(other)
+        return os.path.samestat(os.fstat(fd), os.fstat(other))
     except OSError:
         return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _log_to(path: str, verbose: bool, also_stderr: bool = False) -> None:

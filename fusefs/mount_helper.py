@@ -51,10 +51,10 @@ def fusefs_options() -> dict[str, bool]:
     return {name: takes for name, takes in found.items() if name not in NOT_IN_FSTAB}
 
 
-def translate(source: str, directory: str, options: list[str], known=None) -> list[str]:
+def translate(source: str, directory: str, options: list[str]) -> list[str]:
     """The `fusefs` arguments for `mount.fusefs SOURCE DIR -o OPTIONS` (`options` the
     -o values as given, each comma-separated). Raises HelperError."""
-    known = fusefs_options() if known is None else known
+    known = fusefs_options()
     if not source or source.startswith("-"):
         raise HelperError("the source (fstab's first field) must be the block server URLs, "
                           "comma-separated, e.g. http://10.0.0.5:7001,http://10.0.0.6:7001")

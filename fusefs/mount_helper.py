@@ -20,6 +20,8 @@ type `fuse.fusefs`) comes here too.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import shlex
 import sys
 
@@ -131,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import main as fusefs_main
 
     try:
-        status = fusefs_main(command)
+        # Quiet when it works, as mount(8) helpers are (scripts compare mount's output);
+        # the line saying where the log is shows with -v. Errors go to stderr either way.
+        with contextlib.redirect_stdout(sys.stdout if args.verbose else io.StringIO()):
+            status = fusefs_main(command)
     except SystemExit as e:  # argparse refused a value (it said why)
         return USAGE if e.code == 2 else FAILED
     return 0 if status == 0 else FAILED

@@ -208,8 +208,8 @@ class BlockCache:
         for done, key in enumerate(items):
             _check_id(key[0])
             with self._lock:
-                if self._is_cached_or_coming(key):
-                    continue
+                if self._in_memory_or_coming(key):
+                    continue  # (a block on disk is read ahead too, into memory)
                 self._queued.add(key)
             try:
                 self._queue.put_nowait((key, scan))
@@ -408,8 +408,12 @@ class BlockCache:
 
     def _is_cached_or_coming(self, key: tuple[str, str]) -> bool:
         """Caller holds _lock."""
+        return self._in_memory_or_coming(key) or key[0] in self._disk.entries
+
+    def _in_memory_or_coming(self, key: tuple[str, str]) -> bool:
+        """Caller holds _lock."""
         entry = self._memory.entries.get(key[0])
-        return ((entry is not None and entry[0][1] == key[1]) or key[0] in self._disk.entries
+        return ((entry is not None and entry[0][1] == key[1])
                 or key in self._flights or key in self._queued)
 
     def _prefetch_loop(self) -> None:

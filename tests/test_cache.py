@@ -561,7 +561,11 @@ def test_prefetch_fills_the_cache(store, make_cache):
     assert cache.stats()["hits_memory"] == 10
 
 
-def test_prefetch_skips_blocks_already_cached(store, make_cache, tmp_path):
+def test_prefetch_fetches_only_what_is_not_cached_and_brings_disk_blocks_to_memory(
+        store, make_cache, tmp_path):
+    """A sequential reader's read-ahead: a block in memory or on its way is skipped, one
+    on disk is read into memory from there (the reader's next reads then wait for no
+    disk), only the rest comes from the store."""
     first = make_cache(memory_bytes=0, disk_dir=str(tmp_path), disk_bytes=1 << 20)
     on_disk = stored(store)
     first.get(on_disk[0], on_disk[2])
@@ -578,8 +582,11 @@ def test_prefetch_skips_blocks_already_cached(store, make_cache, tmp_path):
     assert cache.get(new[0], new[2]) == new[1]  # joins the read-ahead or hits memory
     assert store.gets == gets_before + 1
     assert cache.stats()["fetches"] == 2  # in_memory by get, new by read-ahead: nothing else
-    # one thread works in order, so on_disk was handled before new: left on disk
-    assert cache.stats()["memory_bytes"] == 2000
+    # one thread works in order, so on_disk was handled before new: read from disk
+    assert cache.stats()["memory_bytes"] == 3000
+    hits = cache.stats()["hits_memory"]
+    assert cache.get(on_disk[0], on_disk[2]) == on_disk[1]
+    assert cache.stats()["hits_memory"] == hits + 1 and store.gets == gets_before + 1
 
 
 def test_a_long_scan_keeps_on_disk_only_what_it_read_before(store, make_cache, tmp_path):

@@ -583,7 +583,8 @@ class Filesystem:
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         """fallocate(2). Mode 0 (and KEEP_SIZE alone) reserves nothing (blocks are stored
         as they are written) but succeeds, growing the file to offset+length if mode 0
-        asks past its end. PUNCH_HOLE|KEEP_SIZE frees the range (`DataPath.punch`).
+        asks past its end; asking past the end for more than `df` shows free is ENOSPC,
+        as on a local filesystem, with nothing changed. PUNCH_HOLE|KEEP_SIZE frees the range (`DataPath.punch`).
         ZERO_RANGE makes the range read as zeros the same way (a hole stores nothing) and,
         without KEEP_SIZE, grows the file to offset+length. Other modes: EOPNOTSUPP."""
         if offset < 0 or length <= 0:
@@ -595,9 +596,15 @@ class Filesystem:
             return
         if mode & ~FALLOC_FL_KEEP_SIZE not in (0, FALLOC_FL_ZERO_RANGE):
             raise FsError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} is not supported")
+        size = self._inode(handle.ino).size
+        wanted = offset + length - max(offset, size)  # the range past the end of the file
+        space = self.statfs() if wanted > 0 else None
+        if space and wanted > space["f_bavail"] * space["f_frsize"]:
+            raise FsError(errno.ENOSPC, f"fallocate of {wanted} bytes past the end of the "
+                                        "file: more than the filesystem has free")
         if mode & FALLOC_FL_ZERO_RANGE:
             self.data.punch(handle.live, offset, offset + length)
-        if not mode & FALLOC_FL_KEEP_SIZE and offset + length > self._inode(handle.ino).size:
+        if not mode & FALLOC_FL_KEEP_SIZE and offset + length > size:
             self.setattr(handle.ino, size=offset + length)
 
     # -- extended attributes ----------------------------------------------------------------

@@ -1967,6 +1967,23 @@ def test_fallocate_mode_zero_grows_other_modes_are_refused(core):
     close(fs, fh)
 
 
+@pytest.mark.parametrize("mode", [0, 0x01, 0x10], ids=["grow", "keep-size", "zero-range"])
+def test_fallocate_past_the_end_beyond_the_free_space_is_enospc_and_changes_nothing(
+        core, mode):
+    """As on a local filesystem (xfstests generic/213): asking for more than `df` shows
+    free fails at once, instead of a file that cannot be written. Within the free space,
+    and inside the file, it succeeds."""
+    fs = core.fs
+    fs.capacity = lambda: (1 << 30, 10 * BS)
+    ino, fh = new_file(fs, b"f", b"abc")
+    expect_errno(errno.ENOSPC, fs.fallocate, fh, mode, 0, 11 * BS)
+    assert fs.getattr(ino).size == 3 and fs.read(fh, 0, 10) == b"abc"
+    fs.fallocate(fh, mode, BS, 9 * BS)  # 10 blocks less the 3 bytes already there
+    fs.fallocate(fh, 0, 0, 3)  # inside the file: nothing more is needed
+    assert fs.getattr(ino).size == (3 if mode & 0x01 else 10 * BS)
+    close(fs, fh)
+
+
 def test_fallocate_zero_range_zeroes_and_grows_unless_keep_size(core):
     fs = core.fs
     ino, fh = new_file(fs, b"f", b"x" * (3 * BS))

@@ -193,6 +193,29 @@ def test_plain_fallocate_succeeds_and_grows_other_modes_are_refused(shared_mount
     assert os.stat(path).st_size == 5 * MiB
 
 
+def test_fallocate_of_more_than_is_free_fails_with_enospc(shared_mount):
+    """What `xfs_io -c "falloc 0 2*free"` expects (xfstests generic/213): ENOSPC at once,
+    the file as it was; glibc's posix_fallocate gets the same errno."""
+    m, here = shared_mount
+    path = os.path.join(here, "huge")
+    with open(path, "w+b") as f:
+        f.write(b"abc")
+        f.flush()
+        too_much = 2 * free_bytes(here)
+        for call in (lambda: fallocate(f.fileno(), 0, 0, too_much),
+                     lambda: fallocate(f.fileno(), FALLOC_FL_KEEP_SIZE, 0, too_much),
+                     lambda: os.posix_fallocate(f.fileno(), 0, too_much)):
+            try:
+                call()
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+            else:
+                raise AssertionError("a fallocate of twice the free space succeeded")
+        assert os.fstat(f.fileno()).st_size == 3
+        f.seek(0)
+        assert f.read() == b"abc"
+
+
 def test_readdir_inode_numbers_match_stat(shared_mount):
     m, here = shared_mount
     for i in range(20):

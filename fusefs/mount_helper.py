@@ -32,6 +32,12 @@ USAGE, FAILED = 1, 32
 MOUNT_ONLY = {"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group",
               "nofail", "_netdev", "netdev", "rw", "loop"}
 MOUNT_ONLY_PREFIXES = ("x-", "X-", "comment=")
+# mount(8)'s own flags that libfuse 2 does not know, and that change nothing here: fusefs
+# never updates access times on reads (nodiratime), writes timestamps as it always does
+# (lazytime), and the kernel's messages are not ours (silent, loud).
+ALREADY_SO = {"nodiratime", "lazytime", "nolazytime", "silent", "loud"}
+# Access-time policies that ask for updates on reads, which fusefs does not make.
+ATIME_UPDATES = {"relatime", "norelatime", "strictatime", "nostrictatime", "diratime"}
 # `fusefs mount` options that make no sense in fstab: the source names the servers, and
 # mount(8) needs the helper to return once mounted.
 NOT_IN_FSTAB = {"servers", "foreground", "help"}
@@ -63,8 +69,15 @@ def translate(source: str, directory: str, options: list[str]) -> list[str]:
     ours, fuse = [], []
     for option in (o.strip() for text in options for o in text.split(",")):
         name, eq, value = option.partition("=")
-        if not option or option in MOUNT_ONLY or option.startswith(MOUNT_ONLY_PREFIXES):
+        if not option or option in MOUNT_ONLY or option in ALREADY_SO or \
+                option.startswith(MOUNT_ONLY_PREFIXES):
             continue
+        if option in ATIME_UPDATES:
+            raise HelperError(f"option {option!r}: fusefs does not update access times on "
+                              "reads (it behaves as with noatime); leave it out")
+        if option == "nosymfollow":
+            raise HelperError("option 'nosymfollow': libfuse 2 cannot pass it to the kernel; "
+                              "leave it out")
         if option == "ro":
             ours.append("--read-only")
             continue

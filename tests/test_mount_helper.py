@@ -19,6 +19,12 @@ def test_fusefs_options_fstab_only_options_and_fuse_options_each_go_their_way():
                        "-o", "allow_other,noatime,attr_timeout=5", "/srv/data"]
 
 
+def test_mount_8_flags_libfuse_2_does_not_know_are_dropped_when_already_true():
+    """libfuse 2 refuses these (`fuse: unknown option`); fusefs already behaves so."""
+    assert translate(URLS, "/m", ["nodiratime,lazytime,silent,noatime"]) == \
+        ["mount", "--servers", URLS, "-o", "noatime", "/m"]
+
+
 def test_no_options_is_a_plain_mount():
     assert translate(URLS, "/m", []) == ["mount", "--servers", URLS, "/m"]
 
@@ -42,6 +48,9 @@ def test_every_mount_option_of_the_command_line_can_be_written_in_fstab():
     ("sync-on-close=yes", "takes no value"),
     ("servers=http://a:1", "the servers are the source"),
     ("foreground", "cannot be used here"),
+    ("relatime", "does not update access times"),
+    ("strictatime", "does not update access times"),
+    ("nosymfollow", "libfuse 2 cannot pass it"),
 ])
 def test_an_option_it_cannot_use_is_refused_with_what_to_write(options, said):
     with pytest.raises(HelperError, match=said):

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import io
 import shlex
+import subprocess
 import sys
 
 # mount(8)'s exit statuses for a helper
@@ -38,6 +39,10 @@ MOUNT_ONLY_PREFIXES = ("x-", "X-", "comment=")
 ALREADY_SO = {"nodiratime", "lazytime", "nolazytime", "silent", "loud"}
 # Access-time policies that ask for updates on reads, which fusefs does not make.
 ATIME_UPDATES = {"relatime", "norelatime", "strictatime", "nostrictatime", "diratime"}
+# The flags a remount can change: the kernel's, of the mount and its superblock. The rest
+# (fusefs's and FUSE's own) are fixed while mounted; mount(8) repeats them from fstab.
+REMOUNT_FLAGS = {"ro", "rw", "suid", "nosuid", "dev", "nodev", "exec", "noexec", "sync",
+                 "async", "dirsync", "atime", "noatime", "nodiratime", "bind"}
 # `fusefs mount` options that make no sense in fstab: the source names the servers, and
 # mount(8) needs the helper to return once mounted.
 NOT_IN_FSTAB = {"servers", "foreground", "help"}
@@ -98,6 +103,16 @@ def translate(source: str, directory: str, options: list[str]) -> list[str]:
             *(["-o", ",".join(fuse)] if fuse else []), directory]
 
 
+def remount_command(directory: str, options: list[str]) -> list[str]:
+    """`mount -o remount,...` of a mounted fusefs (`options` as mount(8) gives them): the
+    kernel changes its flags (`ro` makes writes fail with EROFS, `rw` takes them back) and
+    the daemon goes on, so mount(8) does it itself (`-i`: without calling this helper
+    again). Options that cannot change while mounted are left out."""
+    given = [o.strip() for text in options for o in text.split(",")]
+    return ["mount", "-i", "-o", ",".join(["remount"] + [o for o in given
+                                                         if o in REMOUNT_FLAGS]), directory]
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mount.fusefs", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -135,10 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.namespace:
             raise HelperError("-N is not supported: run mount inside the namespace")
-        command = translate(args.source, args.directory, args.options)
+        remount = "remount" in ",".join(args.options).split(",")
+        command = remount_command(args.directory, args.options) if remount else \
+            translate(args.source, args.directory, args.options)
     except HelperError as e:
         print(f"mount.fusefs: {e}", file=sys.stderr)
         return USAGE
+    if remount:
+        if args.verbose or args.fake:
+            print(shlex.join(command), file=sys.stderr)
+        return 0 if args.fake else (0 if subprocess.run(command).returncode == 0 else FAILED)
     if args.verbose or args.fake:
         print("fusefs " + shlex.join(command), file=sys.stderr)
     if args.fake:

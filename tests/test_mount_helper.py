@@ -25,6 +25,14 @@ def test_mount_8_flags_libfuse_2_does_not_know_are_dropped_when_already_true():
         ["mount", "--servers", URLS, "-o", "noatime", "/m"]
 
 
+def test_a_remount_changes_only_the_kernels_flags_through_mount_8():
+    """`mount -o remount,ro` reaches the helper with fstab's options repeated: only the
+    flags the kernel can change go on, to mount(8) itself (-i: no helper again)."""
+    assert mount_helper.remount_command("/srv/data", [
+        "remount,ro,secret-file=/etc/s,cache-dir=/c,allow_other,noexec,_netdev"]) == \
+        ["mount", "-i", "-o", "remount,ro,noexec", "/srv/data"]
+
+
 def test_no_options_is_a_plain_mount():
     assert translate(URLS, "/m", []) == ["mount", "--servers", URLS, "/m"]
 

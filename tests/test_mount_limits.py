@@ -1,9 +1,11 @@
 """What libfuse 2's high-level API cannot do, each shown by a strict xfail: if a future
 libfuse or kernel makes one work, its test fails and the limit leaves docs/filesystem.md.
 
-Both calls below need FUSE requests that libfuse 2 does not implement (RENAME2 with
+The first two calls need FUSE requests that libfuse 2 does not implement (RENAME2 with
 flags, TMPFILE): libfuse answers ENOSYS, the kernel turns that into EINVAL or EOPNOTSUPP,
-and fusefs's callbacks are never called, so nothing in fusefs can answer them.
+and fusefs's callbacks are never called, so nothing in fusefs can answer them. The third,
+a file handle kept across a remount, needs node ids that outlive the daemon; libfuse 2's
+are counters of its own, made anew at each mount.
 """
 
 from __future__ import annotations
@@ -17,6 +19,19 @@ import pytest
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
+MAX_HANDLE_SZ = 128
+
+
+class FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ)]
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), what)
+    return result
 
 
 def renameat2(old: str, new: str, flags: int) -> None:
@@ -69,3 +84,30 @@ def test_unsupported_calls_fail_with_a_clear_errno(fusefs_mount):
     with pytest.raises(OSError) as raised:
         os.close(os.open(m.path, os.O_TMPFILE | os.O_RDWR, 0o600))
     assert raised.value.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)
+
+
+@pytest.mark.xfail(strict=True, raises=OSError, reason=(
+    "libfuse 2 limit: a file handle names libfuse's node id, a counter made anew at each "
+    "mount, and the kernel's lookup of a node it forgot ends in libfuse with ESTALE "
+    "(xfstests generic/426, 467, 477: open_by_handle_at, as an NFS export uses it)"))
+def test_a_file_handle_opens_the_file_after_a_remount(fusefs_mount):
+    m = fusefs_mount()
+    path = os.path.join(m.path, "f")
+    with open(path, "wb") as f:
+        f.write(b"by handle")
+    handle, mount_id = FileHandle(handle_bytes=MAX_HANDLE_SZ), ctypes.c_int()
+    AT_FDCWD = -100
+    _check(_libc.name_to_handle_at(AT_FDCWD, os.fsencode(path), ctypes.byref(handle),
+                                   ctypes.byref(mount_id), 0), "name_to_handle_at")
+    m.umount()
+    m.mount()
+    root = os.open(m.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = _check(_libc.open_by_handle_at(root, ctypes.byref(handle), os.O_RDONLY),
+                    "open_by_handle_at")
+    finally:
+        os.close(root)
+    try:
+        assert os.read(fd, 100) == b"by handle"
+    finally:
+        os.close(fd)

@@ -79,6 +79,22 @@ def test_the_fstab_helper_mounts_and_a_plain_umount_uploads_everything(fusefs_mo
     assert f"mounted at {m.path}" in verbose.stdout, verbose.stdout  # -v says where the log is
     with open(os.path.join(m.path, "late.bin"), "rb") as f:
         assert f.read() == data
+    # `mount -o remount,ro DIR` as mount(8) calls the helper: the same daemon goes on,
+    # refusing writes until `remount,rw`.
+    pid = m.daemon_pid()
+    for flags in ("remount,ro", "remount,rw"):
+        done = subprocess.run([HELPER, m.urls, m.path, "-o", f"{flags},{options}"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout == "", (done.stdout, done.stderr)
+        if flags == "remount,ro":
+            with pytest.raises(OSError) as refused:
+                open(os.path.join(m.path, "new.txt"), "w")
+            assert refused.value.errno == errno.EROFS
+            with open(os.path.join(m.path, "late.bin"), "rb") as f:
+                assert f.read() == data
+    with open(os.path.join(m.path, "new.txt"), "w") as f:
+        f.write("writable again\n")
+    assert m.daemon_pid() == pid
 
 
 def test_the_fstab_helper_refuses_what_it_cannot_mount_with_mounts_exit_statuses(

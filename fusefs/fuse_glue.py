@@ -254,14 +254,14 @@ class Mount(FUSE):
         stat buffer, of which libfuse reads only st_ino and st_mode."""
         name = None if path is None else path.decode(self.encoding)
         try:
-            entries = self.operations.entries(name)
+            entries = self.operations.listing(name, fip.contents.fh, offset)
         except Exception as e:  # noqa: BLE001 - as above
             return -errno_of(e, "readdir", (name,))
         st = c_stat()
-        for entry, ino, kind in entries:
+        for place, (entry, ino, kind) in enumerate(entries, offset + 1):
             st.st_ino, st.st_mode = ino, kind
-            if filler(buf, entry, st if ino else None, 0) != 0:
-                break
+            if filler(buf, entry, st if ino else None, place) != 0:
+                break  # the kernel's buffer is full: it asks again from `place` - 1
         return 0
 
     def getxattr(self, path, name, value, size, *args):

@@ -178,6 +178,11 @@ class FuseOps(Operations):
         # name unique in the mount (node id and a counter), so the name alone is the key:
         # the file stays reachable when its directory is renamed or removed.
         self._hidden: dict[bytes, int] = {}  # guarded by _lock
+        # open directory handle -> its listing, taken at offset 0 (opendir, rewinddir) and
+        # served from there by position: any offset is an entry's place, never a byte
+        # inside one (see `listing`). Guarded by _lock.
+        self._listings: dict[int, list] = {}
+        self._next_listing = 1  # guarded by _lock
 
     def forget_paths(self) -> None:
         """Another mount changed the namespace: no cached path may be trusted."""
@@ -402,7 +407,30 @@ class FuseOps(Operations):
     @_op
     def opendir(self, path):
         self.paths.resolve(path)
+        with self._lock:
+            fh, self._next_listing = self._next_listing, self._next_listing + 1
+        return fh
+
+    @_op
+    def releasedir(self, path, fh):
+        with self._lock:
+            self._listings.pop(fh, None)
         return 0
+
+    def listing(self, path, fh: int, offset: int) -> list[tuple[bytes, int, int]]:
+        """The entries of the open directory `fh` from position `offset` on (entry i has
+        position i + 1: what the glue gives libfuse as its d_off). Offset 0 lists the
+        directory anew, as POSIX asks of rewinddir; later offsets read that listing, so a
+        directory read in several requests is listed once. Any offset names an entry or
+        the end: a seek to a made-up position reads on from the next entry, where libfuse's
+        own buffer (offsets 0 everywhere) would hand the kernel bytes from inside one."""
+        with self._lock:
+            entries = None if offset == 0 else self._listings.get(fh)
+        if entries is None:
+            entries = self.entries(path)
+            with self._lock:
+                self._listings[fh] = entries
+        return entries[offset:]
 
     @_timed("readdir")
     def entries(self, path) -> list[tuple[bytes, int, int]]:

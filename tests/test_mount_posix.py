@@ -317,6 +317,70 @@ def test_directories_statfs_and_names(fusefs_mount):
 
 # -- links ----------------------------------------------------------------------------------
 
+_libc = None
+SYS_GETDENTS64 = 217  # x86_64
+
+
+def getdents(fd: int) -> list[tuple[int, bytes]]:
+    """One getdents64 call on `fd` (a 4 KiB buffer): (d_off, name) of what it returned."""
+    import ctypes
+
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(4096)
+    n = _libc.syscall(SYS_GETDENTS64, fd, buf, len(buf))
+    if n < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    out, at = [], 0
+    while at < n:
+        _ino, d_off, reclen = struct.unpack_from("<QqH", buf.raw, at)
+        name = buf.raw[at + 19:at + reclen].split(b"\0", 1)[0]
+        out.append((d_off, name))
+        at += reclen
+    return out
+
+
+def test_directory_positions_telldir_seekdir_and_made_up_offsets(shared_mount):
+    """A listing read in many requests, each entry's d_off a place to come back to
+    (telldir/seekdir); a made-up offset reads on from an entry, never from bytes inside
+    one (xfstests generic/676); a rewind lists the directory anew (POSIX rewinddir)."""
+    m, here = shared_mount
+    names = {b"entry-%04d-%s" % (i, b"x" * (i % 50)) for i in range(600)}
+    for name in names:
+        open(os.path.join(os.fsencode(here), name), "w").close()
+    fd = os.open(here, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        listed, calls = [], 0
+        while batch := getdents(fd):
+            listed += batch
+            calls += 1
+        assert calls > 5  # many kernel requests, not one
+        assert {name for _, name in listed} == names | {b".", b".."}
+        assert len(listed) == len(names) + 2
+        rng = random.Random(676)
+        for i in rng.sample(range(len(listed) - 1), 40):  # back to where entry i ended
+            os.lseek(fd, listed[i][0], os.SEEK_SET)
+            assert getdents(fd)[0] == listed[i + 1]
+        top = max(off for off, _ in listed)
+        for position in rng.sample(range(top), 60):  # anything below the end
+            os.lseek(fd, position, os.SEEK_SET)
+            got = getdents(fd)
+            assert got, f"EOF at made-up position {position} of {top}"
+            assert {name for _, name in got} <= names | {b".", b".."}, position
+        os.lseek(fd, top, os.SEEK_SET)
+        assert getdents(fd) == []
+        open(os.path.join(here, "late"), "w").close()
+        os.lseek(fd, 0, os.SEEK_SET)  # rewinddir: the new entry is there
+        again = []
+        while batch := getdents(fd):
+            again += batch
+        assert b"late" in {name for _, name in again} and len(again) == len(listed) + 1
+    finally:
+        os.close(fd)
+
+
 def test_symlinks_and_hard_links(shared_mount):
     here = shared_mount.path
     p = lambda *names: os.path.join(here, *names)  # noqa: E731

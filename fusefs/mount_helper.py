@@ -99,8 +99,11 @@ def translate(source: str, directory: str, options: list[str]) -> list[str]:
             raise HelperError(f"option {name!r} takes no value")
         else:
             ours += [f"--{key}", value] if known[key] else [f"--{key}"]
-    return ["mount", "--servers", source, *ours,
-            *(["-o", ",".join(fuse)] if fuse else []), directory]
+    # mount(8) gives no `dev` or `suid` (they are its defaults) but libfuse's defaults are
+    # nodev and nosuid: as for any other filesystem type, fstab says `nodev`/`nosuid` to
+    # have them (FUSE's own mount.fuse does the same).
+    fuse += [flag for flag in ("dev", "suid") if f"no{flag}" not in fuse and flag not in fuse]
+    return ["mount", "--servers", source, *ours, "-o", ",".join(fuse), directory]
 
 
 def remount_command(directory: str, options: list[str]) -> list[str]:

@@ -65,8 +65,11 @@ def test_the_fstab_helper_mounts_and_a_plain_umount_uploads_everything(fusefs_mo
     # Quiet, as mount(8) helpers are: test suites compare what `mount` prints.
     assert done.stdout == "" and done.stderr == "", (done.stdout, done.stderr)
     table = open("/proc/self/mountinfo").read()
-    assert any(line.split()[4] == m.path and "noatime" in line.split()[5]
-               for line in table.splitlines()), "noatime did not reach FUSE"
+    flags = [line.split()[5].split(",") for line in table.splitlines()
+             if line.split()[4] == m.path]
+    assert flags and "noatime" in flags[0], "noatime did not reach FUSE"
+    # as any fstab filesystem: dev and suid unless the line says otherwise
+    assert "nodev" not in flags[0] and "nosuid" not in flags[0], flags
     data = os.urandom(5 << 20)
     with open(os.path.join(m.path, "late.bin"), "wb") as f:
         f.write(data)  # no fsync: only the unmount's upload saves it

@@ -8,6 +8,7 @@ import json
 import logging
 import logging.handlers
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -434,8 +435,10 @@ def _is_mounted(path: str) -> bool:
 
 
 def _parse_options(text: str) -> dict:
+    """-o's FUSE options; a comma escaped as `\\,` stays in its value (and reaches
+    libfuse escaped, which reads it so): `fsname=http://a:1\\,http://b:1`."""
     options = {}
-    for item in filter(None, (o.strip() for o in text.split(","))):
+    for item in filter(None, (o.strip() for o in re.split(r"(?<!\\),", text))):
         key, sep, value = item.partition("=")
         options[key] = value if sep else True
     return options

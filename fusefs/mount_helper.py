@@ -103,6 +103,10 @@ def translate(source: str, directory: str, options: list[str]) -> list[str]:
     # nodev and nosuid: as for any other filesystem type, fstab says `nodev`/`nosuid` to
     # have them (FUSE's own mount.fuse does the same).
     fuse += [flag for flag in ("dev", "suid") if f"no{flag}" not in fuse and flag not in fuse]
+    # The source shows as the mount's source (df, findmnt -S), as a network filesystem's
+    # server does; libfuse reads an escaped comma as part of the value.
+    if not any(o.startswith("fsname=") for o in fuse):
+        fuse.insert(0, "fsname=" + source.replace(",", "\\,"))
     return ["mount", "--servers", source, *ours, "-o", ",".join(fuse), directory]
 
 

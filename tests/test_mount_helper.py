@@ -7,6 +7,7 @@ from fusefs import mount_helper
 from fusefs.mount_helper import HelperError, translate
 
 URLS = "http://10.0.0.5:7001,http://10.0.0.6:7001"
+FSNAME = "fsname=http://10.0.0.5:7001\\,http://10.0.0.6:7001"  # the source, commas escaped
 
 
 def test_fusefs_options_fstab_only_options_and_fuse_options_each_go_their_way():
@@ -16,13 +17,14 @@ def test_fusefs_options_fstab_only_options_and_fuse_options_each_go_their_way():
         "allow_other,noatime,attr_timeout=5"])
     assert command == ["mount", "--servers", URLS, "--secret-file", "/etc/fusefs/secret",
                        "--cache-dir", "/var/cache/fusefs", "--sync-on-close", "--read-only",
-                       "-o", "allow_other,noatime,attr_timeout=5,dev,suid", "/srv/data"]
+                       "-o", f"{FSNAME},allow_other,noatime,attr_timeout=5,dev,suid",
+                       "/srv/data"]
 
 
 def test_mount_8_flags_libfuse_2_does_not_know_are_dropped_when_already_true():
     """libfuse 2 refuses these (`fuse: unknown option`); fusefs already behaves so."""
     assert translate(URLS, "/m", ["nodiratime,lazytime,silent,noatime"]) == \
-        ["mount", "--servers", URLS, "-o", "noatime,dev,suid", "/m"]
+        ["mount", "--servers", URLS, "-o", f"{FSNAME},noatime,dev,suid", "/m"]
 
 
 def test_a_remount_changes_only_the_kernels_flags_through_mount_8():
@@ -36,9 +38,10 @@ def test_a_remount_changes_only_the_kernels_flags_through_mount_8():
 def test_no_options_is_a_plain_mount_with_mount_8s_defaults_dev_and_suid():
     """mount(8) drops its defaults before calling a helper; libfuse's would be nodev and
     nosuid, so the helper says dev,suid unless the line says otherwise."""
-    assert translate(URLS, "/m", []) == ["mount", "--servers", URLS, "-o", "dev,suid", "/m"]
-    assert translate(URLS, "/m", ["nodev,nosuid"])[-2] == "nodev,nosuid"
-    assert translate(URLS, "/m", ["nosuid"])[-2] == "nosuid,dev"
+    assert translate(URLS, "/m", []) == ["mount", "--servers", URLS, "-o",
+                                         f"{FSNAME},dev,suid", "/m"]
+    assert translate(URLS, "/m", ["nodev,nosuid"])[-2] == f"{FSNAME},nodev,nosuid"
+    assert translate(URLS, "/m", ["nosuid,fsname=data"])[-2] == "nosuid,fsname=data,dev"
 
 
 def test_every_mount_option_of_the_command_line_can_be_written_in_fstab():
@@ -84,7 +87,7 @@ def test_wrong_invocations_exit_1_and_a_fake_mount_shows_the_command(capsys):
     assert mount_helper.main([URLS, "/m", "-f", "-s", "-n", "-t", "fusefs",
                               "-o", "ro,cache-dir=/c"]) == 0
     assert capsys.readouterr().err.strip() == (
-        f"fusefs mount --servers {URLS} --read-only --cache-dir /c -o dev,suid /m")
+        f"fusefs mount --servers {URLS} --read-only --cache-dir /c -o '{FSNAME},dev,suid' /m")
 
 
 def test_mount_fuse_form_of_the_fusefs_command_reaches_the_helper(capsys):
@@ -93,4 +96,11 @@ def test_mount_fuse_form_of_the_fusefs_command_reaches_the_helper(capsys):
 
     assert main([URLS, "/m", "-f", "-o", "dirty-limit=64MiB,dev,suid"]) == 0
     assert capsys.readouterr().err.strip() == (
-        f"fusefs mount --servers {URLS} --dirty-limit 64MiB -o dev,suid /m")
+        f"fusefs mount --servers {URLS} --dirty-limit 64MiB -o '{FSNAME},dev,suid' /m")
+
+
+def test_fuse_options_keep_an_escaped_comma_inside_a_value():
+    from fusefs.cli import _parse_options
+
+    assert _parse_options(f"{FSNAME},allow_other,attr_timeout=5") == {
+        "fsname": FSNAME.partition("=")[2], "allow_other": True, "attr_timeout": "5"}

@@ -65,8 +65,10 @@ def test_the_fstab_helper_mounts_and_a_plain_umount_uploads_everything(fusefs_mo
     # Quiet, as mount(8) helpers are: test suites compare what `mount` prints.
     assert done.stdout == "" and done.stderr == "", (done.stdout, done.stderr)
     table = open("/proc/self/mountinfo").read()
-    flags = [line.split()[5].split(",") for line in table.splitlines()
-             if line.split()[4] == m.path]
+    mine = [line.split() for line in table.splitlines() if line.split()[4] == m.path]
+    flags = [fields[5].split(",") for fields in mine]
+    # the servers show as the mount's source (df, findmnt -S), commas and all
+    assert mine and mine[0][mine[0].index("-") + 2] == m.urls, mine
     assert flags and "noatime" in flags[0], "noatime did not reach FUSE"
     # as any fstab filesystem: dev and suid unless the line says otherwise
     assert "nodev" not in flags[0] and "nosuid" not in flags[0], flags

@@ -584,9 +584,10 @@ class Filesystem:
         """fallocate(2). Mode 0 (and KEEP_SIZE alone) reserves nothing (blocks are stored
         as they are written) but succeeds, growing the file to offset+length if mode 0
         asks past its end; asking past the end for more than `df` shows free is ENOSPC,
-        as on a local filesystem, with nothing changed. PUNCH_HOLE|KEEP_SIZE frees the range (`DataPath.punch`).
-        ZERO_RANGE makes the range read as zeros the same way (a hole stores nothing) and,
-        without KEEP_SIZE, grows the file to offset+length. Other modes: EOPNOTSUPP."""
+        as on a local filesystem, with nothing changed. PUNCH_HOLE|KEEP_SIZE frees the
+        range (`DataPath.punch`). ZERO_RANGE makes the range read as zeros the same way
+        (a hole stores nothing) and, without KEEP_SIZE, grows the file to offset+length.
+        Other modes: EOPNOTSUPP."""
         if offset < 0 or length <= 0:
             raise FsError(errno.EINVAL)
         handle = self._handle(fh)

@@ -36,7 +36,7 @@ MOUNT_ONLY_PREFIXES = ("x-", "X-", "comment=")
 # mount(8)'s own flags that libfuse 2 does not know, and that change nothing here: fusefs
 # never updates access times on reads (nodiratime), writes timestamps as it always does
 # (lazytime), and the kernel's messages are not ours (silent, loud).
-ALREADY_SO = {"nodiratime", "lazytime", "nolazytime", "silent", "loud"}
+ALREADY_TRUE = {"nodiratime", "lazytime", "nolazytime", "silent", "loud"}
 # Access-time policies that ask for updates on reads, which fusefs does not make.
 ATIME_UPDATES = {"relatime", "norelatime", "strictatime", "nostrictatime", "diratime"}
 # The flags a remount can change: the kernel's, of the mount and its superblock. The rest
@@ -74,7 +74,7 @@ def translate(source: str, directory: str, options: list[str]) -> list[str]:
     ours, fuse = [], []
     for option in (o.strip() for text in options for o in text.split(",")):
         name, eq, value = option.partition("=")
-        if not option or option in MOUNT_ONLY or option in ALREADY_SO or \
+        if not option or option in MOUNT_ONLY or option in ALREADY_TRUE or \
                 option.startswith(MOUNT_ONLY_PREFIXES):
             continue
         if option in ATIME_UPDATES:

@@ -258,10 +258,10 @@ class Mount(FUSE):
         except Exception as e:  # noqa: BLE001 - as above
             return -errno_of(e, "readdir", (name,))
         st = c_stat()
-        for place, (entry, ino, kind) in enumerate(entries, offset + 1):
-            st.st_ino, st.st_mode = ino, kind
-            if filler(buf, entry, st if ino else None, place) != 0:
-                break  # the kernel's buffer is full: it asks again from `place` - 1
+        for place in range(offset, len(entries)):  # (a slice would copy the rest each time)
+            entry, st.st_ino, st.st_mode = entries[place]
+            if filler(buf, entry, st if st.st_ino else None, place + 1) != 0:
+                break  # the kernel's buffer is full: it asks again from `place`
         return 0
 
     def getxattr(self, path, name, value, size, *args):

@@ -418,8 +418,9 @@ class FuseOps(Operations):
         return 0
 
     def listing(self, path, fh: int, offset: int) -> list[tuple[bytes, int, int]]:
-        """The entries of the open directory `fh` from position `offset` on (entry i has
-        position i + 1: what the glue gives libfuse as its d_off). Offset 0 lists the
+        """The listing of the open directory `fh`, for a read from position `offset` on:
+        entry i's position is i + 1, what the glue gives libfuse as its d_off (the glue
+        reads from index `offset`; a list past its end reads nothing). Offset 0 lists the
         directory anew, as POSIX asks of rewinddir; later offsets read that listing, so a
         directory read in several requests is listed once. Any offset names an entry or
         the end: a seek to a made-up position reads on from the next entry, where libfuse's
@@ -430,7 +431,7 @@ class FuseOps(Operations):
             entries = self.entries(path)
             with self._lock:
                 self._listings[fh] = entries
-        return entries[offset:]
+        return entries
 
     @_timed("readdir")
     def entries(self, path) -> list[tuple[bytes, int, int]]:

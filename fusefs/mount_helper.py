@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     if remount:
         if args.verbose or args.fake:
             print(shlex.join(command), file=sys.stderr)
-        return 0 if args.fake else (0 if subprocess.run(command).returncode == 0 else FAILED)
+        if args.fake:
+            return 0
+        return 0 if subprocess.run(command).returncode == 0 else FAILED
     if args.verbose or args.fake:
         print("fusefs " + shlex.join(command), file=sys.stderr)
     if args.fake:

@@ -16,6 +16,7 @@ and descriptors open through two names of one hard-linked file at once are not c
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import glob
 import mmap
@@ -315,19 +316,12 @@ def test_directories_statfs_and_names(fusefs_mount):
     expect_errno(errno.ENAMETOOLONG, os.open, p("é" * 128), os.O_CREAT | os.O_WRONLY)
 
 
-# -- links ----------------------------------------------------------------------------------
-
-_libc = None
+_libc = ctypes.CDLL(None, use_errno=True)
 SYS_GETDENTS64 = 217  # x86_64
 
 
 def getdents(fd: int) -> list[tuple[int, bytes]]:
     """One getdents64 call on `fd` (a 4 KiB buffer): (d_off, name) of what it returned."""
-    import ctypes
-
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
     buf = ctypes.create_string_buffer(4096)
     n = _libc.syscall(SYS_GETDENTS64, fd, buf, len(buf))
     if n < 0:
@@ -346,7 +340,7 @@ def test_directory_positions_telldir_seekdir_and_made_up_offsets(shared_mount):
     """A listing read in many requests, each entry's d_off a place to come back to
     (telldir/seekdir); a made-up offset reads on from an entry, never from bytes inside
     one (xfstests generic/676); a rewind lists the directory anew (POSIX rewinddir)."""
-    m, here = shared_mount
+    here = shared_mount.path
     names = {b"entry-%04d-%s" % (i, b"x" * (i % 50)) for i in range(600)}
     for name in names:
         open(os.path.join(os.fsencode(here), name), "w").close()
@@ -380,6 +374,8 @@ def test_directory_positions_telldir_seekdir_and_made_up_offsets(shared_mount):
     finally:
         os.close(fd)
 
+
+# -- links ----------------------------------------------------------------------------------
 
 def test_symlinks_and_hard_links(shared_mount):
     here = shared_mount.path

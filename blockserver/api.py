@@ -494,6 +494,8 @@ class Api:
             "max_block_size": self.config.max_block_size,
             "max_batch_bytes": self.config.max_batch_bytes,
             "authentication": self.config.secret is not None,
+            # where a client on this host finds our block files (protocol.files)
+            "local": {"root": s.root, "token": s.local_token} if s.local_token else None,
         }
 
     def _status(self, req: Request) -> Response:

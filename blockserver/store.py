@@ -3,6 +3,8 @@
 Layout under the data directory (see docs/blockserver-store.md for states and crashes):
 
     server-id              this server's stable id, written once on first start
+    local-token            a new random token at each start: a client that reads it here
+                           and in our status is on this host and may read blocks/ itself
     blocks/XX/<id>         one file per block; XX is the first two hex digits of the id
     tmp/                   files being written; whatever is here at start is debris and removed
     spare/                 empty files of deleted blocks, kept to hold the next blocks written
@@ -51,8 +53,8 @@ from . import protocol
 
 log = logging.getLogger("blockserver.store")
 
-MAGIC = b"FFSBLK1\n"
-_HEADER = struct.Struct("<8s16sQ")
+MAGIC = protocol.BLOCK_MAGIC  # the format is shared with clients that read files themselves
+_HEADER = protocol.BLOCK_HEADER
 HEADER_SIZE = _HEADER.size
 _REGISTER_HEADER = struct.Struct("<8sQ")
 _REGISTER_MAGIC = b"FFSREG1\n"
@@ -164,6 +166,7 @@ class BlockStore:
         for i in range(256):
             os.makedirs(os.path.join(self._blocks, f"{i:02x}"), exist_ok=True)
         self.server_id = self._load_server_id()
+        self.local_token = self._new_local_token()
         debris = os.listdir(self._tmp)
         for name in debris:
             os.unlink(os.path.join(self._tmp, name))
@@ -223,11 +226,24 @@ class BlockStore:
         self._write_atomic(path, value.encode() + b"\n")
         return value
 
+    def _new_local_token(self) -> str | None:
+        """Write a new token for clients on this host (protocol.files); None when it cannot
+        be written (a full disk): clients then read through the API only."""
+        token = uuid.uuid4().hex
+        try:
+            self._write_atomic(os.path.join(self.root, protocol.TOKEN_FILE),
+                               token.encode() + b"\n")
+        except (OSError, StoreError) as e:
+            log.warning("cannot write %s (%s): clients on this host will read blocks "
+                        "through the API only", protocol.TOKEN_FILE, e)
+            return None
+        return token
+
     # -- paths and durability ---------------------------------------------------------------
 
     def _block_path(self, block_id: str) -> str:
         # Callers validated block_id with protocol.is_block_id: 32 lowercase hex, no separators.
-        return os.path.join(self._blocks, block_id[:2], block_id)
+        return protocol.block_file(self.root, block_id)
 
     @staticmethod
     def _fsync_dir(path: str) -> None:

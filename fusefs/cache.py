@@ -159,7 +159,8 @@ class BlockCache:
         self._flights: dict[tuple[str, str], _Flight] = {}  # (id, checksum) -> fetch under way
         self._queued: set[tuple[str, str]] = set()  # read-ahead requests not yet started
         self._counts = dict.fromkeys(
-            ("hits_memory", "hits_disk", "misses", "fetches", "evictions", "scan_skips"), 0)
+            ("hits_memory", "hits_disk", "misses", "fetches", "evictions", "scan_skips",
+             "local_skips"), 0)
         self.scan_after = (disk_bytes if self._dir else 0) // SCAN_SHARE
         self._scan_seen: OrderedDict[str, None] = OrderedDict()  # scanned, not kept on disk
         # Fetched blocks the disk writer has not written yet: id -> (checksum, bytes); a
@@ -564,8 +565,14 @@ class BlockCache:
 
     def _write_disk_later(self, block_id: str, checksum: str, data: bytes) -> None:
         """Give a fetched block to the disk writer: a file per block costs a few hundred
-        microseconds of file-system work that no reader or read-ahead should wait for."""
+        microseconds of file-system work that no reader or read-ahead should wait for.
+        A block with a copy on a server of this host is not written: it was read from
+        that copy's file, and will be again, as cheaply."""
         if self._writer is None:
+            return
+        if self.store.has_local_copy(block_id):
+            with self._lock:
+                self._counts["local_skips"] += 1
             return
         with self._lock:
             if block_id in self._pending or block_id in self._disk.entries \

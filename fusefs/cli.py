@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-on-close", action="store_true",
                    help="close() of a file opened for writing returns only once the file "
                         "is durable, as after fsync (slower; for programs that never fsync)")
+    p.add_argument("--no-local-reads", action="store_true",
+                   help="read every block over HTTP, also from block servers on this host "
+                        "(by default their block files are read directly: much less CPU)")
     p.add_argument("--metrics", type=metrics_address, default=None, metavar="ADDR:PORT",
                    help="serve Prometheus metrics at http://ADDR:PORT/metrics: operation "
                         "counts and latencies, block requests, cache, upload backlog, "
@@ -481,6 +484,7 @@ def _mount_config(args):
         local_reserve=args.cache_dir_reserve,
         dirty_limit=args.dirty_limit, read_only=args.read_only, metrics=args.metrics,
         sync_on_close=args.sync_on_close, fuse_options=_parse_options(args.options),
+        local_reads=not args.no_local_reads,
         scrub_interval=0.0 if args.read_only else args.scrub_interval,
         rehome_after=args.rehome_after, repair_delay=args.repair_delay)
 
@@ -991,7 +995,9 @@ def _print_alive(s: dict) -> None:
         if server.get("capacity_bytes"):
             used = server["capacity_bytes"] - server["free_bytes"]
             space = f", {format_size(used)} used of {format_size(server['capacity_bytes'])}"
-        print(f"  server {server['url']}{role}: {state}{latency}{space}{copies}")
+        direct = ", on this host: its block files are read directly" \
+            if server.get("files_read_directly") else ""
+        print(f"  server {server['url']}{role}: {state}{latency}{space}{copies}{direct}")
     print(f"  {_health_line(s.get('health'))}")
     if _scrub_line(s.get("health")):
         print(f"  {_scrub_line(s.get('health'))}")

@@ -48,6 +48,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -94,6 +95,8 @@ class ClusterConfig:
     # to repair_max while a round makes no progress (a server that stays full, say).
     repair_min: float = 1.0
     repair_max: float = 60.0
+    # Read the block files of servers on this host directly (protocol.files), not over HTTP.
+    local_reads: bool = True
 
 
 class _Latency:
@@ -155,6 +158,10 @@ class ReplicatedStore(BlockStore):
         # (when the next round is due, the back-off delay).
         self._repairing: set[str] = set()
         self._repair_due = {m.id: (0.0, config.repair_min) for m in members}
+        # server id -> its data directory, for servers on this host whose files we may read
+        # (_note_local). Replaced whole under _lock, read without it.
+        self._local: dict[str, str] = {}
+        self._local_reads: dict[str, int] = {}  # server id -> blocks read from its files
         self.health.on_up(self._server_back)
 
     @property
@@ -213,6 +220,7 @@ class ReplicatedStore(BlockStore):
                     raise errors.Timeout(f"{member.url}: no answer in {START_WAIT:.0f} s")
                 self._check_identity(member, future.result())
                 self._note_space(member, future.result())
+                self._note_local(member, future.result())
             except (errors.AuthenticationFailed, errors.WrongServer):
                 raise
             except errors.StorageError as e:
@@ -261,6 +269,71 @@ class ReplicatedStore(BlockStore):
             self._space[disk] = (status["capacity_bytes"], status["free_bytes"])
             self._server_space[member.id] = self._space[disk]
 
+    def _note_local(self, member: Member, status: dict) -> None:
+        """Read `member`'s block files ourselves from now on if its status names a data
+        directory whose token file we can read and holds the token of the status: the
+        server's own directory, seen from its host (protocol.files). Checked at every
+        status, so a restarted or moved server is followed."""
+        local = status.get("local") if self.config.local_reads else None
+        root = None
+        if isinstance(local, dict) and isinstance(local.get("root"), str) and \
+                isinstance(local.get("token"), str) and local["token"] and \
+                os.path.isabs(local["root"]) and \
+                protocol.read_token(local["root"]) == local["token"]:
+            root = local["root"]
+        with self._lock:
+            if self._local.get(member.id) == root:
+                return
+            changed = dict(self._local)
+            if root is None:
+                changed.pop(member.id, None)
+            else:
+                changed[member.id] = root
+            self._local = changed
+        if root is not None:
+            log.info("block server %s is on this host: reading its block files in %s "
+                     "directly", member.url, root)
+        else:
+            log.info("block server %s: reading its blocks over HTTP", member.url)
+
+    def _forget_local(self, member: Member, error: OSError) -> None:
+        with self._lock:
+            if member.id not in self._local:
+                return
+            self._local = {k: v for k, v in self._local.items() if k != member.id}
+        log.warning("cannot read the block files of %s directly (%s); reading them over "
+                    "HTTP until its next status says otherwise", member.url, error)
+
+    def has_local_copy(self, block_id: str) -> bool:
+        """True when a home of the block is a usable server whose files we read directly:
+        reading the block again costs a local file read, as the disk cache would."""
+        local = self._local
+        return bool(local) and any(
+            m.id in local and self.health.usable(m.id)
+            for m in self.ranking(block_id)[:self.config.replicas])
+
+    def _read_local(self, block_id: str, checksum: str, homes, skip=()):
+        """(bytes, None) read from the file of the first usable home on this host;
+        (None, that home) when its file is absent or holds other bytes, so that the
+        caller asks that server first, which checks its copy and answers why; (None,
+        None) when no home's files can be read here."""
+        local = self._local
+        for member in homes:
+            root = local.get(member.id)
+            if root is None or member in skip or not self.health.usable(member.id):
+                continue
+            try:
+                data = protocol.read_block_file(root, block_id, checksum)
+            except OSError as e:
+                self._forget_local(member, e)
+                return None, None
+            if data is None:
+                return None, member
+            with self._lock:
+                self._local_reads[member.id] = self._local_reads.get(member.id, 0) + 1
+            return data, None
+        return None, None
+
     def capacity(self) -> tuple[int, int]:
         """(total, free) bytes of file data the cluster can hold: the raw space of its
         distinct disks / R (every block is stored R times). Cached."""
@@ -281,6 +354,7 @@ class ReplicatedStore(BlockStore):
             with self._lock:
                 self._latencies[member.id] = time.monotonic() - started
             self._note_space(member, status)
+            self._note_local(member, status)
 
         usable = [m for m in self.servers if self.health.usable(m.id)]
         for future in [self._probes.submit(ask, m) for m in usable]:
@@ -304,6 +378,7 @@ class ReplicatedStore(BlockStore):
                 except errors.StorageError as e:
                     self.health.failed(member_id, e)
                     continue
+                self._note_local(member, status)
                 log.info("block server %s answers again", member.url)
                 self.health.succeeded(member_id)
 
@@ -608,6 +683,12 @@ class ReplicatedStore(BlockStore):
     def get(self, block_id: str, checksum: str, skip=()) -> bytes:
         ranking = self.read_order(block_id)
         homes = ranking[:self.config.replicas]
+        if self._local:
+            data, ask_first = self._read_local(block_id, checksum, homes, skip)
+            if data is not None:
+                return data
+            if ask_first is not None:
+                homes = [ask_first] + [m for m in homes if m is not ask_first]
         candidates = iter(self._by_preference(homes, skip) + self._by_preference(
             ranking[self.config.replicas:], skip))
         pending: dict[Future, Member] = {}
@@ -738,9 +819,21 @@ class ReplicatedStore(BlockStore):
         return errors.Unavailable(f"{what}: {reasons}")
 
     def get_many(self, items: list[tuple[str, str]]) -> dict[str, bytes]:
-        """Fetch many blocks with one batch request per server; fail-over block by block."""
+        """Fetch many blocks with one batch request per server (the blocks on this host:
+        from their files); fail-over block by block."""
+        found: dict[str, bytes] = {}
+        if self._local:
+            rest = []
+            for block_id, checksum in items:
+                homes = self.ranking(block_id)[:self.config.replicas]
+                data = self._read_local(block_id, checksum, homes)[0]
+                if data is None:
+                    rest.append((block_id, checksum))
+                else:
+                    found[block_id] = data
+            items = rest
         if len(items) <= 1:
-            return {b: self.get(b, c) for b, c in items}
+            return found | {b: self.get(b, c) for b, c in items}
         expected = dict(items)
         plans = self._read_plan(list(expected))
         pending = {}
@@ -749,7 +842,6 @@ class ReplicatedStore(BlockStore):
                 chunk = ids[start:start + self.config.batch_items]
                 future = self._send(self._by_id[member_id], self.transport.batch_get, chunk)
                 pending[future] = (member_id, chunk)
-        found: dict[str, bytes] = {}
         slow: list[tuple[str, str]] = []  # (block id, server to try last)
         done, not_done = wait(pending, timeout=max(0.25, 4 * self.config.hedge_delay))
         for future in not_done:  # a hanging server: fetch its blocks elsewhere
@@ -1002,6 +1094,8 @@ class ReplicatedStore(BlockStore):
             missing = {m: len(v) for m, v in self._missing.items()}
             latencies = dict(self._latencies)
             space = dict(self._server_space)
+            local_reads = dict(self._local_reads)
+        local = self._local
         leaving = set(m.id for m in self.leaving)
         return {"servers": [{"id": m.id, "url": m.url, "up": states[m.id].up,
                              "leaving": m.id in leaving,
@@ -1010,6 +1104,9 @@ class ReplicatedStore(BlockStore):
                              if m.id in latencies else None,
                              "capacity_bytes": space.get(m.id, (None, None))[0],
                              "free_bytes": space.get(m.id, (None, None))[1],
-                             "missing_copies": missing.get(m.id, 0)} for m in self.servers],
+                             "missing_copies": missing.get(m.id, 0),
+                             "files_read_directly": m.id in local,
+                             "blocks_read_from_files": local_reads.get(m.id, 0)}
+                            for m in self.servers],
                 "repair_backlog": sum(missing.values()),
                 "copies_behind_bytes": self.behind_bytes}

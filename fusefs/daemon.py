@@ -67,6 +67,7 @@ class MountConfig:
     checkpoint_records: int = 100_000
     journal: bool = True  # False only to measure what the journal costs
     sync_on_close: bool = False  # close(2) of a writer waits until the file is durable
+    local_reads: bool = True  # read the block files of servers on this host directly
     metrics: str | None = None  # ADDR:PORT of the Prometheus endpoint (metrics.py); None: off
     repair_rate: float | None = 32 << 20  # bytes/s the background repair copies, at most
     repair_interval: float = 60.0  # seconds between repair passes when nothing happens
@@ -220,7 +221,8 @@ def run(config: MountConfig) -> None:
                               observe=meter.request if meter is not None else None)
         sb = config.superblock
         store = ReplicatedStore(config.members, transport,
-                                ClusterConfig(replicas=sb.replicas, write_quorum=sb.write_quorum))
+                                ClusterConfig(replicas=sb.replicas, write_quorum=sb.write_quorum,
+                                              local_reads=config.local_reads))
         store.start()
         stack.callback(store.close)
         sb = superblock.read_quorum(transport, config.members)

@@ -249,6 +249,9 @@ class _StatusCollector(Collector):
                                     "should get from a repair", labels=["server"])
         latency = GaugeMetricFamily("fusefs_server_latency_seconds", "Time of the server's "
                                     "last status answer", labels=["server"])
+        direct = CounterMetricFamily("fusefs_server_blocks_read_from_files", "Blocks read "
+                                     "from the server's files directly (a server on this "
+                                     "host), not over HTTP", labels=["server"])
         for s in servers:
             server = str(s.get("id", ""))
             up.add_metric([server, str(s.get("url", ""))], 1.0 if s.get("up") else 0.0)
@@ -256,7 +259,9 @@ class _StatusCollector(Collector):
                 missing.add_metric([server], s["missing_copies"])
             if _number(s.get("latency_ms")) is not None:
                 latency.add_metric([server], s["latency_ms"] / 1000)
-        yield from (up, missing, latency)
+            if _number(s.get("blocks_read_from_files")) is not None:
+                direct.add_metric([server], s["blocks_read_from_files"])
+        yield from (up, missing, latency, direct)
 
     @staticmethod
     def _cache(cache: dict):
@@ -272,7 +277,9 @@ class _StatusCollector(Collector):
                          ("fetches", "Blocks fetched from the servers into the cache"),
                          ("evictions", "Blocks evicted from the cache"),
                          ("scan_skips", "Blocks a long sequential read fetched and did not "
-                          "keep on disk (seen for the first time)")):
+                          "keep on disk (seen for the first time)"),
+                         ("local_skips", "Blocks read from a local server's file and so "
+                          "not kept on disk")):
             if _number(cache.get(key)) is not None:
                 family = CounterMetricFamily(f"fusefs_cache_{key}", doc)
                 family.add_metric([], cache[key])

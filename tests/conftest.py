@@ -73,6 +73,7 @@ TIERS = {
     "test_cluster": "cluster",
     "test_journal": "cluster",
     "test_mount_smoke": "mount",
+    "test_local_reads": "mount",
     "test_fuse_glue": "mount",
     "test_bench_mounts": "mount",
     "test_kernel_attrs": "mount",
@@ -183,7 +184,8 @@ def server(blockservers):
 @pytest.fixture
 def make_cluster():
     """Factory: `make_cluster(servers, secret=None, **ClusterConfig fields)` -> a started
-    ReplicatedStore over those servers; every store made is closed at teardown."""
+    ReplicatedStore over those servers (reading blocks over HTTP only, unless
+    `local_reads=True`); every store made is closed at teardown."""
     from fusefs.cluster import ClusterConfig, ReplicatedStore
     from fusefs.transport import Transport, TransportConfig
 
@@ -194,6 +196,10 @@ def make_cluster():
                                               connect_timeout=2.0))
         config.setdefault("probe_min", 0.1)
         config.setdefault("probe_max", 0.5)
+        # These servers are on this host, so by default the store would read their block
+        # files itself: tests of the HTTP read paths (hedging, fail-over, repair) need it
+        # off. tests/test_local_reads.py turns it on.
+        config.setdefault("local_reads", False)
         store = ReplicatedStore(members or support.members_of(servers), transport,
                                 ClusterConfig(**config))
         stores.append(store)

@@ -618,6 +618,38 @@ def test_a_long_scan_keeps_on_disk_only_what_it_read_before(store, make_cache, t
     assert len(files_on_disk(str(tmp_path))) == 7
 
 
+class PartlyLocalStore(BatchStore):
+    """A store that can read the blocks in `local` from files on this host."""
+
+    def __init__(self):
+        super().__init__()
+        self.local = set()
+
+    def has_local_copy(self, block_id):
+        return block_id in self.local
+
+
+def test_blocks_with_a_copy_on_this_host_are_not_written_to_the_disk_level(tmp_path):
+    """Whether fetched by a get, by read-ahead or by a batch read-ahead: the disk level
+    keeps only the blocks that came over the network."""
+    store = PartlyLocalStore()
+    cache = BlockCache(store, memory_bytes=1 << 20, disk_dir=str(tmp_path),
+                       disk_bytes=64 << 20, prefetch_threads=1)
+    try:
+        blocks = [stored(store) for _ in range(9)]
+        store.local = {b for b, _, _ in blocks[::2]}
+        for block_id, data, checksum in blocks[:3]:
+            assert cache.get(block_id, checksum) == data
+        cache.prefetch([(b, c) for b, _, c in blocks[3:6]])
+        cache.prefetch_batch([(b, c) for b, _, c in blocks[6:]])
+        wait_until(lambda: cache.stats()["fetches"] == 9, "read-ahead")
+        assert cache.settle(10.0)
+        assert set(files_on_disk(str(tmp_path))) == {b for b, _, _ in blocks[1::2]}
+        assert cache.stats()["local_skips"] == 5
+    finally:
+        cache.close()
+
+
 def test_without_a_disk_level_nothing_counts_as_a_scan(store, make_cache):
     cache = make_cache()
     blocks = [stored(store) for _ in range(3)]
@@ -760,7 +792,8 @@ def test_stats_count_every_level(store, make_cache, tmp_path):
     cache.get(a[0], a[2])  # disk; evicts b from memory
     cache.insert(protocol.new_block_id(), protocol.EMPTY_CHECKSUM, b"")  # 0 bytes
     assert cache.stats() == {"hits_memory": 1, "hits_disk": 1, "misses": 2, "fetches": 2,
-                             "evictions": 2, "scan_skips": 0, "memory_bytes": 1000,
+                             "evictions": 2, "scan_skips": 0, "local_skips": 0,
+                             "memory_bytes": 1000,
                              "disk_bytes": 2 * file_size(1000)}
 
 

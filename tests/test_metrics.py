@@ -215,7 +215,9 @@ def test_reading_a_directory_in_name_order_fetches_its_files_in_batches(fusefs_m
             f.write(data)
     m.umount()  # every block on the servers; then a new mount with an empty cache
     port = free_port()
-    m.mount("--metrics", f"127.0.0.1:{port}", cache_dir=str(tmp_path / "empty-cache"))
+    # as a mount on another host: blocks over HTTP, not from the local servers' files
+    m.mount("--metrics", f"127.0.0.1:{port}", "--no-local-reads",
+            cache_dir=str(tmp_path / "empty-cache"))
     before = scrape(port)
     names = sorted(os.listdir(tree))
     assert names == sorted(written)
@@ -250,8 +252,9 @@ def test_one_pass_over_a_file_too_large_to_keep_stays_off_the_disk_cache(fusefs_
     cache_dir = tmp_path / "cache"
 
     def mount():
+        # --no-local-reads: as on another host, where fetched blocks go to the disk cache
         m.mount("--metrics", f"127.0.0.1:{port}", "--cache-size", "64MiB",
-                "--memory-cache", "4MiB", cache_dir=str(cache_dir))
+                "--memory-cache", "4MiB", "--no-local-reads", cache_dir=str(cache_dir))
 
     def read_all(name):
         with open(os.path.join(m.path, name), "rb") as f:

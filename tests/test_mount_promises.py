@@ -447,7 +447,9 @@ def _fill_the_local_disk(m, small: str) -> None:
         write_file(os.path.join(m.path, "payload"), payload, sync=os.fsync)
         write_file(os.path.join(m.path, "spare"), b"spare", sync=os.fsync)
         m.umount()
-        m.mount("--cache-dir-reserve", "16MiB", cache_dir=str(small))
+        # --no-local-reads: blocks read over HTTP go to the disk cache, which must hold
+        # some for this test (the servers' own files would be read instead)
+        m.mount("--cache-dir-reserve", "16MiB", "--no-local-reads", cache_dir=str(small))
         (state,) = [e.path for e in os.scandir(small) if e.is_dir()]
         assert read_through(os.path.join(m.path, "payload")) == payload
         wait_until(lambda: _disk_cache_bytes(state) >= 8 * MiB,

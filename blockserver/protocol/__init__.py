@@ -11,6 +11,8 @@ import it as `blockserver.protocol` (this module re-exports every name below):
 - `keys`: the cluster secret and the read-only key, and how key files are read;
 - `signing`: request and response signatures;
 - `batch`: the framing of batch bodies;
+- `files`: a block file's format and the token by which a client on the server's host
+  may read block files itself;
 - `units`: sizes as people write them on both command lines.
 
 It imports nothing else of `blockserver` and nothing of `fusefs` (tests/test_layering.py):
@@ -21,6 +23,8 @@ builds them with it, so the two meet only here.
 from .batch import MAX_BATCH_ITEMS, BatchFormatError, decode_batch, encode_batch
 from .digests import (BLAKE3, EMPTY_CHECKSUM, EMPTY_DIGEST, SHA256, SUPPORTED_DIGESTS, checksum,
                       content_digest, digest_algorithm, is_checksum)
+from .files import (BLOCK_HEADER, BLOCK_MAGIC, TOKEN_FILE, block_file, read_block_file,
+                    read_token)
 from .headers import (AUTH_SCHEME, H_AUTHORIZATION, H_CHECKSUM, H_CONTENT_HASH, H_DATE,
                       H_DIGESTS, H_EXPECT_GENERATION, H_FOR_SERVER, H_GENERATION, H_NONCE,
                       H_RESPONSE_SIGNATURE, H_ROLE, H_SERVER_ID)
@@ -69,6 +73,8 @@ __all__ = [
     "sign_request", "response_signature",
     # batch
     "MAX_BATCH_ITEMS", "encode_batch", "decode_batch", "BatchFormatError",
+    # files
+    "BLOCK_MAGIC", "BLOCK_HEADER", "TOKEN_FILE", "block_file", "read_block_file", "read_token",
     # units
     "parse_size", "format_size", "size_argument",
 ]

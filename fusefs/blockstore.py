@@ -53,10 +53,11 @@ class BlockStore(abc.ABC):
     def delete_many(self, block_ids: list[str]) -> None:
         """Remove every copy it can reach of several blocks."""
 
-    def has_local_copy(self, block_id: str) -> bool:
-        """True when this host can read a copy of the block from a local file, as cheaply
-        as a disk cache would (the cache then keeps none of its own)."""
-        return False
+    def local_copy(self, block_id: str) -> str | None:
+        """The data directory of a usable server on this host holding the block, whose
+        file there (protocol.block_file) this process may read as cheaply as the disk
+        cache's own (the cache then keeps none); None when there is none."""
+        return None
 
     def set_membership(self, members, leaving=()) -> bool:
         """Adopt the servers a superblock change names; True if anything changed. A store

@@ -49,6 +49,9 @@ DISK_BACKLOG = 64 << 20
 # flushes the disk level nor pays a local write of every byte it reads (docs/cache.md).
 SCAN_SHARE = 2
 SCAN_SEEN = 1 << 16
+# Blocks read from a local server's file whose segment sums are kept (about 300 bytes
+# each: 16 GiB of 1 MiB blocks in 5 MiB), so a random reader's later misses read a segment.
+LOCAL_SUMS = 1 << 14
 WRITE_REMIND = 60.0  # seconds between log lines while writes to the disk level fail
 _BAD = object()  # a disk cache file that is torn, not ours, or failed verification
 # A block's file in the disk cache: its bytes, then the xxh3-64 of each SEGMENT of them, then
@@ -159,10 +162,14 @@ class BlockCache:
         self._flights: dict[tuple[str, str], _Flight] = {}  # (id, checksum) -> fetch under way
         self._queued: set[tuple[str, str]] = set()  # read-ahead requests not yet started
         self._counts = dict.fromkeys(
-            ("hits_memory", "hits_disk", "misses", "fetches", "evictions", "scan_skips",
-             "local_skips"), 0)
+            ("hits_memory", "hits_disk", "hits_local", "misses", "fetches", "evictions",
+             "scan_skips", "local_skips"), 0)
         self.scan_after = (disk_bytes if self._dir else 0) // SCAN_SHARE
         self._scan_seen: OrderedDict[str, None] = OrderedDict()  # scanned, not kept on disk
+        # Blocks left off the disk level because a server on this host holds them (see
+        # _write_disk_later): id -> (checksum, length, xxh3-64 of each SEGMENT), so that a
+        # range of one is read and checked from the server's file without reading it all.
+        self._local_sums: OrderedDict[str, tuple[str, int, bytes]] = OrderedDict()
         # Fetched blocks the disk writer has not written yet: id -> (checksum, bytes); a
         # read takes them from here as from their file. `_written` tells when it empties.
         self._pending: dict[str, tuple[str, bytes]] = {}
@@ -265,13 +272,46 @@ class BlockCache:
                 return memoryview(entry[1])[start:start + n]
             on_disk = (block_id, checksum) not in self._flights and \
                 self._disk.touch(block_id)
+            local = self._local_sums.get(block_id)
+            if local is not None:
+                self._local_sums.move_to_end(block_id)
         if on_disk:
             data = self._read_disk_range(block_id, checksum, start, n)
             if data is not None:
                 with self._lock:
                     self._counts["hits_disk"] += 1
                 return data
+        elif local is not None and local[0] == checksum:
+            data = self._read_local_range(block_id, checksum, local, start, n)
+            if data is not None:
+                with self._lock:
+                    self._counts["hits_local"] += 1
+                return data
         return memoryview(self.get(block_id, checksum))[start:start + n]
+
+    def _read_local_range(self, block_id: str, checksum: str, local: tuple[str, int, bytes],
+                          start: int, n: int) -> bytes | None:
+        """Bytes [start, start+n) of the block from the file of a server on this host,
+        checked segment by segment against the sums taken when it was read whole; None
+        (the caller reads it whole, the way that finds and repairs a bad copy) when that
+        file is gone, is another block's or does not match."""
+        root = self.store.local_copy(block_id)
+        if root is None:
+            return None
+        try:
+            opened = protocol.open_block_file(root, block_id, checksum)
+            if opened is None or opened[1] != local[1]:
+                if opened is not None:
+                    os.close(opened[0])
+                return None
+            try:
+                return _read_segments(opened[0], local[1], local[2], start, n,
+                                      base=protocol.BLOCK_HEADER.size)
+            finally:
+                os.close(opened[0])
+        except OSError as e:
+            log.debug("reading part of block %s from %s failed: %s", block_id, root, e)
+            return None
 
     def insert(self, block_id: str, checksum: str, data) -> None:
         """Cache a block the caller has just stored (put verified it against `checksum`).
@@ -293,6 +333,7 @@ class BlockCache:
         with self._lock:
             self._memory.pop(block_id)
             self._disk.pop(block_id)
+            self._local_sums.pop(block_id, None)
             self._forget_pending(block_id)
         if self._dir:
             self._unlink(block_id)
@@ -370,8 +411,8 @@ class BlockCache:
             raise
         flight.data = data
         self._land(key, flight)
-        if flight.source == "misses" and (not scan or self._seen_in_scan(block_id)):
-            self._write_disk_later(block_id, checksum, data)
+        if flight.source == "misses":
+            self._write_disk_later(block_id, checksum, data, scan)
         return data, flight.source
 
     def _seen_in_scan(self, block_id: str) -> bool:
@@ -563,16 +604,25 @@ class BlockCache:
             self._disk.pop(block_id)
         self._unlink(block_id)
 
-    def _write_disk_later(self, block_id: str, checksum: str, data: bytes) -> None:
+    def _write_disk_later(self, block_id: str, checksum: str, data: bytes,
+                          scan: bool = False) -> None:
         """Give a fetched block to the disk writer: a file per block costs a few hundred
         microseconds of file-system work that no reader or read-ahead should wait for.
         A block with a copy on a server of this host is not written: it was read from
-        that copy's file, and will be again, as cheaply."""
-        if self._writer is None:
-            return
-        if self.store.has_local_copy(block_id):
+        that copy's file, which serves its next reads as cheaply, whole or (with the
+        segment sums kept here) in part. One read ahead for a scan is written only if
+        a scan read it before (`_seen_in_scan`)."""
+        if self.store.local_copy(block_id) is not None:
+            sums = _segment_sums(data) if len(data) > SEGMENT else None
             with self._lock:
                 self._counts["local_skips"] += 1
+                if sums is not None:
+                    self._local_sums[block_id] = (checksum, len(data), sums)
+                    self._local_sums.move_to_end(block_id)
+                    while len(self._local_sums) > LOCAL_SUMS:
+                        self._local_sums.popitem(last=False)
+            return
+        if self._writer is None or (scan and not self._seen_in_scan(block_id)):
             return
         with self._lock:
             if block_id in self._pending or block_id in self._disk.entries \
@@ -678,14 +728,19 @@ def _segment_sums(data) -> bytes:
                     for i in range(0, len(view), SEGMENT))
 
 
-def _read_segments(fd: int, length: int, sums: bytes, start: int, n: int) -> bytes | None:
-    """Bytes [start, start+n) of a cached block of `length` bytes (clipped to it), read
-    segment by segment and checked against `sums`; None if a segment does not match."""
+def _read_segments(fd: int, length: int, sums: bytes, start: int, n: int,
+                   base: int = 0) -> bytes | None:
+    """Bytes [start, start+n) of a block of `length` bytes (clipped to it) stored from
+    offset `base` of file `fd`, read segment by segment and checked against `sums`; None
+    if a segment does not match or the file is short."""
     end = min(start + n, length)
     if start >= end:
         return b""
     first, last = start // SEGMENT, (end - 1) // SEGMENT
-    raw = os.pread(fd, min((last + 1) * SEGMENT, length) - first * SEGMENT, first * SEGMENT)
+    want = min((last + 1) * SEGMENT, length) - first * SEGMENT
+    raw = os.pread(fd, want, base + first * SEGMENT)
+    if len(raw) != want:
+        return None
     view = memoryview(raw)
     for i in range(first, last + 1):
         part = view[(i - first) * SEGMENT:(i - first + 1) * SEGMENT]

@@ -304,13 +304,15 @@ class ReplicatedStore(BlockStore):
         log.warning("cannot read the block files of %s directly (%s); reading them over "
                     "HTTP until its next status says otherwise", member.url, error)
 
-    def has_local_copy(self, block_id: str) -> bool:
-        """True when a home of the block is a usable server whose files we read directly:
-        reading the block again costs a local file read, as the disk cache would."""
+    def local_copy(self, block_id: str) -> str | None:
+        """The data directory of the first usable home of the block whose files we read
+        directly, or None."""
         local = self._local
-        return bool(local) and any(
-            m.id in local and self.health.usable(m.id)
-            for m in self.ranking(block_id)[:self.config.replicas])
+        if local:
+            for m in self.ranking(block_id)[:self.config.replicas]:
+                if m.id in local and self.health.usable(m.id):
+                    return local[m.id]
+        return None
 
     def _read_local(self, block_id: str, checksum: str, homes, skip=()):
         """(bytes, None) read from the file of the first usable home on this host;

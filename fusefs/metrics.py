@@ -269,7 +269,7 @@ class _StatusCollector(Collector):
             return
         hits = CounterMetricFamily("fusefs_cache_hits", "Block reads served by the cache",
                                    labels=["tier"])
-        for tier in ("memory", "disk"):
+        for tier in ("memory", "disk", "local"):
             if _number(cache.get(f"hits_{tier}")) is not None:
                 hits.add_metric([tier], cache[f"hits_{tier}"])
         yield hits
@@ -278,7 +278,7 @@ class _StatusCollector(Collector):
                          ("evictions", "Blocks evicted from the cache"),
                          ("scan_skips", "Blocks a long sequential read fetched and did not "
                           "keep on disk (seen for the first time)"),
-                         ("local_skips", "Blocks read from a local server's file and so "
+                         ("local_skips", "Blocks read from a local server's file, and so "
                           "not kept on disk")):
             if _number(cache.get(key)) is not None:
                 family = CounterMetricFamily(f"fusefs_cache_{key}", doc)

@@ -619,33 +619,91 @@ def test_a_long_scan_keeps_on_disk_only_what_it_read_before(store, make_cache, t
 
 
 class PartlyLocalStore(BatchStore):
-    """A store that can read the blocks in `local` from files on this host."""
+    """A store that also has the blocks in `local` as a server's files under `root`, in
+    the block server's format, as a server on this host would."""
 
-    def __init__(self):
+    def __init__(self, root):
         super().__init__()
+        self.root = str(root)
         self.local = set()
 
-    def has_local_copy(self, block_id):
-        return block_id in self.local
+    def make_local(self, block_id, data, checksum):
+        path = protocol.block_file(self.root, block_id)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(protocol.BLOCK_HEADER.pack(protocol.BLOCK_MAGIC, bytes.fromhex(checksum),
+                                               len(data)) + data)
+        self.local.add(block_id)
+
+    def local_copy(self, block_id):
+        return self.root if block_id in self.local else None
 
 
 def test_blocks_with_a_copy_on_this_host_are_not_written_to_the_disk_level(tmp_path):
-    """Whether fetched by a get, by read-ahead or by a batch read-ahead: the disk level
-    keeps only the blocks that came over the network."""
-    store = PartlyLocalStore()
-    cache = BlockCache(store, memory_bytes=1 << 20, disk_dir=str(tmp_path),
+    """Whether a get, read-ahead or a batch read-ahead fetched it, a block a server of
+    this host holds is not written to the disk level: it came from that server's file."""
+    store = PartlyLocalStore(tmp_path / "server")
+    cache = BlockCache(store, memory_bytes=1 << 20, disk_dir=str(tmp_path / "cache"),
                        disk_bytes=64 << 20, prefetch_threads=1)
     try:
         blocks = [stored(store) for _ in range(9)]
-        store.local = {b for b, _, _ in blocks[::2]}
+        for block in blocks[::2]:
+            store.make_local(*block)
         for block_id, data, checksum in blocks[:3]:
             assert cache.get(block_id, checksum) == data
         cache.prefetch([(b, c) for b, _, c in blocks[3:6]])
         cache.prefetch_batch([(b, c) for b, _, c in blocks[6:]])
         wait_until(lambda: cache.stats()["fetches"] == 9, "read-ahead")
         assert cache.settle(10.0)
-        assert set(files_on_disk(str(tmp_path))) == {b for b, _, _ in blocks[1::2]}
+        assert set(files_on_disk(str(tmp_path / "cache"))) == {b for b, _, _ in blocks[1::2]}
         assert cache.stats()["local_skips"] == 5
+    finally:
+        cache.close()
+
+
+def test_a_range_of_a_block_on_this_host_is_read_from_its_file_segment_by_segment(tmp_path):
+    """A random reader's miss on a block read whole before (and dropped from memory since)
+    reads and checks only the segments it needs from the server's file; a file that no
+    longer matches sends it to a whole read, which returns the right bytes."""
+    store = PartlyLocalStore(tmp_path / "server")
+    cache = BlockCache(store, memory_bytes=300_000, disk_dir=str(tmp_path / "cache"),
+                       disk_bytes=64 << 20, prefetch_threads=0)
+    try:
+        big, other = stored(store, 200_000), stored(store, 200_000)
+        store.make_local(*big)
+        store.make_local(*other)
+        assert cache.get(big[0], big[2]) == big[1]
+        assert cache.get(other[0], other[2]) == other[1]  # evicts big from memory
+        gets = store.gets
+        assert bytes(cache.get_range(big[0], big[2], 70_000, 4096)) == big[1][70_000:74_096]
+        assert bytes(cache.get_range(big[0], big[2], 131_000, 2000)) == \
+            big[1][131_000:133_000]  # across two segments
+        assert cache.stats()["hits_local"] == 2 and store.gets == gets
+        path = protocol.block_file(store.root, big[0])
+        with open(path, "r+b") as f:  # damage the second segment
+            f.seek(protocol.BLOCK_HEADER.size + 70_000)
+            f.write(b"\xff" * 8)
+        assert bytes(cache.get_range(big[0], big[2], 70_000, 4096)) == big[1][70_000:74_096]
+        assert store.gets == gets + 1 and cache.stats()["hits_local"] == 2
+    finally:
+        cache.close()
+
+
+def test_a_damaged_file_on_this_host_is_never_returned_in_part(tmp_path):
+    store = PartlyLocalStore(tmp_path / "server")
+    cache = BlockCache(store, memory_bytes=0, disk_dir=None, disk_bytes=0, prefetch_threads=0)
+    try:
+        big = stored(store, 200_000)
+        store.make_local(*big)
+        assert cache.get(big[0], big[2]) == big[1]  # sums taken from the verified bytes
+        with open(protocol.block_file(store.root, big[0]), "r+b") as f:
+            f.seek(protocol.BLOCK_HEADER.size + 70_000)
+            f.write(b"\xff" * 8)
+        gets = store.gets
+        assert bytes(cache.get_range(big[0], big[2], 70_000, 4096)) == big[1][70_000:74_096]
+        assert store.gets == gets + 1 and cache.stats()["hits_local"] == 0
+        assert bytes(cache.get_range(big[0], big[2], 0, 4096)) == big[1][:4096]
+        assert cache.stats()["hits_local"] == 1  # the segments that match still serve
     finally:
         cache.close()
 
@@ -793,7 +851,7 @@ def test_stats_count_every_level(store, make_cache, tmp_path):
     cache.insert(protocol.new_block_id(), protocol.EMPTY_CHECKSUM, b"")  # 0 bytes
     assert cache.stats() == {"hits_memory": 1, "hits_disk": 1, "misses": 2, "fetches": 2,
                              "evictions": 2, "scan_skips": 0, "local_skips": 0,
-                             "memory_bytes": 1000,
+                             "hits_local": 0, "memory_bytes": 1000,
                              "disk_bytes": 2 * file_size(1000)}
 
 

@@ -264,3 +264,37 @@ def test_a_mount_reads_a_file_from_the_servers_files_unless_told_not_to(fusefs_m
         assert direct >= 5  # (and the checkpoint's blocks, read at the mount)
         assert sum(block_gets(s) for s in m.servers) == gets_before
         assert cache["local_skips"] == 5 and _cached_blocks(str(tmp_path / "cold")) == 0
+
+
+def test_random_reads_of_a_file_read_before_take_parts_of_the_servers_files(fusefs_mount,
+                                                                            tmp_path):
+    """After one whole read, a random reader's misses (memory cache smaller than the file,
+    page cache dropped) read a segment of a server's file each, checked, not the whole
+    block; and the bytes are right."""
+    m = fusefs_mount()
+    data = random.randbytes(8 << 20)
+    with open(os.path.join(m.path, "f"), "wb") as f:
+        f.write(data)
+    m.umount()
+    m.mount("--memory-cache", "2MiB", cache_dir=str(tmp_path / "cold"))
+    path = os.path.join(m.path, "f")
+    with open(path, "rb") as f:
+        assert f.read() == data
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    rng = random.Random(3)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(200):
+            at = rng.randrange(len(data) - 4096)
+            assert os.pread(fd, 4096, at) == data[at:at + 4096]
+    finally:
+        os.close(fd)
+
+    def counted():
+        cache = _status(m)["cache"]
+        return cache if cache["hits_local"] >= 50 else None
+
+    cache = wait_until(counted, "parts read from the servers' files in the status")
+    assert cache["local_skips"] >= 8
+    m.umount()
+    assert _cached_blocks(str(tmp_path / "cold")) == 0

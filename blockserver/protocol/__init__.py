@@ -23,8 +23,8 @@ builds them with it, so the two meet only here.
 from .batch import MAX_BATCH_ITEMS, BatchFormatError, decode_batch, encode_batch
 from .digests import (BLAKE3, EMPTY_CHECKSUM, EMPTY_DIGEST, SHA256, SUPPORTED_DIGESTS, checksum,
                       content_digest, digest_algorithm, is_checksum)
-from .files import (BLOCK_HEADER, BLOCK_MAGIC, TOKEN_FILE, block_file, read_block_file,
-                    read_token)
+from .files import (BLOCK_HEADER, BLOCK_MAGIC, TOKEN_FILE, block_file, open_block_file,
+                    read_block_file, read_token)
 from .headers import (AUTH_SCHEME, H_AUTHORIZATION, H_CHECKSUM, H_CONTENT_HASH, H_DATE,
                       H_DIGESTS, H_EXPECT_GENERATION, H_FOR_SERVER, H_GENERATION, H_NONCE,
                       H_RESPONSE_SIGNATURE, H_ROLE, H_SERVER_ID)
@@ -74,7 +74,8 @@ __all__ = [
     # batch
     "MAX_BATCH_ITEMS", "encode_batch", "decode_batch", "BatchFormatError",
     # files
-    "BLOCK_MAGIC", "BLOCK_HEADER", "TOKEN_FILE", "block_file", "read_block_file", "read_token",
+    "BLOCK_MAGIC", "BLOCK_HEADER", "TOKEN_FILE", "block_file", "open_block_file",
+    "read_block_file", "read_token",
     # units
     "parse_size", "format_size", "size_argument",
 ]

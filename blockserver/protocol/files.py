@@ -41,10 +41,11 @@ def read_token(root: str) -> str | None:
         return None
 
 
-def read_block_file(root: str, block_id: str, checksum: str) -> bytes | None:
-    """The bytes of the block if its file under `root` holds exactly the bytes of checksum
-    `checksum`; None when the file is absent or holds anything else. Other OS errors
-    (permission, I/O) raise."""
+def open_block_file(root: str, block_id: str, checksum: str) -> tuple[int, int] | None:
+    """(an open descriptor, the block's length) when the block's file under `root` has a
+    header naming `checksum`, else None (absent, or another block's). The bytes start at
+    BLOCK_HEADER.size and are not checked here. The caller closes the descriptor. Other
+    OS errors (permission, I/O) raise."""
     try:
         fd = os.open(block_file(root, block_id), os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -53,14 +54,29 @@ def read_block_file(root: str, block_id: str, checksum: str) -> bytes | None:
         raise
     try:
         header = os.pread(fd, BLOCK_HEADER.size, 0)
-        if len(header) != BLOCK_HEADER.size:
-            return None
-        magic, digest, length = BLOCK_HEADER.unpack(header)
-        if magic != BLOCK_MAGIC or digest.hex() != checksum:
-            return None
+        if len(header) == BLOCK_HEADER.size:
+            magic, digest, length = BLOCK_HEADER.unpack(header)
+            if magic == BLOCK_MAGIC and digest.hex() == checksum:
+                return fd, length
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+def read_block_file(root: str, block_id: str, checksum: str) -> bytes | None:
+    """The bytes of the block if its file under `root` holds exactly the bytes of checksum
+    `checksum`; None when the file is absent or holds anything else. Other OS errors
+    (permission, I/O) raise."""
+    opened = open_block_file(root, block_id, checksum)
+    if opened is None:
+        return None
+    fd, length = opened
+    try:
         data = os.pread(fd, length, BLOCK_HEADER.size) if length else b""
     finally:
         os.close(fd)
-    if len(data) != length or xxhash.xxh3_128_digest(data) != digest:
+    if len(data) != length or xxhash.xxh3_128_hexdigest(data) != checksum:
         return None
     return data

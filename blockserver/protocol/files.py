@@ -10,7 +10,7 @@ the reader checks the bytes against the checksum it expects, so the worst a race
 a recycled inode) or a damaged file can do is make the read fail; the client then asks the
 server, which checks its copy as it always does.
 
-A block file is HEADER (BLOCK_MAGIC, the xxh3-128 checksum as 16 raw bytes, the length as
+A block file is BLOCK_HEADER (BLOCK_MAGIC, the xxh3-128 checksum as 16 raw bytes, the length as
 a little-endian u64) followed by the block's bytes.
 """
 

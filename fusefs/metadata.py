@@ -45,6 +45,7 @@ still hold its own locks. Lock order: docs/filesystem.md, Lock order.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
 import logging
@@ -452,6 +453,13 @@ class Metadata:
             self._failed = (f"the local metadata database {self.path} lost its last "
                             f"{changes} changes ({error or 'rolled back by SQLite'}); "
                             "unmount and mount again to continue from the cluster's copy")
+            # From now on little is written (the shipped position: a page or two in the
+            # WAL). SQLite's automatic checkpoint would copy the whole WAL into the
+            # database file and take whatever room is freed on that (likely full) disk
+            # from the log lines that say what was lost; the unmount's checkpoint still
+            # runs, after them.
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("PRAGMA wal_autocheckpoint=0")
             raise MetadataFailed(self._failed)
 
     def _commit_group(self) -> None:
@@ -530,9 +538,12 @@ class Metadata:
                                     "ORDER BY seq LIMIT ?", (after, limit)).fetchall()
 
     def shipped(self, upto: int, position: dict[str, str]) -> None:
-        """Records up to `upto` are durable on the cluster: drop them, remember where."""
+        """Records up to `upto` are durable on the cluster: drop them, remember where.
+        A failed database keeps them (`unshipped` never reads them again): deleting large
+        records would fill the WAL with freed pages, on a disk that is likely full."""
         with self._txn() as db:
-            db.execute("DELETE FROM journal WHERE seq <= ?", (upto,))
+            if not self._failed:
+                db.execute("DELETE FROM journal WHERE seq <= ?", (upto,))
             db.executemany("INSERT OR REPLACE INTO settings VALUES (?, ?)",
                            [("shipped", str(upto)), *position.items()])
 

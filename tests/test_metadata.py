@@ -163,6 +163,25 @@ def test_a_group_sqlite_lost_makes_every_later_change_fail_with_eio(md):
     assert md.lookup(ROOT_INO, b"a") is None and committed_names(md.path) == set()
 
 
+def test_a_failed_database_records_its_shipping_but_writes_little_more(md):
+    """Once failed, the database keeps recording how far the journal was shipped, but
+    neither deletes the shipped records (freed pages fill the WAL) nor checkpoints by
+    itself (a copy of the WAL into the database): its disk is likely the full one."""
+    md.create(ROOT_INO, b"a", FILE, 0, 0)
+    md.commit()
+    md.create(ROOT_INO, b"b", FILE, 0, 0)
+    md._db.execute("ROLLBACK")
+    with pytest.raises(MetadataFailed):
+        md.commit()
+    assert md._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    kept = [seq for seq, _ in md.unshipped(0)]  # up to "a", committed before the failure
+    assert kept and md.seq not in kept  # "b"'s record was lost with its group
+    md.shipped(kept[-1], {"segment": "7"})
+    assert md.setting("shipped") == str(kept[-1]) and md.setting("segment") == "7"
+    assert md.unshipped(kept[-1]) == []
+    assert [seq for seq, in md._db.execute("SELECT seq FROM journal")] == kept
+
+
 CHILD = r"""
 import stat, sys
 from fusefs.metadata import ROOT_INO, Metadata

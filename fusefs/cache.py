@@ -300,15 +300,16 @@ class BlockCache:
             return None
         try:
             opened = protocol.open_block_file(root, block_id, checksum)
-            if opened is None or opened[1] != local[1]:
-                if opened is not None:
-                    os.close(opened[0])
+            if opened is None:
                 return None
+            fd, length = opened
             try:
-                return _read_segments(opened[0], local[1], local[2], start, n,
+                if length != local[1]:
+                    return None
+                return _read_segments(fd, length, local[2], start, n,
                                       base=protocol.BLOCK_HEADER.size)
             finally:
-                os.close(opened[0])
+                os.close(fd)
         except OSError as e:
             log.debug("reading part of block %s from %s failed: %s", block_id, root, e)
             return None

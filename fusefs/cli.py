@@ -532,6 +532,7 @@ def _check_mountpoint(path: str) -> None:
 
 
 def cmd_mount(args) -> int:
+    from . import mounts
     from .daemon import private_dir
 
     _check_mountpoint(args.mountpoint)
@@ -555,12 +556,15 @@ def cmd_mount(args) -> int:
     given = _INVOCATION or sys.argv[1:]
     argv = [sys.executable, "-m", "fusefs", *(["-v"] if args.verbose else []),
             "mount", "--foreground", *given[given.index("mount") + 1:]]
+    # The daemon marks its record serving once FUSE's init reached it. The mount table is
+    # not enough: libfuse 2 mounts before it parses its options, then unmounts again.
+    record_path = mounts.registry_path(args.mountpoint)
     with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log_file:
         os.fchmod(log_file.fileno(), 0o600)
         began = log_file.seek(0, os.SEEK_END)  # this attempt's lines start here
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
                                  stderr=subprocess.STDOUT, start_new_session=True)
-    while not _is_mounted(args.mountpoint):
+    while not mounts.serving(record_path, child.pid):
         if child.poll() is not None:
             raise CliError(f"mount failed:\n{_tail(log_path, since=began)}\n"
                            f"(full log: {log_path})")

@@ -275,10 +275,11 @@ def _serve(config: MountConfig, stack, sb, store, metadata, keeper, gate, writer
                                scrubber, room)
     reporter.start()
     stack.callback(reporter.stop)
-    mounts.register(config.mountpoint,
-                    {"pid": os.getpid(), "mountpoint": os.path.realpath(config.mountpoint),
-                     "state_dir": config.state_dir, "status": status_path,
-                     "log": os.path.join(config.state_dir, "fusefs.log")})
+    record_path = mounts.register(  # (before anything is mounted there)
+        config.mountpoint,
+        {"pid": os.getpid(), "mountpoint": os.path.realpath(config.mountpoint),
+         "state_dir": config.state_dir, "status": status_path,
+         "log": os.path.join(config.state_dir, "fusefs.log")})
     stack.callback(mounts.unregister, config.mountpoint)
 
     @_Once
@@ -297,11 +298,14 @@ def _serve(config: MountConfig, stack, sb, store, metadata, keeper, gate, writer
 
     if meter is not None:
         meter.dirty_age = lambda: oldest_dirty_seconds(flusher)
-    _mount(config, stack, sb, fs, finish, meter)
+    _mount(config, stack, sb, fs, finish, meter,
+           on_init=lambda: mounts.mark_serving(record_path))
 
 
-def _mount(config: MountConfig, stack, sb, fs: Filesystem, finish, meter=None) -> None:
-    """The FUSE adapter over `fs`: serve until unmounted; `finish` uploads everything."""
+def _mount(config: MountConfig, stack, sb, fs: Filesystem, finish, meter=None,
+           on_init=None) -> None:
+    """The FUSE adapter over `fs`: serve until unmounted; `finish` uploads everything,
+    `on_init` is called when FUSE's init reached the daemon (libfuse serves the mount)."""
     refresher = None
     if not config.read_only:
         if kernel_attrs.supported():
@@ -310,7 +314,7 @@ def _mount(config: MountConfig, stack, sb, fs: Filesystem, finish, meter=None) -
         else:
             log.warning("this kernel has no openat2 RESOLVE_CACHED (Linux 5.12): the "
                         "kernel will cache no attributes, which makes metadata slower")
-    ops = FuseOps(fs, on_destroy=finish, refresher=refresher, meter=meter)
+    ops = FuseOps(fs, on_destroy=finish, refresher=refresher, meter=meter, on_init=on_init)
     fs.subscribe(ops.forget_paths)  # a follower's changes
     stop = _stop_on_signal(config.mountpoint, finish)
     options = mount_options(config.read_only, config.fuse_options,

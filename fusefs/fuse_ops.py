@@ -159,9 +159,11 @@ class FuseOps(Operations):
     flag_utime_omit_ok = 1  # receive UTIME_OMIT/UTIME_NOW: touch -m, tar x keep mtimes
     flag_nullpath_ok = 1  # calls on open-but-unlinked files arrive without a path
 
-    def __init__(self, fs: Filesystem, on_destroy=None, refresher=None, meter=None):
+    def __init__(self, fs: Filesystem, on_destroy=None, refresher=None, meter=None,
+                 on_init=None):
         self.fs = fs
         self.on_destroy = on_destroy
+        self.on_init = on_init
         self.meter = meter  # metrics.MountMetrics with --metrics, else None
         self._replicas: dict[int, tuple[float, bytes]] = {}  # guarded by _lock
         # With kernel attribute caching on, refreshes the other names of hard-linked files
@@ -585,6 +587,11 @@ class FuseOps(Operations):
 
     def init(self, path):
         self.started.set()
+        try:
+            if self.on_init is not None:
+                self.on_init()
+        except Exception:  # noqa: BLE001 - the mount serves all the same
+            log.exception("error while marking the mount as serving")
 
     def destroy(self, path):
         try:

@@ -3,8 +3,9 @@ has mounted where, and detaching a mount. Nothing here imports FUSE, so the CLI'
 status, umount and recovery commands (and the tests) use it without the adapter.
 
 The registry is one JSON file per mountpoint in `runtime_dir()`, written by a daemon
-when its mount is up ({"pid", "mountpoint", "state_dir", "status", "log"}, plus
-"detached" once a signal made it unmount) and removed when it ends. A daemon killed
+just before it mounts ({"pid", "mountpoint", "state_dir", "status", "log"}, plus
+"serving" once FUSE's init reached it, and "detached" once a signal made it unmount) and
+removed when it ends. A daemon killed
 with -9 leaves its record behind: a record whose pid is gone is stale (`forget_stale`).
 
 A mountpoint's states (`mount_state`): "none"; "alive" or "dead" for a fusefs mount
@@ -40,8 +41,13 @@ def registry_path(mountpoint: str) -> str:
 
 
 def read_registry(mountpoint: str) -> dict | None:
+    return read_record(registry_path(mountpoint))
+
+
+def read_record(path: str) -> dict | None:
+    """The registry record in the file at `path`, or None if there is none."""
     try:
-        with open(registry_path(mountpoint)) as f:
+        with open(path) as f:
             return json.load(f)
     except (FileNotFoundError, ValueError):
         return None
@@ -149,9 +155,11 @@ def unmount(path: str, lazy: bool = False) -> bool:
     return False
 
 
-def register(mountpoint: str, record: dict) -> None:
-    """Record the daemon serving `mountpoint` (this process)."""
-    write_json(registry_path(mountpoint), record)
+def register(mountpoint: str, record: dict) -> str:
+    """Record the daemon serving `mountpoint` (this process); returns the record's path."""
+    path = registry_path(mountpoint)
+    write_json(path, record)
+    return path
 
 
 def unregister(mountpoint: str) -> None:
@@ -163,9 +171,28 @@ def unregister(mountpoint: str) -> None:
 
 def mark_detached(mountpoint: str) -> None:
     """Everything is uploaded and the mount detached: `fusefs umount` returns on this."""
-    record = read_registry(mountpoint)
+    _mark(registry_path(mountpoint), detached=True)
+
+
+def mark_serving(record_path: str) -> None:
+    """FUSE's init reached this daemon: libfuse took every option and serves the mount.
+    `fusefs mount` returns on this mark, not on the mount table: libfuse 2 mounts before
+    it parses its options, and unmounts again if one is unknown. `record_path` is
+    `registry_path` computed before mounting; resolving the mountpoint here would be a
+    request to this daemon, which serves nothing until init returns."""
+    _mark(record_path, serving=True)
+
+
+def serving(record_path: str, pid: int) -> bool:
+    """True once the daemon `pid` marked its record at `record_path` serving."""
+    record = read_record(record_path)
+    return record is not None and record.get("pid") == pid and bool(record.get("serving"))
+
+
+def _mark(record_path: str, **fields) -> None:
+    record = read_record(record_path)
     if record is not None and record.get("pid") == os.getpid():
-        write_json(registry_path(mountpoint), {**record, "detached": True})
+        write_json(record_path, {**record, **fields})
 
 
 def unlink_quietly(path: str) -> None:

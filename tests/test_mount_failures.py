@@ -16,8 +16,10 @@ above what a correct back-off writes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import json
 import logging
 import os
 import random
@@ -33,7 +35,7 @@ import pytest
 
 from fusefs import daemon, errors
 
-from .support import REPO, alive, read_through, sha256_of, wait_until
+from .support import REPO, _mount_table, alive, read_through, sha256_of, wait_until
 
 KiB, MiB = 1 << 10, 1 << 20
 GUARD = 120.0  # seconds a single guarded call may take before we call it a hang
@@ -679,6 +681,52 @@ def test_mount_arguments_it_cannot_use_are_refused_before_anything_mounts(fusefs
     assert "FUSE did not mount" in refused.stderr and "Traceback" not in refused.stderr
     m.mount()
     assert m.mounted
+
+
+def test_a_mount_libfuse_refuses_fails_even_when_it_was_in_the_mount_table(fusefs_mount):
+    """libfuse 2 mounts before it parses its options, and unmounts when one is unknown.
+    `fusefs mount` used to decide from the mount table: it returned "mounted", exit 0,
+    when it looked in that window (about a millisecond: 1 suite run in 4), and looking
+    meant resolving the mountpoint, a request the half-made mount holds until FUSE's init
+    (where only SIGKILL gets a process out). Here strace holds the window open for
+    seconds: the daemon's mount(2) returns late. `fusefs mount` must go on waiting, and
+    not on the mount, then fail when the daemon goes on."""
+    m = fusefs_mount()
+    m.umount()
+    in_table = f" {os.path.realpath(m.path)} ".encode()
+
+    def mounted() -> bool:  # (without a request to the mount, which may be held)
+        with open("/proc/self/mountinfo", "rb") as f:
+            return in_table in f.read()
+
+    cli = subprocess.Popen(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=mount",
+                            "-e", "inject=mount:delay_exit=3000000",
+                            sys.executable, "-m", "fusefs", "mount", *m.cluster_args(),
+                            "--cache-dir", m.cache_dir, "-o", "no_such_fuse_option", m.path],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    try:
+        assert wait_until(lambda: mounted() or cli.poll() is not None, timeout=GUARD)
+        assert mounted(), "the daemon ended before its mount was seen"
+        time.sleep(1.0)  # (the old wait looked every 50 ms)
+        assert cli.poll() is None, "fusefs mount returned on a mount being refused"
+        cli_pid = [int(pid) for pid in _children(cli.pid)][0]
+        with open(f"/proc/{cli_pid}/wchan") as f:
+            waiting_in = f.read()
+        assert "fuse" not in waiting_in, f"fusefs mount is stuck in {waiting_in}"
+        _, stderr = cli.communicate(timeout=GUARD)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    assert cli.returncode != 0 and b"FUSE did not mount" in stderr, stderr
+    assert not mounted()
+    m.mount()
+    assert m.mounted
+
+
+def _children(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return f.read().split()
 
 
 def test_up_and_down_of_a_directory_they_cannot_use(tmp_path):

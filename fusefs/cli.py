@@ -807,6 +807,7 @@ def cmd_read_key(args) -> int:
 # -- umount and status ------------------------------------------------------------------------
 
 def cmd_umount(args) -> int:
+    from .host import process_state
     from .mounts import read_registry
 
     path = os.path.abspath(args.mountpoint)
@@ -826,8 +827,12 @@ def cmd_umount(args) -> int:
         print(f"unmounted {path} (no fusefs daemon was running for it)")
         return 0
     os.kill(record["pid"], signal.SIGTERM)  # the daemon uploads everything, then unmounts
-    shown = 0.0
+    shown, said_stopped = 0.0, False
     while _alive(record["pid"]) and not (read_registry(path) or {}).get("detached"):
+        if not said_stopped and process_state(record["pid"]) == "T":
+            print(f"the daemon (pid {record['pid']}) is stopped; it unmounts once it goes "
+                  f"on (`kill -CONT {record['pid']}`)", file=sys.stderr)
+            said_stopped = True
         if time.monotonic() - shown > 2:
             status = _read_status(record)
             if status and status.get("dirty_bytes"):
@@ -908,12 +913,18 @@ def cmd_status(args) -> int:
     return 1 if unhealthy else 0
 
 
+# The daemon writes its status every second; one this old is from a daemon that stopped.
+STATUS_STALE_SECONDS = 15
+
+
 def _with_health(s: dict) -> dict:
     """A mount's status with the figures scripts read first: `servers`,
     `under_replicated`, `handoffs`, `errors` and `healthy` (exit status 0)."""
     health = s.get("health") or {}
     servers = s["cluster"]["servers"]
-    problems = [f"server {v['url']} is down: {v['last_error']}" for v in servers if not v["up"]]
+    problems = [_stale(s["pid"], age)] if (age := time.time() - s.get("time", 0)) \
+        > STATUS_STALE_SECONDS else []
+    problems += [f"server {v['url']} is down: {v['last_error']}" for v in servers if not v["up"]]
     problems += [f"upload error: {e}" for e in s.get("upload_errors", [])]
     if s.get("local_room"):
         problems.append(f"local disk: {s['local_room']}")
@@ -925,6 +936,17 @@ def _with_health(s: dict) -> dict:
     # to be unhealthy; a read-only mount leaves the survey to the writer)
     return {**s, "servers": servers, "under_replicated": under, "handoffs": handoffs,
             "errors": problems, "healthy": not problems and not under and not handoffs}
+
+
+def _stale(pid: int, age: float) -> str:
+    """What a status `age` seconds old says of the daemon `pid`."""
+    from .host import process_state
+
+    why = (f"it is stopped: `kill -CONT {pid}` lets it go on"
+           if process_state(pid) == "T" else
+           "it is hung, or cannot write its cache directory (is that disk full?)")
+    return (f"the daemon has reported nothing for {age:.0f} s, so these figures are old: "
+            f"{why}")
 
 
 def _status_of(path: str) -> tuple[list[dict], list[dict]]:
@@ -961,11 +983,11 @@ def _status_of_all() -> tuple[list[dict], list[dict]]:
 
 
 def _dead_report(path: str) -> dict:
-    from .mounts import read_registry
+    from .mounts import canonical, read_registry
 
     record = read_registry(path) or {}
     last = _read_status(record) if record else None
-    return {"mountpoint": os.path.realpath(path), "state": "dead", "pid": record.get("pid"),
+    return {"mountpoint": canonical(path), "state": "dead", "pid": record.get("pid"),
             "fs_id": (last or {}).get("fs_id"), "log": record.get("log"),
             "error": "its fusefs daemon died (kill -9, out of memory): the mount answers "
                      "'Transport endpoint is not connected'"}
@@ -983,6 +1005,8 @@ def _print_dead(d: dict) -> None:
 
 def _print_alive(s: dict) -> None:
     print(f"{s['mountpoint']}: filesystem {s['fs_id']}, pid {s['pid']}")
+    if s["errors"] and s["errors"][0].startswith("the daemon has reported nothing"):
+        print(f"  {s['errors'][0]}")
     age = s.get("dirty_oldest_seconds")
     oldest = f" (oldest {age:.0f} s)" if s["dirty_bytes"] and age is not None else ""
     print(f"  dirty: {format_size(s['dirty_bytes'])}{oldest}, repair backlog: "

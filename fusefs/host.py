@@ -39,6 +39,18 @@ def process_alive(pid: int | None) -> bool:
         return False
 
 
+def process_state(pid: int | None) -> str | None:
+    """The state letter /proc gives process `pid` ("R", "S", "D", "T" stopped, "Z"...);
+    None if there is no such process (or /proc cannot tell)."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def pid_namespace() -> int | None:
     """The inode of this process's PID namespace (None where /proc cannot tell)."""
     try:

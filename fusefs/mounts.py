@@ -35,8 +35,35 @@ def runtime_dir() -> str:
     return path
 
 
+def canonical(path: str) -> str:
+    """`path` absolute with its symbolic links resolved, as os.path.realpath gives it, but
+    without a request to a filesystem mounted at `path` itself. realpath stats every name,
+    the last one too, and a FUSE mount whose daemon is stopped or hung holds that stat
+    (and the caller with it: only SIGKILL ends the wait). Here the parent is resolved,
+    and the last name only if it is a symbolic link: readlink of a mount's root is
+    refused by the kernel without asking its daemon."""
+    if not os.path.isabs(path):
+        path = os.path.join(os.getcwd(), path)
+    for _ in range(40):  # (the kernel's own limit of links in one path)
+        parent, name = os.path.split(path.rstrip("/"))
+        if not name:
+            return "/"
+        if name == ".":
+            path = parent
+            continue
+        if name == "..":
+            return os.path.dirname(canonical(parent))
+        path = os.path.join(os.path.realpath(parent), name)
+        try:
+            target = os.readlink(path)
+        except OSError:
+            return path
+        path = os.path.join(os.path.dirname(path), target)
+    return path
+
+
 def registry_path(mountpoint: str) -> str:
-    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    key = hashlib.sha256(canonical(mountpoint).encode()).hexdigest()[:16]
     return os.path.join(runtime_dir(), f"{key}.json")
 
 
@@ -79,7 +106,7 @@ def _mounts() -> list[tuple[str, str, str]]:
 
 def _mount_entry(path: str) -> tuple[str, str] | None:
     """(fstype, source) of the topmost mount exactly at `path`, or None."""
-    target = os.path.realpath(path)
+    target = canonical(path)
     entries = [(fstype, source) for point, fstype, source in _mounts() if point == target]
     return entries[-1] if entries else None
 

@@ -724,6 +724,62 @@ def test_a_mount_libfuse_refuses_fails_even_when_it_was_in_the_mount_table(fusef
     assert m.mounted
 
 
+def test_status_and_umount_of_a_stopped_daemon_say_so_and_never_hang(fusefs_mount):
+    """A daemon that is stopped (SIGSTOP, a debugger) or hung answers nothing, and a
+    request to its mount waits where only SIGKILL ends it. `fusefs status` and `fusefs
+    umount` used to resolve the mountpoint with a stat of it, and hung there. Now neither
+    asks the mount: status says its figures are old and why, exit 1; umount says the
+    daemon is stopped and finishes once it goes on."""
+    m = fusefs_mount(mount=["--lease-seconds", "120"])  # (the stop must not cost the lease)
+    pid = m.daemon_pid()
+    with open(os.path.join(m.path, "made-just-before"), "wb") as f:
+        f.write(b"kept")  # (the root's attributes are no longer cached by the kernel)
+    umount = None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(17)  # (status is written each second; 15 s without one is old)
+        status = m.cli("status", m.path, check=False, timeout=GUARD)
+        assert status.returncode == 1, status.stdout + status.stderr
+        assert "reported nothing for" in status.stdout, status.stdout
+        assert f"kill -CONT {pid}" in status.stdout, status.stdout
+        umount = subprocess.Popen([sys.executable, "-m", "fusefs", "umount", m.path],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  cwd=REPO)
+        said = umount.stderr.readline()
+        assert f"(pid {pid}) is stopped" in said and f"kill -CONT {pid}" in said, said
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        if umount is not None:
+            out, err = umount.communicate(timeout=GUARD)
+    assert umount.returncode == 0, err
+    assert not m.mounted
+    m.mount()
+    assert read_through(os.path.join(m.path, "made-just-before")) == b"kept"
+
+
+def test_a_mountpoint_resolves_as_realpath_resolves_it(tmp_path, monkeypatch):
+    """`mounts.canonical`, which never stats the mountpoint itself, names the same path
+    as os.path.realpath: through symbolic links (in the parents, as the last name, in a
+    chain, relative ones), `..` and a relative start; a dangling link ends where it
+    points."""
+    canonical = _mount_table().canonical
+    (tmp_path / "real" / "mnt").mkdir(parents=True)
+    (tmp_path / "link-to-real").symlink_to(tmp_path / "real")
+    (tmp_path / "link-to-mnt").symlink_to("real/mnt")
+    (tmp_path / "chain").symlink_to("link-to-mnt")
+    (tmp_path / "real" / "up").symlink_to("../real/mnt")
+    (tmp_path / "dangling").symlink_to("nowhere/at-all")
+    monkeypatch.chdir(tmp_path / "real")
+    for given in ["link-to-real/mnt", "link-to-mnt", "chain", "real/up", "real/mnt/..",
+                  "real/./mnt", "real/mnt/.", "real/mnt/", "link-to-real/mnt/..",
+                  "chain/..", "dangling", "no-such-name", "/"]:
+        path = str(tmp_path / given)
+        assert canonical(path) == os.path.realpath(path), given
+    assert canonical("mnt") == str(tmp_path / "real" / "mnt")
+    assert canonical("../chain") == str(tmp_path / "real" / "mnt")
+    assert canonical("/") == "/" and canonical("/..") == "/"
+
+
 def _children(pid: int) -> list[str]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return f.read().split()

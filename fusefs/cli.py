@@ -531,6 +531,9 @@ def _check_mountpoint(path: str) -> None:
         raise CliError(f"mountpoint {path} is not a directory; create it first")
 
 
+MOUNT_PROGRESS_SECONDS = 10  # a mount taking longer says what its daemon does, this often
+
+
 def cmd_mount(args) -> int:
     from . import mounts
     from .daemon import private_dir
@@ -564,10 +567,15 @@ def cmd_mount(args) -> int:
         began = log_file.seek(0, os.SEEK_END)  # this attempt's lines start here
         child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
                                  stderr=subprocess.STDOUT, start_new_session=True)
+    said = time.monotonic()
     while not mounts.serving(record_path, child.pid):
         if child.poll() is not None:
             raise CliError(f"mount failed:\n{_tail(log_path, since=began)}\n"
                            f"(full log: {log_path})")
+        if time.monotonic() - said >= MOUNT_PROGRESS_SECONDS:  # (a journal to replay...)
+            print(f"still mounting (daemon pid {child.pid}); its last line: "
+                  f"{_tail(log_path, lines=1, since=began)}", file=sys.stderr)
+            said = time.monotonic()
         time.sleep(0.05)
     print(f"mounted at {config.mountpoint} (log: {log_path})")
     return 0

@@ -690,7 +690,8 @@ def test_a_mount_libfuse_refuses_fails_even_when_it_was_in_the_mount_table(fusef
     meant resolving the mountpoint, a request the half-made mount holds until FUSE's init
     (where only SIGKILL gets a process out). Here strace holds the window open for
     seconds: the daemon's mount(2) returns late. `fusefs mount` must go on waiting, and
-    not on the mount, then fail when the daemon goes on."""
+    not on the mount, say what the daemon does after 10 s, then fail when the daemon goes
+    on."""
     m = fusefs_mount()
     m.umount()
     in_table = f" {os.path.realpath(m.path)} ".encode()
@@ -700,7 +701,7 @@ def test_a_mount_libfuse_refuses_fails_even_when_it_was_in_the_mount_table(fusef
             return in_table in f.read()
 
     cli = subprocess.Popen(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=mount",
-                            "-e", "inject=mount:delay_exit=3000000",
+                            "-e", "inject=mount:delay_exit=12000000",
                             sys.executable, "-m", "fusefs", "mount", *m.cluster_args(),
                             "--cache-dir", m.cache_dir, "-o", "no_such_fuse_option", m.path],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
@@ -719,6 +720,7 @@ def test_a_mount_libfuse_refuses_fails_even_when_it_was_in_the_mount_table(fusef
             cli.kill()
             cli.wait()
     assert cli.returncode != 0 and b"FUSE did not mount" in stderr, stderr
+    assert b"still mounting (daemon pid" in stderr and b"mounting filesystem" in stderr
     assert not mounted()
     m.mount()
     assert m.mounted

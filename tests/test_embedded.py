@@ -8,10 +8,12 @@ process `up` started is ended before the test ends.
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 
 from fusefs.mounts import is_mounted as mounted
+from fusefs.mounts import read_registry
 
 from .support import REPO, cleanup_all, leftovers_under, problem_lines, unmount
 
@@ -70,6 +72,41 @@ def test_up_down_up_keeps_the_data(tmp_path):
         status = fusefs("status", mnt)
         assert status.stdout.count(": up") == 3
     finally:
+        take_down(root, mnt)
+    assert not mounted(mnt)
+    problems = logged_problems(root)
+    assert not problems, "fusefs up's servers or daemon logged errors:\n" + "\n".join(problems[:20])
+
+
+def test_down_of_a_stopped_daemon_says_so_and_finishes_when_it_goes_on(tmp_path):
+    """`down` passes on what `umount` says while it waits (here: the daemon is stopped,
+    and the command to let it go on), where it used to wait in silence."""
+    root = str(tmp_path / "data")
+    mnt = os.path.join(root, "mnt")
+    down = None
+    try:
+        fusefs("up", root)
+        with open(os.path.join(mnt, "kept"), "wb") as f:
+            f.write(b"uploaded by down")
+        pid = (read_registry(mnt) or {})["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            down = subprocess.Popen([sys.executable, "-m", "fusefs", "down", root], text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+            said = down.stderr.readline()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert f"kill -CONT {pid}" in said, said
+        _, err = down.communicate(timeout=180)
+        assert down.returncode == 0, err
+        assert not mounted(mnt)
+        fusefs("up", root)
+        with open(os.path.join(mnt, "kept"), "rb") as f:
+            assert f.read() == b"uploaded by down"
+    finally:
+        if down is not None and down.poll() is None:
+            down.kill()
+            down.wait()
         take_down(root, mnt)
     assert not mounted(mnt)
     problems = logged_problems(root)

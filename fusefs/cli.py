@@ -930,8 +930,9 @@ def _with_health(s: dict) -> dict:
     `under_replicated`, `handoffs`, `errors` and `healthy` (exit status 0)."""
     health = s.get("health") or {}
     servers = s["cluster"]["servers"]
-    problems = [_stale(s["pid"], age)] if (age := time.time() - s.get("time", 0)) \
-        > STATUS_STALE_SECONDS else []
+    age = time.time() - s.get("time", 0)
+    stale = _stale(s["pid"], age) if age > STATUS_STALE_SECONDS else None
+    problems = [stale] if stale else []
     problems += [f"server {v['url']} is down: {v['last_error']}" for v in servers if not v["up"]]
     problems += [f"upload error: {e}" for e in s.get("upload_errors", [])]
     if s.get("local_room"):
@@ -943,7 +944,8 @@ def _with_health(s: dict) -> dict:
     # (None before the writer's first survey, a second or two after mounting: not known
     # to be unhealthy; a read-only mount leaves the survey to the writer)
     return {**s, "servers": servers, "under_replicated": under, "handoffs": handoffs,
-            "errors": problems, "healthy": not problems and not under and not handoffs}
+            "stale": stale, "errors": problems,
+            "healthy": not problems and not under and not handoffs}
 
 
 def _stale(pid: int, age: float) -> str:
@@ -1013,8 +1015,8 @@ def _print_dead(d: dict) -> None:
 
 def _print_alive(s: dict) -> None:
     print(f"{s['mountpoint']}: filesystem {s['fs_id']}, pid {s['pid']}")
-    if s["errors"] and s["errors"][0].startswith("the daemon has reported nothing"):
-        print(f"  {s['errors'][0]}")
+    if s["stale"]:
+        print(f"  {s['stale']}")
     age = s.get("dirty_oldest_seconds")
     oldest = f" (oldest {age:.0f} s)" if s["dirty_bytes"] and age is not None else ""
     print(f"  dirty: {format_size(s['dirty_bytes'])}{oldest}, repair backlog: "

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from fusefs.mounts import is_mounted as mounted
 from fusefs.mounts import read_registry
@@ -78,25 +79,34 @@ def test_up_down_up_keeps_the_data(tmp_path):
     assert not problems, "fusefs up's servers or daemon logged errors:\n" + "\n".join(problems[:20])
 
 
-def test_down_of_a_stopped_daemon_says_so_and_finishes_when_it_goes_on(tmp_path):
-    """`down` passes on what `umount` says while it waits (here: the daemon is stopped,
-    and the command to let it go on), where it used to wait in silence."""
+def test_status_and_down_of_a_stopped_daemon_say_so_and_never_hang(tmp_path):
+    """A daemon that is stopped (SIGSTOP, a debugger) or hung answers nothing, and a
+    request to its mount waits where only SIGKILL ends it. `status` and `umount` used to
+    resolve the mountpoint with a stat of it, and hung there (the status below timed out
+    after 180 s); `down` showed nothing of what `umount` said while it waited. Now status
+    says its figures are old and why, exit 1, and `down` says the daemon is stopped and
+    finishes once it goes on, with the data uploaded."""
     root = str(tmp_path / "data")
     mnt = os.path.join(root, "mnt")
     down = None
     try:
         fusefs("up", root)
         with open(os.path.join(mnt, "kept"), "wb") as f:
-            f.write(b"uploaded by down")
+            f.write(b"uploaded by down")  # (the root's attributes are no longer cached)
         pid = (read_registry(mnt) or {})["pid"]
         os.kill(pid, signal.SIGSTOP)
         try:
+            time.sleep(17)  # (status is written each second; 15 s without one is old)
+            status = fusefs("status", mnt, check=False)
             down = subprocess.Popen([sys.executable, "-m", "fusefs", "down", root], text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
             said = down.stderr.readline()
         finally:
             os.kill(pid, signal.SIGCONT)
-        assert f"kill -CONT {pid}" in said, said
+        assert status.returncode == 1, status.stdout + status.stderr
+        assert "reported nothing for" in status.stdout, status.stdout
+        assert f"kill -CONT {pid}" in status.stdout, status.stdout
+        assert f"(pid {pid}) is stopped" in said and f"kill -CONT {pid}" in said, said
         _, err = down.communicate(timeout=180)
         assert down.returncode == 0, err
         assert not mounted(mnt)

@@ -16,10 +16,8 @@ above what a correct back-off writes.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
-import json
 import logging
 import os
 import random
@@ -724,39 +722,6 @@ def test_a_mount_libfuse_refuses_fails_even_when_it_was_in_the_mount_table(fusef
     assert not mounted()
     m.mount()
     assert m.mounted
-
-
-def test_status_and_umount_of_a_stopped_daemon_say_so_and_never_hang(fusefs_mount):
-    """A daemon that is stopped (SIGSTOP, a debugger) or hung answers nothing, and a
-    request to its mount waits where only SIGKILL ends it. `fusefs status` and `fusefs
-    umount` used to resolve the mountpoint with a stat of it, and hung there. Now neither
-    asks the mount: status says its figures are old and why, exit 1; umount says the
-    daemon is stopped and finishes once it goes on."""
-    m = fusefs_mount(mount=["--lease-seconds", "120"])  # (the stop must not cost the lease)
-    pid = m.daemon_pid()
-    with open(os.path.join(m.path, "made-just-before"), "wb") as f:
-        f.write(b"kept")  # (the root's attributes are no longer cached by the kernel)
-    umount = None
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        time.sleep(17)  # (status is written each second; 15 s without one is old)
-        status = m.cli("status", m.path, check=False, timeout=GUARD)
-        assert status.returncode == 1, status.stdout + status.stderr
-        assert "reported nothing for" in status.stdout, status.stdout
-        assert f"kill -CONT {pid}" in status.stdout, status.stdout
-        umount = subprocess.Popen([sys.executable, "-m", "fusefs", "umount", m.path],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  cwd=REPO)
-        said = umount.stderr.readline()
-        assert f"(pid {pid}) is stopped" in said and f"kill -CONT {pid}" in said, said
-    finally:
-        os.kill(pid, signal.SIGCONT)
-        if umount is not None:
-            out, err = umount.communicate(timeout=GUARD)
-    assert umount.returncode == 0, err
-    assert not m.mounted
-    m.mount()
-    assert read_through(os.path.join(m.path, "made-just-before")) == b"kept"
 
 
 def test_a_mountpoint_resolves_as_realpath_resolves_it(tmp_path, monkeypatch):

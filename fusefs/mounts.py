@@ -5,8 +5,8 @@ status, umount and recovery commands (and the tests) use it without the adapter.
 The registry is one JSON file per mountpoint in `runtime_dir()`, written by a daemon
 just before it mounts ({"pid", "mountpoint", "state_dir", "status", "log"}, plus
 "serving" once FUSE's init reached it, and "detached" once a signal made it unmount) and
-removed when it ends. A daemon killed
-with -9 leaves its record behind: a record whose pid is gone is stale (`forget_stale`).
+removed when it ends. A daemon killed with -9 leaves its record behind: a record whose
+pid is gone is stale (`forget_stale`).
 
 A mountpoint's states (`mount_state`): "none"; "alive" or "dead" for a fusefs mount
 (dead: its daemon died and the kernel answers ENOTCONN); "foreign" or "foreign-dead"

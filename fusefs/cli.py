@@ -977,16 +977,11 @@ def _status_of(path: str) -> tuple[list[dict], list[dict]]:
 def _status_of_all() -> tuple[list[dict], list[dict]]:
     """Every registered mount, and a report for every dead fusefs mount (registered or
     only seen in the mount table)."""
-    from .mounts import fusefs_mountpoints, runtime_dir
+    from .mounts import fusefs_mountpoints, read_record, runtime_dir
 
-    records = []
-    for name in sorted(os.listdir(runtime_dir())):
-        if name.endswith(".json"):
-            try:
-                with open(os.path.join(runtime_dir(), name)) as f:
-                    records.append(json.load(f))
-            except (FileNotFoundError, ValueError):
-                continue
+    found = (read_record(os.path.join(runtime_dir(), name))
+             for name in sorted(os.listdir(runtime_dir())) if name.endswith(".json"))
+    records = [r for r in found if r is not None]
     points = {r["mountpoint"] for r in records if r.get("mountpoint")} | set(fusefs_mountpoints())
     dead = [_dead_report(p) for p in sorted(points) if _mount_state(p) == "dead"]
     return records, dead

@@ -32,11 +32,7 @@ def process_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
+    return process_state(pid) not in (None, "Z")
 
 
 def process_state(pid: int | None) -> str | None:

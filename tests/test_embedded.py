@@ -82,8 +82,8 @@ def test_up_down_up_keeps_the_data(tmp_path):
 def test_status_and_down_of_a_stopped_daemon_say_so_and_never_hang(tmp_path):
     """A daemon that is stopped (SIGSTOP, a debugger) or hung answers nothing, and a
     request to its mount waits where only SIGKILL ends it. `status` and `umount` used to
-    resolve the mountpoint with a stat of it, and hung there (the status below timed out
-    after 180 s); `down` showed nothing of what `umount` said while it waited. Now status
+    resolve the mountpoint with a stat of it, and hung there (on that code, a status like
+    the one below timed out after 120 s); `down` showed nothing of what `umount` said while it waited. Now status
     says its figures are old and why, exit 1, and `down` says the daemon is stopped and
     finishes once it goes on, with the data uploaded."""
     root = str(tmp_path / "data")

@@ -822,47 +822,76 @@ class ReplicatedStore(BlockStore):
 
     def get_many(self, items: list[tuple[str, str]]) -> dict[str, bytes]:
         """Fetch many blocks with one batch request per server (the blocks on this host:
-        from their files); fail-over block by block."""
+        from their files); fail-over block by block. A home whose answer shows it has no
+        good copy (missing, quarantined, other bytes) is read-repaired, as `get` does."""
+        wanted = dict(items)
         found: dict[str, bytes] = {}
-        if self._local:
-            rest = []
-            for block_id, checksum in items:
+        # Blocks for `get`: (id, server to try last or None, whether it lacks a good copy).
+        slow: list[tuple[str, str | None, bool]] = []
+        batch = []
+        for block_id, checksum in items:
+            if self._local:
                 homes = self.ranking(block_id)[:self.config.replicas]
-                data = self._read_local(block_id, checksum, homes)[0]
-                if data is None:
-                    rest.append((block_id, checksum))
-                else:
+                data, ask_first = self._read_local(block_id, checksum, homes)
+                if data is not None:
                     found[block_id] = data
-            items = rest
-        if len(items) <= 1:
-            return found | {b: self.get(b, c) for b, c in items}
-        expected = dict(items)
-        plans = self._read_plan(list(expected))
+                    continue
+                if ask_first is not None:  # a bad file here: `get` asks its server why
+                    slow.append((block_id, None, False))
+                    continue
+            batch.append(block_id)
+        if len(batch) > 1:
+            slow += self._batch_fetch(batch, wanted, found)
+        else:
+            slow += [(block_id, None, False) for block_id in batch]
+        if len(slow) == 1:  # no thread hop for the one block (a small file, a hole)
+            block_id, asked, lacks = slow[0]
+            found[block_id] = self._fetch_one(block_id, wanted[block_id], asked, lacks)
+            return found
+        fallbacks = {self._fanout.submit(self._fetch_one, b, wanted[b], m, bad): b
+                     for b, m, bad in slow}
+        for future, block_id in fallbacks.items():
+            found[block_id] = future.result()
+        return found
+
+    def _batch_fetch(self, block_ids: list[str], checksums: dict[str, str],
+                     found: dict[str, bytes]) -> list[tuple[str, str, bool]]:
+        """Ask for `block_ids` in batches (`_read_plan`); what verifies goes into `found`.
+        Returns the rest as (id, server asked, whether it answered it has no good copy)."""
         pending = {}
-        for member_id, ids in plans.items():
+        for member_id, ids in self._read_plan(block_ids).items():
             for start in range(0, len(ids), self.config.batch_items):
                 chunk = ids[start:start + self.config.batch_items]
                 future = self._send(self._by_id[member_id], self.transport.batch_get, chunk)
                 pending[future] = (member_id, chunk)
-        slow: list[tuple[str, str]] = []  # (block id, server to try last)
+        slow: list[tuple[str, str, bool]] = []
         done, not_done = wait(pending, timeout=max(0.25, 4 * self.config.hedge_delay))
         for future in not_done:  # a hanging server: fetch its blocks elsewhere
             member_id, chunk = pending[future]
-            slow += [(b, member_id) for b in chunk]
+            slow += [(b, member_id, False) for b in chunk]
         for future in done:
             member_id, chunk = pending[future]
             answer = future.result() if future.exception() is None else {}
             for block_id in chunk:
                 data = answer.get(block_id)
-                if isinstance(data, bytes) and protocol.checksum(data) == expected[block_id]:
+                if isinstance(data, bytes) and protocol.checksum(data) == checksums[block_id]:
                     found[block_id] = data
                 else:
-                    slow.append((block_id, member_id))
-        fallbacks = {self._fanout.submit(self.get, b, expected[b], (self._by_id[m],)): b
-                     for b, m in slow}
-        for future, block_id in fallbacks.items():
-            found[block_id] = future.result()
-        return found
+                    lacks = isinstance(data, bytes) or data in (protocol.MISSING,
+                                                                 protocol.CORRUPT)
+                    slow.append((block_id, member_id, lacks))
+        return slow
+
+    def _fetch_one(self, block_id: str, checksum: str, asked: str | None,
+                   lacks: bool) -> bytes:
+        """`get` of one block a batch did not bring, `asked` (the server the batch asked)
+        tried last; when that server answered it has no good copy, and is a home, the
+        block is put back on it."""
+        member = None if asked is None else self._by_id[asked]
+        data = self.get(block_id, checksum, () if member is None else (member,))
+        if lacks and member in self.ranking(block_id)[:self.config.replicas]:
+            self._read_repair(block_id, data, checksum, [member])
+        return data
 
     def _read_plan(self, block_ids: list[str]) -> dict[str, list[str]]:
         """Server id -> the blocks of a batch read to ask it for. A batch of up to

@@ -414,6 +414,46 @@ def test_corrupt_replica_is_read_correctly_and_repaired(blockservers, make_clust
     assert len(os.listdir(os.path.join(first.data_dir, "quarantine"))) == 1
 
 
+@pytest.mark.parametrize("local_reads", [False, True], ids=["http", "local-files"])
+def test_a_batch_read_repairs_every_home_found_without_a_good_copy(blockservers, make_cluster,
+                                                                   local_reads):
+    """get_many (what a mount's read-ahead and cold reads use) returns good data past bad
+    and missing copies, and puts back each one it found, as `get` does. It used to fetch
+    the rest one by one with the failed server skipped, so nothing marked that server for
+    repair: a copy a batch read found bad stayed quarantined, gone from its server's
+    listing, where no scrub looks (found as a flaky scrub test). The copy damaged is the
+    one the read looks at first: the batch's server, or with local reads the first home's
+    file."""
+    servers = blockservers(3)
+    store = make_cluster(servers, local_reads=local_reads)
+    members = members_of(servers)
+    by_id = {m.id: server for m, server in zip(members, servers)}
+    blocks = [random_block(30000) for _ in range(12)]
+    store.put_many(blocks)
+    wait_until(lambda: all(stored_on(s, b) == d for s in servers for b, d, _ in blocks),
+               "three copies of every block")
+    if local_reads:
+        wait_until(lambda: store.local_copy(blocks[0][0]), "the servers' files found")
+        first = {b: rank(b, members)[0].id for b, _, _ in blocks}
+    else:
+        first = {b: member_id for member_id, ids in store._read_plan([b for b, _, _ in blocks])
+                 .items() for b in ids}
+    for n, (block_id, _, _) in enumerate(blocks):
+        server = by_id[first[block_id]]
+        if n % 2:
+            with open(block_path(server, block_id), "r+b") as f:
+                f.seek(1000)
+                byte = f.read(1)
+                f.seek(1000)
+                f.write(bytes([byte[0] ^ 0x01]))
+        else:
+            store.transport.delete_block(members[servers.index(server)], block_id)
+    assert store.get_many([(b, c) for b, _, c in blocks]) == {b: d for b, d, _ in blocks}
+    wait_until(lambda: all(stored_on(s, b) == d for s in servers for b, d, _ in blocks),
+               "every bad or missing copy put back")
+    wait_until(lambda: store.repair_backlog() == 0, "nothing left to repair")
+
+
 def test_a_bad_copy_on_a_replica_a_hedged_read_left_behind_is_repaired(blockservers,
                                                                          make_cluster):
     """The first replica is slow (paused) and holds a bad copy: the read hedges to the next

@@ -141,7 +141,7 @@ class FileData:
                  refs: dict[int, BlockRef]):
         self.ino = ino
         self.lock = threading.Lock()
-        self.changed = threading.Condition(self.lock)
+        self._changed: threading.Condition | None = None
         self.size = size
         self.mtime_ns = mtime_ns
         self.ctime_ns = ctime_ns
@@ -158,6 +158,15 @@ class FileData:
         self.unsettled: dict[str, tuple[int, DirtyBlock]] = {}
         self.last_read_end = -1  # for read-ahead
         self.run_start = 0  # where the current sequential run of reads began
+
+    @property
+    def changed(self) -> threading.Condition:
+        """Caller holds `lock` (as waiting and notifying require): the condition, made at
+        its first use. Most files (created, closed, never fsynced while uploading) never
+        need one, and making a Condition costs more than the rest of this object."""
+        if self._changed is None:
+            self._changed = threading.Condition(self.lock)
+        return self._changed
 
 
 class DataPath:

@@ -497,15 +497,15 @@ class Filesystem:
             last = live.open_count == 0
         if not last:
             return
-        inode = self.metadata.inode(handle.ino)
+        kind = self.metadata.kind(handle.ino)  # (mode, links): all this needs
         if handle.ino in self._linked:
             with self._ns:
-                now = self.metadata.inode(handle.ino)
-                if now is None or now.nlink <= 1:
+                now = self.metadata.kind(handle.ino)
+                if now is None or now[1] <= 1:
                     self._linked.discard(handle.ino)
-        if inode is None or inode.nlink <= 0:
+        if kind is None or kind[1] <= 0:
             self.flusher.drop(live)
-            if inode is not None:
+            if kind is not None:
                 self.metadata.remove_inode(handle.ino)
             return
         self.flusher.request(live)

@@ -83,20 +83,22 @@ def test_status_and_down_of_a_stopped_daemon_say_so_and_never_hang(tmp_path):
     """A daemon that is stopped (SIGSTOP, a debugger) or hung answers nothing, and a
     request to its mount waits where only SIGKILL ends it. `status` and `umount` used to
     resolve the mountpoint with a stat of it, and hung there (on that code, a status like
-    the one below timed out after 120 s); `down` showed nothing of what `umount` said while it waited. Now status
-    says its figures are old and why, exit 1, and `down` says the daemon is stopped and
-    finishes once it goes on, with the data uploaded."""
+    the one below timed out after 120 s); `down` showed nothing of what `umount` said
+    while it waited. Now status says its figures are old and why, exit 1, and `down` says
+    the daemon is stopped and finishes once it goes on, with the data uploaded."""
     root = str(tmp_path / "data")
     mnt = os.path.join(root, "mnt")
     down = None
     try:
         fusefs("up", root)
         with open(os.path.join(mnt, "kept"), "wb") as f:
-            f.write(b"uploaded by down")  # (the root's attributes are no longer cached)
+            f.write(b"uploaded by down")
         pid = (read_registry(mnt) or {})["pid"]
         os.kill(pid, signal.SIGSTOP)
         try:
-            time.sleep(17)  # (status is written each second; 15 s without one is old)
+            # Status is written each second and 15 s without one is old; by then the
+            # kernel no longer caches the root's attributes, so a stat of it would hang.
+            time.sleep(17)
             status = fusefs("status", mnt, check=False)
             down = subprocess.Popen([sys.executable, "-m", "fusefs", "down", root], text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)

@@ -98,18 +98,20 @@ class Follower:
                     log.exception("unexpected error while following the journal")
 
     def _stall(self, why: str) -> None:
-        """Short of local room: say so (once a minute); the next poll looks again."""
-        self.stalled = (f"the writer's changes are not applied here while {why}; showing "
-                        f"the filesystem as of record {self.metadata.seq}")
+        """Short of local room: say so (once a minute); the next poll looks again.
+        The log says it before `status` can show it, here and in `_resumed`."""
+        stalled = (f"the writer's changes are not applied here while {why}; showing "
+                   f"the filesystem as of record {self.metadata.seq}")
         if time.monotonic() - self._told >= REMIND:
             self._told = time.monotonic()
             log.warning("%s; free space on that disk (or mount with a smaller "
-                        "--cache-size) and this mount catches up by itself", self.stalled)
+                        "--cache-size) and this mount catches up by itself", stalled)
+        self.stalled = stalled
 
     def _resumed(self) -> None:
         if self.stalled is not None:
-            self.stalled, self._told = None, 0.0
             log.info("following the writer again, at record %d", self.metadata.seq)
+            self.stalled, self._told = None, 0.0
 
     def catch_up(self) -> int:
         """Apply the segments that appeared since the last call; returns records applied."""

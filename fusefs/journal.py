@@ -149,9 +149,11 @@ class Journal:
         with self._lock:
             self._changed.notify_all()
             shipped = self._shipped
-        if lost:
-            log.error("%s; changes not yet shipped are dropped (%d journal records after %d)",
-                      lost, self.metadata.seq - shipped, shipped)
+        if lost and self.metadata.seq > shipped:
+            # The lease logged why; this says what it cost.
+            log.error("this mount lost its writer lease, so its changes not yet shipped are "
+                      "dropped: %d journal records after record %d",
+                      self.metadata.seq - shipped, shipped)
 
     @property
     def lost(self) -> str | None:

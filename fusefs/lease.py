@@ -331,9 +331,13 @@ class Lease:
         with self._lock:
             if self._lost:
                 return
-            self._lost = f"this mount lost its writer lease: {why}; it is read-only now"
+            lost = f"this mount lost its writer lease: {why}; it is read-only now"
+            # Logged before anyone can see it: no change is refused (EROFS) before the
+            # reason is in the log.
+            log.error("%s", lost)
+            self._lost = lost
             self._changed.notify_all()
-        self._tell(self._lost)
+        self._tell(lost)
 
     def confirm(self) -> None:
         """Raise Fenced unless a majority of servers still names this mount's lease, i.e.

@@ -4,6 +4,7 @@ on real block-server processes (and, for the large journal, a real mount).
 - a writer paused between its lease check and its segment put, resumed after another
   mount took over, never gets that put acknowledged (so neither fsync nor its garbage
   collection goes on), and the old chain is fenced at the storage layer;
+- a change refused because the lease was lost finds the reason already in the log;
 - a live lease holder in another PID namespace is never declared gone;
 - `fsck --repair` keeps its lease for its whole run;
 - a replayed register write with a huge generation bricks nothing (mkfs --force works);
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -182,6 +184,37 @@ def test_a_takeover_fences_the_old_chain_at_the_storage_layer(cluster, writers, 
     with pytest.raises(errors.StorageError):
         cluster.store.put(segment_id(cluster.fs_id, a.journal.chain, nxt), late,
                           protocol.checksum(late))
+
+
+def test_a_change_refused_for_a_lost_lease_finds_the_reason_already_logged(cluster, writers,
+                                                                           caplog):
+    """A change waiting on a lapsed lease is refused (Fenced: EROFS) once the renewal finds
+    the filesystem taken over; by then the log must already say why, at ERROR: someone
+    who sees EROFS and reads the log finds the reason, never a log that says it later."""
+    cut = CutTransport()
+    a = writers("a", transport=cut, lease=short_lease())
+    cut.cut.set()  # A can renew nothing: its lease runs out
+    wait_expired(cluster)
+    writers("b")
+    caplog.set_level(logging.ERROR, logger="fusefs.lease")
+    logged_when_refused: list[bool] = []
+
+    def change():
+        try:
+            a.gate.check_writable()  # lapsed: waits for the renewal to tell
+        except errors.Fenced:
+            logged_when_refused.append(any("lost its writer lease" in r.getMessage()
+                                           for r in caplog.records))
+
+    # A slow first listener of the loss: whatever its other listeners (the journal) would
+    # log comes half a second after the refusal, so only a log made before it counts.
+    a.gate._listeners.insert(0, lambda lost: time.sleep(0.5) if lost else None)
+    waiter = threading.Thread(target=change)
+    waiter.start()
+    cut.cut.clear()  # A's next renewal reaches the servers and finds B's lease
+    waiter.join(60)
+    assert logged_when_refused == [True], logged_when_refused
+    assert a.gate.lost and "lost its writer lease" in a.gate.lost
 
 
 def test_a_segment_stored_after_the_new_writer_looked_is_replayed_not_lost(
